@@ -1,0 +1,179 @@
+"""Convert a Llama-family GGUF file into an MLX / Hugging Face folder, exactly.
+
+Q4_0/Q4_1/Q8_0 tensors come out of `mx.load` already in MLX's affine layout (packed uint32
+weights, per-group scales and biases: value = scale * q + bias), so they are written as an
+MLX-quantised model without a float round trip. llama.cpp permutes the rows of the Q and K
+projections for its RoPE kernel; the permutation is undone here, on the packed rows. Scales and
+biases are stored as float32 (lossless from float16) so activations run in float32. The BPE
+tokenizer (vocab, merges, special tokens, pre-tokenizer) and the chat template are rebuilt from
+the GGUF metadata into `tokenizer.json` / `tokenizer_config.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from mlxpt.errors import ModelError
+
+_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# llama.cpp pre-tokenizer names -> (split digits individually?)
+_PRE_DIGITS = {"smollm": True, "default": False, "gpt2": False, "llama-bpe": False}
+
+
+def _scalar(meta, key, default=None):
+    if key not in meta:
+        return default
+    v = meta[key]
+    try:
+        return v.item()
+    except AttributeError:
+        return v
+
+
+def _hf_name(name: str) -> str:
+    if name.startswith("token_embd."):
+        return "model.embed_tokens." + name.split(".", 1)[1]
+    if name.startswith("output_norm."):
+        return "model.norm." + name.split(".", 1)[1]
+    if name.startswith("output."):
+        return "lm_head." + name.split(".", 1)[1]
+    if name.startswith("blk."):
+        _, i, part, suffix = name.split(".", 3)
+        if part in _NAMES:
+            return f"model.layers.{i}.{_NAMES[part]}.{suffix}"
+    raise ModelError("E203", f"unknown GGUF tensor {name!r}", hint="only Llama-family GGUF files are supported")
+
+
+def _unpermute(w, n_head: int):
+    """Inverse of llama.cpp's `permute` on axis 0 (works on packed quantised rows too).
+
+    llama.cpp stores each head's rows interleaved (pairs); HF keeps the two halves apart."""
+    rows, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer_files(meta, out: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    model = _scalar(meta, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise ModelError("E204", f"GGUF tokenizer model {model!r} is not supported", hint="use a BPE (gpt2-style) model or an HF folder")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    pre = _scalar(meta, "tokenizer.ggml.pre", "default")
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if _PRE_DIGITS.get(pre, False):
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    else:
+        tok.pre_tokenizer = byte_level
+    tok.decoder = decoders.ByteLevel()
+    from tokenizers import AddedToken
+
+    specials = [AddedToken(tokens[i], special=True, normalized=False) for i, t in enumerate(types) if t in (3, 4)]
+    tok.add_special_tokens(specials)
+    tok.save(str(out / "tokenizer.json"))
+
+    def name(key):
+        i = _scalar(meta, key)
+        return tokens[int(i)] if i is not None else None
+
+    cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": name("tokenizer.ggml.bos_token_id"),
+        "eos_token": name("tokenizer.ggml.eos_token_id"),
+        "unk_token": name("tokenizer.ggml.unknown_token_id"),
+        "pad_token": name("tokenizer.ggml.padding_token_id"),
+        "add_bos_token": bool(_scalar(meta, "tokenizer.ggml.add_bos_token", False)),
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": int(_scalar(meta, "llama.context_length", 2048)),
+    }
+    template = _scalar(meta, "tokenizer.chat_template")
+    if template:
+        cfg["chat_template"] = template
+    (out / "tokenizer_config.json").write_text(json.dumps(cfg, indent=2))
+
+
+def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """Write config.json, model.safetensors and tokenizer files for `gguf_path` into `out_dir`.
+
+    The folder appears atomically (built under a temporary name, then renamed)."""
+    from mlxpt import _blas
+
+    _blas.activate()
+    import mlx.core as mx
+
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    try:
+        weights, meta = mx.load(str(gguf_path), return_metadata=True)
+    except Exception as e:  # mlx raises ValueError/RuntimeError with its own text
+        raise ModelError("E205", f"cannot read GGUF file: {e}", str(gguf_path), "check the file is a complete GGUF") from None
+    arch = _scalar(meta, "general.architecture")
+    if arch != "llama":
+        raise ModelError("E206", f"GGUF architecture {arch!r} is not supported", str(gguf_path), "convert it with mlx_lm.convert from the HF folder")
+    a = f"{arch}."
+    n_head = int(_scalar(meta, a + "attention.head_count"))
+    n_kv = int(_scalar(meta, a + "attention.head_count_kv", n_head))
+    hidden = int(_scalar(meta, a + "embedding_length"))
+    config = {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": hidden,
+        "intermediate_size": int(_scalar(meta, a + "feed_forward_length")),
+        "num_hidden_layers": int(_scalar(meta, a + "block_count")),
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": int(_scalar(meta, a + "rope.dimension_count", hidden // n_head)),
+        "rms_norm_eps": float(f"{_scalar(meta, a + 'attention.layer_norm_rms_epsilon', 1e-5):.6g}"),
+        "rope_theta": float(_scalar(meta, a + "rope.freq_base", 10000.0)),
+        "max_position_embeddings": int(_scalar(meta, a + "context_length", 2048)),
+        "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        "tie_word_embeddings": "output.weight" not in weights,
+        "bos_token_id": _scalar(meta, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": _scalar(meta, "tokenizer.ggml.eos_token_id"),
+        "mlxpt_source": {"gguf": gguf_path.name, "name": _scalar(meta, "general.name")},
+    }
+    out = {}
+    quantized = set()
+    for name, w in weights.items():
+        hf = _hf_name(name)
+        if ".attn_q." in name:
+            w = _unpermute(w, n_head)
+        elif ".attn_k." in name:
+            w = _unpermute(w, n_kv)
+        if hf.endswith((".scales", ".biases")):
+            w = w.astype(mx.float32)
+            quantized.add(hf.rsplit(".", 1)[0])
+        out[hf] = w
+    if quantized:
+        # bits and group size from the embedding: packed columns * 32 / bits == hidden
+        sample = "model.embed_tokens" if "model.embed_tokens" in quantized else "model.layers.0.self_attn.q_proj"
+        in_dim = hidden
+        bits = (out[sample + ".weight"].shape[-1] * 32) // in_dim
+        group_size = in_dim // out[sample + ".scales"].shape[-1]
+        config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    mx.save_safetensors(str(tmp / "model.safetensors"), out, metadata={"format": "mlx"})
+    (tmp / "config.json").write_text(json.dumps(config, indent=2))
+    _tokenizer_files(meta, tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
