@@ -128,3 +128,8 @@ def activate() -> str:
 
 def status() -> str:
     return _status or "not activated yet"
+
+
+def describe() -> str:
+    """Status line for `mlxpt --version`: what activate() did, or would do, in this process."""
+    return activate()

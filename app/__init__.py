@@ -1,0 +1,3 @@
+"""mlxpt's Textual terminal UI (issue 7): a client of the `mlxpt` library and of run processes.
+
+The library never imports this package."""

@@ -1,0 +1,137 @@
+"""MLX backend: mlx-lm model + adapters, `nn.value_and_grad`, compiled steps, bias-corrected
+Adam/AdamW (like torch), one evaluation per accumulation window plus one per update."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import numpy as np
+
+from mlxpt import _blas
+
+_blas.activate()
+
+import mlx.core as mx  # noqa: E402
+import mlx.nn as nn  # noqa: E402
+import mlx.optimizers as optim  # noqa: E402
+from mlx.utils import tree_flatten, tree_map  # noqa: E402
+
+
+def sft_loss(model, inputs, targets, mask):
+    """Summed token cross-entropy over trained positions, in float32; and the token count."""
+    logits = model(inputs).astype(mx.float32)
+    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
+    return (ce * mask).sum(), mask.sum()
+
+
+def make_optimizer(name: str, weight_decay: float = 0.0):
+    if name == "sgd":
+        return optim.SGD(learning_rate=0.0)
+    if name == "adam":
+        return optim.Adam(learning_rate=0.0, bias_correction=True)
+    return optim.AdamW(learning_rate=0.0, weight_decay=weight_decay, bias_correction=True)
+
+
+def _to_numpy(tree) -> dict[str, np.ndarray]:
+    return {k: np.array(v) for k, v in tree_flatten(tree)}
+
+
+class MLXBackend:
+    name = "mlx"
+
+    def __init__(self, model, optimizer, loss_fn=sft_loss, compile: bool = True):
+        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+        optimizer.init(model.trainable_parameters())
+        self._grads = None
+        self._loss = self._ntok = None
+        self._build(compile)
+
+    def _build(self, compile: bool) -> None:
+        model, opt = self.model, self.optimizer
+        value_and_grad = nn.value_and_grad(model, self.loss_fn)
+
+        def grad_step(inputs, targets, mask):
+            (loss, ntok), grads = value_and_grad(model, inputs, targets, mask)
+            return loss, ntok, grads
+
+        def make_update(clip: float):
+            def update(grads, scale):
+                grads = tree_map(lambda g: g * scale, grads)
+                if clip > 0:
+                    grads, _ = optim.clip_grad_norm(grads, clip)
+                opt.update(model, grads)
+
+            ustate = [model.state, opt.state]
+            return partial(mx.compile, inputs=ustate, outputs=ustate)(update) if compile else update
+
+        def loss_only(inputs, targets, mask):
+            return self.loss_fn(model, inputs, targets, mask)
+
+        if compile:
+            state = [model.state, mx.random.state]
+            grad_step = partial(mx.compile, inputs=state, outputs=state)(grad_step)
+            loss_only = partial(mx.compile, inputs=state, outputs=state)(loss_only)
+        self._make_update, self._updates = make_update, {}
+        self._grad_step, self._loss_only = grad_step, loss_only
+
+    def accumulate(self, batch) -> None:
+        self.model.train()
+        loss, ntok, grads = self._grad_step(*(mx.array(a) for a in batch))
+        if self._grads is None:
+            self._grads, self._loss, self._ntok = grads, loss, ntok
+        else:
+            self._grads = tree_map(mx.add, self._grads, grads)
+            self._loss, self._ntok = self._loss + loss, self._ntok + ntok
+
+    def reduce(self) -> tuple[float, float, float]:
+        ntok = mx.maximum(self._ntok, 1)
+        sq = sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(self._grads))
+        norm = mx.sqrt(sq) / ntok
+        mx.eval(self._grads, self._loss, self._ntok, norm)
+        return self._loss.item(), self._ntok.item(), norm.item()
+
+    def apply(self, lr: float, clip: float) -> None:
+        self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
+        clip = float(clip or 0.0)
+        if clip not in self._updates:  # the clip value is baked into the compiled update
+            self._updates[clip] = self._make_update(clip)
+        self._updates[clip](self._grads, 1.0 / mx.maximum(self._ntok, 1))
+        mx.eval(self.model.state, self.optimizer.state)
+        self.discard()
+
+    def discard(self) -> None:
+        self._grads = self._loss = self._ntok = None
+
+    def evaluate(self, batch) -> tuple[float, float]:
+        self.model.eval()
+        loss, ntok = self._loss_only(*(mx.array(a) for a in batch))
+        mx.eval(loss, ntok)
+        return loss.item(), ntok.item()
+
+    def get_state(self) -> dict[str, dict[str, np.ndarray]]:
+        return {
+            "adapters": _to_numpy(self.model.trainable_parameters()),
+            "optimizer": _to_numpy(self.optimizer.state),
+            "rng": {"key": np.array(mx.random.state[0])},
+        }
+
+    def set_state(self, arrays) -> None:
+        self.model.load_weights([(k, mx.array(v)) for k, v in arrays["adapters"].items()], strict=False)
+        for k, v in arrays["optimizer"].items():
+            _set_path(self.optimizer.state, k, mx.array(v))
+        mx.random.state[0] = mx.array(arrays["rng"]["key"])
+        mx.eval(self.model.state, self.optimizer.state, mx.random.state)
+
+    def peak_memory(self) -> int:
+        return int(mx.get_peak_memory())
+
+
+def _set_path(tree, key: str, value) -> None:
+    """Set the leaf at a flat `a.0.b` key in place: compiled functions hold references to `tree`."""
+    *parents, leaf = key.split(".")
+    for part in parents:
+        tree = tree[int(part)] if isinstance(tree, list) else tree.setdefault(part, {})
+    if isinstance(tree, list):
+        tree[int(leaf)] = value
+    else:
+        tree[leaf] = value

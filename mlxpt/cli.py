@@ -1,0 +1,79 @@
+"""`mlxpt` command line: dispatches subcommands, each imported lazily (no mlx for --help).
+
+Each command module in `mlxpt/commands/` has `register(subparsers)` and `run(args) -> int`.
+User errors (MlxptError) print one line and exit with their code; --debug shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from mlxpt import __version__
+
+COMMANDS = {
+    "train": "train a model (sft); no arguments: the bundled default",
+    "generate": "generate text from a prompt, optionally with an adapter",
+    "chat": "chat with a model in the terminal",
+    "fuse": "merge a run's adapter into the base weights",
+    "data": "check a dataset: counts, lengths, errors, a masked preview",
+    "doctor": "show versions, the BLAS in use and a matmul speed test",
+}
+
+
+def _version() -> str:
+    from mlxpt import _blas
+
+    return f"mlxpt {__version__} (BLAS: {_blas.describe()})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="mlxpt", description="Local LLM post-training workbench on MLX.")
+    parser.add_argument("--version", action="store_true", help="print the version and the BLAS in use")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, help_text in COMMANDS.items():
+        if name == wanted:
+            importlib.import_module(f"mlxpt.commands.{name}").register(sub)
+        else:
+            sub.add_parser(name, help=help_text, add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.version:
+        print(_version())
+        return 0
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return run_command(args)
+
+
+def run_command(args) -> int:
+    from mlxpt.errors import MlxptError
+
+    try:
+        return int(args.func(args) or 0)
+    except MlxptError as e:
+        if getattr(args, "debug", False):
+            raise
+        errors = getattr(e, "errors", [e])
+        for err in errors[:20]:
+            print(f"error {err.line()}", file=sys.stderr)
+        if len(errors) > 20:
+            print(f"... and {len(errors) - 20} more errors", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

@@ -1,0 +1,57 @@
+"""`mlxpt fuse RUN --out DIR`: merge a run's adapter into the base weights, verified."""
+
+from __future__ import annotations
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("fuse", help="merge a run's adapter into the base weights")
+    p.add_argument("run", metavar="RUN", help="run folder (or adapter folder) from `mlxpt train`")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="where to write the fused model folder",
+    )
+    p.add_argument(
+        "--model",
+        default=None,
+        help="base model (default: the one in the run's config.json)",
+    )
+    p.add_argument(
+        "--quantize",
+        default=None,
+        choices=("auto", "none", "4", "8"),
+        help="how to load the base (default: as trained)",
+    )
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="write float weights even if the base is quantised",
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow model folders that run their own Python code",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from mlxpt.fuse import fuse
+
+    r = fuse(
+        args.run,
+        args.out,
+        args.model,
+        args.dequantize,
+        args.force,
+        args.quantize,
+        args.trust_remote_code,
+    )
+    kind = "quantised" if r.quantized else "float"
+    print(
+        f"fused: max |Δlogit| = {r.max_abs_diff:.3g} (tolerance {r.tolerance:.3g}); "
+        f"{r.fused_layers} adapter layers merged into {r.model}; {kind} weights at {r.out}"
+    )
+    return 0

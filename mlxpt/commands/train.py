@@ -1,0 +1,106 @@
+"""`mlxpt train [sft]`: flags for every config field (CLI > YAML > defaults), --resume, events."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from mlxpt.config import SFTConfig, all_fields, apply_flat, load_yaml
+from mlxpt.errors import EXIT_INTERRUPTED, ConfigError
+
+RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model (sft); no arguments: the bundled default", description=__doc__)
+    p.add_argument("method", nargs="?", default="sft", choices=["sft"], help="training method")
+    p.add_argument("--config", help="YAML file of settings (flat `name: value`, or grouped by section)")
+    p.add_argument("--resume", metavar="RUN", help="continue a run folder from its newest complete checkpoint")
+    p.add_argument("--events", choices=["text", "json"], default="text", help="progress as text lines or one JSON object per line")
+    for name, (_, f) in all_fields(SFTConfig()).items():
+        kw = {"dest": f"cfg_{name}", "default": None, "help": f.metadata.get("help")}
+        if f.metadata.get("choices"):
+            kw["choices"] = f.metadata["choices"]
+        if str(f.type).startswith("bool"):
+            p.add_argument(f"--{name.replace('_', '-')}", action="store_const", const=True, **kw)
+        else:
+            p.add_argument(f"--{name.replace('_', '-')}", metavar=name.upper(), **kw)
+    p.set_defaults(func=run)
+
+
+def build_config(args) -> SFTConfig:
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    if args.resume:
+        from mlxpt.runs import read_config
+
+        cfg = SFTConfig.from_dict({k: v for k, v in read_config(args.resume).items() if k in ("model", "data", "adapter", "train")})
+        fixed = sorted(set(flags) - RESUME_MUTABLE)
+        if fixed:
+            raise ConfigError(
+                "E510", f"cannot change {', '.join(fixed)} when resuming", args.resume,
+                f"only {', '.join(sorted(RESUME_MUTABLE))} may change; start a new run for the rest",
+            )
+        apply_flat(cfg, flags, source="command line")
+        return cfg
+    cfg = SFTConfig()
+    if args.config:
+        apply_flat(cfg, _flatten(load_yaml(args.config)), source=args.config)
+    apply_flat(cfg, flags, source="command line")
+    return cfg
+
+
+def _flatten(d: dict) -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and k in ("model", "data", "adapter", "train"):
+            out.update(v)
+        else:
+            out[k] = v
+    return out
+
+
+def _printer(mode: str, steps: int):
+    every = max(1, steps // 40)
+
+    def text(e: dict) -> None:
+        kind = e["event"]
+        if kind == "start":
+            verb = f"resuming at step {e['resumed_from_step']}" if e["resumed_from_step"] else "new run"
+            print(f"{verb}: {e['run_dir']}")
+            print(
+                f"  model {e['model']}  trainable {e['trainable_params'] / 1e6:.2f}M of {e['total_params'] / 1e6:.1f}M params"
+                f"  train {e['train_rows']} rows, valid {e['valid_rows']}  BLAS {e['blas']}"
+            )
+        elif kind == "step" and (e["step"] % every == 0 or e["step"] in (1, steps) or e["skipped"]):
+            if e["skipped"]:
+                print(f"step {e['step']:>5}/{steps}  non-finite loss or gradient: update skipped")
+            else:
+                print(
+                    f"step {e['step']:>5}/{steps}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  gnorm {e['grad_norm']:.3f}"
+                    f"  {e['tokens_per_s']:.0f} tok/s  peak {e['peak_memory_mb']:.0f} MB"
+                )
+        elif kind == "eval":
+            print(f"step {e['step']:>5}/{steps}  val_loss {e['val_loss']:.4f}")
+        elif kind == "warning":
+            print(f"warning: {e['message']}", file=sys.stderr)
+        sys.stdout.flush()
+
+    def as_json(e: dict) -> None:
+        print(json.dumps(e), flush=True)
+
+    return as_json if mode == "json" else text
+
+
+def run(args) -> int:
+    cfg = build_config(args)
+    from mlxpt.train.sft import resume_command, run_sft
+
+    emit = _printer(args.events, cfg.train.steps)
+    run_dir, outcome = run_sft(cfg, resume_dir=args.resume, emit=emit)
+    if outcome == "interrupted":
+        print(f"interrupted: checkpoint saved. Resume with: {resume_command(run_dir)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if args.events == "text":
+        print(f"done: adapter saved in {run_dir}")
+        print(f'try it: mlxpt generate --adapter {run_dir} --prompt "..."')
+    return 0

@@ -1,0 +1,205 @@
+"""Settings as small dataclasses. Each field carries a one-line help text that the CLI (and
+later the TUI form) reuse. Precedence at the boundary: command line > YAML file > defaults."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from mlxpt.errors import ConfigError
+
+DEFAULT_MODEL = "smollm2-135m"
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+
+
+def opt(default, help: str, choices: tuple | None = None, **kw):
+    """A dataclass field with CLI help (and optional choices) in its metadata."""
+    meta = {"help": help}
+    if choices:
+        meta["choices"] = choices
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+def default_data() -> str:
+    return str(ASSETS / "sft")
+
+
+@dataclass
+class ModelConfig:
+    model: str = opt(DEFAULT_MODEL, "model: alias (smollm2-135m), HF/MLX folder, .gguf file or hub id")
+    quantize: str = opt(
+        "auto",
+        "base weights: auto (as stored on Metal, float32 on CPU), none (float), 4 or 8 bit (QLoRA)",
+        ("auto", "none", "4", "8"),
+    )
+    trust_remote_code: bool = opt(False, "allow model folders that ask to run their own Python code")
+
+
+@dataclass
+class DataConfig:
+    data: str = opt(default_data(), "train JSONL file, or a folder with train.jsonl / valid.jsonl")
+    valid: str | None = opt(None, "validation JSONL file (default: valid.jsonl beside the train data)")
+    mask: str = opt("assistant", "trained tokens: every assistant turn, all but the prompt, or all", ("assistant", "prompt", "none"))
+    max_seq_len: int = opt(512, "longest sequence in tokens")
+    overlong: str = opt("truncate", "what to do with longer rows", ("truncate", "drop", "error"))
+    batch_size: int = opt(4, "sequences per micro-batch")
+
+
+@dataclass
+class AdapterConfig:
+    fine_tune_type: str = opt("lora", "what trains: LoRA, DoRA, or full weights of the last layers", ("lora", "dora", "full"))
+    rank: int = opt(8, "LoRA/DoRA rank")
+    alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank")
+    dropout: float = opt(0.0, "dropout on the adapter input")
+    num_layers: int = opt(16, "adapt the last N transformer layers (-1: all)")
+    targets: str = opt("all", "comma-separated module names to adapt (e.g. q_proj,v_proj), or all linear layers")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = opt(200, "optimiser steps")
+    learning_rate: float = opt(1e-4, "peak learning rate")
+    optimizer: str = opt("adamw", "optimiser (bias-corrected, like torch)", ("adam", "adamw", "sgd"))
+    weight_decay: float = opt(0.0, "decoupled weight decay (adamw)")
+    schedule: str = opt("cosine", "learning-rate schedule after warm-up", ("cosine", "linear", "constant"))
+    warmup_steps: int = opt(10, "linear warm-up steps")
+    min_lr_ratio: float = opt(0.1, "final learning rate as a fraction of the peak (cosine/linear)")
+    grad_accum: int = opt(1, "micro-batches accumulated per optimiser step")
+    clip_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: off)")
+    seed: int = opt(0, "seed for adapter init, data order and dropout")
+    eval_every: int = opt(50, "validate every N steps (0: only at the end)")
+    eval_batches: int = opt(25, "validation micro-batches per evaluation (-1: the whole split)")
+    save_every: int = opt(100, "checkpoint every N steps (and at the end and on Ctrl-C)")
+    keep: int = opt(3, "complete checkpoints to keep")
+    max_bad_steps: int = opt(5, "stop (exit 4) after this many non-finite steps in a row")
+    runs_dir: str = opt("runs", "where run folders are created")
+    name: str | None = opt(None, "run name (default: method)")
+    backend: str = opt("mlx", "compute backend", ("mlx",))
+
+
+@dataclass
+class SFTConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SFTConfig:
+        """Build from a nested dict (run config.json) or a flat one (YAML / CLI)."""
+        cfg = cls()
+        flat: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k in section_names(cfg):
+                flat.update(v)
+            else:
+                flat[k] = v
+        apply_flat(cfg, flat, source="config")
+        return cfg
+
+
+def section_names(cfg) -> list[str]:
+    return [f.name for f in fields(cfg)]
+
+
+def all_fields(cfg) -> dict[str, tuple[object, dataclasses.Field]]:
+    """Flat name -> (section object, field) over the sections of a composite config."""
+    out = {}
+    for sec in fields(cfg):
+        obj = getattr(cfg, sec.name)
+        for f in fields(obj):
+            out[f.name] = (obj, f)
+    return out
+
+
+def _coerce(value, f: dataclasses.Field, source: str):
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ConfigError("E501", f"{f.name} cannot be empty", source, f"set a value ({f.metadata.get('help', '')})")
+    try:
+        if kind.startswith("bool"):
+            if isinstance(value, str):
+                if value.lower() in ("1", "true", "yes", "on"):
+                    return True
+                if value.lower() in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(value)
+            return bool(value)
+        if kind.startswith("int") and not isinstance(value, bool):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError(value)
+            return int(value)
+        if kind.startswith("float"):
+            return float(value)
+        value = str(value) if not isinstance(value, str) else value
+    except (TypeError, ValueError):
+        raise ConfigError(
+            "E502", f"{f.name}={value!r} is not a valid {kind.split(' ')[0]}", source, f.metadata.get("help")
+        ) from None
+    choices = f.metadata.get("choices")
+    if choices and value not in choices:
+        raise ConfigError("E503", f"{f.name}={value!r} is not one of {', '.join(choices)}", source, f.metadata.get("help"))
+    return value
+
+
+def apply_flat(cfg, flat: dict, source: str) -> None:
+    """Set fields of a composite config from a flat dict; unknown keys are an error."""
+    known = all_fields(cfg)
+    for k, v in flat.items():
+        key = k.replace("-", "_")
+        if key not in known:
+            near = [n for n in known if n.startswith(key[:4])][:3]
+            hint = f"did you mean {', '.join(near)}?" if near else "see `mlxpt train sft --help`"
+            raise ConfigError("E504", f"unknown setting {k!r}", source, hint)
+        obj, f = known[key]
+        setattr(obj, key, _coerce(v, f, source))
+    validate(cfg, source)
+
+
+def validate(cfg, source: str = "config") -> None:
+    """Range checks that no type system gives us."""
+    checks = {
+        "batch_size": lambda v: v >= 1,
+        "max_seq_len": lambda v: v >= 8,
+        "rank": lambda v: v >= 1,
+        "steps": lambda v: v >= 1,
+        "learning_rate": lambda v: v > 0,
+        "grad_accum": lambda v: v >= 1,
+        "clip_grad_norm": lambda v: v >= 0,
+        "warmup_steps": lambda v: v >= 0,
+        "keep": lambda v: v >= 1,
+        "save_every": lambda v: v >= 1,
+        "eval_every": lambda v: v >= 0,
+        "dropout": lambda v: 0 <= v < 1,
+        "min_lr_ratio": lambda v: 0 <= v <= 1,
+        "max_bad_steps": lambda v: v >= 1,
+    }
+    for name, (obj, f) in all_fields(cfg).items():
+        if name in checks and not checks[name](getattr(obj, name)):
+            raise ConfigError("E505", f"{name}={getattr(obj, name)!r} is out of range", source, f.metadata.get("help"))
+
+
+def load_yaml(path: str) -> dict:
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError("E506", "config file not found", path, "check the path given to --config")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else path
+        raise ConfigError("E507", f"invalid YAML: {getattr(e, 'problem', e)}", where, "fix the YAML syntax") from None
+    if not isinstance(d, dict):
+        raise ConfigError("E508", "config must be a mapping of setting: value", path, "see the README for an example")
+    return d

@@ -1,0 +1,208 @@
+"""Merge a run's LoRA/DoRA adapter into the base weights, and prove the merge is exact.
+
+Reference logits of base+adapter on a fixed probe are compared with the logits of the fused
+model reloaded from disk; the folder appears at `--out` only when they agree. A float base must
+agree to 1e-4 x the logit scale; a base kept quantised is re-quantised after fusing, which
+rounds W + ΔW to the quantisation grid, so it gets the looser QUANTIZED_TOL.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxpt.errors import ConfigError, MlxptError, NumericsError
+
+FLOAT_TOL = 1e-4  # max |Δlogit| / max(1, max |logit|) for a float fused model
+# Re-quantising W + ΔW moves weights to new grid points. Measured on the tiny test model with a
+# large random adapter: 8-bit 0.019 and 4-bit 0.27 of the logit scale. --dequantize stays exact.
+QUANTIZED_TOL = {8: 0.1, 6: 0.2, 5: 0.4, 4: 0.5}
+PROBE_MESSAGE = [{"role": "user", "content": "Name three primary colours and say why the sky is blue."}]
+
+
+@dataclass
+class FuseReport:
+    out: Path
+    model: str
+    fused_layers: int
+    max_abs_diff: float  # reloaded fused model vs base+adapter, on the probe
+    tolerance: float  # absolute tolerance the difference was held to
+    quantized: bool  # the fused weights are stored quantised
+
+
+def base_model_of(run: str | Path) -> dict | None:
+    """The `model` section of a run's config.json (run folder or a folder below it), or None."""
+    import json
+
+    p = Path(run)
+    for folder in (p, p.parent, p.parent.parent):
+        try:
+            cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        section = cfg.get("model") if isinstance(cfg, dict) else None
+        if isinstance(section, dict) and isinstance(section.get("model"), str):
+            return section
+    return None
+
+
+def check_out(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty output unless forced (before anything is loaded)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(
+            "E611",
+            "the output path exists and is not a folder",
+            str(out),
+            "choose another --out",
+        )
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise ConfigError(
+            "E611",
+            "the output folder exists and is not empty",
+            str(out),
+            "choose another --out or pass --force",
+        )
+
+
+def probe_tokens(tokenizer) -> list[int]:
+    """A fixed token sequence: the chat template rendered for a fixed message, else its text."""
+    from mlxpt.decode.generate import chat_prompt
+
+    try:
+        ids = chat_prompt(tokenizer, PROBE_MESSAGE)
+    except MlxptError:
+        ids = list(tokenizer.encode(PROBE_MESSAGE[0]["content"]))
+    return ids[:256] or list(range(1, 33))
+
+
+def logits_of(model, tokens: list[int]):
+    """float32 logits (L, V) of one sequence, as NumPy."""
+    import mlx.core as mx
+    import numpy as np
+
+    out = model(mx.array(tokens)[None]).astype(mx.float32)
+    mx.eval(out)
+    return np.array(out[0])
+
+
+def fuse_layers(model, dequantize: bool = False) -> int:
+    """Replace every adapter layer by its fused linear, in place; return how many."""
+    from mlx.utils import tree_unflatten
+
+    fused = [(n, m.fuse(dequantize=dequantize)) for n, m in model.named_modules() if hasattr(m, "fuse")]
+    if fused:
+        model.update_modules(tree_unflatten(fused))
+    return len(fused)
+
+
+def _quantization_of(model) -> dict | None:
+    for _, m in model.named_modules():
+        if hasattr(m, "bits") and hasattr(m, "group_size") and "scales" in m:
+            return {
+                "group_size": m.group_size,
+                "bits": m.bits,
+                "mode": getattr(m, "mode", "affine"),
+            }
+    return None
+
+
+def _save(folder: Path, model, tokenizer, config: dict, src: Path) -> None:
+    from mlx_lm.utils import save_config, save_model
+
+    save_model(folder, model)
+    save_config(dict(config), config_path=folder / "config.json")
+    tokenizer.save_pretrained(str(folder))
+    if (src / "generation_config.json").is_file():  # never *.py: no remote code travels along
+        shutil.copy(src / "generation_config.json", folder)
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    from mlxpt.runs.atomic import fsync_dir
+
+    old = None
+    if out.exists():
+        old = out.with_name(f".tmp-old-{out.name}-{secrets.token_hex(4)}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    fsync_dir(out.parent)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def fuse(
+    run: str | Path,
+    out: str | Path,
+    model: str | None = None,
+    dequantize: bool = False,
+    force: bool = False,
+    quantize: str | None = None,
+    trust_remote_code: bool = False,
+) -> FuseReport:
+    """Fuse the adapter of `run` into its base model and write the verified result to `out`."""
+    import numpy as np
+
+    from mlxpt.models.loader import check_folder, load, resolve
+    from mlxpt.runs.atomic import disk_full_error, is_disk_full
+    from mlxpt.train.adapters import find_adapter, read_adapter_config
+
+    out = Path(out)
+    check_out(out, force)
+    read_adapter_config(find_adapter(run))
+    section = base_model_of(run) or {}
+    ref = model or section.get("model")
+    if ref is None:
+        raise ConfigError("E612", "no run config.json names the base model", str(run), "pass --model")
+    quantize = quantize or section.get("quantize") or "auto"
+
+    src = resolve(ref)
+    config = check_folder(src, trust_remote_code)
+    net, tokenizer = load(ref, adapter=str(run), quantize=quantize, trust_remote_code=trust_remote_code)
+    probe = probe_tokens(tokenizer)
+    want = logits_of(net, probe)
+
+    n = fuse_layers(net, dequantize)
+    if dequantize:
+        from mlx_lm.utils import dequantize_model
+
+        net = dequantize_model(net)
+    quant = _quantization_of(net)
+    fused = logits_of(net, probe)
+    config = {k: v for k, v in config.items() if k not in ("quantization", "quantization_config")}
+    if quant:
+        config["quantization"] = quant
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-fuse-{out.name}-{secrets.token_hex(4)}")
+    try:
+        _save(tmp, net, tokenizer, config, src)
+        reloaded, _ = load(str(tmp), quantize="none")
+        got = logits_of(reloaded, probe)
+        scale = max(1.0, float(np.max(np.abs(want))))
+        # What was written must reload to the model in memory, quantised or not.
+        saved_diff = float(np.max(np.abs(got - fused)))
+        if not saved_diff <= FLOAT_TOL * scale:  # also catches NaN
+            raise NumericsError(
+                "E613",
+                f"the saved fused model reloads differently: max |Δlogit| = {saved_diff:.3g}",
+                str(out),
+                "nothing was written; report the model",
+            )
+        diff = float(np.max(np.abs(got - want)))
+        tol = (QUANTIZED_TOL.get(quant["bits"], 0.5) if quant else FLOAT_TOL) * scale
+        if not diff <= tol:
+            raise NumericsError(
+                "E614",
+                f"fused model disagrees with base+adapter: max |Δlogit| = {diff:.3g} > {tol:.3g}",
+                str(run),
+                "nothing was written; try --dequantize, or report the model",
+            )
+        _publish(tmp, out)
+    except BaseException as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(exc):
+            raise disk_full_error(out) from exc
+        raise
+    return FuseReport(out, ref, n, diff, tol, quant is not None)

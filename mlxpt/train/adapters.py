@@ -1,0 +1,119 @@
+"""Trainable adapters on an mlx-lm model: LoRA, DoRA (mlx-lm's layers) or full weights of the
+last N layers. The saved format is mlx-lm's (`adapter_config.json` + `adapters.safetensors`),
+so `mlx_lm.generate --adapter-path runs/<id>` works on our runs too."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from mlxpt.config import AdapterConfig
+from mlxpt.errors import ConfigError, ModelError, SecurityError
+
+ADAPTER_FILE = "adapters.safetensors"
+CONFIG_FILE = "adapter_config.json"
+
+
+def _layer_keys(model, targets: str) -> list[str] | None:
+    """Full module paths inside a transformer block for short names such as `q_proj`."""
+    if targets.strip() in ("", "all"):
+        return None
+    import mlx.nn as nn
+
+    wanted = [t.strip() for t in targets.split(",") if t.strip()]
+    names = [n for n, m in model.layers[0].named_modules() if isinstance(m, (nn.Linear, nn.QuantizedLinear))]
+    keys = []
+    for w in wanted:
+        hits = [n for n in names if n == w or n.endswith("." + w)]
+        if not hits:
+            short = sorted({n.rsplit(".", 1)[-1] for n in names})
+            raise ConfigError("E509", f"no linear layer named {w!r} in the model", "targets", f"choose from {', '.join(short)}")
+        keys += hits
+    return sorted(set(keys))
+
+
+def apply_adapters(model, cfg: AdapterConfig, seed: int = 0) -> dict:
+    """Freeze the base, add trainable adapters; return the mlx-lm adapter config."""
+    import mlx.core as mx
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    n_layers = len(model.layers)
+    num = n_layers if cfg.num_layers < 0 else min(cfg.num_layers, n_layers)
+    model.freeze()
+    mx.random.seed(seed)
+    if cfg.fine_tune_type == "full":
+        for layer in model.layers[n_layers - num :]:
+            layer.unfreeze()
+        params = None
+    else:
+        params = {
+            "rank": cfg.rank,
+            "scale": cfg.alpha / cfg.rank,
+            "dropout": cfg.dropout,
+            "keys": _layer_keys(model, cfg.targets),
+        }
+        linear_to_lora_layers(model, num, params, use_dora=cfg.fine_tune_type == "dora")
+    out = {"fine_tune_type": cfg.fine_tune_type, "num_layers": num}
+    if params is not None:
+        out["lora_parameters"] = params
+    return out
+
+
+def trainable(model) -> dict:
+    """Flat name -> array of the trainable parameters."""
+    from mlx.utils import tree_flatten
+
+    return dict(tree_flatten(model.trainable_parameters()))
+
+
+def save_adapter(folder: str | Path, model, adapter_config: dict) -> None:
+    """Write adapters.safetensors then adapter_config.json, each atomically."""
+    import numpy as np
+
+    from mlxpt.runs import atomic_write_json, save_safetensors_atomic
+
+    folder = Path(folder)
+    arrays = {k: np.array(v) for k, v in trainable(model).items()}
+    save_safetensors_atomic(folder / ADAPTER_FILE, arrays, {"format": "mlx"})
+    atomic_write_json(folder / CONFIG_FILE, adapter_config)
+
+
+def find_adapter(path: str | Path) -> Path:
+    """The folder holding adapter files for a run folder, a checkpoint or an adapter folder."""
+    p = Path(path)
+    if not p.exists():
+        raise ModelError("E220", "adapter path not found", str(p), "pass a run folder (runs/<id>) or an adapter folder")
+    if p.is_file():
+        p = p.parent
+    if (p / ADAPTER_FILE).is_file() and (p / CONFIG_FILE).is_file():
+        return p
+    pickles = [q.name for q in p.iterdir() if q.suffix in (".npz", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")]
+    if pickles:
+        raise SecurityError(
+            "E503", f"refusing non-safetensors adapter file {pickles[0]} (pickle can run code)", str(p), "use adapters.safetensors"
+        )
+    raise ModelError("E221", f"no {ADAPTER_FILE} + {CONFIG_FILE} in this folder", str(p), "train a run first, or pass its folder")
+
+
+def read_adapter_config(folder: Path) -> dict:
+    try:
+        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        if cfg.get("fine_tune_type", "lora") not in ("lora", "dora", "full") or "num_layers" not in cfg:
+            raise ValueError("missing fine_tune_type/num_layers")
+    except (ValueError, OSError) as e:
+        raise ModelError("E222", f"invalid {CONFIG_FILE}: {e}", str(folder / CONFIG_FILE), "re-save the adapter") from None
+    return cfg
+
+
+def load_adapter(model, path: str | Path) -> dict:
+    """Add the adapter layers described in `path` to `model` and load their weights."""
+    from mlx_lm.tuner.utils import load_adapters
+
+    folder = find_adapter(path)
+    cfg = read_adapter_config(folder)
+    try:
+        load_adapters(model, str(folder))
+    except (ValueError, KeyError) as e:
+        first = str(e).splitlines()[0]
+        raise ModelError("E223", f"adapter does not fit this model: {first}", str(folder), "load it with the model it was trained on") from None
+    return cfg

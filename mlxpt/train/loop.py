@@ -1,0 +1,172 @@
+"""The one training loop. SFT, DPO and GRPO differ in batch builder and loss, nothing else.
+
+Per optimiser step: `grad_accum` micro-batches are accumulated (losses are token sums, so the
+window equals one big batch), the loss and global gradient norm are checked for finiteness
+*before* the update (a bad step is skipped and counted; `max_bad_steps` in a row stop the run
+with exit 4), then clip + update. The loop yields plain-number step reports through `emit`.
+A stop request (Ctrl-C, SIGTERM, a TUI button) abandons the open window, so the checkpoint
+always sits on a step boundary and resume replays exactly the same micro-batches.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+
+from mlxpt.backends.base import TrainBackend
+from mlxpt.config import TrainConfig
+from mlxpt.data.batching import batch_plan, collate
+from mlxpt.data.encode import Example
+from mlxpt.errors import NumericsError
+
+
+@dataclass
+class LoopState:
+    """Where training stands; with the backend's arrays it is all exact resume needs."""
+
+    step: int = 0  # optimiser steps done (skipped non-finite steps included)
+    epoch: int = 0  # data position: epoch and next micro-batch index in its plan
+    batch_index: int = 0
+    bad_in_row: int = 0
+    bad_total: int = 0
+    tokens_seen: int = 0
+    trained_tokens_seen: int = 0
+    elapsed: float = 0.0
+    best_val_loss: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> LoopState:
+        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for the update with 0-based index `step`: linear warm-up, then decay."""
+    peak, warm = cfg.learning_rate, cfg.warmup_steps
+    if step < warm:
+        return peak * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return peak
+    span = max(1, cfg.steps - warm)
+    t = min(1.0, (step - warm) / span)
+    low = peak * cfg.min_lr_ratio
+    if cfg.schedule == "linear":
+        return peak + (low - peak) * t
+    return low + 0.5 * (peak - low) * (1 + math.cos(math.pi * t))
+
+
+def iter_batches(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, index: int
+) -> Iterator[tuple[int, int, list[int]]]:
+    """(epoch, index, example indices) from a data position on, across epochs, forever."""
+    while True:
+        plan = batch_plan(lengths, batch_size, seed, epoch)
+        for i in range(index, len(plan)):
+            yield epoch, i, plan[i]
+        epoch, index = epoch + 1, 0
+
+
+def validate(backend: TrainBackend, examples: list[Example], batch_size: int, pad_id: int, max_batches: int) -> float:
+    """Mean token loss over the first `max_batches` of a fixed plan of the validation split."""
+    plan = batch_plan([len(e.tokens) for e in examples], batch_size, seed=0, epoch=0)
+    if max_batches >= 0:
+        plan = plan[:max_batches]
+    total = ntok = 0.0
+    for idx in plan:
+        loss, n = backend.evaluate(collate([examples[i] for i in idx], pad_id))
+        total, ntok = total + loss, ntok + n
+    return total / max(ntok, 1.0)
+
+
+def train_loop(
+    backend: TrainBackend,
+    train: list[Example],
+    valid: list[Example],
+    cfg: TrainConfig,
+    batch_size: int,
+    pad_id: int,
+    state: LoopState,
+    emit: Callable[[dict], None],
+    checkpoint: Callable[[LoopState], None],
+    stop=None,
+) -> str:
+    """Train until `cfg.steps`; return "finished" or "interrupted". Raises NumericsError (exit 4)."""
+    lengths = [len(e.tokens) for e in train]
+    batches = iter_batches(lengths, batch_size, cfg.seed, state.epoch, state.batch_index)
+    while state.step < cfg.steps:
+        t0 = time.perf_counter()
+        start_pos = (state.epoch, state.batch_index)
+        tokens = 0
+        interrupted = False
+        for _ in range(cfg.grad_accum):
+            epoch, index, idx = next(batches)
+            batch = collate([train[i] for i in idx], pad_id)
+            backend.accumulate(batch)
+            tokens += sum(len(train[i].tokens) - 1 for i in idx)
+            state.epoch, state.batch_index = (epoch, index + 1)
+            if stop is not None and stop.requested:
+                interrupted = True
+                break
+        if interrupted:
+            backend.discard()
+            state.epoch, state.batch_index = start_pos
+            break
+        loss_sum, ntok, gnorm = backend.reduce()
+        loss = loss_sum / max(ntok, 1.0)
+        lr = lr_at(state.step, cfg)
+        finite = math.isfinite(loss) and math.isfinite(gnorm)
+        if finite:
+            backend.apply(lr, cfg.clip_grad_norm)
+            state.bad_in_row = 0
+        else:
+            backend.discard()
+            state.bad_in_row += 1
+            state.bad_total += 1
+        state.step += 1
+        dt = time.perf_counter() - t0
+        state.elapsed += dt
+        state.tokens_seen += tokens
+        state.trained_tokens_seen += int(ntok)
+        emit(
+            {
+                "event": "step",
+                "step": state.step,
+                "loss": loss if finite else None,
+                "lr": lr,
+                "grad_norm": gnorm if finite else None,
+                "tokens": tokens,
+                "trained_tokens": int(ntok),
+                "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+                "step_time_s": dt,
+                "peak_memory_mb": backend.peak_memory() / 1e6,
+                "epoch": state.epoch,
+                "skipped": not finite,
+                "bad_steps": state.bad_total,
+            }
+        )
+        if state.bad_in_row >= cfg.max_bad_steps:
+            checkpoint(state)
+            raise NumericsError(
+                "E402",
+                f"{state.bad_in_row} non-finite steps in a row (loss {loss}, grad norm {gnorm})",
+                f"step {state.step}",
+                "lower the learning rate or check the data; the last finite state is saved",
+            )
+        do_eval = valid and cfg.eval_every > 0 and state.step % cfg.eval_every == 0
+        if do_eval or (valid and state.step == cfg.steps):
+            val = validate(backend, valid, batch_size, pad_id, cfg.eval_batches)
+            if math.isfinite(val):
+                state.best_val_loss = val if state.best_val_loss is None else min(state.best_val_loss, val)
+            emit({"event": "eval", "step": state.step, "val_loss": val})
+        if state.step % cfg.save_every == 0 or state.step == cfg.steps:
+            checkpoint(state)
+        if stop is not None and stop.requested:
+            break
+    if state.step < cfg.steps:
+        checkpoint(state)  # re-saving the same step is safe: it replaces it atomically
+        return "interrupted"
+    return "finished"

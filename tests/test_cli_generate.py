@@ -1,0 +1,122 @@
+"""`mlxpt generate` and `mlxpt chat` end to end on a tiny random model."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from test_decode import make_adapter_run
+from tiny import make_model
+
+import mlxpt.decode.generate as gen
+from mlxpt.cli import main
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("cli") / "base")
+
+
+@pytest.fixture(scope="module")
+def run(base, tmp_path_factory):
+    return make_adapter_run(tmp_path_factory.mktemp("cli-run") / "run", base)
+
+
+def _generate(capsys, *extra):
+    code = main(["generate", "--prompt", "hello", "--max-tokens", "12", *extra])
+    cap = capsys.readouterr()
+    return code, cap.out, cap.err
+
+
+def test_generate_streams_text_and_stats(base, capsys):
+    from mlxpt.decode import chat_prompt, generate_text
+    from mlxpt.models.loader import load
+
+    code, out, err = _generate(capsys, "--model", str(base))
+    assert code == 0
+    model, tok = load(str(base))
+    want = generate_text(model, tok, chat_prompt(tok, [{"role": "user", "content": "hello"}]), max_tokens=12)
+    assert out == want + "\n"
+    assert "tok/s" in err and "generation: 12 tokens" in err
+
+
+def test_generate_with_adapter_differs_and_defaults_to_runs_model(base, run, capsys):
+    plain = _generate(capsys, "--model", str(base), "--raw")
+    adapted = _generate(capsys, "--model", str(base), "--adapter", str(run), "--raw")
+    from_run = _generate(capsys, "--adapter", str(run), "--raw")  # model read from the run config
+    assert plain[0] == adapted[0] == from_run[0] == 0
+    assert adapted[1] != plain[1] and adapted[1] == from_run[1]
+
+
+def test_seeded_sampling_cli_is_reproducible(base, capsys):
+    flags = ("--model", str(base), "--temperature", "1.0", "--top-p", "0.9", "--seed", "5")
+    assert _generate(capsys, *flags)[1] == _generate(capsys, *flags)[1]
+
+
+def _one_line_error(capsys, argv, code, err_code):
+    assert main(argv) == code
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and err_code in lines[0], lines
+
+
+def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):
+    gen_args = ["generate", "--prompt", "hi"]
+    _one_line_error(capsys, [*gen_args, "--model", str(base), "--adapter", str(tmp_path / "nope")], 1, "E220")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "adapters.npz").write_bytes(b"\x80\x04K\x01.")
+    _one_line_error(capsys, [*gen_args, "--model", str(base), "--adapter", str(pickled)], 5, "E503")
+    # validated before the (missing) model is looked up
+    _one_line_error(capsys, [*gen_args, "--model", str(tmp_path / "none"), "--temperature", "-1"], 1, "E601")
+    _one_line_error(capsys, [*gen_args, "--model", str(tmp_path / "none"), "--max-tokens", "0"], 1, "E604")
+    _one_line_error(capsys, ["generate", "--prompt-file", str(tmp_path / "missing.txt")], 1, "E606")
+    _one_line_error(capsys, [*gen_args, "--model", str(tmp_path / "none")], 1, "E212")
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "--model", str(base)])  # neither --prompt nor --prompt-file
+    assert e.value.code == 2
+
+
+def _chat(monkeypatch, capsys, base, script, patch_generate=None):
+    calls = []
+    real = gen.chat_prompt
+
+    def recording(tok, messages, system=None):
+        calls.append(([m["role"] for m in messages], system))
+        return real(tok, messages, system)
+
+    monkeypatch.setattr(gen, "chat_prompt", recording)
+    if patch_generate:
+        monkeypatch.setattr(gen, "iter_generate", patch_generate)
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    code = main(["chat", "--model", str(base), "--max-tokens", "4"])
+    return code, calls, capsys.readouterr()
+
+
+def test_chat_keeps_history_and_handles_commands(base, monkeypatch, capsys):
+    script = "hello\nmore\n/reset\nagain\n/system Be brief.\nhi\n/bogus\n/exit\nnever read\n"
+    code, calls, cap = _chat(monkeypatch, capsys, base, script)
+    assert code == 0
+    assert calls == [
+        (["user"], None),
+        (["user", "assistant", "user"], None),
+        (["user"], None),  # after /reset
+        (["user"], "Be brief."),  # /system resets too
+    ]
+    assert "> " not in cap.out  # no prompt marker when stdin is not a terminal
+    assert "history cleared" in cap.err and "unknown command /bogus" in cap.err
+
+
+def test_chat_exits_cleanly_at_eof_and_survives_ctrl_c_in_an_answer(base, monkeypatch, capsys):
+    real = gen.iter_generate
+    state = {"n": 0}
+
+    def interrupted_once(*a, **kw):
+        state["n"] += 1
+        for i, chunk in enumerate(real(*a, **kw)):
+            if state["n"] == 1 and i == 1:
+                raise KeyboardInterrupt
+            yield chunk
+
+    code, calls, cap = _chat(monkeypatch, capsys, base, "first\nsecond\n", interrupted_once)
+    assert code == 0 and len(calls) == 2  # EOF ends the session; the stopped answer kept it alive
+    assert "[stopped]" in cap.err
