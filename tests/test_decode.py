@@ -44,7 +44,15 @@ def tiny(tmp_path_factory):
 
 @pytest.mark.parametrize(
     "kw",
-    [{"temperature": -0.1}, {"temperature": float("nan")}, {"top_p": 0.0}, {"top_p": 1.5}, {"top_k": -1}, {"min_p": 1.0}, {"seed": -3}],
+    [
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"top_k": -1},
+        {"min_p": 1.0},
+        {"seed": -3},
+    ],
 )
 def test_bad_sampling_values_are_one_line_config_errors(kw):
     with pytest.raises(ConfigError) as e:

@@ -26,8 +26,9 @@ class TrainBackend(Protocol):
     def apply(self, lr: float, clip: float) -> None:
         """Clip and apply the mean gradient with learning rate `lr`, then clear the window."""
 
-    def discard(self) -> None:
-        """Drop the accumulated window without updating (non-finite or interrupted)."""
+    def discard(self, rewind: bool = False) -> None:
+        """Drop the accumulated window without updating; `rewind` also restores the RNG to the
+        window start (an interrupted window is replayed exactly on resume)."""
 
     def evaluate(self, batch: Batch) -> tuple[float, float]:
         """(loss sum, trained tokens) without gradients."""

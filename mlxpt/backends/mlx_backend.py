@@ -75,6 +75,8 @@ class MLXBackend:
         self._grad_step, self._loss_only = grad_step, loss_only
 
     def accumulate(self, batch) -> None:
+        if self._grads is None:  # window start: remember the RNG so an abandoned window can rewind
+            self._rng_at_start = mx.array(mx.random.state[0])
         self.model.train()
         loss, ntok, grads = self._grad_step(*(mx.array(a) for a in batch))
         if self._grads is None:
@@ -99,8 +101,15 @@ class MLXBackend:
         mx.eval(self.model.state, self.optimizer.state)
         self.discard()
 
-    def discard(self) -> None:
+    def discard(self, rewind: bool = False) -> None:
+        if rewind and self._grads is not None:
+            self._set_rng(self._rng_at_start)
         self._grads = self._loss = self._ntok = None
+
+    @staticmethod
+    def _set_rng(key) -> None:
+        hi, lo = (int(x) for x in np.array(key).tolist())
+        mx.random.seed((hi << 32) | lo)  # key(seed) == [seed >> 32, seed & 0xffffffff]
 
     def evaluate(self, batch) -> tuple[float, float]:
         self.model.eval()
@@ -119,7 +128,7 @@ class MLXBackend:
         self.model.load_weights([(k, mx.array(v)) for k, v in arrays["adapters"].items()], strict=False)
         for k, v in arrays["optimizer"].items():
             _set_path(self.optimizer.state, k, mx.array(v))
-        mx.random.state[0] = mx.array(arrays["rng"]["key"])
+        self._set_rng(arrays["rng"]["key"])
         mx.eval(self.model.state, self.optimizer.state, mx.random.state)
 
     def peak_memory(self) -> int:

@@ -72,10 +72,13 @@ def _tokenizer_files(meta, out: Path) -> None:
     if model != "gpt2":
         raise ModelError("E204", f"GGUF tokenizer model {model!r} is not supported", hint="use a BPE (gpt2-style) model or an HF folder")
     tokens = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]  # absent when empty
     types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
     vocab = {t: i for i, t in enumerate(tokens)}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    try:
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+    except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocab
+        raise ModelError("E204", f"cannot rebuild the GGUF tokenizer: {e}", hint="the file's vocabulary is inconsistent") from None
     pre = _scalar(meta, "tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if _PRE_DIGITS.get(pre, False):
@@ -127,6 +130,10 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     if arch != "llama":
         raise ModelError("E206", f"GGUF architecture {arch!r} is not supported", str(gguf_path), "convert it with mlx_lm.convert from the HF folder")
     a = f"{arch}."
+    missing = [k for k in ("attention.head_count", "embedding_length", "feed_forward_length", "block_count") if a + k not in meta]
+    if missing or "token_embd.weight" not in weights:
+        what = a + missing[0] if missing else "tensor token_embd.weight"
+        raise ModelError("E217", f"incomplete GGUF: no {what}", str(gguf_path), "re-export the file with llama.cpp")
     n_head = int(_scalar(meta, a + "attention.head_count"))
     n_kv = int(_scalar(meta, a + "attention.head_count_kv", n_head))
     hidden = int(_scalar(meta, a + "embedding_length"))
@@ -142,7 +149,7 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
         "rms_norm_eps": float(f"{_scalar(meta, a + 'attention.layer_norm_rms_epsilon', 1e-5):.6g}"),
         "rope_theta": float(_scalar(meta, a + "rope.freq_base", 10000.0)),
         "max_position_embeddings": int(_scalar(meta, a + "context_length", 2048)),
-        "vocab_size": len(meta["tokenizer.ggml.tokens"]),
+        "vocab_size": int(weights["token_embd.weight"].shape[0]),  # may exceed the token list
         "tie_word_embeddings": "output.weight" not in weights,
         "bos_token_id": _scalar(meta, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": _scalar(meta, "tokenizer.ggml.eos_token_id"),
@@ -170,9 +177,13 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    mx.save_safetensors(str(tmp / "model.safetensors"), out, metadata={"format": "mlx"})
-    (tmp / "config.json").write_text(json.dumps(config, indent=2))
-    _tokenizer_files(meta, tmp)
+    try:
+        mx.save_safetensors(str(tmp / "model.safetensors"), out, metadata={"format": "mlx"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        _tokenizer_files(meta, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written folder left behind
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)

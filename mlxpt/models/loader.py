@@ -107,6 +107,8 @@ def check_folder(path: Path, trust_remote_code: bool = False) -> dict:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ModelError("E214", f"config.json is not valid JSON: {e}", str(cfg_path), "fix or re-download the model") from None
+    if not isinstance(config, dict):
+        raise ModelError("E214", "config.json is not a JSON object", str(cfg_path), "fix or re-download the model")
     if not trust_remote_code and (config.get("auto_map") or config.get("model_file")):
         raise SecurityError(
             "E501",
@@ -114,6 +116,19 @@ def check_folder(path: Path, trust_remote_code: bool = False) -> dict:
             str(cfg_path),
             "only if you trust it, pass --trust-remote-code",
         )
+    tok_path = path / "tokenizer_config.json"
+    if not trust_remote_code and tok_path.is_file():
+        try:
+            tok_cfg = json.loads(tok_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            tok_cfg = {}  # transformers reports it when the tokenizer is loaded
+        if isinstance(tok_cfg, dict) and tok_cfg.get("auto_map"):
+            raise SecurityError(
+                "E501",
+                "the tokenizer asks to run its own Python code (auto_map)",
+                str(tok_path),
+                "only if you trust it, pass --trust-remote-code",
+            )
     if not list(path.glob("*.safetensors")):
         pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
         if pickles:

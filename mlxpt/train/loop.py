@@ -112,7 +112,7 @@ def train_loop(
                 interrupted = True
                 break
         if interrupted:
-            backend.discard()
+            backend.discard(rewind=True)
             state.epoch, state.batch_index = start_pos
             break
         loss_sum, ntok, gnorm = backend.reduce()
