@@ -230,6 +230,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=12, help="steps per same-blas run")
     ap.add_argument("--oob-steps", type=int, default=4, help="steps per out-of-box run (reference BLAS is slow)")
     ap.add_argument("--warmup", type=int, default=2, help="leading steps left out of throughput")
+    ap.add_argument("--oob-warmup", type=int, default=1, help="leading steps left out in out-of-box runs")
     ap.add_argument("--only", choices=["same-blas", "out-of-box"])
     ap.add_argument("--json", help="write every run's numbers here")
     ap.add_argument("--model", default="smollm2-135m")
@@ -257,7 +258,8 @@ def main() -> int:
                     cmd, env = commands(setting, tool, a, f32, tmp, tag)
                     print(f"[{time.strftime('%H:%M:%S')}] {tag} ...", file=sys.stderr, flush=True)
                     rc, events, rss, wall = run_child(cmd, env, a.timeout, tmp / f"{tag}.log")
-                    s = summarise(tool, events, a.warmup, a.batch_size)
+                    warm = a.warmup if setting == "same-blas" else a.oob_warmup
+                    s = summarise(tool, events, warm, a.batch_size)
                     blas = next((e.get("blas") for e in events if e.get("event") == "start"), None)
                     run = {"setting": setting, "tool": tool, "repeat": r, "rc": rc, "rss_mb": rss,
                            "wall_s": wall, "blas": blas, **s}  # fmt: skip

@@ -43,7 +43,9 @@ class ModelConfig:
 class DataConfig:
     data: str = opt(default_data(), "train JSONL file, or a folder with train.jsonl / valid.jsonl")
     valid: str | None = opt(None, "validation JSONL file (default: valid.jsonl beside the train data)")
-    mask: str = opt("assistant", "trained tokens: every assistant turn, all but the prompt, or all", ("assistant", "prompt", "none"))
+    mask: str = opt(
+        "assistant", "trained tokens: every assistant turn, all but the prompt, or all", ("assistant", "prompt", "none")
+    )
     max_seq_len: int = opt(512, "longest sequence in tokens")
     overlong: str = opt("truncate", "what to do with longer rows", ("truncate", "drop", "error"))
     batch_size: int = opt(4, "sequences per micro-batch")
@@ -51,7 +53,9 @@ class DataConfig:
 
 @dataclass
 class AdapterConfig:
-    fine_tune_type: str = opt("lora", "what trains: LoRA, DoRA, or full weights of the last layers", ("lora", "dora", "full"))
+    fine_tune_type: str = opt(
+        "lora", "what trains: LoRA, DoRA, or full weights of the last layers", ("lora", "dora", "full")
+    )
     rank: int = opt(8, "LoRA/DoRA rank")
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = opt(0.0, "dropout on the adapter input")
@@ -147,7 +151,9 @@ def _coerce(value, f: dataclasses.Field, source: str):
         ) from None
     choices = f.metadata.get("choices")
     if choices and value not in choices:
-        raise ConfigError("E503", f"{f.name}={value!r} is not one of {', '.join(choices)}", source, f.metadata.get("help"))
+        raise ConfigError(
+            "E503", f"{f.name}={value!r} is not one of {', '.join(choices)}", source, f.metadata.get("help")
+        )
     return value
 
 

@@ -15,9 +15,7 @@ def test_every_index_exactly_once(n, bs):
     flat = [i for b in plan for i in b]
     assert sorted(flat) == list(range(n))
     assert all(1 <= len(b) <= bs for b in plan)
-    assert sum(len(b) < bs for b in plan) == (
-        1 if n % bs else 0
-    )  # remainder kept, not dropped
+    assert sum(len(b) < bs for b in plan) == (1 if n % bs else 0)  # remainder kept, not dropped
 
 
 def test_deterministic_and_epochs_differ():
@@ -26,8 +24,11 @@ def test_deterministic_and_epochs_differ():
     assert a == batch_plan(lengths, 8, seed=3, epoch=1)
     assert a != batch_plan(lengths, 8, seed=3, epoch=2)
     assert a != batch_plan(lengths, 8, seed=4, epoch=1)
+
     # equal-length examples are regrouped between epochs, not only the batch order
-    groups = lambda p: {frozenset(b) for b in p}
+    def groups(p):
+        return {frozenset(b) for b in p}
+
     assert groups(a) != groups(batch_plan(lengths, 8, seed=3, epoch=2))
 
 

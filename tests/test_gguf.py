@@ -218,14 +218,17 @@ def test_f32_gguf_round_trip_is_exact(src, tmp_path, tied):
 
 @pytest.mark.parametrize(
     "qtype,embed_qtype,bits",
-    [(Q.Q4_1, None, 4), (Q.Q8_0, None, 8), (Q.Q4_0, None, 4), (Q.Q4_1, Q.Q8_0, 8)],
+    [(Q.Q4_1, None, 4), (Q.Q8_0, None, 8), (Q.Q4_0, None, 4), (Q.Q4_1, Q.Q8_0, 4)],
     ids=["Q4_1", "Q8_0", "Q4_0", "Q4_1+Q8_0-embed"],
 )
 def test_quantised_gguf_is_kept_without_float_round_trip(src, tmp_path, qtype, embed_qtype, bits):
     path = write_gguf(src, tmp_path / "tiny-q.gguf", qtype, embed_qtype)
     out = convert_gguf(path, tmp_path / "conv")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["quantization"] == {"group_size": 32, "bits": bits, "mode": "affine"}
+    want_q = {"group_size": 32, "bits": bits, "mode": "affine"}
+    if embed_qtype is not None:  # mixed types (as in SmolLM2's Q4_1 file): the odd one is listed per layer
+        want_q["model.embed_tokens"] = {"group_size": 32, "bits": 8, "mode": "affine"}
+    assert cfg["quantization"] == want_q
     ref_dir, ref = dequantised_reference(path, src, tmp_path / "ref")
 
     model, _ = mlx_lm.load(str(out))
@@ -251,10 +254,12 @@ def test_quantised_gguf_is_kept_without_float_round_trip(src, tmp_path, qtype, e
     assert diff <= QUANT_LOGIT_TOL, diff
 
     # through mlxpt's loader: a .gguf path is converted into MLXPT_HOME once, then reused
-    kept, _ = load(str(path), quantize=str(bits))
-    assert isinstance(kept.model.layers[0].mlp.up_proj, nn.QuantizedLinear)
-    if embed_qtype is None:  # same bits as stored: the GGUF blocks are kept as they are
-        assert np.array_equal(logits(kept), logits(model))
+    kept, _ = load(str(path), quantize=str(bits))  # same bits as stored: the GGUF blocks are kept
+    assert [(m.bits, m.group_size) for m in (kept.model.embed_tokens, kept.model.layers[1].mlp.down_proj)] == [
+        (8 if embed_qtype else bits, 32),
+        (bits, 32),
+    ]
+    assert np.array_equal(logits(kept), logits(model))
     as_float, _ = load(str(path), quantize="auto")  # CPU: dequantised to float32
     assert type(as_float.model.layers[0].mlp.up_proj) is nn.Linear
     assert as_float.model.layers[0].mlp.up_proj.weight.dtype == mx.float32

@@ -276,7 +276,9 @@ def test_hub_id_offline_fails_fast_with_a_hint(tmp_path):
         "MLXPT_HOME": str(tmp_path / "home"),
     }
     t0 = time.monotonic()
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    root = Path(__file__).resolve().parents[1]
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     elapsed = time.monotonic() - t0
     assert r.returncode == 0, r.stderr
     line = r.stdout.strip()

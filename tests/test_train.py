@@ -186,9 +186,10 @@ def test_sft_run_layout_metrics_and_val_loss(tiny_dir, data_dir, tmp_path):
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["step"] for e in steps] == list(range(1, 9))
     assert all(math.isfinite(e["loss"]) and e["tokens_per_s"] > 0 for e in steps)
-    assert len(evals) == 2 and evals[1]["val_loss"] < evals[0]["val_loss"] + 0.5
+    assert [e["step"] for e in evals] == [0, 4, 8]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert len(lines) == 10
+    assert len(lines) == 11
     # the adapter folder is mlx-lm compatible
     from mlx_lm import load as mlx_load
 
@@ -219,6 +220,7 @@ def test_resume_equals_uninterrupted(accum, tiny_dir, data_dir, tmp_path):
         assert a[group].keys() == b[group].keys()
         for k in a[group]:
             np.testing.assert_allclose(a[group][k], b[group][k], rtol=0, atol=1e-6, err_msg=f"{group}/{k}")
+
     def losses(run_dir):
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
         return [(r["step"], r.get("loss", r.get("val_loss"))) for r in rows]

@@ -93,9 +93,7 @@ def make_model(path: str | Path, seed: int = 0, **overrides) -> Path:
         t[p + "mlp.up_proj.weight"] = w(F, D)
         t[p + "mlp.down_proj.weight"] = w(D, F)
         t[p + "input_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
-        t[p + "post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(D)).astype(
-            np.float32
-        )
+        t[p + "post_attention_layernorm.weight"] = (1 + 0.1 * rng.standard_normal(D)).astype(np.float32)
     if not cfg["tie_word_embeddings"]:
         t["lm_head.weight"] = w(V, D)
     save_file(t, str(path / "model.safetensors"), metadata={"format": "mlx"})

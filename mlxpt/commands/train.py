@@ -16,7 +16,9 @@ def register(sub) -> None:
     p.add_argument("method", nargs="?", default="sft", choices=["sft"], help="training method")
     p.add_argument("--config", help="YAML file of settings (flat `name: value`, or grouped by section)")
     p.add_argument("--resume", metavar="RUN", help="continue a run folder from its newest complete checkpoint")
-    p.add_argument("--events", choices=["text", "json"], default="text", help="progress as text lines or one JSON object per line")
+    p.add_argument(
+        "--events", choices=["text", "json"], default="text", help="progress as text lines or one JSON object per line"
+    )
     for name, (_, f) in all_fields(SFTConfig()).items():
         kw = {"dest": f"cfg_{name}", "default": None, "help": f.metadata.get("help")}
         if f.metadata.get("choices"):
@@ -33,11 +35,15 @@ def build_config(args) -> SFTConfig:
     if args.resume:
         from mlxpt.runs import read_config
 
-        cfg = SFTConfig.from_dict({k: v for k, v in read_config(args.resume).items() if k in ("model", "data", "adapter", "train")})
+        cfg = SFTConfig.from_dict(
+            {k: v for k, v in read_config(args.resume).items() if k in ("model", "data", "adapter", "train")}
+        )
         fixed = sorted(set(flags) - RESUME_MUTABLE)
         if fixed:
             raise ConfigError(
-                "E510", f"cannot change {', '.join(fixed)} when resuming", args.resume,
+                "E510",
+                f"cannot change {', '.join(fixed)} when resuming",
+                args.resume,
                 f"only {', '.join(sorted(RESUME_MUTABLE))} may change; start a new run for the rest",
             )
         apply_flat(cfg, flags, source="command line")

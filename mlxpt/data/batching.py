@@ -12,9 +12,7 @@ import numpy as np
 from mlxpt.data.encode import Example
 
 
-def batch_plan(
-    lengths: list[int], batch_size: int, seed: int, epoch: int, bucket: int = 8
-) -> list[list[int]]:
+def batch_plan(lengths: list[int], batch_size: int, seed: int, epoch: int, bucket: int = 8) -> list[list[int]]:
     """Batches of example indices: every index exactly once, similar lengths together.
 
     Lengths are grouped into buckets of `bucket` tokens; order inside a bucket and the order
@@ -32,9 +30,7 @@ def batch_plan(
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
-def collate(
-    examples: list[Example], pad_id: int, pad_to: int | None = 8
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def collate(examples: list[Example], pad_id: int, pad_to: int | None = 8) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(inputs, targets, mask): (B, L) int32, int32, float32, right-padded, padding untrained.
 
     inputs = tokens[:, :-1], targets = tokens[:, 1:], mask = mask[:, 1:]; L is rounded up to a

@@ -13,9 +13,7 @@ from mlxpt.errors import DataError
 MAX_LISTED = 20
 
 
-def render_masked(
-    tokenizer, tokens: list[int], mask: list[int], color: bool = False
-) -> str:
+def render_masked(tokenizer, tokens: list[int], mask: list[int], color: bool = False) -> str:
     """Decoded text with trained spans wrapped in [[ ]] (or ANSI inverse video when color)."""
     on, off = ("\x1b[7m", "\x1b[0m") if color else ("[[", "]]")
     out, i = [], 0
@@ -31,10 +29,7 @@ def render_masked(
 
 def _stats(values: list[int]) -> str:
     a = np.asarray(values)
-    return (
-        f"min {a.min()} / median {int(np.median(a))} / p95 {int(np.percentile(a, 95))} "
-        f"/ max {a.max()}"
-    )
+    return f"min {a.min()} / median {int(np.median(a))} / p95 {int(np.percentile(a, 95))} / max {a.max()}"
 
 
 def check_report(
@@ -51,16 +46,12 @@ def check_report(
     preview = None
     for split, rows in (("train", train), ("valid", valid_rows)):
         if not rows and split == "valid":
-            lines.append(
-                "valid: none (the caller decides: split off train or skip eval)"
-            )
+            lines.append("valid: none (the caller decides: split off train or skip eval)")
             continue
         kinds = Counter(r.kind for r in rows)
         fmt = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "no valid rows"
         files = sorted({r.where.rsplit(":", 1)[0] for r in rows})
-        lines.append(
-            f"{split}: {len(rows)} valid rows ({fmt}) {' '.join(files)}".rstrip()
-        )
+        lines.append(f"{split}: {len(rows)} valid rows ({fmt}) {' '.join(files)}".rstrip())
         if tokenizer is None or not rows:
             continue
         tok = _Tok(tokenizer)
@@ -110,9 +101,7 @@ def check_report(
 
 def _row_text(row: Row) -> str:
     if row.kind == "chat":
-        return " | ".join(
-            f"{m['role']}: {m.get('content')}" for m in row.data["messages"]
-        )
+        return " | ".join(f"{m['role']}: {m.get('content')}" for m in row.data["messages"])
     if row.kind == "completions":
         return f"prompt: {row.data['prompt']} | completion: {row.data['completion']}"
     return row.data["text"]

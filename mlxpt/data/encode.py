@@ -20,9 +20,7 @@ OVERLONG = ("truncate", "drop", "error")
 @dataclass
 class Example:
     tokens: list[int]
-    mask: list[
-        int
-    ]  # mask[i] == 1: token i is a training target (predicted from tokens[:i])
+    mask: list[int]  # mask[i] == 1: token i is a training target (predicted from tokens[:i])
     where: str
 
 
@@ -38,27 +36,17 @@ class _Tok:
         plain = tokenizer.encode("a", add_special_tokens=False)
         special = tokenizer.encode("a", add_special_tokens=True)
         # Only add a BOS ourselves when the tokenizer would, and the text does not already carry it.
-        self.adds_bos = (
-            self.bos is not None
-            and len(special) > len(plain)
-            and special[0] == self.bos
-        )
+        self.adds_bos = self.bos is not None and len(special) > len(plain) and special[0] == self.bos
 
     def ids(self, text: str, start: bool = True) -> list[int]:
         ids = list(self.tk.encode(text, add_special_tokens=False))
-        if (
-            start
-            and self.adds_bos
-            and not (self.bos_text and text.startswith(self.bos_text))
-        ):
+        if start and self.adds_bos and not (self.bos_text and text.startswith(self.bos_text)):
             ids = [self.bos, *ids]
         return ids
 
     def render(self, messages, tools, generation: bool, where: str) -> str:
         try:
-            out = self.tk.apply_chat_template(
-                messages, tools=tools, tokenize=False, add_generation_prompt=generation
-            )
+            out = self.tk.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=generation)
         except Exception as e:  # noqa: BLE001 - a template error is a data problem, not a crash
             raise DataError(
                 "E204",
@@ -71,9 +59,7 @@ class _Tok:
         return out
 
 
-def _prefix_len(
-    tok: _Tok, full_text: str, full: list[int], text: str, where: str
-) -> int:
+def _prefix_len(tok: _Tok, full_text: str, full: list[int], text: str, where: str) -> int:
     ids = tok.ids(text)
     if not full_text.startswith(text) or full[: len(ids)] != ids:
         raise DataError(
@@ -87,9 +73,7 @@ def _prefix_len(
     return len(ids)
 
 
-def _encode_chat(
-    row: Row, tok: _Tok, mask: str, messages=None
-) -> tuple[list[int], list[int]]:
+def _encode_chat(row: Row, tok: _Tok, mask: str, messages=None) -> tuple[list[int], list[int]]:
     if not tok.template:
         raise DataError(
             "E201",
@@ -135,9 +119,7 @@ def _encode_plain(row: Row, tok: _Tok, mask: str) -> tuple[list[int], list[int]]
 def _encode(row: Row, tok: _Tok, mask: str, max_len: int, overlong: str):
     """(Example | None, status, raw length); status in kept/truncated/too_long/untrainable."""
     if mask not in MASKS:
-        raise ConfigError(
-            "E210", f"unknown mask mode {mask!r}", None, f"use one of {MASKS}"
-        )
+        raise ConfigError("E210", f"unknown mask mode {mask!r}", None, f"use one of {MASKS}")
     if overlong not in OVERLONG:
         raise ConfigError(
             "E211",

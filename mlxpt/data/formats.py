@@ -103,9 +103,7 @@ def _check_chat(obj: dict, err) -> dict | None:
             'write "messages": [{"role": "user", "content": "..."}, ...]',
         )
     if not msgs:
-        return err(
-            "E121", "'messages' is empty", "add at least a user and an assistant turn"
-        )
+        return err("E121", "'messages' is empty", "add at least a user and an assistant turn")
     tools = obj.get("tools")
     if tools is not None and not isinstance(tools, list):
         return err(
@@ -140,9 +138,7 @@ def _check_chat(obj: dict, err) -> dict | None:
             continue
         calls = m.get("tool_calls")
         if calls is not None and (
-            role != "assistant"
-            or not isinstance(calls, list)
-            or not all(isinstance(c, dict) for c in calls)
+            role != "assistant" or not isinstance(calls, list) or not all(isinstance(c, dict) for c in calls)
         ):
             ok = err(
                 "E133",
@@ -151,9 +147,7 @@ def _check_chat(obj: dict, err) -> dict | None:
             )
             continue
         if "content" not in m:
-            ok = err(
-                "E125", f"{at} ({role}) has no 'content'", "add a 'content' string"
-            )
+            ok = err("E125", f"{at} ({role}) has no 'content'", "add a 'content' string")
             continue
         content = m["content"]
         if content is None:
@@ -198,8 +192,7 @@ def _check_chat(obj: dict, err) -> dict | None:
         return err(
             "E131",
             f"conversation ends with a {roles[-1]} turn, not assistant",
-            "drop the trailing turn or add the assistant reply (an untrained tail is "
-            "almost always a data bug)",
+            "drop the trailing turn or add the assistant reply (an untrained tail is almost always a data bug)",
         )
     data = {"messages": [dict(m) for m in msgs]}
     if tools is not None:
@@ -237,13 +230,9 @@ def _check_completions(obj: dict, err) -> dict | None:
 def _check_text(obj: dict, err) -> dict | None:
     v = obj["text"]
     if not isinstance(v, str):
-        return err(
-            "E150", f"'text' is {_tname(v)}, expected a string", "make 'text' a string"
-        )
+        return err("E150", f"'text' is {_tname(v)}, expected a string", "make 'text' a string")
     if not v.strip():
-        return err(
-            "E151", "'text' is empty or whitespace", "remove the row or fill it in"
-        )
+        return err("E151", "'text' is empty or whitespace", "remove the row or fill it in")
     return {"text": v}
 
 
@@ -268,11 +257,7 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[DataError]]:
     try:
         raw = p.read_bytes()
     except OSError as e:
-        return [], [
-            DataError(
-                "E101", f"cannot read file: {e.strerror}", name, "check permissions"
-            )
-        ]
+        return [], [DataError("E101", f"cannot read file: {e.strerror}", name, "check permissions")]
     raw = raw.removeprefix(BOM)
     rows: list[Row] = []
     errors: list[DataError] = []
@@ -373,10 +358,7 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[DataError]]:
         used = {k for keys in FORMAT_KEYS.values() for k in keys} | {"tools"}
         extra = {k: v for k, v in obj.items() if k not in used}
         rows.append(Row(where=where, kind=row_kind, data=data, extra=extra))
-    if (
-        any(e.code == "E105" for e in errors)
-        and (whole := _whole_json(raw)) is not None
-    ):
+    if any(e.code == "E105" for e in errors) and (whole := _whole_json(raw)) is not None:
         # A pretty-printed object or a JSON array: one clear error instead of one per line.
         what = f"file is one JSON {_tname(whole)} spanning lines, not JSON Lines"
         hint = "write one object per line, e.g. jq -c '.[]' data.json > data.jsonl"
@@ -401,9 +383,7 @@ def raise_if_errors(errors: list[DataError], label: str) -> None:
     if len(errors) == 1:
         raise first
     n_rows = len({e.where for e in errors})
-    count = f"{n_rows} invalid rows" + (
-        f" ({len(errors)} problems)" if n_rows < len(errors) else ""
-    )
+    count = f"{n_rows} invalid rows" + (f" ({len(errors)} problems)" if n_rows < len(errors) else "")
     raise DataError(
         first.code,
         f"{count} in {label}; first: {first.what}",
@@ -420,9 +400,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Row]:
     return rows
 
 
-def resolve_splits(
-    path: str | os.PathLike, valid: str | None = None
-) -> tuple[str, str | None]:
+def resolve_splits(path: str | os.PathLike, valid: str | None = None) -> tuple[str, str | None]:
     """(train file, valid file or None) for a folder or a train file plus optional valid file."""
     p = Path(path)
     if p.is_dir():
@@ -455,9 +433,7 @@ def scan_splits(path, valid=None) -> tuple[list[Row], list[Row], list[DataError]
     return train, valid_rows, errors
 
 
-def load_splits(
-    path: str | os.PathLike, valid: str | None = None
-) -> tuple[list[Row], list[Row]]:
+def load_splits(path: str | os.PathLike, valid: str | None = None) -> tuple[list[Row], list[Row]]:
     """(train rows, valid rows) from a folder with train.jsonl[/valid.jsonl] or a train file.
 
     Errors in both files are collected before raising. No valid split gives [].

@@ -181,9 +181,7 @@ def make_split(n: int, seed: int, exclude: set[str] | None = None) -> list[dict]
     return rows
 
 
-_ANSWER = re.compile(
-    r"answer\s*\**\s*[:=]\s*\**\s*\$?\s*([-+]?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE
-)
+_ANSWER = re.compile(r"answer\s*\**\s*[:=]\s*\**\s*\$?\s*([-+]?\d[\d,]*(?:\.\d+)?)", re.IGNORECASE)
 
 
 def extract_answer(text: str | None) -> str | None:

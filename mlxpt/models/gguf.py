@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections import Counter
 from pathlib import Path
 
 from mlxpt.errors import ModelError
@@ -29,6 +30,9 @@ _NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_GGUF_BLOCK = 32  # the block (group) size of every type mx.load keeps quantised
+# Bumped when the converted folder changes, so that caches made by an older converter are redone.
+FORMAT_VERSION = 2
 # llama.cpp pre-tokenizer names -> (split digits individually?)
 _PRE_DIGITS = {"smollm": True, "default": False, "gpt2": False, "llama-bpe": False}
 
@@ -70,7 +74,11 @@ def _tokenizer_files(meta, out: Path) -> None:
 
     model = _scalar(meta, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ModelError("E204", f"GGUF tokenizer model {model!r} is not supported", hint="use a BPE (gpt2-style) model or an HF folder")
+        raise ModelError(
+            "E204",
+            f"GGUF tokenizer model {model!r} is not supported",
+            hint="use a BPE (gpt2-style) model or an HF folder",
+        )
     tokens = list(meta["tokenizer.ggml.tokens"])
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]  # absent when empty
     types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
@@ -78,7 +86,9 @@ def _tokenizer_files(meta, out: Path) -> None:
     try:
         tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
     except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocab
-        raise ModelError("E204", f"cannot rebuild the GGUF tokenizer: {e}", hint="the file's vocabulary is inconsistent") from None
+        raise ModelError(
+            "E204", f"cannot rebuild the GGUF tokenizer: {e}", hint="the file's vocabulary is inconsistent"
+        ) from None
     pre = _scalar(meta, "tokenizer.ggml.pre", "default")
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     if _PRE_DIGITS.get(pre, False):
@@ -125,12 +135,23 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
     try:
         weights, meta = mx.load(str(gguf_path), return_metadata=True)
     except Exception as e:  # mlx raises ValueError/RuntimeError with its own text
-        raise ModelError("E205", f"cannot read GGUF file: {e}", str(gguf_path), "check the file is a complete GGUF") from None
+        raise ModelError(
+            "E205", f"cannot read GGUF file: {e}", str(gguf_path), "check the file is a complete GGUF"
+        ) from None
     arch = _scalar(meta, "general.architecture")
     if arch != "llama":
-        raise ModelError("E206", f"GGUF architecture {arch!r} is not supported", str(gguf_path), "convert it with mlx_lm.convert from the HF folder")
+        raise ModelError(
+            "E206",
+            f"GGUF architecture {arch!r} is not supported",
+            str(gguf_path),
+            "convert it with mlx_lm.convert from the HF folder",
+        )
     a = f"{arch}."
-    missing = [k for k in ("attention.head_count", "embedding_length", "feed_forward_length", "block_count") if a + k not in meta]
+    missing = [
+        k
+        for k in ("attention.head_count", "embedding_length", "feed_forward_length", "block_count")
+        if a + k not in meta
+    ]
     if missing or "token_embd.weight" not in weights:
         what = a + missing[0] if missing else "tensor token_embd.weight"
         raise ModelError("E217", f"incomplete GGUF: no {what}", str(gguf_path), "re-export the file with llama.cpp")
@@ -168,12 +189,17 @@ def convert_gguf(gguf_path: str | os.PathLike, out_dir: str | os.PathLike) -> Pa
             quantized.add(hf.rsplit(".", 1)[0])
         out[hf] = w
     if quantized:
-        # bits and group size from the embedding: packed columns * 32 / bits == hidden
-        sample = "model.embed_tokens" if "model.embed_tokens" in quantized else "model.layers.0.self_attn.q_proj"
-        in_dim = hidden
-        bits = (out[sample + ".weight"].shape[-1] * 32) // in_dim
-        group_size = in_dim // out[sample + ".scales"].shape[-1]
+        # Q4_0/Q4_1/Q8_0 all use blocks of 32; bits = packed uint32 columns * 32 / (groups * 32).
+        # Files mix types (SmolLM2's Q4_1 file has a Q8_0 token_embd): the most common type is the
+        # default and the others are listed per layer, as mlx-lm writes mixed quantisation.
+        per_layer = {
+            p: (_GGUF_BLOCK, out[p + ".weight"].shape[-1] // out[p + ".scales"].shape[-1]) for p in sorted(quantized)
+        }
+        group_size, bits = Counter(per_layer.values()).most_common(1)[0][0]
         config["quantization"] = {"group_size": group_size, "bits": bits, "mode": "affine"}
+        for p, (g, b) in per_layer.items():
+            if (g, b) != (group_size, bits):
+                config["quantization"][p] = {"group_size": g, "bits": b, "mode": "affine"}
     tmp = out_dir.with_name(f".tmp-{out_dir.name}-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -43,10 +43,11 @@ def _bundled_gguf(alias: str) -> Path:
 
 
 def _converted(gguf: Path, name: str | None = None) -> Path:
-    from mlxpt.models.gguf import convert_gguf
+    from mlxpt.models.gguf import FORMAT_VERSION, convert_gguf
 
     st = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    key = f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}:v{FORMAT_VERSION}"
+    key = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = home() / "models" / f"{name or gguf.stem}-{key}"
     if not (out / "config.json").exists():
         convert_gguf(gguf, out)
@@ -65,9 +66,7 @@ def _download(repo: str) -> Path:
         raise ModelError("E208", "huggingface-hub is not installed", repo, "pip install huggingface-hub") from None
     try:
         return Path(
-            snapshot_download(
-                repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-            )
+            snapshot_download(repo, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"])
         )
     except Exception as e:  # offline, unknown repo, gated...
         raise ModelError(
@@ -106,7 +105,9 @@ def check_folder(path: Path, trust_remote_code: bool = False) -> dict:
     try:
         config = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ModelError("E214", f"config.json is not valid JSON: {e}", str(cfg_path), "fix or re-download the model") from None
+        raise ModelError(
+            "E214", f"config.json is not valid JSON: {e}", str(cfg_path), "fix or re-download the model"
+        ) from None
     if not isinstance(config, dict):
         raise ModelError("E214", "config.json is not a JSON object", str(cfg_path), "fix or re-download the model")
     if not trust_remote_code and (config.get("auto_map") or config.get("model_file")):
@@ -175,7 +176,9 @@ def load(ref: str, adapter: str | None = None, quantize: str | None = "auto", tr
     try:
         model, config = load_model(path, trust_remote_code=trust_remote_code)
     except (ValueError, KeyError, FileNotFoundError) as e:
-        raise ModelError("E216", f"mlx-lm cannot load this model: {e}", str(path), "check the architecture is supported by mlx-lm") from None
+        raise ModelError(
+            "E216", f"mlx-lm cannot load this model: {e}", str(path), "check the architecture is supported by mlx-lm"
+        ) from None
     stored_bits = (config.get("quantization") or {}).get("bits")
     q = "auto" if quantize is None else str(quantize)
     if q == "auto":

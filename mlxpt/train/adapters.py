@@ -27,7 +27,9 @@ def _layer_keys(model, targets: str) -> list[str] | None:
         hits = [n for n in names if n == w or n.endswith("." + w)]
         if not hits:
             short = sorted({n.rsplit(".", 1)[-1] for n in names})
-            raise ConfigError("E509", f"no linear layer named {w!r} in the model", "targets", f"choose from {', '.join(short)}")
+            raise ConfigError(
+                "E509", f"no linear layer named {w!r} in the model", "targets", f"choose from {', '.join(short)}"
+            )
         keys += hits
     return sorted(set(keys))
 
@@ -90,9 +92,14 @@ def find_adapter(path: str | Path) -> Path:
     pickles = [q.name for q in p.iterdir() if q.suffix in (".npz", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")]
     if pickles:
         raise SecurityError(
-            "E503", f"refusing non-safetensors adapter file {pickles[0]} (pickle can run code)", str(p), "use adapters.safetensors"
+            "E503",
+            f"refusing non-safetensors adapter file {pickles[0]} (pickle can run code)",
+            str(p),
+            "use adapters.safetensors",
         )
-    raise ModelError("E221", f"no {ADAPTER_FILE} + {CONFIG_FILE} in this folder", str(p), "train a run first, or pass its folder")
+    raise ModelError(
+        "E221", f"no {ADAPTER_FILE} + {CONFIG_FILE} in this folder", str(p), "train a run first, or pass its folder"
+    )
 
 
 def read_adapter_config(folder: Path) -> dict:
@@ -101,7 +108,9 @@ def read_adapter_config(folder: Path) -> dict:
         if cfg.get("fine_tune_type", "lora") not in ("lora", "dora", "full") or "num_layers" not in cfg:
             raise ValueError("missing fine_tune_type/num_layers")
     except (ValueError, OSError) as e:
-        raise ModelError("E222", f"invalid {CONFIG_FILE}: {e}", str(folder / CONFIG_FILE), "re-save the adapter") from None
+        raise ModelError(
+            "E222", f"invalid {CONFIG_FILE}: {e}", str(folder / CONFIG_FILE), "re-save the adapter"
+        ) from None
     return cfg
 
 
@@ -115,5 +124,7 @@ def load_adapter(model, path: str | Path) -> dict:
         load_adapters(model, str(folder))
     except (ValueError, KeyError) as e:
         first = str(e).splitlines()[0]
-        raise ModelError("E223", f"adapter does not fit this model: {first}", str(folder), "load it with the model it was trained on") from None
+        raise ModelError(
+            "E223", f"adapter does not fit this model: {first}", str(folder), "load it with the model it was trained on"
+        ) from None
     return cfg

@@ -97,6 +97,9 @@ def train_loop(
     """Train until `cfg.steps`; return "finished" or "interrupted". Raises NumericsError (exit 4)."""
     lengths = [len(e.tokens) for e in train]
     batches = iter_batches(lengths, batch_size, cfg.seed, state.epoch, state.batch_index)
+    if state.step == 0 and valid and cfg.eval_every > 0:
+        # the baseline (adapters start as a no-op) so a run shows how far validation moved
+        emit({"event": "eval", "step": 0, "val_loss": validate(backend, valid, batch_size, pad_id, cfg.eval_batches)})
     while state.step < cfg.steps:
         t0 = time.perf_counter()
         start_pos = (state.epoch, state.batch_index)

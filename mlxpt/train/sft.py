@@ -111,7 +111,9 @@ def run_sft(
 
     def checkpoint(st: LoopState) -> None:
         arrays = backend.get_state()
-        path = save_checkpoint(run_dir, st.step, arrays, {"loop": st.to_dict(), "adapter_config": adapter_config}, keep=cfg.train.keep)
+        path = save_checkpoint(
+            run_dir, st.step, arrays, {"loop": st.to_dict(), "adapter_config": adapter_config}, keep=cfg.train.keep
+        )
         save_adapter(run_dir, model, adapter_config)
         write_status(run_dir, "running", step=st.step, steps=cfg.train.steps)
         emit({"event": "checkpoint", "step": st.step, "path": str(path)})
@@ -135,8 +137,16 @@ def run_sft(
     try:
         with graceful_signals() as flag:
             outcome = train_loop(
-                backend, train, valid, cfg.train, cfg.data.batch_size, _pad_id(tokenizer), state,
-                emit_and_log, checkpoint, stop=stop or flag,
+                backend,
+                train,
+                valid,
+                cfg.train,
+                cfg.data.batch_size,
+                _pad_id(tokenizer),
+                state,
+                emit_and_log,
+                checkpoint,
+                stop=stop or flag,
             )
     except MlxptError as e:
         write_status(run_dir, "failed", step=state.step, error=e.line())
@@ -146,7 +156,15 @@ def run_sft(
         raise
     status = "finished" if outcome == "finished" else "interrupted"
     write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss)
-    emit({"event": "done", "status": status, "run_dir": str(run_dir), "step": state.step, "best_val_loss": state.best_val_loss})
+    emit(
+        {
+            "event": "done",
+            "status": status,
+            "run_dir": str(run_dir),
+            "step": state.step,
+            "best_val_loss": state.best_val_loss,
+        }
+    )
     return run_dir, outcome
 
 

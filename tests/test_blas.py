@@ -1,0 +1,54 @@
+"""The automatic OpenBLAS swap for the Linux mlx[cpu] wheel: on by default, off on request, correct."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PROBE = (
+    "from mlxpt import _blas\n"
+    "status = _blas.activate()\n"
+    "import numpy as np, mlx.core as mx\n"
+    "rng = np.random.default_rng(0)\n"
+    "a = rng.standard_normal((300, 200), dtype=np.float32); b = rng.standard_normal((200, 100), dtype=np.float32)\n"
+    "err = float(np.abs(np.array(mx.array(a) @ mx.array(b)) - a.astype(np.float64) @ b).max())\n"
+    "print(status); print(err)\n"
+)
+
+
+def probe(env: dict) -> tuple[str, float]:
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}, check=True
+    )
+    status, err = out.stdout.strip().splitlines()
+    return status, float(err)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the swap only happens on Linux")
+def test_openblas_is_active_by_default_and_correct(tmp_path):
+    status, err = probe({"MLXPT_HOME": str(tmp_path)})
+    assert status.startswith("openblas"), status
+    assert err < 1e-3
+
+
+def test_opt_out_keeps_the_reference_blas(tmp_path):
+    status, err = probe({"MLXPT_BLAS": "off", "MLXPT_HOME": str(tmp_path)})
+    assert "reference" in status or "Accelerate" in status
+    assert err < 1e-3
+
+
+def test_too_late_is_reported_not_hidden(tmp_path):
+    code = "import mlx.core\nfrom mlxpt import _blas\nprint(_blas.activate())"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    if sys.platform.startswith("linux"):
+        assert "imported before" in out.stdout
+
+
+def test_version_names_the_blas():
+    out = subprocess.run([sys.executable, "-m", "mlxpt.cli", "--version"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0 and "BLAS:" in out.stdout

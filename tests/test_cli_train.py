@@ -1,0 +1,148 @@
+"""`mlxpt train` as a user runs it: errors, YAML, events, Ctrl-C and resume (tiny model)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import tiny
+
+from mlxpt.cli import main
+from mlxpt.data import synth
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def mlxpt(*args, env=None, **kw):
+    return subprocess.run(
+        [sys.executable, "-m", "mlxpt.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        **kw,
+    )
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return tiny.make_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    for name, n, seed in (("train", 16, 1), ("valid", 4, 2)):
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synth.make_split(n, seed)))
+    return d
+
+
+def test_help_imports_neither_mlx_nor_textual():
+    code = (
+        "import sys, contextlib, io\n"
+        "from mlxpt.cli import main\n"
+        "for argv in (['--help'], ['train', '--help'], ['data', '--help']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('mlx', 'textual', 'mlx_lm', 'transformers')))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_bad_data_fails_before_the_model_is_touched(tmp_path, capsys):
+    bad = tmp_path / "train.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n{"text": 5}\n')
+    code = main(["train", "--model", str(tmp_path / "no-such-model"), "--data", str(bad), "--runs-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    assert err and all(line.startswith("error E1") for line in err), err
+    assert f"{bad}:1" in err[0] and "Traceback" not in "\n".join(err)
+    assert not list(tmp_path.glob("2*")), "no run folder for rejected data"
+
+
+@pytest.mark.parametrize(
+    "args,code,fragment",
+    [
+        (["--steps", "0"], "E505", "steps=0"),
+        (["--steps", "ten"], "E502", "steps='ten'"),
+        (["--learning-rate", "-1"], "E505", "learning_rate"),
+        (["--targets", "nope_proj"], "E509", "nope_proj"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(args, code, fragment, tiny_dir, data_dir, tmp_path, capsys):
+    rc = main(["train", "--model", str(tiny_dir), "--data", str(data_dir), "--runs-dir", str(tmp_path), *args])
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1
+    assert err.startswith(f"error {code}") and fragment in err
+
+
+def test_bad_choice_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--optimizer", "lion"])
+    assert e.value.code == 2
+
+
+def test_yaml_config_and_cli_precedence(tiny_dir, data_dir, tmp_path, capsys):
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model: {tiny_dir}\ndata: {data_dir}\ntrain:\n  steps: 2\n  learning_rate: 0.001\nrank: 4\n")
+    rc = main(["train", "--config", str(cfg), "--steps", "3", "--runs-dir", str(tmp_path / "runs"), "--events", "json"])
+    assert rc == 0
+    events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert events[0]["event"] == "start" and events[-1]["event"] == "done"
+    saved = json.loads((Path(events[-1]["run_dir"]) / "config.json").read_text())
+    assert saved["train"]["steps"] == 3 and saved["train"]["learning_rate"] == 0.001
+    assert saved["adapter"]["rank"] == 4
+
+
+@pytest.mark.parametrize(
+    "text,code",
+    [("steps: [1, 2\n", "E507"), ("stepz: 3\n", "E504"), ("- 1\n- 2\n", "E508"), ("steps: 2.5\n", "E502")],
+)
+def test_bad_yaml(text, code, tmp_path, capsys):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    assert main(["train", "--config", str(cfg)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error {code}") and str(cfg) in err and len(err.splitlines()) == 1
+
+
+def test_ctrl_c_checkpoints_exits_130_and_resume_finishes(tiny_dir, data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    args = ["train", "--model", str(tiny_dir), "--data", str(data_dir), "--runs-dir", str(runs)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxpt.cli", *args, "--steps", "100000", "--save-every", "3", "--events", "json"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if json.loads(line)["event"] == "checkpoint":
+                break
+        proc.send_signal(signal.SIGINT)
+        t0 = time.time()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert time.time() - t0 < 30
+    assert "Resume with: mlxpt train --resume" in err
+    run_dir = next(runs.iterdir())
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "interrupted"
+    step = status["step"]
+    # resume: changing the model is refused, extending steps is allowed
+    bad = mlxpt("train", "--resume", str(run_dir), "--batch-size", "2")
+    assert bad.returncode == 1 and bad.stderr.startswith("error E510")
+    done = mlxpt("train", "--resume", str(run_dir), "--steps", str(step + 2))
+    assert done.returncode == 0, done.stderr
+    assert f"resuming at step {step}" in done.stdout
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
