@@ -102,7 +102,13 @@ def add_merges(folder: Path) -> None:
 
 
 def write_gguf(
-    folder: Path, out: Path, qtype=Q.F32, embed_qtype=None, arch: str = "llama", pre: str = "gpt2", tok_model: str = "gpt2"
+    folder: Path,
+    out: Path,
+    qtype=Q.F32,
+    embed_qtype=None,
+    arch: str = "llama",
+    pre: str = "gpt2",
+    tok_model: str = "gpt2",
 ) -> Path:
     """Export an HF Llama folder as llama.cpp would: 2-D weights in `qtype`, norms in F32."""
     cfg = json.loads((folder / "config.json").read_text())
@@ -241,7 +247,9 @@ def test_quantised_gguf_is_kept_without_float_round_trip(src, tmp_path, qtype, e
             layer = layers[mod]
             assert isinstance(layer, (nn.QuantizedLinear, nn.QuantizedEmbedding)), name
             assert params[mod + ".scales"].dtype == mx.float32  # activations stay float32
-            deq = mx.dequantize(params[name], params[mod + ".scales"], params[mod + ".biases"], layer.group_size, layer.bits)
+            deq = mx.dequantize(
+                params[name], params[mod + ".scales"], params[mod + ".biases"], layer.group_size, layer.bits
+            )
             np.testing.assert_array_equal(np.array(deq), want, err_msg=name)  # bit-exact
             n_quant += 1
         else:

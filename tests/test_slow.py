@@ -76,7 +76,9 @@ def test_conversion_is_exact(folder, float_model):
 
 def test_france(float_model):
     model, tok = float_model
-    prompt = tok.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False)
+    prompt = tok.apply_chat_template(
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True, tokenize=False
+    )
     answer = mlx_lm.generate(model, tok, prompt=prompt, max_tokens=30)  # greedy (temperature 0)
     assert "Paris" in answer, answer
 

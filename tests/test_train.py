@@ -254,3 +254,34 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_dir, data_dir, tmp_path, mo
     arrays, state = load_checkpoint(latest_checkpoint(next((tmp_path / "runs").iterdir())))
     assert state["loop"]["bad_total"] == 4
     assert all(np.isfinite(v).all() for v in arrays["adapters"].values())
+
+
+def test_memory_estimate_refuses_what_cannot_fit(tiny_dir, data_dir, tmp_path, monkeypatch):
+    from mlxpt.errors import ResourceError
+    from mlxpt.train import memory
+    from mlxpt.train.sft import run_sft
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10_000)  # a 10 kB machine
+    with pytest.raises(ResourceError) as e:
+        run_sft(make_cfg(tiny_dir, data_dir, tmp_path))
+    assert e.value.exit_code == 3 and "exceeds" in e.value.line() and "--batch-size" in e.value.line()
+    assert not (tmp_path / "runs").exists(), "refused before a run folder is made"
+
+
+def test_low_memory_during_training_checkpoints_and_stops(tiny_dir, data_dir, tmp_path, monkeypatch):
+    from mlxpt.errors import ResourceError
+    from mlxpt.runs import latest_checkpoint
+    from mlxpt.train import loop
+    from mlxpt.train.sft import run_sft
+
+    calls = {"n": 0}
+
+    def low():
+        calls["n"] += 1
+        return calls["n"] >= 3
+
+    monkeypatch.setattr(loop, "low_memory", low)
+    with pytest.raises(ResourceError) as e:
+        run_sft(make_cfg(tiny_dir, data_dir, tmp_path, steps=10))
+    assert e.value.exit_code == 3 and e.value.code == "E311"
+    assert latest_checkpoint(next((tmp_path / "runs").iterdir())).name == "step-00000003"

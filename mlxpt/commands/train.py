@@ -75,8 +75,9 @@ def _printer(mode: str, steps: int):
             print(f"{verb}: {e['run_dir']}")
             print(
                 f"  model {e['model']}  trainable {e['trainable_params'] / 1e6:.2f}M of {e['total_params'] / 1e6:.1f}M params"
-                f"  train {e['train_rows']} rows, valid {e['valid_rows']}  BLAS {e['blas']}"
+                f"  train {e['train_rows']} rows, valid {e['valid_rows']}"
             )
+            print(f"  memory estimate {e['memory_estimate_mb']:.0f} MB  BLAS {e['blas']}")
         elif kind == "step" and (e["step"] % every == 0 or e["step"] in (1, steps) or e["skipped"]):
             if e["skipped"]:
                 print(f"step {e['step']:>5}/{steps}  non-finite loss or gradient: update skipped")

@@ -19,7 +19,8 @@ from mlxpt.backends.base import TrainBackend
 from mlxpt.config import TrainConfig
 from mlxpt.data.batching import batch_plan, collate
 from mlxpt.data.encode import Example
-from mlxpt.errors import NumericsError
+from mlxpt.errors import NumericsError, ResourceError
+from mlxpt.train.memory import low_memory
 
 
 @dataclass
@@ -158,6 +159,14 @@ def train_loop(
                 f"{state.bad_in_row} non-finite steps in a row (loss {loss}, grad norm {gnorm})",
                 f"step {state.step}",
                 "lower the learning rate or check the data; the last finite state is saved",
+            )
+        if low_memory():
+            checkpoint(state)
+            raise ResourceError(
+                "E311",
+                "the machine is about to swap (under 3% of memory available)",
+                f"step {state.step}",
+                "a checkpoint is saved; close other programs or lower --batch-size, then resume",
             )
         do_eval = valid and cfg.eval_every > 0 and state.step % cfg.eval_every == 0
         if do_eval or (valid and state.step == cfg.steps):

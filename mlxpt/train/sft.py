@@ -70,10 +70,13 @@ def run_sft(
     from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer, sft_loss
     from mlxpt.train.adapters import apply_adapters, save_adapter
     from mlxpt.train.loop import LoopState, train_loop
+    from mlxpt.train.memory import check_fits
 
     t_load = time.perf_counter()
     model, tokenizer = load(cfg.model.model, quantize=cfg.model.quantize, trust_remote_code=cfg.model.trust_remote_code)
     adapter_config = apply_adapters(model, cfg.adapter, seed=cfg.train.seed)
+    longest = max(len(e.tokens) for e in train + valid)
+    memory = check_fits(model, cfg.data.batch_size, min(longest, cfg.data.max_seq_len))
     backend = MLXBackend(model, make_optimizer(cfg.train.optimizer, cfg.train.weight_decay), sft_loss)
     state = LoopState()
     if resume_dir is not None:
@@ -131,6 +134,7 @@ def run_sft(
             "total_params": int(n_total),
             "load_time_s": time.perf_counter() - t_load,
             "blas": _blas.status(),
+            "memory_estimate_mb": memory["total"] / 1e6,
             "data": data_report,
         }
     )

@@ -1,0 +1,84 @@
+"""Memory: an estimate of peak training memory before the first step, and a guard during it.
+
+The estimate counts weights, the trainable parameters' gradients and Adam moments, and the
+activations autodiff keeps for the backward pass (per layer: projections, MLP, attention scores)
+plus the float32 logits and their gradient. It is deliberately coarse (within ~1.5x of measured
+peaks here) and errs high; its job is to refuse the hopeless configuration with numbers and a
+suggestion instead of driving a laptop into swap.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+from mlxpt.errors import ResourceError
+
+
+def estimate_bytes(model, batch_size: int, seq_len: int) -> dict:
+    from mlx.utils import tree_flatten
+
+    weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
+    train = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
+    args = getattr(model, "args", None)
+    hidden = getattr(args, "hidden_size", 1024)
+    inter = getattr(args, "intermediate_size", 4 * hidden)
+    layers = len(model.layers)
+    heads = getattr(args, "num_attention_heads", 8)
+    vocab = getattr(args, "vocab_size", 32000)
+    tokens = batch_size * seq_len
+    per_layer = tokens * (14 * hidden + 4 * inter) * 4 + batch_size * heads * seq_len * seq_len * 4 * 2
+    logits = tokens * vocab * 4 * 3
+    acts = layers * per_layer + logits
+    return {"weights": weights, "optimizer": 3 * train, "activations": acts, "total": weights + 3 * train + acts}
+
+
+def available_bytes() -> int | None:
+    """Memory the process may still use: Metal's working set on a Mac, MemAvailable on Linux."""
+    try:
+        import mlx.core as mx
+
+        if mx.metal.is_available():
+            info = mx.metal.device_info()
+            return int(info.get("max_recommended_working_set_size", 0)) or None
+    except Exception:  # noqa: BLE001 - any failure here just means "unknown"
+        pass
+    if sys.platform.startswith("linux"):
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def check_fits(model, batch_size: int, seq_len: int) -> dict:
+    """Raise ResourceError (exit 3) when the estimate exceeds what is available."""
+    est = estimate_bytes(model, batch_size, seq_len)
+    avail = available_bytes()
+    est["available"] = avail
+    if avail and est["total"] > avail and not os.environ.get("MLXPT_SKIP_MEMORY_CHECK"):
+        gb = 1e9
+        raise ResourceError(
+            "E310",
+            f"estimated peak memory {est['total'] / gb:.1f} GB (weights {est['weights'] / gb:.1f}, "
+            f"activations {est['activations'] / gb:.1f}) exceeds the {avail / gb:.1f} GB available",
+            f"batch {batch_size} x {seq_len} tokens",
+            "lower --batch-size (use --grad-accum to keep the effective batch), --max-seq-len, or use --quantize 4; "
+            "MLXPT_SKIP_MEMORY_CHECK=1 overrides",
+        )
+    return est
+
+
+def low_memory(margin: float = 0.03) -> bool:
+    """True when the machine is about to swap (less than `margin` of RAM available, Linux)."""
+    avail = available_bytes()
+    if avail is None or not sys.platform.startswith("linux"):
+        return False
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return False
+    return avail < margin * total
