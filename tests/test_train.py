@@ -133,7 +133,7 @@ def test_loss_on_one_repeated_batch_falls(tiny_dir, data_dir, tmp_path):
     losses = []
     for _ in range(15):
         backend.accumulate(batch)
-        loss, ntok, _ = backend.reduce()
+        loss, ntok, _, _ = backend.reduce()
         backend.apply(3e-3, 1.0)
         losses.append(loss / ntok)
     assert losses[-1] < 0.7 * losses[0], losses
@@ -159,7 +159,7 @@ def test_accumulation_equals_one_big_batch(tiny_dir, data_dir, tmp_path):
                 backend.accumulate(collate(ex[2:4], 0, pad_to=None))
             else:
                 backend.accumulate(collate(ex[:4], 0, pad_to=None))
-            loss, ntok, norm = backend.reduce()
+            loss, ntok, norm, _ = backend.reduce()
             backend.apply(1e-2, 0.0)
         results.append(({k: np.array(v) for k, v in trainable(model).items()}, loss / ntok, norm))
     (a, la, na), (b, lb, nb) = results
@@ -240,8 +240,8 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_dir, data_dir, tmp_path, mo
 
     def faulty(self):
         calls["n"] += 1
-        loss, ntok, norm = real_reduce(self)
-        return (loss, ntok, float("nan")) if calls["n"] in (2, 4, 5, 6) else (loss, ntok, norm)
+        loss, ntok, norm, aux = real_reduce(self)
+        return (loss, ntok, float("nan"), aux) if calls["n"] in (2, 4, 5, 6) else (loss, ntok, norm, aux)
 
     monkeypatch.setattr(MLXBackend, "reduce", faulty)
     cfg = make_cfg(tiny_dir, data_dir, tmp_path, steps=10, max_bad_steps=3)

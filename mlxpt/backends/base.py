@@ -1,8 +1,9 @@
 """The backend protocol the training loop is written against.
 
 A backend owns the model, its trainable parameters and the optimiser. The loop hands it
-micro-batches as NumPy arrays `(inputs, targets, mask)`; losses are token *sums* so that
-gradient accumulation over micro-batches equals one large batch exactly.
+micro-batches as NumPy arrays `(inputs, targets, *rest)`; the backend computes per-token
+log-probs of `targets` and hands them with `rest` to the objective (train/objectives.py). Losses
+are *sums* so that gradient accumulation over micro-batches equals one large batch exactly.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from typing import Protocol
 
 import numpy as np
 
-Batch = tuple[np.ndarray, np.ndarray, np.ndarray]
+Batch = tuple[np.ndarray, ...]  # (inputs, targets, *objective arrays), e.g. (inputs, targets, mask)
 
 
 class TrainBackend(Protocol):
@@ -20,8 +21,8 @@ class TrainBackend(Protocol):
     def accumulate(self, batch: Batch) -> None:
         """Add the gradient of this micro-batch's summed loss (may stay lazy)."""
 
-    def reduce(self) -> tuple[float, float, float]:
-        """Evaluate the accumulated window: (loss sum, trained tokens, grad norm of the mean)."""
+    def reduce(self) -> tuple[float, float, float, dict]:
+        """Evaluate the accumulated window: (loss sum, weight, grad norm of the mean, metric sums)."""
 
     def apply(self, lr: float, clip: float) -> None:
         """Clip and apply the mean gradient with learning rate `lr`, then clear the window."""
@@ -30,8 +31,8 @@ class TrainBackend(Protocol):
         """Drop the accumulated window without updating; `rewind` also restores the RNG to the
         window start (an interrupted window is replayed exactly on resume)."""
 
-    def evaluate(self, batch: Batch) -> tuple[float, float]:
-        """(loss sum, trained tokens) without gradients."""
+    def evaluate(self, batch: Batch) -> tuple[float, float, dict]:
+        """(loss sum, weight, metric sums) without gradients."""
 
     def get_state(self) -> dict[str, dict[str, np.ndarray]]:
         """Everything exact resume needs as arrays: adapters, optimiser, RNG."""

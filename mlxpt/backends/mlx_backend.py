@@ -16,12 +16,13 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
+from mlxpt.train.objectives import sft_objective  # noqa: E402
 
-def sft_loss(model, inputs, targets, mask):
-    """Summed token cross-entropy over trained positions, in float32; and the token count."""
+
+def token_logp(model, inputs, targets):
+    """(B, L) float32 log-probability of each target token."""
     logits = model(inputs).astype(mx.float32)
-    ce = nn.losses.cross_entropy(logits, targets, reduction="none")
-    return (ce * mask).sum(), mask.sum()
+    return -nn.losses.cross_entropy(logits, targets, reduction="none")
 
 
 def make_optimizer(name: str, weight_decay: float = 0.0):
@@ -39,20 +40,25 @@ def _to_numpy(tree) -> dict[str, np.ndarray]:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, model, optimizer, loss_fn=sft_loss, compile: bool = True):
-        self.model, self.optimizer, self.loss_fn = model, optimizer, loss_fn
+    def __init__(self, model, optimizer, objective=sft_objective, compile: bool = True):
+        """`objective(logp, *batch[2:]) -> (loss_sum, weight, aux)`; see train/objectives.py."""
+        self.model, self.optimizer, self.objective = model, optimizer, objective
         optimizer.init(model.trainable_parameters())
         self._grads = None
-        self._loss = self._ntok = None
+        self._loss = self._ntok = self._aux = None
         self._build(compile)
+
+    def loss_fn(self, model, inputs, targets, *rest):
+        loss, weight, aux = self.objective(token_logp(model, inputs, targets), *rest)
+        return loss, weight, aux
 
     def _build(self, compile: bool) -> None:
         model, opt = self.model, self.optimizer
         value_and_grad = nn.value_and_grad(model, self.loss_fn)
 
-        def grad_step(inputs, targets, mask):
-            (loss, ntok), grads = value_and_grad(model, inputs, targets, mask)
-            return loss, ntok, grads
+        def grad_step(*batch):
+            (loss, ntok, aux), grads = value_and_grad(model, *batch)
+            return loss, ntok, aux, grads
 
         def make_update(clip: float):
             def update(grads, scale):
@@ -64,8 +70,8 @@ class MLXBackend:
             ustate = [model.state, opt.state]
             return partial(mx.compile, inputs=ustate, outputs=ustate)(update) if compile else update
 
-        def loss_only(inputs, targets, mask):
-            return self.loss_fn(model, inputs, targets, mask)
+        def loss_only(*batch):
+            return self.loss_fn(model, *batch)
 
         if compile:
             state = [model.state, mx.random.state]
@@ -78,19 +84,20 @@ class MLXBackend:
         if self._grads is None:  # window start: remember the RNG so an abandoned window can rewind
             self._rng_at_start = mx.array(mx.random.state[0])
         self.model.train()
-        loss, ntok, grads = self._grad_step(*(mx.array(a) for a in batch))
+        loss, ntok, aux, grads = self._grad_step(*(mx.array(a) for a in batch))
         if self._grads is None:
-            self._grads, self._loss, self._ntok = grads, loss, ntok
+            self._grads, self._loss, self._ntok, self._aux = grads, loss, ntok, aux
         else:
             self._grads = tree_map(mx.add, self._grads, grads)
             self._loss, self._ntok = self._loss + loss, self._ntok + ntok
+            self._aux = {k: self._aux[k] + v for k, v in aux.items()}
 
-    def reduce(self) -> tuple[float, float, float]:
+    def reduce(self) -> tuple[float, float, float, dict]:
         ntok = mx.maximum(self._ntok, 1)
         sq = sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(self._grads))
         norm = mx.sqrt(sq) / ntok
-        mx.eval(self._grads, self._loss, self._ntok, norm)
-        return self._loss.item(), self._ntok.item(), norm.item()
+        mx.eval(self._grads, self._loss, self._ntok, norm, self._aux)
+        return self._loss.item(), self._ntok.item(), norm.item(), {k: v.item() for k, v in self._aux.items()}
 
     def apply(self, lr: float, clip: float) -> None:
         self.optimizer.learning_rate = mx.array(lr, dtype=mx.float32)
@@ -104,18 +111,18 @@ class MLXBackend:
     def discard(self, rewind: bool = False) -> None:
         if rewind and self._grads is not None:
             self._set_rng(self._rng_at_start)
-        self._grads = self._loss = self._ntok = None
+        self._grads = self._loss = self._ntok = self._aux = None
 
     @staticmethod
     def _set_rng(key) -> None:
         hi, lo = (int(x) for x in np.array(key).tolist())
         mx.random.seed((hi << 32) | lo)  # key(seed) == [seed >> 32, seed & 0xffffffff]
 
-    def evaluate(self, batch) -> tuple[float, float]:
+    def evaluate(self, batch) -> tuple[float, float, dict]:
         self.model.eval()
-        loss, ntok = self._loss_only(*(mx.array(a) for a in batch))
-        mx.eval(loss, ntok)
-        return loss.item(), ntok.item()
+        loss, ntok, aux = self._loss_only(*(mx.array(a) for a in batch))
+        mx.eval(loss, ntok, aux)
+        return loss.item(), ntok.item(), {k: v.item() for k, v in aux.items()}
 
     def get_state(self) -> dict[str, dict[str, np.ndarray]]:
         return {

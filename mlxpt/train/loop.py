@@ -17,10 +17,18 @@ from dataclasses import asdict, dataclass
 
 from mlxpt.backends.base import TrainBackend
 from mlxpt.config import TrainConfig
-from mlxpt.data.batching import batch_plan, collate
-from mlxpt.data.encode import Example
+from mlxpt.data.batching import batch_plan
 from mlxpt.errors import NumericsError, ResourceError
 from mlxpt.train.memory import low_memory
+
+
+@dataclass
+class Task:
+    """What a method gives the loop: how to batch its examples and measure them."""
+
+    collate: Callable[[list], tuple]  # examples -> (inputs, targets, *objective arrays)
+    length: Callable[[object], int]  # for length bucketing
+    tokens: Callable[[object], int]  # input tokens, for tokens/s
 
 
 @dataclass
@@ -71,36 +79,40 @@ def iter_batches(
         epoch, index = epoch + 1, 0
 
 
-def validate(backend: TrainBackend, examples: list[Example], batch_size: int, pad_id: int, max_batches: int) -> float:
-    """Mean token loss over the first `max_batches` of a fixed plan of the validation split."""
-    plan = batch_plan([len(e.tokens) for e in examples], batch_size, seed=0, epoch=0)
+def validate(backend: TrainBackend, examples: list, batch_size: int, task: Task, max_batches: int) -> dict:
+    """Mean loss (and metrics) over the first `max_batches` of a fixed plan of the validation split."""
+    plan = batch_plan([task.length(e) for e in examples], batch_size, seed=0, epoch=0)
     if max_batches >= 0:
         plan = plan[:max_batches]
-    total = ntok = 0.0
+    total = weight = 0.0
+    sums: dict[str, float] = {}
     for idx in plan:
-        loss, n = backend.evaluate(collate([examples[i] for i in idx], pad_id))
-        total, ntok = total + loss, ntok + n
-    return total / max(ntok, 1.0)
+        loss, n, aux = backend.evaluate(task.collate([examples[i] for i in idx]))
+        total, weight = total + loss, weight + n
+        for k, v in aux.items():
+            sums[k] = sums.get(k, 0.0) + v
+    w = max(weight, 1.0)
+    return {"val_loss": total / w, **{f"val_{k}": v / w for k, v in sums.items()}}
 
 
 def train_loop(
     backend: TrainBackend,
-    train: list[Example],
-    valid: list[Example],
+    train: list,
+    valid: list,
     cfg: TrainConfig,
     batch_size: int,
-    pad_id: int,
+    task: Task,
     state: LoopState,
     emit: Callable[[dict], None],
     checkpoint: Callable[[LoopState], None],
     stop=None,
 ) -> str:
     """Train until `cfg.steps`; return "finished" or "interrupted". Raises NumericsError (exit 4)."""
-    lengths = [len(e.tokens) for e in train]
+    lengths = [task.length(e) for e in train]
     batches = iter_batches(lengths, batch_size, cfg.seed, state.epoch, state.batch_index)
     if state.step == 0 and valid and cfg.eval_every > 0:
         # the baseline (adapters start as a no-op) so a run shows how far validation moved
-        emit({"event": "eval", "step": 0, "val_loss": validate(backend, valid, batch_size, pad_id, cfg.eval_batches)})
+        emit({"event": "eval", "step": 0, **validate(backend, valid, batch_size, task, cfg.eval_batches)})
     while state.step < cfg.steps:
         t0 = time.perf_counter()
         start_pos = (state.epoch, state.batch_index)
@@ -108,9 +120,8 @@ def train_loop(
         interrupted = False
         for _ in range(cfg.grad_accum):
             epoch, index, idx = next(batches)
-            batch = collate([train[i] for i in idx], pad_id)
-            backend.accumulate(batch)
-            tokens += sum(len(train[i].tokens) - 1 for i in idx)
+            backend.accumulate(task.collate([train[i] for i in idx]))
+            tokens += sum(task.tokens(train[i]) for i in idx)
             state.epoch, state.batch_index = (epoch, index + 1)
             if stop is not None and stop.requested:
                 interrupted = True
@@ -119,8 +130,9 @@ def train_loop(
             backend.discard(rewind=True)
             state.epoch, state.batch_index = start_pos
             break
-        loss_sum, ntok, gnorm = backend.reduce()
+        loss_sum, ntok, gnorm, aux = backend.reduce()
         loss = loss_sum / max(ntok, 1.0)
+        metrics = {k: v / max(ntok, 1.0) for k, v in aux.items()}
         lr = lr_at(state.step, cfg)
         finite = math.isfinite(loss) and math.isfinite(gnorm)
         if finite:
@@ -143,13 +155,14 @@ def train_loop(
                 "lr": lr,
                 "grad_norm": gnorm if finite else None,
                 "tokens": tokens,
-                "trained_tokens": int(ntok),
+                "trained_tokens": int(ntok),  # the objective's weight: tokens for SFT, pairs for DPO
                 "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                 "step_time_s": dt,
                 "peak_memory_mb": backend.peak_memory() / 1e6,
                 "epoch": state.epoch,
                 "skipped": not finite,
                 "bad_steps": state.bad_total,
+                **(metrics if finite else {}),
             }
         )
         if state.bad_in_row >= cfg.max_bad_steps:
@@ -170,10 +183,11 @@ def train_loop(
             )
         do_eval = valid and cfg.eval_every > 0 and state.step % cfg.eval_every == 0
         if do_eval or (valid and state.step == cfg.steps):
-            val = validate(backend, valid, batch_size, pad_id, cfg.eval_batches)
+            result = validate(backend, valid, batch_size, task, cfg.eval_batches)
+            val = result["val_loss"]
             if math.isfinite(val):
                 state.best_val_loss = val if state.best_val_loss is None else min(state.best_val_loss, val)
-            emit({"event": "eval", "step": state.step, "val_loss": val})
+            emit({"event": "eval", "step": state.step, **result})
         if state.step % cfg.save_every == 0 or state.step == cfg.steps:
             checkpoint(state)
         if stop is not None and stop.requested:

@@ -67,17 +67,18 @@ def run_sft(
         emit({"event": "warning", "message": "no validation split: validation loss is not reported"})
 
     from mlxpt import _blas
-    from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer, sft_loss
+    from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer
     from mlxpt.train.adapters import apply_adapters, save_adapter
     from mlxpt.train.loop import LoopState, train_loop
     from mlxpt.train.memory import check_fits
+    from mlxpt.train.objectives import sft_objective
 
     t_load = time.perf_counter()
     model, tokenizer = load(cfg.model.model, quantize=cfg.model.quantize, trust_remote_code=cfg.model.trust_remote_code)
     adapter_config = apply_adapters(model, cfg.adapter, seed=cfg.train.seed)
     longest = max(len(e.tokens) for e in train + valid)
     memory = check_fits(model, cfg.data.batch_size, min(longest, cfg.data.max_seq_len))
-    backend = MLXBackend(model, make_optimizer(cfg.train.optimizer, cfg.train.weight_decay), sft_loss)
+    backend = MLXBackend(model, make_optimizer(cfg.train.optimizer, cfg.train.weight_decay), sft_objective)
     state = LoopState()
     if resume_dir is not None:
         run_dir = Path(resume_dir)
@@ -146,7 +147,7 @@ def run_sft(
                 valid,
                 cfg.train,
                 cfg.data.batch_size,
-                _pad_id(tokenizer),
+                sft_task(_pad_id(tokenizer)),
                 state,
                 emit_and_log,
                 checkpoint,
@@ -170,6 +171,17 @@ def run_sft(
         }
     )
     return run_dir, outcome
+
+
+def sft_task(pad_id: int):
+    from functools import partial
+
+    from mlxpt.data.batching import collate
+    from mlxpt.train.loop import Task
+
+    return Task(
+        collate=partial(collate, pad_id=pad_id), length=lambda e: len(e.tokens), tokens=lambda e: len(e.tokens) - 1
+    )
 
 
 def _pad_id(tokenizer) -> int:
