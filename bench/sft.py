@@ -182,6 +182,7 @@ def commands(setting: str, tool: str, a, f32: Path, tmp: Path, tag: str) -> tupl
     env = dict(os.environ)
     env.pop("MLXPT_BLAS", None)
     env["PYTHONUNBUFFERED"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])  # this mlxpt
     steps = a.steps if setting == "same-blas" else a.oob_steps
     if tool == "mlx-lm":
         cfg = tmp / "lora.yaml"
@@ -228,7 +229,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=12, help="steps per same-blas run")
-    ap.add_argument("--oob-steps", type=int, default=4, help="steps per out-of-box run (reference BLAS is slow)")
+    ap.add_argument("--oob-steps", type=int, default=2, help="steps per out-of-box run (reference BLAS is slow)")
     ap.add_argument("--warmup", type=int, default=2, help="leading steps left out of throughput")
     ap.add_argument("--oob-warmup", type=int, default=1, help="leading steps left out in out-of-box runs")
     ap.add_argument("--only", choices=["same-blas", "out-of-box"])

@@ -3,6 +3,8 @@ generation with the adapter in the trained format (slow: about a minute or two o
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from mlxpt.config import SFTConfig, apply_flat
@@ -11,7 +13,6 @@ pytestmark = pytest.mark.slow
 
 
 def test_default_sft_val_loss_falls_and_adapter_answers(tmp_path):
-    from mlxpt.data.synth import extract_answer
     from mlxpt.decode.generate import chat_prompt, generate_text
     from mlxpt.models import load
     from mlxpt.train.sft import run_sft
@@ -36,7 +37,13 @@ def test_default_sft_val_loss_falls_and_adapter_answers(tmp_path):
     vals = [e["val_loss"] for e in events if e["event"] == "eval"]
     assert len(vals) == 2 and vals[1] < 0.8 * vals[0], vals
 
-    model, tok = load("smollm2-135m", adapter=str(run_dir))
     question = "Tom has 14 pencils. He buys 9 more and then gives 6 to Ana. How many pencils does Tom have now?"
-    text = generate_text(model, tok, chat_prompt(tok, [{"role": "user", "content": question}]), max_tokens=60)
-    assert extract_answer(text) is not None, text  # the trained "Answer: n" format
+    step = re.compile(r"^\d+ [-+*] \d+ = \d+$")  # the trained answer style: "14 + 9 = 23" lines
+    answers = {}
+    for adapter in (None, str(run_dir)):
+        model, tok = load("smollm2-135m", adapter=adapter)
+        prompt = chat_prompt(tok, [{"role": "user", "content": question}])
+        answers[adapter] = generate_text(model, tok, prompt, max_tokens=40).strip()
+    tuned, base = answers[str(run_dir)], answers[None]
+    assert step.match(tuned.splitlines()[0]), tuned
+    assert not step.match(base.splitlines()[0]), base

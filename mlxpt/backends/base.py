@@ -17,6 +17,7 @@ Batch = tuple[np.ndarray, ...]  # (inputs, targets, *objective arrays), e.g. (in
 
 class TrainBackend(Protocol):
     name: str
+    adapter_config: dict
 
     def accumulate(self, batch: Batch) -> None:
         """Add the gradient of this micro-batch's summed loss (may stay lazy)."""
@@ -40,3 +41,15 @@ class TrainBackend(Protocol):
     def set_state(self, arrays: dict[str, dict[str, np.ndarray]]) -> None: ...
 
     def peak_memory(self) -> int: ...
+
+    def token_logps(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """(B, L) log-probs of `targets`, eval mode, no gradient."""
+
+    def param_counts(self) -> tuple[int, int]:
+        """(trainable, total) parameter counts."""
+
+    def check_memory(self, batch_size: int, seq_len: int) -> dict:
+        """Estimate peak training memory; raise ResourceError (exit 3) if it cannot fit."""
+
+    def save_adapter(self, folder) -> None:
+        """Write the trainable weights and their config (mlx-lm's adapter format) atomically."""

@@ -40,9 +40,10 @@ def _to_numpy(tree) -> dict[str, np.ndarray]:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, model, optimizer, objective=sft_objective, compile: bool = True):
+    def __init__(self, model, optimizer, objective=sft_objective, compile: bool = True, adapter_config=None):
         """`objective(logp, *batch[2:]) -> (loss_sum, weight, aux)`; see train/objectives.py."""
         self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.adapter_config = adapter_config or {}
         optimizer.init(model.trainable_parameters())
         self._grads = None
         self._loss = self._ntok = self._aux = None
@@ -140,6 +141,27 @@ class MLXBackend:
 
     def peak_memory(self) -> int:
         return int(mx.get_peak_memory())
+
+    def token_logps(self, inputs, targets) -> np.ndarray:
+        """(B, L) log-probs of `targets` in eval mode, no gradient (e.g. reference log-probs)."""
+        self.model.eval()
+        out = token_logp(self.model, mx.array(inputs), mx.array(targets))
+        mx.eval(out)
+        return np.array(out)
+
+    def param_counts(self) -> tuple[int, int]:
+        trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
+        return int(trainable), int(sum(v.size for _, v in tree_flatten(self.model.parameters())))
+
+    def check_memory(self, batch_size: int, seq_len: int) -> dict:
+        from mlxpt.train.memory import check_fits
+
+        return check_fits(self.model, batch_size, seq_len)
+
+    def save_adapter(self, folder) -> None:
+        from mlxpt.train.adapters import save_adapter
+
+        save_adapter(folder, self.model, self.adapter_config)
 
 
 def _set_path(tree, key: str, value) -> None:

@@ -1,0 +1,171 @@
+"""One driver for every training method: validate → tokenizer → encode → backend → loop.
+
+A `Method` says how to read and encode its data, which objective to train and how to batch; the
+runner owns what all methods share: the order that keeps the reliability contract (every row
+validated before any weights are read; no run folder for rejected input), the run folder,
+checkpoints, resume, signals, status and metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxpt import __version__
+from mlxpt.errors import MlxptError
+from mlxpt.runs import (
+    append_jsonl,
+    atomic_write_text,
+    clean_temp,
+    graceful_signals,
+    latest_checkpoint,
+    load_checkpoint,
+    new_run_dir,
+    read_jsonl,
+    save_checkpoint,
+    write_config,
+    write_status,
+)
+
+
+@dataclass
+class Method:
+    name: str
+    read: Callable  # (cfg) -> rows; JSON-level validation, before any tokenizer or weights
+    encode: Callable  # (cfg, tokenizer, rows) -> (train, valid, report)
+    objective: Callable  # (logp, *batch[2:]) -> (loss_sum, weight, aux); see objectives.py
+    task: Callable  # (cfg, tokenizer) -> loop.Task
+    before_train: Callable | None = None  # (backend, train, valid, run_dir, emit) e.g. reference log-probs
+
+
+def _trim_metrics(run_dir: Path, step: int) -> None:
+    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
+    path = run_dir / "metrics.jsonl"
+    if path.exists():
+        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
+        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_training(
+    method: Method,
+    cfg,
+    resume_dir: str | Path | None = None,
+    emit: Callable[[dict], None] = lambda e: None,
+    stop=None,
+) -> tuple[Path, str]:
+    """Train (or resume) one run; return (run folder, "finished" | "interrupted")."""
+    from mlxpt.models.loader import load_tokenizer, resolve
+
+    rows = method.read(cfg)
+    tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
+    train, valid, data_report = method.encode(cfg, tokenizer, rows)
+    if not valid:
+        emit({"event": "warning", "message": "no validation split: validation loss is not reported"})
+    task = method.task(cfg, tokenizer)
+
+    from mlxpt import _blas
+    from mlxpt.backends import create_backend
+    from mlxpt.train.loop import LoopState, train_loop
+
+    t_load = time.perf_counter()
+    backend = create_backend(cfg.train.backend, cfg.model, cfg.adapter, cfg.train, method.objective)
+    longest = max(task.length(e) for e in train + valid)
+    memory = backend.check_memory(cfg.data.batch_size, min(longest, cfg.data.max_seq_len))
+    state = LoopState()
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        clean_temp(run_dir)
+        ck = latest_checkpoint(run_dir)
+        if ck is not None:
+            arrays, saved = load_checkpoint(ck)
+            backend.set_state(arrays)
+            state = LoopState.from_dict(saved["loop"])
+            _trim_metrics(run_dir, state.step)
+    else:
+        run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
+    n_train, n_total = backend.param_counts()
+    write_config(
+        run_dir,
+        {
+            **cfg.to_dict(),
+            "method": method.name,
+            "mlxpt_version": __version__,
+            "model_path": str(resolve(cfg.model.model)),
+            "data_report": data_report,
+            "adapter_config": backend.adapter_config,
+        },
+    )
+    write_status(run_dir, "running", step=state.step, steps=cfg.train.steps)
+    if method.before_train is not None:
+        method.before_train(backend, train, valid, run_dir, emit)
+
+    def emit_and_log(event: dict) -> None:
+        if event["event"] in ("step", "eval"):
+            append_jsonl(run_dir / "metrics.jsonl", {**event, "time": time.time()})
+        emit(event)
+
+    def checkpoint(st: LoopState) -> None:
+        saved = {"loop": st.to_dict(), "adapter_config": backend.adapter_config}
+        path = save_checkpoint(run_dir, st.step, backend.get_state(), saved, keep=cfg.train.keep)
+        backend.save_adapter(run_dir)
+        write_status(run_dir, "running", step=st.step, steps=cfg.train.steps)
+        emit({"event": "checkpoint", "step": st.step, "path": str(path)})
+
+    emit(
+        {
+            "event": "start",
+            "method": method.name,
+            "run_dir": str(run_dir),
+            "model": cfg.model.model,
+            "backend": cfg.train.backend,
+            "resumed_from_step": state.step,
+            "steps": cfg.train.steps,
+            "train_rows": len(train),
+            "valid_rows": len(valid),
+            "trainable_params": n_train,
+            "total_params": n_total,
+            "load_time_s": time.perf_counter() - t_load,
+            "blas": _blas.status(),
+            "memory_estimate_mb": memory["total"] / 1e6,
+            "data": data_report,
+        }
+    )
+    try:
+        with graceful_signals() as flag:
+            outcome = train_loop(
+                backend, train, valid, cfg.train, cfg.data.batch_size, task, state, emit_and_log, checkpoint,
+                stop=stop or flag,
+            )  # fmt: skip
+    except MlxptError as e:
+        write_status(run_dir, "failed", step=state.step, error=e.line())
+        raise
+    except BaseException as e:
+        write_status(run_dir, "failed", step=state.step, error=f"{type(e).__name__}: {e}")
+        raise
+    status = "finished" if outcome == "finished" else "interrupted"
+    write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss)
+    emit(
+        {
+            "event": "done",
+            "status": status,
+            "run_dir": str(run_dir),
+            "step": state.step,
+            "best_val_loss": state.best_val_loss,
+        }
+    )
+    return run_dir, outcome
+
+
+def pad_id_of(tokenizer) -> int:
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        pad = eos if eos is not None else 0
+    return int(pad)
+
+
+def resume_command(run_dir: Path) -> str:
+    return f"mlxpt train --resume {run_dir}"
