@@ -1,9 +1,30 @@
+import json
 import sys
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Llama folder (tests/tiny.py), shared by the whole session (read-only)."""
+    import tiny
+
+    return tiny.make_model(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    """24 train / 8 valid rows of the bundled arithmetic chat data."""
+    from mlxpt.data import synth
+
+    d = tmp_path_factory.mktemp("data")
+    for name, n, seed in (("train", 24, 1), ("valid", 8, 2)):
+        rows = synth.make_split(n, seed)
+        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return d
 
 
 @pytest.fixture(scope="session")

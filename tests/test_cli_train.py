@@ -11,10 +11,8 @@ import time
 from pathlib import Path
 
 import pytest
-import tiny
 
 from mlxpt.cli import main
-from mlxpt.data import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -28,19 +26,6 @@ def mlxpt(*args, env=None, **kw):
         env={**os.environ, **(env or {})},
         **kw,
     )
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny.make_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    for name, n, seed in (("train", 16, 1), ("valid", 4, 2)):
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in synth.make_split(n, seed)))
-    return d
 
 
 def test_help_imports_neither_mlx_nor_textual():

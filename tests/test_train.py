@@ -7,26 +7,10 @@ import math
 
 import numpy as np
 import pytest
-import tiny
 
 from mlxpt.config import SFTConfig, apply_flat
-from mlxpt.data import synth
 from mlxpt.errors import NumericsError
 from mlxpt.train.loop import lr_at
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny.make_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("data")
-    for name, n, seed in (("train", 24, 1), ("valid", 8, 2)):
-        rows = synth.make_split(n, seed)
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
 
 
 def make_cfg(tiny_dir, data_dir, tmp_path, **kw) -> SFTConfig:
