@@ -41,3 +41,14 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Fault and bad-input suites (tests/reliability, ~3-5 min on 2 CPU cores); the scoreboard printed
+# at the end is computed from the counts the tests record (bench/reliability_report.py). One BLAS
+# thread: the tiny model gains nothing from more, and spinning threads on a shared CI box cost 10x.
+RELIABILITY_JSON ?= .pytest_cache/reliability.json
+.PHONY: reliability
+
+reliability: setup
+	mkdir -p $(dir $(RELIABILITY_JSON))
+	OPENBLAS_NUM_THREADS=1 MLXPT_RELIABILITY_JSON=$(RELIABILITY_JSON) $(BIN)/python -m pytest -q -m reliability tests/reliability; \
+	  status=$$?; $(BIN)/python bench/reliability_report.py $(RELIABILITY_JSON); exit $$status

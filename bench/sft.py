@@ -167,6 +167,7 @@ def summarise(tool: str, events: list[dict], warmup: int, batch: int) -> dict:
         "measured": len(meas),
         "tok_s": sum(s["norm"] for s in meas) / t,
         "tok_s_raw": sum(s["raw"] for s in meas) / t,
+        "best_step_tok_s": max(s["norm"] / s["time"] for s in meas),  # least disturbed step
         "s_step_median": statistics.median(s["time"] for s in meas),
         "s_step_min": min(s["time"] for s in meas),
         "s_step_max": max(s["time"] for s in meas),
@@ -187,9 +188,7 @@ def commands(setting: str, tool: str, a, f32: Path, tmp: Path, tag: str) -> tupl
     if tool == "mlx-lm":
         cfg = tmp / "lora.yaml"
         cfg.write_text(
-            "lora_parameters:\n"
-            f"  rank: {a.rank}\n  scale: {a.alpha / a.rank}\n  dropout: 0.0\n"
-            "optimizer: adam\n"
+            f"lora_parameters:\n  rank: {a.rank}\n  scale: {a.alpha / a.rank}\n  dropout: 0.0\noptimizer: adam\n"
         )
         env["BENCH_BLAS"] = "openblas" if setting == "same-blas" else "reference"
         cmd = [PY, "-c", _MLX_LM, "--train", "--model", str(f32), "--data", str(a.data),
@@ -244,7 +243,13 @@ def main() -> int:
     ap.add_argument("--learning-rate", type=float, default=1e-4)
     ap.add_argument("--timeout", type=float, default=900, help="seconds per child run")
     ap.add_argument("--keep", action="store_true", help="keep the scratch folder (logs, adapters)")
+    ap.add_argument("--report", metavar="JSON", help="only print the tables of a saved --json file")
     a = ap.parse_args()
+    if a.report:
+        saved = json.loads(Path(a.report).read_text())
+        meta = saved["meta"]
+        report(saved["runs"], argparse.Namespace(**meta["args"]), Path(meta["float_model"]), meta.get("source", "?"))
+        return 0
 
     settings = [a.only] if a.only else ["same-blas", "out-of-box"]
     f32 = float_model(a.model)
@@ -262,9 +267,11 @@ def main() -> int:
                     warm = a.warmup if setting == "same-blas" else a.oob_warmup
                     s = summarise(tool, events, warm, a.batch_size)
                     blas = next((e.get("blas") for e in events if e.get("event") == "start"), None)
-                    run = {"setting": setting, "tool": tool, "repeat": r, "rc": rc, "rss_mb": rss,
+                    run = {"setting": setting, "tool": tool, "repeat": r, "rc": rc, "rss_mb": rss, "warmup_used": warm,
                            "wall_s": wall, "blas": blas, **s}  # fmt: skip
                     runs.append(run)
+                    if a.json:  # after every run, so an interrupted benchmark keeps what it measured
+                        write_json(a.json, runs, a, f32)
                     if rc != 0 or not s.get("measured"):
                         print(f"  FAILED (exit {rc}); log: {tmp / f'{tag}.log'}", file=sys.stderr)
                         print((tmp / f"{tag}.log").read_text()[-3000:], file=sys.stderr)
@@ -284,9 +291,27 @@ def main() -> int:
 
     report(runs, a, f32)
     if a.json:
-        meta = {"machine": machine(), "versions": versions(), "args": vars(a), "float_model": str(f32)}
-        Path(a.json).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+        write_json(a.json, runs, a, f32)
     return 0 if all(r["rc"] == 0 for r in runs) else 1
+
+
+def write_json(path: str, runs: list[dict], a, f32: Path) -> None:
+    meta = {"machine": machine(), "versions": versions(), "source": source(), "args": vars(a), "float_model": str(f32)}
+    Path(path).write_text(json.dumps({"meta": meta, "runs": runs}, indent=1))
+
+
+def source() -> str:
+    """Which mlxpt was measured: the commit of ROOT and whether mlxpt/ has local changes."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "mlxpt"], capture_output=True, text=True
+        )
+    except OSError:
+        return f"{ROOT} (no git)"
+    if head.returncode != 0:
+        return f"{ROOT} (not a git checkout)"
+    return f"{ROOT} at {head.stdout.strip()}" + (" with local changes in mlxpt/" if dirty.stdout.strip() else "")
 
 
 def machine() -> str:
@@ -307,21 +332,28 @@ def versions() -> dict:
     return out
 
 
-def report(runs: list[dict], a, f32: Path) -> None:
+def best_step(r: dict) -> float:
+    warm = r.get("warmup_used", 0)
+    return max(s["norm"] / s["time"] for s in r["steps"] if s["step"] > warm) if r.get("steps") else float("nan")
+
+
+def report(runs: list[dict], a, f32: Path, src: str | None = None) -> None:
     print(f"\nSFT, {a.model} as float32 ({f32.name}), batch {a.batch_size}, max seq {a.max_seq_len}, "
           f"LoRA r={a.rank} scale={a.alpha / a.rank:g} on all linears of the last {a.num_layers} layers, "
-          f"Adam lr {a.learning_rate:g}; first {a.warmup} steps excluded\n")  # fmt: skip
-    print("| setting | tool | repeat | BLAS | steps | tok/s | tok/s raw | s/step (median) | warm-up s "
-          "| peak RSS MB | tool peak MB | tok/seq | loss @ last step |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"Adam lr {a.learning_rate:g}; first {a.warmup} steps excluded; mlxpt from {src or source()}\n")  # fmt: skip
+    print(
+        "| setting | tool | repeat | BLAS | steps | tok/s | tok/s raw | best-step tok/s | s/step (median) | warm-up s "
+        "| peak RSS MB | tool peak MB | tok/seq | loss @ last step |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         blas = (r.get("blas") or "?").split(",")[0].replace(" (cmeel-openblas wheel", " (cmeel wheel)")
         if not r.get("measured"):
-            print(f"| {r['setting']} | {r['tool']} | {r['repeat']} | {blas} | failed (exit {r['rc']}) |" + " |" * 8)
+            print(f"| {r['setting']} | {r['tool']} | {r['repeat']} | {blas} | failed (exit {r['rc']}) |" + " |" * 9)
             continue
         print(
             f"| {r['setting']} | {r['tool']} | {r['repeat']} | {blas} | {r['final_step']} | {r['tok_s']:.0f} "
-            f"| {r['tok_s_raw']:.0f} | {r['s_step_median']:.2f} | {r['warmup_s']:.1f} | {r['rss_mb']:.0f} "
+            f"| {r['tok_s_raw']:.0f} | {best_step(r):.0f} | {r['s_step_median']:.2f} | {r['warmup_s']:.1f} | {r['rss_mb']:.0f} "
             f"| {r['tool_peak_mb']:.0f} | {r['tokens_per_seq']:.1f} | {r['final_loss']:.3f} |"
         )
     print("\n| setting | mlx-lm tok/s | mlxpt tok/s | ratio mlxpt/mlx-lm (per repeat) | "
@@ -337,7 +369,11 @@ def report(runs: list[dict], a, f32: Path) -> None:
             y = [r["tok_s"] for r in us if r["repeat"] == rep]
             if x and y:
                 ratios.append(y[0] / x[0])
-        rss_ratio = (statistics.median(r["rss_mb"] for r in us) / statistics.median(r["rss_mb"] for r in ref)) if ref and us else None
+        rss_ratio = (
+            (statistics.median(r["rss_mb"] for r in us) / statistics.median(r["rss_mb"] for r in ref))
+            if ref and us
+            else None
+        )
         print(
             f"| {setting} | {rng([r['tok_s'] for r in ref])} | {rng([r['tok_s'] for r in us])} "
             f"| {', '.join(f'{x:.2f}' for x in ratios) or '–'} | {rng([r['rss_mb'] for r in ref])} "

@@ -82,7 +82,7 @@ class TrainConfig:
     max_bad_steps: int = opt(5, "stop (exit 4) after this many non-finite steps in a row")
     runs_dir: str = opt("runs", "where run folders are created")
     name: str | None = opt(None, "run name (default: method)")
-    backend: str = opt("mlx", "compute backend", ("mlx",))
+    backend: str = opt("mlx", "compute backend: mlx, or numpy (the reference, CPU only, slow)", ("mlx", "numpy"))
 
 
 @dataclass
@@ -188,6 +188,9 @@ def validate(cfg, source: str = "config") -> None:
         "dropout": lambda v: 0 <= v < 1,
         "min_lr_ratio": lambda v: 0 <= v <= 1,
         "max_bad_steps": lambda v: v >= 1,
+        "beta": lambda v: v > 0,
+        "label_smoothing": lambda v: 0 <= v < 0.5,
+        "orpo_lambda": lambda v: v >= 0,
     }
     for name, (obj, f) in all_fields(cfg).items():
         if name in checks and not checks[name](getattr(obj, name)):
@@ -209,3 +212,50 @@ def load_yaml(path: str) -> dict:
     if not isinstance(d, dict):
         raise ConfigError("E508", "config must be a mapping of setting: value", path, "see the README for an example")
     return d
+
+
+def default_pref_data() -> str:
+    return str(ASSETS / "pref")
+
+
+@dataclass
+class PreferenceConfig:
+    loss_type: str = opt(
+        "sigmoid",
+        "preference loss: DPO sigmoid/ipo/hinge, or reference-free simpo/orpo",
+        ("sigmoid", "ipo", "hinge", "simpo", "orpo"),
+    )
+    beta: float = opt(0.1, "strength of the implicit KL penalty (DPO) or reward scale (SimPO)")
+    label_smoothing: float = opt(0.0, "conservative DPO/SimPO: assumed fraction of flipped labels")
+    simpo_gamma: float = opt(0.5, "SimPO target reward margin")
+    orpo_lambda: float = opt(0.1, "ORPO weight of the odds-ratio term beside the SFT loss on chosen")
+
+
+PREF_METHODS = {"dpo": {}, "simpo": {"loss_type": "simpo", "beta": 2.0}, "orpo": {"loss_type": "orpo"}}
+
+
+@dataclass
+class DPOConfig:
+    """Preference optimisation (dpo, simpo, orpo): SFT's sections plus `pref`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(data=default_pref_data()))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> DPOConfig:
+        """Build from a nested dict (run config.json) or a flat one (YAML / CLI)."""
+        cfg = cls()
+        flat: dict[str, Any] = {}
+        for k, v in d.items():
+            if isinstance(v, dict) and k in section_names(cfg):
+                flat.update(v)
+            else:
+                flat[k] = v
+        apply_flat(cfg, flat, source="config")
+        return cfg

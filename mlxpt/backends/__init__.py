@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from mlxpt.errors import ConfigError
 
-BACKENDS = ("mlx",)
+BACKENDS = ("mlx", "numpy")
 
 
 def create_backend(name: str, model_cfg, adapter_cfg, train_cfg, objective):
@@ -20,4 +20,8 @@ def create_backend(name: str, model_cfg, adapter_cfg, train_cfg, objective):
         adapter_config = apply_adapters(model, adapter_cfg, seed=train_cfg.seed)
         optimizer = make_optimizer(train_cfg.optimizer, train_cfg.weight_decay)
         return MLXBackend(model, optimizer, objective, adapter_config=adapter_config)
+    if name == "numpy":
+        from mlxpt.backends.numpy_backend import create_numpy_backend
+
+        return create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective)
     raise ConfigError("E511", f"unknown backend {name!r}", "backend", f"choose one of {', '.join(BACKENDS)}")

@@ -1,25 +1,28 @@
-"""`mlxpt train [sft]`: flags for every config field (CLI > YAML > defaults), --resume, events."""
+"""`mlxpt train [sft|dpo|simpo|orpo]`: flags for every config field (CLI > YAML > defaults),
+--resume, events. simpo and orpo are dpo with that loss (and SimPO's usual beta of 2)."""
 
 from __future__ import annotations
 
 import json
 import sys
 
-from mlxpt.config import SFTConfig, all_fields, apply_flat, load_yaml
+from mlxpt.config import PREF_METHODS, DPOConfig, SFTConfig, all_fields, apply_flat, load_yaml
 from mlxpt.errors import EXIT_INTERRUPTED, ConfigError
 
+METHODS = ("sft", *PREF_METHODS)
+SECTIONS = ("model", "data", "adapter", "train", "pref")
 RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps"}
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a model (sft); no arguments: the bundled default", description=__doc__)
-    p.add_argument("method", nargs="?", default="sft", choices=["sft"], help="training method")
+    p.add_argument("method", nargs="?", default=None, choices=METHODS, help="training method (default: sft)")
     p.add_argument("--config", help="YAML file of settings (flat `name: value`, or grouped by section)")
     p.add_argument("--resume", metavar="RUN", help="continue a run folder from its newest complete checkpoint")
     p.add_argument(
         "--events", choices=["text", "json"], default="text", help="progress as text lines or one JSON object per line"
     )
-    for name, (_, f) in all_fields(SFTConfig()).items():
+    for name, (_, f) in all_fields(DPOConfig()).items():  # a superset of SFT's settings
         kw = {"dest": f"cfg_{name}", "default": None, "help": f.metadata.get("help")}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
@@ -30,14 +33,30 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def build_config(args) -> SFTConfig:
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+def config_class(method: str):
+    return SFTConfig if method == "sft" else DPOConfig
+
+
+def resolve_method(args) -> str:
+    """The method named on the command line, or the resumed run's; `sft` by default."""
     if args.resume:
         from mlxpt.runs import read_config
 
-        cfg = SFTConfig.from_dict(
-            {k: v for k, v in read_config(args.resume).items() if k in ("model", "data", "adapter", "train")}
-        )
+        saved = read_config(args.resume).get("method", "sft")
+        if args.method not in (None, saved):
+            raise ConfigError("E510", f"this is a {saved} run, not {args.method}", args.resume, f"drop {args.method!r}")
+        return saved
+    return args.method or "sft"
+
+
+def build_config(args) -> SFTConfig | DPOConfig:
+    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
+    method = resolve_method(args)
+    cls = config_class(method)
+    if args.resume:
+        from mlxpt.runs import read_config
+
+        cfg = cls.from_dict({k: v for k, v in read_config(args.resume).items() if k in SECTIONS})
         fixed = sorted(set(flags) - RESUME_MUTABLE)
         if fixed:
             raise ConfigError(
@@ -48,7 +67,9 @@ def build_config(args) -> SFTConfig:
             )
         apply_flat(cfg, flags, source="command line")
         return cfg
-    cfg = SFTConfig()
+    cfg = cls()
+    if method != "sft":
+        apply_flat(cfg, PREF_METHODS[method], source=method)
     if args.config:
         apply_flat(cfg, _flatten(load_yaml(args.config)), source=args.config)
     apply_flat(cfg, flags, source="command line")
@@ -58,7 +79,7 @@ def build_config(args) -> SFTConfig:
 def _flatten(d: dict) -> dict:
     out = {}
     for k, v in d.items():
-        if isinstance(v, dict) and k in ("model", "data", "adapter", "train"):
+        if isinstance(v, dict) and k in SECTIONS:
             out.update(v)
         else:
             out[k] = v
@@ -85,9 +106,13 @@ def _printer(mode: str, steps: int):
                 print(
                     f"step {e['step']:>5}/{steps}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  gnorm {e['grad_norm']:.3f}"
                     f"  {e['tokens_per_s']:.0f} tok/s  peak {e['peak_memory_mb']:.0f} MB"
+                    + (f"  margin {e['margin']:.3f}  acc {e['accuracy']:.2f}" if "margin" in e else "")
                 )
         elif kind == "eval":
-            print(f"step {e['step']:>5}/{steps}  val_loss {e['val_loss']:.4f}")
+            acc = f"  val_accuracy {e['val_accuracy']:.3f}" if "val_accuracy" in e else ""
+            print(f"step {e['step']:>5}/{steps}  val_loss {e['val_loss']:.4f}{acc}")
+        elif kind == "reference":
+            print(f"reference log-probs {e['status']} for {e['pairs']} pairs: {e['path']}")
         elif kind == "warning":
             print(f"warning: {e['message']}", file=sys.stderr)
         sys.stdout.flush()
@@ -100,10 +125,16 @@ def _printer(mode: str, steps: int):
 
 def run(args) -> int:
     cfg = build_config(args)
+    method = resolve_method(args)
     from mlxpt.train.sft import resume_command, run_sft
 
     emit = _printer(args.events, cfg.train.steps)
-    run_dir, outcome = run_sft(cfg, resume_dir=args.resume, emit=emit)
+    if method == "sft":
+        run_dir, outcome = run_sft(cfg, resume_dir=args.resume, emit=emit)
+    else:
+        from mlxpt.train.dpo import run_dpo
+
+        run_dir, outcome = run_dpo(cfg, resume_dir=args.resume, emit=emit, name=method)
     if outcome == "interrupted":
         print(f"interrupted: checkpoint saved. Resume with: {resume_command(run_dir)}", file=sys.stderr)
         return EXIT_INTERRUPTED

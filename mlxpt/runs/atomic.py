@@ -20,19 +20,20 @@ from safetensors.numpy import save as _st_save
 from mlxpt.errors import NumericsError, ResourceError
 
 TMP_PREFIX = ".tmp-"
-_DISK_FULL = {errno.ENOSPC} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
+# EFBIG: a file-size limit (`ulimit -f`); Python ignores SIGXFSZ, so the write fails with it.
+_DISK_FULL = {errno.ENOSPC, errno.EFBIG} | ({errno.EDQUOT} if hasattr(errno, "EDQUOT") else set())
 
 
 def is_disk_full(exc: BaseException) -> bool:
     return isinstance(exc, OSError) and exc.errno in _DISK_FULL
 
 
-def disk_full_error(path: str | os.PathLike) -> ResourceError:
-    return ResourceError(
-        "E301",
-        f"disk full while writing {path}",
-        hint="free space; the previous checkpoint is intact",
-    )
+def disk_full_error(path: str | os.PathLike, exc: BaseException | None = None) -> ResourceError:
+    if isinstance(exc, OSError) and exc.errno == errno.EFBIG:
+        what, fix = "file size limit (ulimit -f) reached", "raise the limit"
+    else:
+        what, fix = "disk full", "free space"
+    return ResourceError("E301", f"{what} while writing {path}", hint=f"{fix}; the previous checkpoint is intact")
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -76,7 +77,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         except OSError:
             pass
         if is_disk_full(exc):
-            raise disk_full_error(path) from exc
+            raise disk_full_error(path, exc) from exc
         raise
     fsync_dir(path.parent)
 
@@ -164,7 +165,7 @@ def append_jsonl(path: str | os.PathLike, obj: Any, fsync: bool = False) -> None
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o666)
     except OSError as exc:
         if is_disk_full(exc):
-            raise disk_full_error(path) from exc
+            raise disk_full_error(path, exc) from exc
         raise
     try:
         size = os.fstat(fd).st_size
@@ -182,7 +183,7 @@ def append_jsonl(path: str | os.PathLike, obj: Any, fsync: bool = False) -> None
             except OSError:
                 pass
             if is_disk_full(exc):
-                raise disk_full_error(path) from exc
+                raise disk_full_error(path, exc) from exc
             raise
     finally:
         os.close(fd)

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from safetensors.numpy import load as _st_load
 
-from mlxpt.errors import ConfigError, MlxptError
+from mlxpt.errors import ConfigError, MlxptError, NumericsError
 from mlxpt.runs.atomic import (
     TMP_PREFIX,
     atomic_write_json,
@@ -50,6 +50,7 @@ MANIFEST = "manifest.json"
 STATE = "state.json"
 STATUSES = ("running", "finished", "failed", "interrupted")
 
+# Used with fullmatch: `$` alone also matches before a trailing newline ("x\n" passed as a name).
 _STEP_RE = re.compile(r"^step-(\d{8,})$")
 _GROUP_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 _FILE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -67,7 +68,7 @@ def _now() -> str:
 def new_run_dir(root: str | os.PathLike = "runs", name: str | None = None) -> Path:
     """Create `root/<YYYYmmdd-HHMMSS>-<name or 'sft'>`, adding `-2`, `-3`… if it already exists."""
     name = name or "sft"
-    if not _NAME_RE.match(name):
+    if not _NAME_RE.fullmatch(name):
         raise ConfigError(
             "E303",
             f"invalid run name {name!r}",
@@ -87,7 +88,7 @@ def new_run_dir(root: str | os.PathLike = "runs", name: str | None = None) -> Pa
             return path
     except OSError as exc:
         if is_disk_full(exc):
-            raise disk_full_error(root) from exc
+            raise disk_full_error(root, exc) from exc
         raise
     raise FileExistsError(f"could not find a free run directory name for {root / base}")
 
@@ -179,7 +180,7 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     name = f"step-{step:08d}"
     for group, tensors in arrays.items():
-        if not _GROUP_RE.match(group):
+        if not _GROUP_RE.fullmatch(group):
             raise ValueError(
                 f"array group name {group!r} must be letters, digits, '_' or '-'"
             )
@@ -219,7 +220,7 @@ def save_checkpoint(
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):
-            raise disk_full_error(final) from exc
+            raise disk_full_error(final, exc) from exc
         raise
     fsync_dir(ckdir)
     _rotate(run_dir, final, keep)
@@ -270,7 +271,7 @@ def _rotate(run_dir: Path, new: Path, keep: int) -> None:
 
 
 def _step_of(path: Path) -> int | None:
-    m = _STEP_RE.match(path.name)
+    m = _STEP_RE.fullmatch(path.name)
     return int(m.group(1)) if m else None
 
 
@@ -324,11 +325,11 @@ def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
         # Names are plain file names: a manifest cannot point outside its directory.
         ok = (
             isinstance(fname, str)
-            and _FILE_RE.match(fname)
+            and _FILE_RE.fullmatch(fname)
             and fname != MANIFEST
             and isinstance(entry, dict)
             and isinstance(entry.get("sha256"), str)
-            and _SHA_RE.match(entry["sha256"])
+            and _SHA_RE.fullmatch(entry["sha256"])
             and isinstance(entry.get("size"), int)
         )
         if not ok:
@@ -392,6 +393,17 @@ def load_checkpoint(
         raise _corrupt_error(path, str(exc)) from None
     except Exception as exc:  # noqa: BLE001 - a file that hashes right but won't parse
         raise _corrupt_error(path, f"{type(exc).__name__}: {exc}") from None
+    # We never write NaN/Inf (save_checkpoint refuses), so one here came from elsewhere; resuming
+    # from it would only skip steps until the numerics stop.
+    for group, tensors in arrays.items():
+        for key, arr in tensors.items():
+            if arr.dtype.kind in "fc" and not np.isfinite(arr).all():
+                raise NumericsError(
+                    "E403",
+                    f"checkpoint holds a non-finite tensor {group}/{key}",
+                    where=str(path),
+                    hint="mlxpt never writes NaN/Inf: delete this checkpoint folder to resume from the one before",
+                )
     return arrays, state
 
 

@@ -134,7 +134,9 @@ def train_loop(
         loss = loss_sum / max(ntok, 1.0)
         metrics = {k: v / max(ntok, 1.0) for k, v in aux.items()}
         lr = lr_at(state.step, cfg)
-        finite = math.isfinite(loss) and math.isfinite(gnorm)
+        # the weight too: a NaN in an input's loss weights makes ntok NaN (and int(ntok) raise)
+        finite = math.isfinite(loss) and math.isfinite(gnorm) and math.isfinite(ntok)
+        trained = int(ntok) if finite else 0
         if finite:
             backend.apply(lr, cfg.clip_grad_norm)
             state.bad_in_row = 0
@@ -146,7 +148,7 @@ def train_loop(
         dt = time.perf_counter() - t0
         state.elapsed += dt
         state.tokens_seen += tokens
-        state.trained_tokens_seen += int(ntok)
+        state.trained_tokens_seen += trained
         emit(
             {
                 "event": "step",
@@ -155,7 +157,7 @@ def train_loop(
                 "lr": lr,
                 "grad_norm": gnorm if finite else None,
                 "tokens": tokens,
-                "trained_tokens": int(ntok),  # the objective's weight: tokens for SFT, pairs for DPO
+                "trained_tokens": trained,  # the objective's weight: tokens for SFT, pairs for DPO
                 "tokens_per_s": tokens / dt if dt > 0 else 0.0,
                 "step_time_s": dt,
                 "peak_memory_mb": backend.peak_memory() / 1e6,

@@ -19,3 +19,151 @@ def sft_objective(logp, mask):
 def sft_grad(logp, mask):
     """d(loss_sum)/d(logp) for `sft_objective`."""
     return -mask
+
+
+# Preference losses. The batch holds B chosen rows then B rejected rows (one forward pass), a
+# response mask, and the summed reference log-probs of each response, (B,) each. Every loss
+# returns (loss summed over pairs, B, metric sums) and has a closed-form dL/d(logp).
+
+
+def _xp(a):
+    """The array module of `a`: numpy or mlx.core (only functions both have are used)."""
+    if type(a).__module__.startswith("numpy"):
+        import numpy
+
+        return numpy
+    import mlx.core
+
+    return mlx.core
+
+
+def _log_sigmoid(xp, x):
+    return -xp.logaddexp(0.0, -x)
+
+
+def _sigmoid(xp, x):
+    return xp.exp(_log_sigmoid(xp, x))
+
+
+def _split(logp, mask):
+    """Per-response summed log-probs and lengths: (chosen, rejected, len chosen, len rejected)."""
+    seq = (logp * mask).sum(axis=1)
+    n = mask.sum(axis=1)
+    B = seq.shape[0] // 2
+    return seq[:B], seq[B:], n[:B], n[B:]
+
+
+def _pref_metrics(xp, rc, rr, pc, pr):
+    """Metric sums over pairs from the implicit rewards (rc, rr) and the policy log-probs."""
+    return {
+        "rewards_chosen": rc.sum(),
+        "rewards_rejected": rr.sum(),
+        "margin": (rc - rr).sum(),
+        "accuracy": ((rc > rr).astype(xp.float32) + 0.5 * (rc == rr).astype(xp.float32)).sum(),  # ties: half
+        "logp_chosen": pc.sum(),
+        "logp_rejected": pr.sum(),
+    }
+
+
+def _pairs(xp, mask):
+    return xp.array(mask.shape[0] // 2, dtype=xp.float32)
+
+
+def _spread(xp, mask, g_chosen, g_rejected):
+    """dL/d(logp) from dL/d(summed response log-prob): each masked token gets its row's value."""
+    return mask * xp.concatenate([g_chosen, g_rejected])[:, None]
+
+
+def dpo_objective(logp, mask, ref_chosen, ref_rejected, loss_type="sigmoid", beta=0.1, label_smoothing=0.0):
+    """DPO family on h = (logp_c - ref_c) - (logp_r - ref_r):
+    sigmoid: -(1-ε) log σ(βh) - ε log σ(-βh); ipo: (h - 1/(2β))²; hinge: max(0, 1 - βh)."""
+    xp = _xp(logp)
+    pc, pr, _, _ = _split(logp, mask)
+    h = (pc - ref_chosen) - (pr - ref_rejected)
+    if loss_type == "sigmoid":
+        z = beta * h
+        loss = -(1 - label_smoothing) * _log_sigmoid(xp, z) - label_smoothing * _log_sigmoid(xp, -z)
+    elif loss_type == "ipo":
+        loss = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        loss = xp.maximum(1 - beta * h, 0.0)
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}")
+    rc, rr = beta * (pc - ref_chosen), beta * (pr - ref_rejected)
+    return loss.sum(), _pairs(xp, mask), _pref_metrics(xp, rc, rr, pc, pr)
+
+
+def dpo_grad(logp, mask, ref_chosen, ref_rejected, loss_type="sigmoid", beta=0.1, label_smoothing=0.0):
+    """d(loss_sum)/d(logp) for `dpo_objective`."""
+    xp = _xp(logp)
+    pc, pr, _, _ = _split(logp, mask)
+    h = (pc - ref_chosen) - (pr - ref_rejected)
+    if loss_type == "sigmoid":
+        z = beta * h
+        dh = beta * (-(1 - label_smoothing) * _sigmoid(xp, -z) + label_smoothing * _sigmoid(xp, z))
+    elif loss_type == "ipo":
+        dh = 2 * (h - 1 / (2 * beta))
+    elif loss_type == "hinge":
+        dh = -beta * (1 - beta * h > 0)
+    else:
+        raise ValueError(f"unknown DPO loss type {loss_type!r}")
+    return _spread(xp, mask, dh, -dh)
+
+
+def simpo_objective(logp, mask, ref_chosen, ref_rejected, beta=2.0, gamma=0.5, label_smoothing=0.0):
+    """SimPO (reference-free; the ref arrays are ignored): z = β(logp_c/|c| - logp_r/|r|) - γ,
+    loss = -(1-ε) log σ(z) - ε log σ(-z)."""
+    xp = _xp(logp)
+    pc, pr, nc, nr = _split(logp, mask)
+    ac, ar = pc / xp.maximum(nc, 1.0), pr / xp.maximum(nr, 1.0)
+    z = beta * (ac - ar) - gamma
+    loss = -(1 - label_smoothing) * _log_sigmoid(xp, z) - label_smoothing * _log_sigmoid(xp, -z)
+    return loss.sum(), _pairs(xp, mask), _pref_metrics(xp, beta * ac, beta * ar, pc, pr)
+
+
+def simpo_grad(logp, mask, ref_chosen, ref_rejected, beta=2.0, gamma=0.5, label_smoothing=0.0):
+    """d(loss_sum)/d(logp) for `simpo_objective`."""
+    xp = _xp(logp)
+    pc, pr, nc, nr = _split(logp, mask)
+    nc, nr = xp.maximum(nc, 1.0), xp.maximum(nr, 1.0)
+    z = beta * (pc / nc - pr / nr) - gamma
+    dz = -(1 - label_smoothing) * _sigmoid(xp, -z) + label_smoothing * _sigmoid(xp, z)
+    return _spread(xp, mask, beta * dz / nc, -beta * dz / nr)
+
+
+_ORPO_MAX = -1e-6  # mean log-probs are clamped below 0 so log(1 - p) stays finite
+
+
+def orpo_objective(logp, mask, ref_chosen, ref_rejected, orpo_lambda=0.1):
+    """ORPO (reference-free): with a = mean logp_c, b = mean logp_r,
+    loss = -a - λ log σ(log odds(a) - log odds(b)), log odds(x) = x - log(1 - eˣ)."""
+    xp = _xp(logp)
+    pc, pr, nc, nr = _split(logp, mask)
+    a = xp.minimum(pc / xp.maximum(nc, 1.0), _ORPO_MAX)
+    b = xp.minimum(pr / xp.maximum(nr, 1.0), _ORPO_MAX)
+    u = (a - b) - (xp.log1p(-xp.exp(a)) - xp.log1p(-xp.exp(b)))
+    loss = -a - orpo_lambda * _log_sigmoid(xp, u)
+    metrics = _pref_metrics(xp, orpo_lambda * a, orpo_lambda * b, pc, pr)
+    return loss.sum(), _pairs(xp, mask), metrics
+
+
+def orpo_grad(logp, mask, ref_chosen, ref_rejected, orpo_lambda=0.1):
+    """d(loss_sum)/d(logp) for `orpo_objective` (away from the clamp at mean logp ≈ 0)."""
+    xp = _xp(logp)
+    pc, pr, nc, nr = _split(logp, mask)
+    nc, nr = xp.maximum(nc, 1.0), xp.maximum(nr, 1.0)
+    a, b = xp.minimum(pc / nc, _ORPO_MAX), xp.minimum(pr / nr, _ORPO_MAX)
+    u = (a - b) - (xp.log1p(-xp.exp(a)) - xp.log1p(-xp.exp(b)))
+    du = -orpo_lambda * _sigmoid(xp, -u)
+    da = -1 + du / (1 - xp.exp(a))
+    db = -du / (1 - xp.exp(b))
+    return _spread(xp, mask, da / nc, db / nr)
+
+
+# Objective -> closed-form dL/d(logp) for backends without autodiff (the NumPy backend): every
+# `<name>_objective` above with a `<name>_grad` beside it.
+GRADS = {
+    obj: globals()[name.removesuffix("_objective") + "_grad"]
+    for name, obj in list(globals().items())
+    if name.endswith("_objective") and callable(obj) and name.removesuffix("_objective") + "_grad" in globals()
+}

@@ -20,9 +20,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import tiny  # noqa: E402
-from reliability.harness import Zygote  # noqa: E402
 
-from mlxpt.data import synth  # noqa: E402
+from reliability.harness import Zygote  # noqa: E402
 
 
 class Scoreboard:
@@ -75,9 +74,19 @@ def tiny_model(tmp_path_factory) -> Path:
     return tiny.make_model(tmp_path_factory.mktemp("rel-tiny"))
 
 
+def fixed_rows(n: int, seed: int = 1) -> list[dict]:
+    """Chat rows that all tokenise to the same length: one compiled shape, so steps take ~20 ms."""
+    rows = []
+    for i in range(n):
+        a, b = (i * 7 + seed) % 50, (i * 13 + 3 * seed) % 50
+        q = {"role": "user", "content": f"What is {a:02d} plus {b:02d}?"}
+        rows.append({"messages": [q, {"role": "assistant", "content": f"It is {a + b:03d}."}]})
+    return rows
+
+
 def write_split(folder: Path, n_train: int, n_valid: int = 0, seed: int = 1) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    rows = synth.make_split(n_train + n_valid, seed)
+    rows = fixed_rows(n_train + n_valid, seed)
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
     if n_valid:
         (folder / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))

@@ -26,6 +26,8 @@ class Child:
 
     def events(self) -> list[dict]:
         rows = []
+        if not self.out.exists():  # the child has not opened it yet
+            return rows
         for line in self.out.read_text(errors="replace").splitlines():
             try:
                 rows.append(json.loads(line))
@@ -33,8 +35,11 @@ class Child:
                 continue
         return rows
 
+    def start(self) -> dict | None:
+        return next((e for e in self.events() if e.get("event") == "start"), None)
+
     def stderr(self) -> str:
-        return self.err.read_text(errors="replace")
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
 
     def poll(self, timeout: float = 0.0) -> int | None:
         if self.code is None:
@@ -152,7 +157,13 @@ def step_of(path: Path) -> int:
 
 
 def temp_files(run_dir: Path) -> list[str]:
-    return [p.name for d in (run_dir, run_dir / "checkpoints") if d.is_dir() for p in d.iterdir() if p.name.startswith(".tmp-")]
+    return [
+        p.name
+        for d in (run_dir, run_dir / "checkpoints")
+        if d.is_dir()
+        for p in d.iterdir()
+        if p.name.startswith(".tmp-")
+    ]
 
 
 def checkpoint_arrays(run_dir: Path) -> dict[str, dict[str, np.ndarray]]:

@@ -78,6 +78,9 @@ def serve() -> None:
     sys.path[:0] = [str(ROOT), str(TESTS)]
     os.chdir(ROOT)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # One BLAS thread: the tiny model's matmuls gain nothing from threads, and on a shared,
+    # oversubscribed CI machine spinning OpenBLAS threads made steps 10x slower.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
     preload()
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:

@@ -1,0 +1,93 @@
+"""Print the reliability scoreboard (RELIABILITY.md's form) from the JSON the suites write.
+
+    MLXPT_RELIABILITY_JSON=reliability.json pytest -m reliability tests/reliability
+    python bench/reliability_report.py reliability.json [--markdown]
+
+Every number comes from the tests' own counts (tests/reliability/conftest.py); nothing is typed.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def lines(report: dict) -> list[str]:
+    s = {k: dict(v) for k, v in report.get("suites", {}).items()}
+
+    def get(suite: str, key: str) -> int:
+        return int(s.get(suite, {}).get(key, 0))
+
+    out = []
+    if "bad_inputs" in s:
+        n, fx, fz, cfg = (get("bad_inputs", k) for k in ("tried", "fixtures", "fuzzed", "config"))
+        out.append(
+            f"{n} bad inputs ({fx} fixtures + {fz} fuzzed + {cfg} config values) → "
+            f"{get('bad_inputs', 'uncaught')} uncaught exceptions, {get('bad_inputs', 'accepted')} silently accepted"
+        )
+    if "kills" in s:
+        k = get("kills", "kills")
+        out.append(
+            f"{k} kills ({get('kills', 'named')} at named points, {k - get('kills', 'named')} at random times) → "
+            f"{get('kills', 'unloadable_latest')} unloadable latest checkpoints, {get('kills', 'lost')} completed "
+            f"checkpoints lost, {get('kills', 'resumes_ok')}/{get('kills', 'resumes')} resumes succeed, "
+            f"final result {'equal to' if get('kills', 'final_equal') else 'DIFFERENT from'} an uninterrupted run"
+        )
+    if "resume" in s:
+        out.append(
+            f"{get('resume', 'positions')} interruption positions → {get('resume', 'equal')} resumed runs equal to "
+            "the straight run (adapters, optimiser, RNG, metrics, data order)"
+        )
+    if "numerics" in s:
+        j = get("numerics", "injected")
+        out.append(
+            f"{j} injected NaN/Inf faults → {get('numerics', 'caught')} caught before the update, "
+            f"{get('numerics', 'non_finite_written')} non-finite tensors written"
+        )
+    if "disk_full" in s:
+        d = get("disk_full", "points")
+        out.append(
+            f"{d} disk-full faults (every write point + ulimit -f) → {get('disk_full', 'exit3')} exit 3, "
+            f"{get('disk_full', 'intact')} previous checkpoint intact, {get('disk_full', 'resumed')}/{d} resumes succeed"
+        )
+    if "signals" in s:
+        out.append(
+            f"{get('signals', 'runs')} signal runs (SIGINT/SIGTERM once and twice) → "
+            f"{get('signals', 'as_specified')} exited as specified"
+        )
+    out.append("rewards: not applicable yet (no GRPO)")
+    if "security" in s:
+        p = get("security", "payloads")
+        out.append(f"{p} security payloads → {get('security', 'refused')} refused")
+    if "static" in s:
+        out.append(
+            f"static check: {get('static', 'hits')} pickle/eval/exec calls in {get('static', 'files')} source files"
+        )
+    t = report.get("tests", {})
+    out.append(
+        f"tests: {t.get('passed', 0)} passed, {t.get('failed', 0)} failed, {t.get('skipped', 0)} skipped or "
+        f"expected failures, in {report.get('duration_s', 0):.0f} s"
+    )
+    return out
+
+
+def main(argv: list[str]) -> int:
+    args = [a for a in argv if not a.startswith("--")]
+    path = Path(args[0] if args else "reliability.json")
+    if not path.exists():
+        print(f"no report at {path}: run `make reliability` first", file=sys.stderr)
+        return 1
+    report = json.loads(path.read_text())
+    body = lines(report)
+    if "--markdown" in argv:
+        print(f"Reliability scoreboard ({report.get('date')}, `make reliability`):\n")
+        print("\n".join(f"- {line}" for line in body))
+    else:
+        print(f"reliability scoreboard, {report.get('date')}")
+        print("\n".join(f"  {line}" for line in body))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,295 @@
+"""NumPy backend: the reference implementation behind the same protocol as the MLX backend.
+
+It needs only NumPy (and the safetensors format, read by hand): this module never imports mlx,
+so every algorithm also runs, slowly, on machines without it, and it is the oracle the MLX path
+is tested against. Gradients are analytic (numpy_model.py): the objective's closed-form
+dL/d(logp) (`GRADS` in train/objectives.py) is pushed back through the model by hand.
+
+Differences from the MLX backend, on purpose:
+- Initial adapters and dropout masks come from NumPy's PCG64 seeded with the run seed, so the
+  same seed gives a *different* (equally distributed) initial LoRA A than mlx-lm's generator.
+  For an identical start, copy the MLX adapter in with `load_adapter_weights(folder)`.
+- Base weights are always float (quantised files are dequantised on load): `--quantize 4|8`
+  (QLoRA) is refused.
+- The state's "rng" group holds the PCG64 state instead of an MLX key; adapter and optimiser
+  arrays use the MLX names and layout, so checkpoints look the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from mlxpt.backends.numpy_model import LINEARS, Model
+from mlxpt.errors import ConfigError, ResourceError
+
+
+class AdamW:
+    """mlx.optimizers.Adam/AdamW(bias_correction=True) and plain SGD, op for op in float32."""
+
+    def __init__(self, kind: str = "adamw", weight_decay: float = 0.0, betas=(0.9, 0.999), eps: float = 1e-8):
+        self.kind, self.weight_decay, self.betas, self.eps = kind, weight_decay, betas, eps
+        self.step, self.learning_rate = 0, np.float32(0.0)
+        self.m: dict[str, np.ndarray] = {}
+        self.v: dict[str, np.ndarray] = {}
+
+    def update(self, params: dict[str, np.ndarray], grads: dict[str, np.ndarray], lr: float) -> None:
+        self.step += 1
+        self.learning_rate = lr = np.float32(lr)
+        if self.kind == "sgd":
+            for k, g in grads.items():
+                params[k] = params[k] - lr * g
+            return
+        b1, b2 = self.betas
+        step = np.float32(self.step)
+        c1 = lr / (np.float32(1) - np.float32(b1) ** step)
+        c2 = np.float32(1) / np.sqrt(np.float32(1) - np.float32(b2) ** step)
+        for k, g in grads.items():
+            p = params[k]
+            if self.kind == "adamw":
+                p = p * (np.float32(1) - lr * np.float32(self.weight_decay))
+            m = b1 * self.m.get(k, np.zeros_like(g)) + (1 - b1) * g
+            v = b2 * self.v.get(k, np.zeros_like(g)) + (1 - b2) * np.square(g)
+            self.m[k], self.v[k] = m, v
+            params[k] = p - (c1 * m) / (np.sqrt(v) * c2 + np.float32(self.eps))
+
+
+def clip_grad_norm(grads: dict[str, np.ndarray], max_norm: float) -> dict[str, np.ndarray]:
+    """mlx.optimizers.clip_grad_norm: scale by min(max_norm / (norm + 1e-6), 1)."""
+    total = np.sqrt(sum(np.square(g).sum() for g in grads.values()))
+    scale = np.minimum(np.float32(max_norm) / (total + np.float32(1e-6)), np.float32(1.0))
+    return {k: g * scale for k, g in grads.items()}
+
+
+def _rng_to_array(rng: np.random.Generator) -> np.ndarray:
+    s = rng.bit_generator.state
+    mask = (1 << 64) - 1
+    st, inc = s["state"]["state"], s["state"]["inc"]
+    return np.array([st >> 64, st & mask, inc >> 64, inc & mask, s["has_uint32"], s["uinteger"]], np.uint64)
+
+
+def _rng_from_array(a: np.ndarray) -> np.random.Generator:
+    a = [int(x) for x in a]
+    rng = np.random.default_rng()
+    rng.bit_generator.state = {
+        "bit_generator": "PCG64",
+        "state": {"state": (a[0] << 64) | a[1], "inc": (a[2] << 64) | a[3]},
+        "has_uint32": a[4],
+        "uinteger": a[5],
+    }
+    return rng
+
+
+class NumpyBackend:
+    name = "numpy"
+
+    def __init__(self, model: Model, objective, grad_fn, optimizer: AdamW, adapter_config=None, seed: int = 0):
+        """`objective(logp, *rest) -> (loss_sum, weight, aux)`, `grad_fn(logp, *rest) -> dL/dlogp`."""
+        self.model, self.objective, self.grad_fn, self.optimizer = model, objective, grad_fn, optimizer
+        self.adapter_config = adapter_config or {}
+        self.rng = np.random.default_rng([seed, 1])  # dropout; the adapter init used [seed]
+        self._dropout = any(a.dropout > 0 for a in model.adapters.values())
+        self._peak = 0
+        self.discard()
+
+    def accumulate(self, batch) -> None:
+        inputs, targets, *rest = batch
+        if self._grads is None:  # window start: remember the RNG so an abandoned window can rewind
+            self._rng_at_start = _rng_to_array(self.rng)
+        keep: dict = {}
+        logp = self.model.token_logp(inputs, targets, keep=keep, drop_rng=self.rng if self._dropout else None)
+        loss, weight, aux = self.objective(logp, *rest)
+        grads = self.model.backward(keep, np.asarray(self.grad_fn(logp, *rest), logp.dtype))
+        self._note_memory()
+        if self._grads is None:
+            self._grads, self._loss, self._weight, self._aux = grads, loss, weight, dict(aux)
+        else:
+            self._grads = {k: self._grads[k] + g for k, g in grads.items()}
+            self._loss, self._weight = self._loss + loss, self._weight + weight
+            self._aux = {k: self._aux[k] + v for k, v in aux.items()}
+
+    def reduce(self) -> tuple[float, float, float, dict]:
+        weight = np.maximum(np.float32(self._weight), np.float32(1))
+        norm = np.sqrt(sum(np.square(g).sum() for g in self._grads.values())) / weight
+        return float(self._loss), float(self._weight), float(norm), {k: float(v) for k, v in self._aux.items()}
+
+    def apply(self, lr: float, clip: float) -> None:
+        scale = np.float32(1.0) / np.maximum(np.float32(self._weight), np.float32(1))
+        grads = {k: g * scale for k, g in self._grads.items()}
+        if clip and clip > 0:
+            grads = clip_grad_norm(grads, clip)
+        self.optimizer.update(self.model.params, grads, lr)
+        self.discard()
+
+    def discard(self, rewind: bool = False) -> None:
+        if rewind and self._grads is not None:
+            self.rng = _rng_from_array(self._rng_at_start)
+        self._grads = self._loss = self._weight = self._aux = None
+
+    def evaluate(self, batch) -> tuple[float, float, dict]:
+        inputs, targets, *rest = batch
+        loss, weight, aux = self.objective(self.model.token_logp(inputs, targets), *rest)
+        return float(loss), float(weight), {k: float(v) for k, v in aux.items()}
+
+    def get_state(self) -> dict[str, dict[str, np.ndarray]]:
+        opt = self.optimizer
+        state = {"step": np.array(opt.step, np.uint64), "learning_rate": np.array(opt.learning_rate, np.float32)}
+        for k in opt.m:
+            state[k + ".m"], state[k + ".v"] = opt.m[k].copy(), opt.v[k].copy()
+        adapters = {k: v.copy() for k, v in self.model.params.items()}
+        return {"adapters": adapters, "optimizer": state, "rng": {"pcg64": _rng_to_array(self.rng)}}
+
+    def set_state(self, arrays) -> None:
+        self._set_params(arrays["adapters"])
+        opt, state = self.optimizer, arrays["optimizer"]
+        opt.step, opt.learning_rate = int(state["step"]), np.float32(state["learning_rate"])
+        opt.m = {k[:-2]: np.array(v) for k, v in state.items() if k.endswith(".m") and k[:-2] in self.model.params}
+        opt.v = {k[:-2]: np.array(v) for k, v in state.items() if k.endswith(".v") and k[:-2] in self.model.params}
+        if "pcg64" not in arrays.get("rng", {}):
+            raise ConfigError("E513", "this checkpoint was not written by the numpy backend", "rng", "resume it with --backend mlx")
+        self.rng = _rng_from_array(arrays["rng"]["pcg64"])
+
+    def _set_params(self, arrays: dict[str, np.ndarray]) -> None:
+        params = self.model.params
+        for k, v in arrays.items():
+            if k not in params or params[k].shape != v.shape:
+                raise ConfigError("E514", f"adapter tensor {k} does not fit this model", k, "use the same model and adapter settings")
+            params[k] = np.array(v, params[k].dtype)
+
+    def load_adapter_weights(self, folder: str | Path) -> None:
+        """Start from the adapters in `folder`'s adapters.safetensors (e.g. the MLX path's initial ones)."""
+        from mlxpt.backends.numpy_model import read_safetensors
+        from mlxpt.train.adapters import ADAPTER_FILE
+
+        self._set_params(read_safetensors(Path(folder) / ADAPTER_FILE))
+
+    def _note_memory(self) -> None:
+        self._peak = max(self._peak, peak_rss())
+
+    def peak_memory(self) -> int:
+        return max(self._peak, peak_rss())
+
+    def token_logps(self, inputs, targets) -> np.ndarray:
+        return self.model.token_logp(np.asarray(inputs), np.asarray(targets))
+
+    def param_counts(self) -> tuple[int, int]:
+        trainable = sum(v.size for v in self.model.params.values())
+        return int(trainable), int(trainable + sum(v.size for v in self.model.w.values()))
+
+    def check_memory(self, batch_size: int, seq_len: int) -> dict:
+        """Weights + Adam state + the layer inputs kept for the backward + one recomputed layer."""
+        a, m = self.model.args, self.model
+        item = m.dtype.itemsize
+        tokens = batch_size * seq_len
+        weights = sum(v.nbytes for v in m.w.values()) + sum(v.nbytes for v in m.params.values())
+        optimizer = 3 * sum(v.nbytes for v in m.params.values())
+        kept = (a.num_hidden_layers - m.first_trainable + 1) * tokens * a.hidden_size * item
+        layer = tokens * (16 * a.hidden_size + 5 * a.intermediate_size) * item
+        layer += 3 * batch_size * a.num_attention_heads * seq_len * seq_len * item
+        head = 3 * min(tokens, 512) * a.vocab_size * item
+        est = {"weights": weights, "optimizer": optimizer, "activations": kept + layer + head}
+        est["total"] = sum(est.values())
+        avail = est["available"] = available_bytes()
+        if avail and est["total"] > avail and not os.environ.get("MLXPT_SKIP_MEMORY_CHECK"):
+            gb = 1e9
+            raise ResourceError(
+                "E310",
+                f"estimated peak memory {est['total'] / gb:.1f} GB exceeds the {avail / gb:.1f} GB available",
+                f"batch {batch_size} x {seq_len} tokens",
+                "lower --batch-size (use --grad-accum to keep the effective batch) or --max-seq-len; "
+                "MLXPT_SKIP_MEMORY_CHECK=1 overrides",
+            )
+        return est
+
+    def save_adapter(self, folder) -> None:
+        from mlxpt.runs import atomic_write_json, save_safetensors_atomic
+        from mlxpt.train.adapters import ADAPTER_FILE, CONFIG_FILE
+
+        folder = Path(folder)
+        arrays = {k: np.asarray(v, np.float32) for k, v in self.model.params.items()}
+        save_safetensors_atomic(folder / ADAPTER_FILE, arrays, {"format": "mlx"})
+        atomic_write_json(folder / CONFIG_FILE, self.adapter_config)
+
+
+def peak_rss() -> int:
+    try:
+        import resource
+
+        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(rss if sys.platform == "darwin" else rss * 1024)
+    except (ImportError, OSError):
+        return 0
+
+
+def available_bytes() -> int | None:
+    """MemAvailable on Linux (without touching mlx, unlike train/memory.py); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def grad_of(objective):
+    """The closed-form dL/dlogp of an objective (the GRADS registry; functools.partial is followed)."""
+    from mlxpt.train import objectives
+
+    registry = getattr(objectives, "GRADS", {})
+    if isinstance(objective, functools.partial):
+        inner = grad_of(objective.func)
+        return functools.partial(inner, *objective.args, **objective.keywords)
+    grad = registry.get(objective) or getattr(objective, "grad", None)
+    if grad is None:
+        name = getattr(objective, "__name__", repr(objective))
+        raise ConfigError(
+            "E512", f"objective {name} has no closed-form gradient for the numpy backend", "backend", "use --backend mlx"
+        )
+    return grad
+
+
+def resolve_keys(targets: str) -> list[str] | None:
+    """Short names such as `q_proj` -> layer paths (`self_attn.q_proj`); None for all linears."""
+    if targets.strip() in ("", "all"):
+        return None
+    keys = []
+    for w in [t.strip() for t in targets.split(",") if t.strip()]:
+        hits = [n for n in LINEARS if n == w or n.endswith("." + w)]
+        if not hits:
+            short = sorted(n.rsplit(".", 1)[-1] for n in LINEARS)
+            raise ConfigError(
+                "E509", f"no linear layer named {w!r} in the model", "targets", f"choose from {', '.join(short)}"
+            )
+        keys += hits
+    return sorted(set(keys))
+
+
+def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective) -> NumpyBackend:
+    """Load the folder's safetensors as float32, add adapters as the MLX path does, make the optimiser."""
+    from mlxpt.models.loader import check_folder, resolve
+
+    if str(model_cfg.quantize) in ("4", "8"):
+        raise ConfigError(
+            "E515", "the numpy backend trains float base weights only (no QLoRA)", "--quantize", "use --quantize auto or none"
+        )
+    grad_fn = grad_of(objective)
+    path = resolve(model_cfg.model)
+    check_folder(path, model_cfg.trust_remote_code)
+    model = Model.load(path)
+    n = model.args.num_hidden_layers
+    num = n if adapter_cfg.num_layers < 0 else min(adapter_cfg.num_layers, n)
+    kind = adapter_cfg.fine_tune_type
+    keys = None if kind == "full" else resolve_keys(adapter_cfg.targets)
+    scale = adapter_cfg.alpha / adapter_cfg.rank
+    model.add_adapters(kind, num, adapter_cfg.rank, scale, adapter_cfg.dropout, keys, seed=train_cfg.seed)
+    config = {"fine_tune_type": kind, "num_layers": num}
+    if kind != "full":
+        config["lora_parameters"] = {"rank": adapter_cfg.rank, "scale": scale, "dropout": adapter_cfg.dropout, "keys": keys}
+    opt = AdamW(train_cfg.optimizer, train_cfg.weight_decay)
+    return NumpyBackend(model, objective, grad_fn, opt, adapter_config=config, seed=train_cfg.seed)

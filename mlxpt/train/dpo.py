@@ -1,0 +1,186 @@
+"""Preference optimisation on the shared runner: DPO (sigmoid / IPO / hinge), SimPO and ORPO.
+
+Objective (DPO): -log σ(β[(log π(c|x) - log π_ref(c|x)) - (log π(r|x) - log π_ref(r|x))]).
+
+Deviations and simplifications:
+- π_ref is the same model with the adapter at its initial state (LoRA/DoRA start as a no-op, so
+  that is the base model; for `full` it is the initial weights): no second copy of the weights.
+  Its summed log-probs are computed once per pair before step 1 and cached in the run folder
+  (`reference_logps.safetensors`); resume reuses the cache, and a run with checkpoints but no
+  cache is refused, since the reference can no longer be recomputed.
+- Chosen and rejected go through one concatenated forward pass: B chosen rows, then B rejected.
+- Log-probs are summed over response tokens (the end-of-turn token included); IPO uses the sums
+  too (TRL averages them per token for IPO). SimPO and ORPO average them per token as in their
+  papers; ORPO's SFT term is the per-pair mean NLL of the chosen response (TRL: a token mean
+  over the batch), and its λ is `orpo_lambda` (TRL calls it `beta`).
+- Over-long pairs lose response tokens, never prompt tokens (data/preference.py).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from mlxpt.config import DPOConfig
+from mlxpt.data.batching import collate
+from mlxpt.data.preference import PrefExample, encode_preference, load_preference
+from mlxpt.errors import MlxptError
+from mlxpt.train import objectives
+from mlxpt.train.loop import Task
+from mlxpt.train.runner import Method, pad_id_of, run_training
+
+REFERENCE_FILE = "reference_logps.safetensors"
+REFERENCE_FREE = ("simpo", "orpo")
+
+
+def read_rows(cfg: DPOConfig):
+    return load_preference(cfg.data.data, cfg.data.valid)
+
+
+def prepare_data(cfg: DPOConfig, tokenizer, rows=None):
+    """(train pairs, valid pairs, report); raises DataError before any model load."""
+    d = cfg.data
+    train_rows, valid_rows, identical = rows if rows is not None else read_rows(cfg)
+    train, train_report = encode_preference(train_rows, tokenizer, d.max_seq_len, d.overlong)
+    valid, valid_report = (
+        encode_preference(valid_rows, tokenizer, d.max_seq_len, d.overlong) if valid_rows else ([], {})
+    )
+    train_report["dropped_identical"] = identical["train"]
+    if valid_rows:
+        valid_report["dropped_identical"] = identical.get("valid", 0)
+    if not train:
+        raise MlxptError("E191", "no preference pairs left after encoding", d.data, "check max_seq_len and the data")
+    return train, valid, {"train": train_report, "valid": valid_report}
+
+
+def collate_pairs(pairs: list[PrefExample], pad_id: int):
+    """(inputs, targets, mask, ref_chosen, ref_rejected): 2B rows, B chosen then B rejected."""
+    rows = [p.rows()[0] for p in pairs] + [p.rows()[1] for p in pairs]
+    inputs, targets, mask = collate(rows, pad_id)
+    ref_c = np.array([p.ref_chosen for p in pairs], dtype=np.float32)
+    ref_r = np.array([p.ref_rejected for p in pairs], dtype=np.float32)
+    return inputs, targets, mask, ref_c, ref_r
+
+
+def pair_task(cfg: DPOConfig, tokenizer) -> Task:
+    return Task(
+        collate=partial(collate_pairs, pad_id=pad_id_of(tokenizer)),
+        length=lambda p: len(p.prompt) + max(len(p.chosen), len(p.rejected)),
+        tokens=lambda p: 2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2,
+    )
+
+
+def make_objective(cfg: DPOConfig) -> Callable:
+    """The configured loss as `objective(logp, mask, ref_chosen, ref_rejected)`."""
+    p = cfg.pref
+    if p.loss_type == "simpo":
+        return partial(objectives.simpo_objective, beta=p.beta, gamma=p.simpo_gamma, label_smoothing=p.label_smoothing)
+    if p.loss_type == "orpo":
+        return partial(objectives.orpo_objective, orpo_lambda=p.orpo_lambda)
+    return partial(objectives.dpo_objective, loss_type=p.loss_type, beta=p.beta, label_smoothing=p.label_smoothing)
+
+
+def fingerprint(pairs: list[PrefExample]) -> str:
+    """A hash of the token ids of every pair, in order: the cache key of the reference log-probs."""
+    h = hashlib.sha256()
+    for p in pairs:
+        for part in (p.prompt, p.chosen, p.rejected):
+            h.update(np.asarray(part, dtype=np.int64).tobytes())
+            h.update(b"|")
+    return h.hexdigest()
+
+
+def reference_logps(backend, pairs: list[PrefExample], batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Summed response log-probs of each pair under the model as it is now (no gradient)."""
+    chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
+    for i in range(0, len(pairs), batch_size):
+        part = pairs[i : i + batch_size]
+        inputs, targets, mask, _, _ = collate_pairs(part, pad_id)
+        seq = (backend.token_logps(inputs, targets).astype(np.float32) * mask).sum(axis=1)
+        chosen[i : i + len(part)], rejected[i : i + len(part)] = seq[: len(part)], seq[len(part) :]
+    return chosen, rejected
+
+
+def _adapter_is_initial(backend) -> bool:
+    """LoRA/DoRA are a no-op while every lora_b is zero; `full` has no such test (fresh runs only)."""
+    adapters = backend.get_state()["adapters"]
+    return all(not np.any(v) for k, v in adapters.items() if k.endswith("lora_b"))
+
+
+def make_before_train(cfg: DPOConfig, pad_id: int) -> Callable:
+    """Load the cached reference log-probs, or compute and cache them on a fresh run."""
+
+    def before_train(backend, train, valid, run_dir: Path, emit) -> None:
+        if cfg.pref.loss_type in REFERENCE_FREE:
+            return
+        from mlxpt.runs import latest_checkpoint, save_safetensors_atomic
+
+        path = Path(run_dir) / REFERENCE_FILE
+        keys = {"train": fingerprint(train), "valid": fingerprint(valid)}
+        if path.exists():
+            from safetensors import safe_open
+
+            with safe_open(str(path), framework="numpy") as f:
+                meta = f.metadata() or {}
+                arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+            if any(meta.get(f"fingerprint_{s}") != keys[s] for s in keys):
+                raise MlxptError(
+                    "E195",
+                    "cached reference log-probs do not match the encoded data (data, tokenizer or max_seq_len changed)",
+                    str(path),
+                    "resume with the same data and model, or start a new run",
+                )
+            how = "loaded"
+        else:
+            if latest_checkpoint(run_dir) is not None or not _adapter_is_initial(backend):
+                raise MlxptError(
+                    "E196",
+                    "no cached reference log-probs, and the adapter is no longer at its initial state",
+                    str(run_dir),
+                    "the reference is the untrained model: start a new run",
+                )
+            arrays = {}
+            for split, pairs in (("train", train), ("valid", valid)):
+                c, r = reference_logps(backend, pairs, cfg.data.batch_size, pad_id)
+                arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = c, r
+            meta = {f"fingerprint_{s}": v for s, v in keys.items()}
+            save_safetensors_atomic(path, arrays, {**meta, "model": cfg.model.model})
+            how = "computed"
+        for split, pairs in (("train", train), ("valid", valid)):
+            for p, c, r in zip(pairs, arrays[f"{split}_chosen"], arrays[f"{split}_rejected"], strict=True):
+                p.ref_chosen, p.ref_rejected = float(c), float(r)
+        emit({"event": "reference", "status": how, "path": str(path), "pairs": len(train) + len(valid)})
+
+    return before_train
+
+
+def make_method(cfg: DPOConfig, name: str = "dpo") -> Method:
+    """A `Method` for the runner with the configured preference loss."""
+    holder: dict = {}
+
+    def task(cfg_, tokenizer) -> Task:
+        holder["pad"] = pad_id_of(tokenizer)
+        return pair_task(cfg_, tokenizer)
+
+    def before_train(*args) -> None:
+        make_before_train(cfg, holder["pad"])(*args)
+
+    return Method(
+        name=name, read=read_rows, encode=prepare_data, objective=make_objective(cfg), task=task,
+        before_train=before_train,
+    )  # fmt: skip
+
+
+def run_dpo(
+    cfg: DPOConfig,
+    resume_dir: str | Path | None = None,
+    emit: Callable[[dict], None] = lambda e: None,
+    stop=None,
+    name: str = "dpo",
+) -> tuple[Path, str]:
+    """Train (or resume) one preference run; return (run folder, "finished" | "interrupted")."""
+    return run_training(make_method(cfg, name), cfg, resume_dir=resume_dir, emit=emit, stop=stop)

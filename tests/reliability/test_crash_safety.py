@@ -1,0 +1,141 @@
+"""Crash safety: a real training process on the tiny model is SIGKILLed again and again (at random
+times and at named points inside checkpointing, rotation, adapter export and resume), and resumed
+each time. After every kill: the newest checkpoint verifies against its manifest and loads, the
+newest `keep` completed checkpoints are all there, and the next resume starts from the newest.
+At the end: no temp files, and the adapters, optimiser and RNG equal an uninterrupted run's."""
+
+from __future__ import annotations
+
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mlxpt.runs import latest_checkpoint, list_checkpoints, load_checkpoint, verify_checkpoint
+from reliability.harness import assert_arrays_close, checkpoint_arrays, resume_args, step_of, temp_files, train_args
+
+pytestmark = pytest.mark.reliability
+
+STEPS, KEEP, RANDOM_KILLS = 72, 2, 24
+# (name, fault spec): the process kills itself with SIGKILL at the first matching call, or after
+# it ("kill-after"), or half way through a write ("kill-half").
+NAMED = [
+    ("mid-step, before the update", {"op": "apply", "nth": 2}),
+    ("checkpoint: temp dir just created", {"op": "mkdir", "match": ".tmp-step", "action": "kill-after"}),
+    ("checkpoint: torn adapters file", {"op": "write", "match": ".tmp-step-N/adapters", "action": "kill-half"}),
+    ("checkpoint: between files", {"op": "create", "match": ".tmp-step-N/optimizer"}),
+    ("checkpoint: state.json created empty", {"op": "create", "match": "/state.json", "action": "kill-after"}),
+    ("checkpoint: torn manifest", {"op": "write", "match": "/manifest.json", "action": "kill-half"}),
+    ("checkpoint: manifest written, not synced", {"op": "fsync", "match": "/manifest.json"}),
+    ("checkpoint: complete, before publish", {"op": "rename", "match": "rename:checkpoints/step-N"}),
+    ("checkpoint: published, before rotation", {"op": "rename", "match": "checkpoints/step-N", "action": "kill-after"}),
+    ("rotation: old checkpoint hidden", {"op": "rename", "match": ".tmp-deleted", "action": "kill-after"}),
+    (
+        "rotation or clean-up: mid-delete of an old checkpoint",
+        {"op": "rmtree", "match": ".tmp-deleted", "action": "kill-half"},
+    ),
+    ("adapter export: torn temp file", {"op": "write", "match": "<run>/.tmp-adapters", "action": "kill-half"}),
+    ("adapter export: before rename", {"op": "replace", "match": "<run>/adapters.safetensors"}),
+    ("adapter export: config before rename", {"op": "replace", "match": "<run>/adapter_config.json"}),
+    ("status: before rename", {"op": "replace", "match": "<run>/status.json", "nth": 2}),
+    ("metrics: torn line", {"op": "write", "match": "<run>/metrics.jsonl", "action": "kill-half"}),
+    ("resume: during metrics trim", {"op": "replace", "match": "<run>/metrics.jsonl"}),
+    ("resume: during config rewrite", {"op": "replace", "match": "<run>/config.json"}),
+]
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(zygote, tiny_model, small_data, tmp_path, scoreboard):
+    # checkpoint frequency changes nothing numerically: the reference saves once, at the end
+    ref = zygote.run(train_args(tiny_model, small_data, tmp_path / "ref", STEPS, save_every=STEPS), timeout=300)
+    assert ref.code == 0, ref.stderr()
+    ref_dir = ref.start()["run_dir"]
+
+    rng = random.Random(8)
+    plan = [("random", None)] * 3 + [(name, spec) for name, spec in NAMED]
+    plan += [("random", None)] * (RANDOM_KILLS - 3)
+    rng.shuffle(plan[3:])
+    run_dir = None
+    completed: set[int] = set()  # steps whose checkpoint was reported complete
+    tally = {"kills": 0, "named": 0, "unloadable_latest": 0, "lost": 0, "resumes_ok": 0, "not_reached": 0}
+    t0 = time.monotonic()
+    for name, spec in plan:
+        if run_dir is None:
+            argv = train_args(tiny_model, small_data, tmp_path / "runs", STEPS, keep=KEEP, name="crash")
+            expected_step = 0
+        else:
+            argv = resume_args(run_dir)
+            newest = latest_checkpoint(run_dir)
+            expected_step = step_of(newest) if newest else 0
+        faults = None if spec is None else {**spec, "action": spec.get("action", "kill"), "root": str(tmp_path)}
+        child = zygote.spawn(argv, faults=faults)
+        if spec is None:
+            start = child.wait_event("start")
+            assert start is not None, child.stderr()
+            near_end = expected_step > STEPS - 12  # keep the run from finishing before the plan does
+            time.sleep(rng.uniform(0.0, 0.05 if near_end else 0.35))
+            child.kill()
+        code = child.wait()
+        events = child.events()
+        starts = [e for e in events if e["event"] == "start"]
+        if run_dir is not None:  # this process is the resume of the previous kill
+            if starts:
+                tally["resumes_ok"] += starts[0]["resumed_from_step"] == expected_step
+            else:  # killed on purpose before its start event (clean-up, config rewrite): the next one shows
+                tally["resumes_ok"] += code == -9
+        run_dir = run_dir or Path(starts[0]["run_dir"])
+        completed |= {e["step"] for e in events if e["event"] == "checkpoint"}
+        if code != -9:
+            tally["not_reached"] += 1
+            assert code == 0, f"{name}: exit {code}: {child.stderr()[-2000:]}"
+            break
+        tally["kills"] += 1
+        tally["named"] += spec is not None
+        # the state a user finds after the crash
+        listed = list_checkpoints(run_dir)
+        if listed:
+            newest = listed[-1]
+            try:
+                ok = verify_checkpoint(newest) and load_checkpoint(newest) is not None
+            except Exception:  # noqa: BLE001 - counted, then asserted below
+                ok = False
+            tally["unloadable_latest"] += not ok
+        present = {step_of(p) for p in listed if verify_checkpoint(p)}
+        must_have = sorted(completed | present)[-KEEP:]
+        tally["lost"] += len(set(must_have) - present)
+        assert tally["unloadable_latest"] == tally["lost"] == 0, (name, [p.name for p in listed], completed)
+
+    newest = latest_checkpoint(run_dir)
+    final = zygote.run(resume_args(run_dir), timeout=300)
+    start = final.start()
+    tally["resumes_ok"] += bool(start) and start["resumed_from_step"] == (step_of(newest) if newest else 0)
+    assert final.code == 0, final.stderr()
+    leftovers = temp_files(run_dir)
+    a, b = checkpoint_arrays(ref_dir), checkpoint_arrays(run_dir)
+    equal = True
+    try:
+        assert_arrays_close(a, b, atol=1e-6)
+        ra, rb = load_file(f"{ref_dir}/adapters.safetensors"), load_file(f"{run_dir}/adapters.safetensors")
+        for k in ra:
+            np.testing.assert_allclose(ra[k], rb[k], rtol=0, atol=1e-6)
+    except AssertionError:
+        equal = False
+    scoreboard.record(
+        "kills",
+        kills=tally["kills"],
+        named=tally["named"],
+        unloadable_latest=tally["unloadable_latest"],
+        lost=tally["lost"],
+        resumes=tally["kills"],
+        resumes_ok=tally["resumes_ok"],
+        temp_left=len(leftovers),
+        final_equal=int(equal),
+        seconds=int(time.monotonic() - t0),
+    )
+    assert tally["not_reached"] == 0, "a named point was not reached before the run finished"
+    assert tally["kills"] == len(plan)
+    assert tally["resumes_ok"] == tally["kills"], tally
+    assert not leftovers, leftovers
+    assert equal, "the killed-and-resumed run differs from the uninterrupted one"
