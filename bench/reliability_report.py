@@ -32,7 +32,7 @@ def lines(report: dict) -> list[str]:
             f"{k} kills ({get('kills', 'named')} at named points, {k - get('kills', 'named')} at random times) → "
             f"{get('kills', 'unloadable_latest')} unloadable latest checkpoints, {get('kills', 'lost')} completed "
             f"checkpoints lost, {get('kills', 'resumes_ok')}/{get('kills', 'resumes')} resumes succeed, "
-            f"final result {'equal to' if get('kills', 'final_equal') else 'DIFFERENT from'} an uninterrupted run"
+            f"{get('kills', 'final_equal')}/{get('kills', 'chains')} final results equal to an uninterrupted run"
         )
     if "resume" in s:
         out.append(

@@ -4,6 +4,7 @@ later the TUI form) reuse. Precedence at the boundary: command line > YAML file 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -193,7 +194,10 @@ def validate(cfg, source: str = "config") -> None:
         "orpo_lambda": lambda v: v >= 0,
     }
     for name, (obj, f) in all_fields(cfg).items():
-        if name in checks and not checks[name](getattr(obj, name)):
+        value = getattr(obj, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError("E505", f"{name}={value!r} is not a finite number", source, f.metadata.get("help"))
+        if name in checks and not checks[name](value):
             raise ConfigError("E505", f"{name}={getattr(obj, name)!r} is out of range", source, f.metadata.get("help"))
 
 

@@ -44,9 +44,7 @@ def test_missing_file():
 
 def test_all_problems_collected_and_summarised(tmp_path):
     p = tmp_path / "train.jsonl"
-    p.write_text(
-        '{"text": "ok"}\n{"text": ""}\nnot json\n{"text": 3}\n{"text": "ok too"}\n'
-    )
+    p.write_text('{"text": "ok"}\n{"text": ""}\nnot json\n{"text": 3}\n{"text": "ok too"}\n')
     with pytest.raises(DataError) as info:
         read_jsonl(p)
     err = info.value
@@ -120,9 +118,7 @@ def test_good_chat_variants_accepted(tmp_path):
 
 def test_fuzzed_files_never_crash(tmp_path):
     """Random byte damage gives rows or DataErrors, never another exception."""
-    good = (HERE.parent.parent.parent / "assets" / "sft" / "valid.jsonl").read_bytes()[
-        :4000
-    ]
+    good = (HERE.parent.parent.parent / "assets" / "sft" / "valid.jsonl").read_bytes()[:4000]
     rng = random.Random(0)
     p = tmp_path / "f.jsonl"
     for _ in range(200):

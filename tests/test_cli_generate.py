@@ -65,7 +65,7 @@ def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "adapters.npz").write_bytes(b"\x80\x04K\x01.")
-    _one_line_error(capsys, [*gen_args, "--model", str(base), "--adapter", str(pickled)], 5, "E503")
+    _one_line_error(capsys, [*gen_args, "--model", str(base), "--adapter", str(pickled)], 5, "E703")
     # validated before the (missing) model is looked up
     _one_line_error(capsys, [*gen_args, "--model", str(tmp_path / "none"), "--temperature", "-1"], 1, "E601")
     _one_line_error(capsys, [*gen_args, "--model", str(tmp_path / "none"), "--max-tokens", "0"], 1, "E604")

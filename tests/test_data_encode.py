@@ -119,9 +119,7 @@ class BosTokenizer:
         return [self.bos_token_id, *ids] if add_special_tokens else ids
 
     def apply_chat_template(self, messages, **kw):
-        return self.bos_token * self.template_bos + self.tk.apply_chat_template(
-            messages, **kw
-        )
+        return self.bos_token * self.template_bos + self.tk.apply_chat_template(messages, **kw)
 
 
 @pytest.mark.parametrize("template_bos", [True, False])
@@ -154,9 +152,7 @@ def test_prefix_unstable_template_refused(tmp_path):
 
 def test_template_exception_is_a_data_error(tmp_path):
     t = AutoTokenizer.from_pretrained(
-        make_tokenizer(
-            tmp_path, chat_template="{{ raise_exception('roles must alternate') }}"
-        )
+        make_tokenizer(tmp_path, chat_template="{{ raise_exception('roles must alternate') }}")
     )
     with pytest.raises(DataError) as info:
         encode(chat("a", "b"), t)
@@ -172,9 +168,7 @@ def test_overlong_policies_and_counts(tok):
     assert all(len(e.mask) == 200 for e in ex[1:])
     assert rep["rows"] == 3 and rep["kept"] == 3 and rep["truncated"] == 2
     assert rep["dropped"] == 0 and rep["max_len_seen"] > 400
-    assert rep["tokens"] == n_short + 400 and rep["trained_tokens"] == sum(
-        sum(e.mask) for e in ex
-    )
+    assert rep["tokens"] == n_short + 400 and rep["trained_tokens"] == sum(sum(e.mask) for e in ex)
     ex, rep = encode_all(rows, tok, max_len=200, overlong="drop")
     assert len(ex) == 1 and rep["dropped"] == 2 and rep["truncated"] == 0
     assert encode(long_, tok, max_len=200, overlong="drop") is None

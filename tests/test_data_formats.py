@@ -123,6 +123,4 @@ def test_dataset_files_valid_disjoint_and_reproducible(tmp_path):
     for s in splits:
         new = (tmp_path / "a" / f"{s}.jsonl").read_bytes()
         assert new == (tmp_path / "b" / f"{s}.jsonl").read_bytes()
-        assert new == (SFT / f"{s}.jsonl").read_bytes(), (
-            "assets/sft is stale: rerun the script"
-        )
+        assert new == (SFT / f"{s}.jsonl").read_bytes(), "assets/sft is stale: rerun the script"

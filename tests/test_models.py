@@ -191,7 +191,7 @@ def test_remote_code_is_refused_and_never_run(tiny, tmp_path, keys):
         with pytest.raises(SecurityError) as e:
             call()
         assert e.value.exit_code == EXIT_SECURITY == 5
-        assert "--trust-remote-code" in _one_line(e.value, "E501", 5)
+        assert "--trust-remote-code" in _one_line(e.value, "E701", 5)
     assert not sentinel.exists()
     # explicitly allowed: the folder check passes (the code itself is not run by the check)
     assert check_folder(d, trust_remote_code=True)["model_type"] == "llama"
@@ -212,7 +212,7 @@ def test_remote_tokenizer_code_is_refused(tiny, tmp_path):
     for call in (lambda: load_tokenizer(str(d)), lambda: load(str(d))):
         with pytest.raises(SecurityError) as e:
             call()
-        _one_line(e.value, "E501", 5)
+        _one_line(e.value, "E701", 5)
     assert not sentinel.exists()
     assert check_folder(d, trust_remote_code=True)
 
@@ -227,7 +227,7 @@ def test_pickle_only_weights_are_refused_and_never_unpickled(tiny, tmp_path):
     for call in (lambda: load(str(d)), lambda: load_tokenizer(str(d)), lambda: load(str(d), trust_remote_code=True)):
         with pytest.raises(SecurityError) as e:
             call()
-        assert "pytorch_model.bin" in _one_line(e.value, "E502", 5)
+        assert "pytorch_model.bin" in _one_line(e.value, "E702", 5)
     assert not sentinel.exists()
     # beside safetensors weights a pickle is simply ignored (never read)
     shutil.copy(tiny / "model.safetensors", d / "model.safetensors")

@@ -35,7 +35,12 @@ VARIANTS = {
     },
     "llama-linear": {"rope_scaling": {"type": "linear", "factor": 2.0}},
     "qwen2": {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"]},
-    "qwen3": {"model_type": "qwen3", "architectures": ["Qwen3ForCausalLM"], "head_dim": 16, "tie_word_embeddings": False},
+    "qwen3": {
+        "model_type": "qwen3",
+        "architectures": ["Qwen3ForCausalLM"],
+        "head_dim": 16,
+        "tie_word_embeddings": False,
+    },
 }
 
 
@@ -178,6 +183,27 @@ def test_adapter_gradients_and_one_adamw_step_match_mlx(variant, kind):
     ours = nb.get_state()["optimizer"]
     for k, v in after["optimizer"].items():
         assert np.abs(ours[k] - v).max() <= 1e-4 * max(np.abs(v).max(), 1e-30), k  # moments: like gradients
+
+
+@pytest.mark.parametrize(("kind", "targets", "seed"), [("lora", "all", 0), ("dora", "q_proj,down_proj", 2**40 + 7)])
+def test_same_seed_gives_the_mlx_initial_adapter(kind, targets, seed, tmp_path):
+    from mlxpt.backends.numpy_backend import resolve_keys
+    from mlxpt.config import AdapterConfig
+    from mlxpt.models import load
+    from mlxpt.train.adapters import apply_adapters, trainable
+
+    path = make_variant(tmp_path / "m", "qwen3")
+    ref, _ = load(str(path))
+    apply_adapters(ref, AdapterConfig(fine_tune_type=kind, targets=targets, num_layers=2), seed=seed)
+    expected = {k: np.array(v) for k, v in trainable(ref).items()}
+    ours = Model.load(path)
+    ours.add_adapters(kind, 2, 8, 2.0, 0.0, resolve_keys(targets), seed=seed)
+    assert expected.keys() == ours.params.keys()
+    for k, v in expected.items():
+        if k.endswith(".m"):  # a float32 norm: summation order
+            np.testing.assert_allclose(ours.params[k], v, rtol=1e-6)
+        else:
+            assert np.array_equal(ours.params[k], v), k
 
 
 def test_targets_restrict_adapted_layers(tmp_path):

@@ -50,12 +50,8 @@ def make_arrays(step: int, n: int = 64) -> dict[str, dict[str, np.ndarray]]:
     rng = np.random.default_rng(step)
     return {
         "adapters": {
-            "model.layers.0.self_attn.q_proj.lora_a": rng.standard_normal(
-                (n, 8)
-            ).astype(np.float32),
-            "model.layers.0.self_attn.q_proj.lora_b": rng.standard_normal(
-                (8, n)
-            ).astype(np.float16),
+            "model.layers.0.self_attn.q_proj.lora_a": rng.standard_normal((n, 8)).astype(np.float32),
+            "model.layers.0.self_attn.q_proj.lora_b": rng.standard_normal((8, n)).astype(np.float16),
         },
         "optimizer": {
             "state.m.layers.0": rng.standard_normal((n, 8)).astype(np.float32),
@@ -90,9 +86,7 @@ def test_atomic_writes_replace_and_leave_no_temp_files(tmp_path):
     atomic_write_bytes(tmp_path / "a.bin", b"one")
     atomic_write_bytes(tmp_path / "a.bin", b"two")
     atomic_write_text(tmp_path / "b.txt", "héllo")
-    atomic_write_json(
-        tmp_path / "c.json", {"x": np.float32(0.5), "n": np.int64(3), "inf": 1e999}
-    )
+    atomic_write_json(tmp_path / "c.json", {"x": np.float32(0.5), "n": np.int64(3), "inf": 1e999})
     assert (tmp_path / "a.bin").read_bytes() == b"two"
     assert (tmp_path / "b.txt").read_text(encoding="utf-8") == "héllo"
     assert json.loads((tmp_path / "c.json").read_text()) == {
@@ -207,11 +201,7 @@ def test_new_run_dir_config_and_status(tmp_path):
 
     write_status(a, "running", step=5)
     status = read_status(a)
-    assert (
-        status["status"] == "running"
-        and status["step"] == 5
-        and status["pid"] == os.getpid()
-    )
+    assert status["status"] == "running" and status["step"] == 5 and status["pid"] == os.getpid()
     with pytest.raises(ValueError):
         write_status(a, "exploded")
     assert read_status(c) is None
@@ -323,9 +313,7 @@ def test_leftover_temp_dir_is_ignored_then_cleaned(tmp_path):
 
 def test_rotation_keeps_newest_and_counts_only_verified(tmp_path):
     for step in range(1, 6):
-        save_checkpoint(
-            tmp_path, step * 10, make_arrays(step), {"step": step * 10}, keep=2
-        )
+        save_checkpoint(tmp_path, step * 10, make_arrays(step), {"step": step * 10}, keep=2)
     assert steps(tmp_path) == [40, 50]
 
     # A broken checkpoint does not count towards `keep`: step 40 (good) survives alongside it.
@@ -362,21 +350,15 @@ def test_nonfinite_checkpoint_is_refused_and_nothing_written(tmp_path):
             save_checkpoint(tmp_path, 2, arrays, {"step": 2})
         assert info.value.exit_code == 4 and "state.m.layers.0" in str(info.value)
     arrays = make_arrays(2)
-    arrays["adapters"]["model.layers.0.self_attn.q_proj.lora_b"][0, 0] = np.float16(
-        np.inf
-    )
+    arrays["adapters"]["model.layers.0.self_attn.q_proj.lora_b"][0, 0] = np.float16(np.inf)
     with pytest.raises(NumericsError):
         save_checkpoint(tmp_path, 2, arrays, {"step": 2})
 
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [
-        "step-00000001"
-    ]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000001"]
     assert {p.name: p.read_bytes() for p in ck1.iterdir()} == before
 
 
-def test_disk_full_mid_checkpoint_keeps_previous_and_leaves_nothing(
-    tmp_path, monkeypatch
-):
+def test_disk_full_mid_checkpoint_keeps_previous_and_leaves_nothing(tmp_path, monkeypatch):
     save_checkpoint(tmp_path, 1, make_arrays(1), {"step": 1})
     calls = []
     real = atomic.write_fsync
@@ -475,9 +457,7 @@ CHILD_BODY = textwrap.dedent(
 
 def write_child(tmp_path: Path) -> Path:
     script = tmp_path / "child.py"
-    script.write_text(
-        "import numpy as np\n\n" + inspect.getsource(make_arrays) + CHILD_BODY
-    )
+    script.write_text("import numpy as np\n\n" + inspect.getsource(make_arrays) + CHILD_BODY)
     return script
 
 
@@ -516,14 +496,10 @@ def drive_child(proc: subprocess.Popen, delay: float | None) -> tuple[int, list[
     return int(ready[1]), [int(line.split()[1]) for line in out.splitlines()]
 
 
-def check_after_kill(
-    run: Path, known: set[int], keep: int, newest_saved: int | None
-) -> int:
+def check_after_kill(run: Path, known: set[int], keep: int, newest_saved: int | None) -> int:
     """Invariants after a kill; returns the step a resume would start from."""
     listed = list_checkpoints(run)
-    assert all(verify_checkpoint(ck) for ck in listed), (
-        "a torn checkpoint became visible"
-    )
+    assert all(verify_checkpoint(ck) for ck in listed), "a torn checkpoint became visible"
     present = set(steps(run))
     for step in known - present:  # only rotation may remove a checkpoint, never a kill
         newer = [s for s in present if s > step]
@@ -549,9 +525,7 @@ def test_random_sigkills_never_lose_a_completed_checkpoint(tmp_path):
         upcoming = spawn_child(script, run, keep, "none") if i + 1 < kills else None
         expected = max(steps(run), default=0)
         resumed_from, saved = drive_child(proc, rng.uniform(0.0, 0.2))
-        assert (
-            resumed_from == expected
-        )  # resume picks up the newest complete checkpoint
+        assert resumed_from == expected  # resume picks up the newest complete checkpoint
         known |= set(saved)
         check_after_kill(run, known, keep, max(saved) if saved else None)
     assert max(known) > kills  # the kills landed across many saves, not just the first

@@ -5,10 +5,13 @@ so every algorithm also runs, slowly, on machines without it, and it is the orac
 is tested against. Gradients are analytic (numpy_model.py): the objective's closed-form
 dL/d(logp) (`GRADS` in train/objectives.py) is pushed back through the model by hand.
 
+The initial adapter is the MLX path's for the same seed: LoRA A replays MLX's Threefry key
+sequence bit for bit (numpy_model.MLXKeys); DoRA's magnitude m agrees to float32 rounding.
+`load_adapter_weights(folder)` starts from any saved adapter instead.
+
 Differences from the MLX backend, on purpose:
-- Initial adapters and dropout masks come from NumPy's PCG64 seeded with the run seed, so the
-  same seed gives a *different* (equally distributed) initial LoRA A than mlx-lm's generator.
-  For an identical start, copy the MLX adapter in with `load_adapter_weights(folder)`.
+- Dropout masks come from NumPy's PCG64 (seeded by the run seed), not MLX's generator, so runs
+  with dropout > 0 are statistically, not bitwise, alike across backends.
 - Base weights are always float (quantised files are dequantised on load): `--quantize 4|8`
   (QLoRA) is refused.
 - The state's "rng" group holds the PCG64 state instead of an MLX key; adapter and optimiser
@@ -91,7 +94,7 @@ class NumpyBackend:
         """`objective(logp, *rest) -> (loss_sum, weight, aux)`, `grad_fn(logp, *rest) -> dL/dlogp`."""
         self.model, self.objective, self.grad_fn, self.optimizer = model, objective, grad_fn, optimizer
         self.adapter_config = adapter_config or {}
-        self.rng = np.random.default_rng([seed, 1])  # dropout; the adapter init used [seed]
+        self.rng = np.random.default_rng([seed, 1])  # dropout masks
         self._dropout = any(a.dropout > 0 for a in model.adapters.values())
         self._peak = 0
         self.discard()
@@ -150,14 +153,18 @@ class NumpyBackend:
         opt.m = {k[:-2]: np.array(v) for k, v in state.items() if k.endswith(".m") and k[:-2] in self.model.params}
         opt.v = {k[:-2]: np.array(v) for k, v in state.items() if k.endswith(".v") and k[:-2] in self.model.params}
         if "pcg64" not in arrays.get("rng", {}):
-            raise ConfigError("E513", "this checkpoint was not written by the numpy backend", "rng", "resume it with --backend mlx")
+            raise ConfigError(
+                "E513", "this checkpoint was not written by the numpy backend", "rng", "resume it with --backend mlx"
+            )
         self.rng = _rng_from_array(arrays["rng"]["pcg64"])
 
     def _set_params(self, arrays: dict[str, np.ndarray]) -> None:
         params = self.model.params
         for k, v in arrays.items():
             if k not in params or params[k].shape != v.shape:
-                raise ConfigError("E514", f"adapter tensor {k} does not fit this model", k, "use the same model and adapter settings")
+                raise ConfigError(
+                    "E514", f"adapter tensor {k} does not fit this model", k, "use the same model and adapter settings"
+                )
             params[k] = np.array(v, params[k].dtype)
 
     def load_adapter_weights(self, folder: str | Path) -> None:
@@ -249,7 +256,10 @@ def grad_of(objective):
     if grad is None:
         name = getattr(objective, "__name__", repr(objective))
         raise ConfigError(
-            "E512", f"objective {name} has no closed-form gradient for the numpy backend", "backend", "use --backend mlx"
+            "E512",
+            f"objective {name} has no closed-form gradient for the numpy backend",
+            "backend",
+            "use --backend mlx",
         )
     return grad
 
@@ -276,7 +286,10 @@ def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective) -> NumpyB
 
     if str(model_cfg.quantize) in ("4", "8"):
         raise ConfigError(
-            "E515", "the numpy backend trains float base weights only (no QLoRA)", "--quantize", "use --quantize auto or none"
+            "E515",
+            "the numpy backend trains float base weights only (no QLoRA)",
+            "--quantize",
+            "use --quantize auto or none",
         )
     grad_fn = grad_of(objective)
     path = resolve(model_cfg.model)
@@ -290,6 +303,11 @@ def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective) -> NumpyB
     model.add_adapters(kind, num, adapter_cfg.rank, scale, adapter_cfg.dropout, keys, seed=train_cfg.seed)
     config = {"fine_tune_type": kind, "num_layers": num}
     if kind != "full":
-        config["lora_parameters"] = {"rank": adapter_cfg.rank, "scale": scale, "dropout": adapter_cfg.dropout, "keys": keys}
+        config["lora_parameters"] = {
+            "rank": adapter_cfg.rank,
+            "scale": scale,
+            "dropout": adapter_cfg.dropout,
+            "keys": keys,
+        }
     opt = AdamW(train_cfg.optimizer, train_cfg.weight_decay)
     return NumpyBackend(model, objective, grad_fn, opt, adapter_config=config, seed=train_cfg.seed)

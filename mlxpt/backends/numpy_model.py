@@ -12,8 +12,9 @@ its activations stored, then runs that layer's analytic backward (activation che
 head is evaluated in token chunks so (tokens, vocab) logits never exist at once. Everything runs
 in the weights' dtype: float32 normally, float64 for finite-difference checks.
 
-Departures from mlx-lm: dropout masks come from NumPy's PCG64, not MLX's generator; quantised
-weights are dequantised to float on load (no quantised matmul).
+Departures from mlx-lm: dropout masks come from NumPy's PCG64, not MLX's generator (the initial
+LoRA A does replay MLX's generator, see `MLXKeys`); quantised weights are dequantised to float on
+load (no quantised matmul); RoPE scaling covers default, linear and llama3 (not yarn/longrope).
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ from mlxpt.errors import ModelError
 SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 LINEARS += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+# the order mlx's `named_modules()` visits a block's linears (mlx-lm converts them in this order)
+MLX_ORDER = ("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj")
+MLX_ORDER += ("self_attn.o_proj", "self_attn.v_proj", "self_attn.k_proj", "self_attn.q_proj")
 NEG = -1e30  # additive mask value: finite, so a fully masked row gives a uniform row, not NaN
 
 
@@ -183,6 +187,48 @@ def softmax(s):
     return e / e.sum(-1, keepdims=True)
 
 
+def threefry2x32(key: tuple[int, int], c0: np.ndarray, c1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """MLX's (and JAX's) Threefry-2x32 hash, 20 rounds, on uint32 counter arrays."""
+    ks = np.array([key[0], key[1], key[0] ^ key[1] ^ 0x1BD11BDA], np.uint32)
+    x0, x1 = c0 + ks[0], c1 + ks[1]
+    for i in range(5):
+        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
+            x0 = x0 + x1
+            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+class MLXKeys:
+    """`mx.random.seed(seed)` followed by MLX's global key sequence, reproduced bit for bit in NumPy
+    (mlx/random.cpp: split = bits((2, 2)); uniform = min(bits / (2^32 - 1), 1 - ulp) * range + low)."""
+
+    def __init__(self, seed: int):
+        self.key = (seed >> 32 & 0xFFFFFFFF, seed & 0xFFFFFFFF)
+
+    @staticmethod
+    def bits(key, n: int) -> np.ndarray:
+        half, odd = n // 2, n % 2
+        out = np.empty(n, np.uint32)
+        i = np.arange(half, dtype=np.uint32)
+        out[:half], out[half + odd :] = threefry2x32(key, i, i + np.uint32(half + odd))
+        if odd:
+            out[half] = threefry2x32(key, np.array([half], np.uint32), np.zeros(1, np.uint32))[0][0]
+        return out
+
+    def next(self) -> tuple[int, int]:
+        b = self.bits(self.key, 4)
+        self.key = (int(b[0]), int(b[1]))
+        return int(b[2]), int(b[3])
+
+    def uniform(self, low: float, high: float, shape: tuple[int, ...]) -> np.ndarray:
+        u = self.bits(self.next(), math.prod(shape)).astype(np.float32) / np.float32(2**32 - 1)
+        u = np.minimum(u, np.nextafter(np.float32(1), np.float32(0)))
+        lo = np.float32(low)
+        return ((np.float32(high) - lo) * u + lo).reshape(shape)
+
+
 class Adapter:
     """One LoRA/DoRA adapter on a linear layer (arrays live in the model's `params`)."""
 
@@ -212,27 +258,31 @@ class Model:
     def add_adapters(self, kind: str, num_layers: int, rank: int, scale: float, dropout: float,
                      keys: list[str] | None, seed: int) -> None:  # fmt: skip
         """Add LoRA/DoRA to `keys` (None: every linear) of the last `num_layers` layers, or make
-        those layers' weights trainable (`full`). LoRA A ~ U(+-1/sqrt(in)) from NumPy's PCG64."""
+        those layers' weights trainable (`full`). LoRA A is drawn exactly as mlx-lm draws it after
+        `mx.random.seed(seed)` (see `MLXKeys`), so the same seed gives the same adapter."""
         n = self.args.num_hidden_layers
         first = n - num_layers
         self.first_trainable = min(self.first_trainable, first)
-        rng = np.random.default_rng(seed)
+        keyseq = MLXKeys(seed)
         for i in range(first, n):
             p = f"model.layers.{i}."
             if kind == "full":
                 for k in [k for k in self.w if k.startswith(p)]:
                     self.params[k] = self.w.pop(k)
                 continue
-            for lin in LINEARS:
+            for lin in MLX_ORDER:
                 if keys is not None and lin not in keys:
                     continue
                 W = self.w[p + lin + ".weight"]
                 out_dims, in_dims = W.shape
                 bound = 1 / math.sqrt(in_dims)
-                self.params[p + lin + ".lora_a"] = rng.uniform(-bound, bound, (in_dims, rank)).astype(self.dtype)
+                keyseq.next()  # mlx-lm first builds a throwaway nn.Linear: one uniform draw
+                a = keyseq.uniform(-bound, bound, (in_dims, rank))
+                self.params[p + lin + ".lora_a"] = a.astype(self.dtype)
                 self.params[p + lin + ".lora_b"] = np.zeros((rank, out_dims), self.dtype)
                 if kind == "dora":
-                    self.params[p + lin + ".m"] = np.linalg.norm(W.astype(np.float32), axis=1).astype(self.dtype)
+                    w32 = W.astype(np.float32)
+                    self.params[p + lin + ".m"] = np.sqrt((w32 * w32).sum(1)).astype(self.dtype)
                 self.adapters[p + lin] = Adapter(p + lin, scale, dropout, kind == "dora")
 
     def _get(self, name):
@@ -487,7 +537,9 @@ class Model:
         pos = len(prompt)
         for _ in range(max_tokens):
             z = logits.astype(np.float32)
-            logprobs = z - (z.max(-1, keepdims=True) + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True)))
+            logprobs = z - (
+                z.max(-1, keepdims=True) + np.log(np.exp(z - z.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            )
             tok = int(sampler(logprobs)[0])
             yield tok
             if eos and tok in eos:

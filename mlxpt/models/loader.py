@@ -112,7 +112,7 @@ def check_folder(path: Path, trust_remote_code: bool = False) -> dict:
         raise ModelError("E214", "config.json is not a JSON object", str(cfg_path), "fix or re-download the model")
     if not trust_remote_code and (config.get("auto_map") or config.get("model_file")):
         raise SecurityError(
-            "E501",
+            "E701",
             "the model asks to run its own Python code (auto_map/model_file)",
             str(cfg_path),
             "only if you trust it, pass --trust-remote-code",
@@ -125,7 +125,7 @@ def check_folder(path: Path, trust_remote_code: bool = False) -> dict:
             tok_cfg = {}  # transformers reports it when the tokenizer is loaded
         if isinstance(tok_cfg, dict) and tok_cfg.get("auto_map"):
             raise SecurityError(
-                "E501",
+                "E701",
                 "the tokenizer asks to run its own Python code (auto_map)",
                 str(tok_path),
                 "only if you trust it, pass --trust-remote-code",
@@ -134,7 +134,7 @@ def check_folder(path: Path, trust_remote_code: bool = False) -> dict:
         pickles = [p.name for p in path.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".ckpt")]
         if pickles:
             raise SecurityError(
-                "E502",
+                "E702",
                 f"only pickle-format weights found ({pickles[0]}); pickle can run code on load",
                 str(path),
                 "convert to safetensors with a trusted tool first",

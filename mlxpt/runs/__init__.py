@@ -11,6 +11,7 @@ from mlxpt.runs.atomic import (
 )
 from mlxpt.runs.signals import StopFlag, graceful_signals
 from mlxpt.runs.store import (
+    check_run_name,
     clean_temp,
     latest_checkpoint,
     list_checkpoints,
@@ -30,6 +31,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_run_name",
     "clean_temp",
     "graceful_signals",
     "latest_checkpoint",

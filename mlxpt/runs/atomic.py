@@ -125,9 +125,7 @@ def check_finite(tensors: dict[str, np.ndarray], where: str) -> None:
             )
 
 
-def safetensors_bytes(
-    tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None
-) -> bytes:
+def safetensors_bytes(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
     """Serialise to safetensors bytes, keeping each dtype. Non-contiguous arrays are copied."""
     flat = {k: np.asarray(v, order="C") for k, v in tensors.items()}  # keeps 0-d shapes
     return _st_save(flat, metadata=metadata)

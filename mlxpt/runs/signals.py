@@ -55,10 +55,7 @@ def _say(text: str) -> None:
 
 
 def _exit_now(signum: int) -> None:
-    _say(
-        f"\nmlxpt: second {signal.Signals(signum).name}, exiting now; "
-        "completed checkpoints are intact\n"
-    )
+    _say(f"\nmlxpt: second {signal.Signals(signum).name}, exiting now; completed checkpoints are intact\n")
     os._exit(EXIT_INTERRUPTED)
 
 

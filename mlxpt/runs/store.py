@@ -65,15 +65,20 @@ def _now() -> str:
 # ---- run directory -------------------------------------------------------------------------
 
 
-def new_run_dir(root: str | os.PathLike = "runs", name: str | None = None) -> Path:
-    """Create `root/<YYYYmmdd-HHMMSS>-<name or 'sft'>`, adding `-2`, `-3`… if it already exists."""
-    name = name or "sft"
+def check_run_name(name: str) -> None:
+    """Refuse names that could escape the runs folder or confuse a shell (E303)."""
     if not _NAME_RE.fullmatch(name):
         raise ConfigError(
             "E303",
             f"invalid run name {name!r}",
             hint="use up to 64 letters, digits, '.', '_' or '-', starting with a letter or digit",
         )
+
+
+def new_run_dir(root: str | os.PathLike = "runs", name: str | None = None) -> Path:
+    """Create `root/<YYYYmmdd-HHMMSS>-<name or 'sft'>`, adding `-2`, `-3`… if it already exists."""
+    name = name or "sft"
+    check_run_name(name)
     root = Path(root)
     base = f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
     try:
@@ -109,9 +114,7 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
             "is this an mlxpt run?",
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(
-            "E304", f"config.json is not valid JSON: {exc}", str(path)
-        ) from None
+        raise ConfigError("E304", f"config.json is not valid JSON: {exc}", str(path)) from None
     if not isinstance(cfg, dict):
         raise ConfigError("E304", "config.json must hold a JSON object", str(path))
     return cfg
@@ -181,16 +184,12 @@ def save_checkpoint(
     name = f"step-{step:08d}"
     for group, tensors in arrays.items():
         if not _GROUP_RE.fullmatch(group):
-            raise ValueError(
-                f"array group name {group!r} must be letters, digits, '_' or '-'"
-            )
+            raise ValueError(f"array group name {group!r} must be letters, digits, '_' or '-'")
         check_finite(tensors, f"{run_dir / CHECKPOINTS / name} ({group})")
 
     # Serialise everything first: an error here (bad dtype, unserialisable state) writes nothing.
     files = {
-        f"{group}.safetensors": safetensors_bytes(
-            tensors, {"group": group, "step": str(step)}
-        )
+        f"{group}.safetensors": safetensors_bytes(tensors, {"group": group, "step": str(step)})
         for group, tensors in arrays.items()
     }
     files[STATE] = (to_json(state) + "\n").encode("utf-8")
@@ -199,9 +198,7 @@ def save_checkpoint(
         "version": FORMAT_VERSION,
         "step": step,
         "created": _now(),
-        "files": {
-            n: {"sha256": sha256_bytes(d), "size": len(d)} for n, d in files.items()
-        },
+        "files": {n: {"sha256": sha256_bytes(d), "size": len(d)} for n, d in files.items()},
     }
 
     ckdir = run_dir / CHECKPOINTS
@@ -261,9 +258,7 @@ def _rotate(run_dir: Path, new: Path, keep: int) -> None:
             kept += verify_checkpoint(ck)
         else:
             try:
-                aside = ck.with_name(
-                    f"{TMP_PREFIX}deleted-{ck.name}-{secrets.token_hex(4)}"
-                )
+                aside = ck.with_name(f"{TMP_PREFIX}deleted-{ck.name}-{secrets.token_hex(4)}")
                 os.rename(ck, aside)
                 shutil.rmtree(aside, ignore_errors=True)
             except OSError:
@@ -315,9 +310,7 @@ def _read_manifest(path: Path) -> dict[str, dict[str, Any]]:
         raise _Corrupt(f"unsupported checkpoint format version {version!r}")
     step = _step_of(path)
     if step is not None and manifest.get("step") != step:
-        raise _Corrupt(
-            f"{MANIFEST} says step {manifest.get('step')!r}, directory says {step}"
-        )
+        raise _Corrupt(f"{MANIFEST} says step {manifest.get('step')!r}, directory says {step}")
     files = manifest.get("files")
     if not isinstance(files, dict) or STATE not in files:
         raise _Corrupt(f"{MANIFEST} lists no {STATE}")

@@ -92,7 +92,7 @@ def find_adapter(path: str | Path) -> Path:
     pickles = [q.name for q in p.iterdir() if q.suffix in (".npz", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")]
     if pickles:
         raise SecurityError(
-            "E503",
+            "E703",
             f"refusing non-safetensors adapter file {pickles[0]} (pickle can run code)",
             str(p),
             "use adapters.safetensors",
@@ -122,6 +122,13 @@ def load_adapter(model, path: str | Path) -> dict:
     cfg = read_adapter_config(folder)
     try:
         load_adapters(model, str(folder))
+    except RuntimeError as e:  # mx.load on a file that is not safetensors (never unpickled)
+        raise SecurityError(
+            "E704",
+            f"{ADAPTER_FILE} is not a valid safetensors file ({str(e).splitlines()[0]})",
+            str(folder),
+            "re-save the adapter with mlxpt; other formats are never loaded",
+        ) from None
     except (ValueError, KeyError) as e:
         first = str(e).splitlines()[0]
         raise ModelError(

@@ -19,6 +19,7 @@ from mlxpt.errors import MlxptError
 from mlxpt.runs import (
     append_jsonl,
     atomic_write_text,
+    check_run_name,
     clean_temp,
     graceful_signals,
     latest_checkpoint,
@@ -59,6 +60,8 @@ def run_training(
     """Train (or resume) one run; return (run folder, "finished" | "interrupted")."""
     from mlxpt.models.loader import load_tokenizer, resolve
 
+    if resume_dir is None:
+        check_run_name(cfg.train.name or method.name)  # before anything slow happens
     rows = method.read(cfg)
     tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
     train, valid, data_report = method.encode(cfg, tokenizer, rows)

@@ -100,6 +100,19 @@ def small_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def pref_data(tmp_path_factory) -> Path:
+    """10 preference pairs whose chosen and rejected answers have the same length."""
+    folder = tmp_path_factory.mktemp("rel-pref")
+    rows = []
+    for i in range(10):
+        a, b = (i * 7 + 1) % 50, (i * 13 + 3) % 50
+        prompt = f"What is {a:02d} plus {b:02d}?"
+        rows.append({"prompt": prompt, "chosen": f"It is {a + b:03d}.", "rejected": f"It is {a + b + 1:03d}."})
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def zygote(tmp_path_factory):
     z = Zygote(tmp_path_factory.mktemp("zygote"))
     yield z

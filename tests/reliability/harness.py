@@ -123,7 +123,7 @@ class Zygote:
             self.proc.kill()
 
 
-def train_args(model: Path, data: Path, runs: Path, steps: int, **flags) -> list[str]:
+def train_args(model: Path, data: Path, runs: Path, steps: int, method: str = "sft", **flags) -> list[str]:
     """`train` argv for a short, deterministic tiny-model run with one checkpoint per step."""
     base = {
         "steps": steps,
@@ -139,7 +139,7 @@ def train_args(model: Path, data: Path, runs: Path, steps: int, **flags) -> list
         "dropout": 0.1,
     }
     base.update(flags)
-    argv = ["train", "--model", model, "--data", data, "--runs-dir", runs, "--events", "json"]
+    argv = ["train", method, "--model", model, "--data", data, "--runs-dir", runs, "--events", "json"]
     for k, v in base.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     return argv

@@ -1,6 +1,6 @@
-"""Crash safety: a real training process on the tiny model is SIGKILLed again and again (at random
-times and at named points inside checkpointing, rotation, adapter export and resume), and resumed
-each time. After every kill: the newest checkpoint verifies against its manifest and loads, the
+"""Crash safety: a real training process on the tiny model (SFT, and DPO with its reference cache)
+is SIGKILLed again and again (at random times and at named points inside checkpointing, rotation,
+adapter export and resume), and resumed each time. After every kill: the newest checkpoint verifies against its manifest and loads, the
 newest `keep` completed checkpoints are all there, and the next resume starts from the newest.
 At the end: no temp files, and the adapters, optimiser and RNG equal an uninterrupted run's."""
 
@@ -47,24 +47,15 @@ NAMED = [
 ]
 
 
-def test_sigkill_anywhere_then_resume_equals_uninterrupted(zygote, tiny_model, small_data, tmp_path, scoreboard):
-    # checkpoint frequency changes nothing numerically: the reference saves once, at the end
-    ref = zygote.run(train_args(tiny_model, small_data, tmp_path / "ref", STEPS, save_every=STEPS), timeout=300)
-    assert ref.code == 0, ref.stderr()
-    ref_dir = ref.start()["run_dir"]
-
-    rng = random.Random(8)
-    plan = [("random", None)] * 3 + [(name, spec) for name, spec in NAMED]
-    plan += [("random", None)] * (RANDOM_KILLS - 3)
-    rng.shuffle(plan[3:])
+def run_chain(zygote, fresh_argv, runs: Path, plan, steps: int, rng: random.Random, tmp_path: Path):
+    """Kill one process after another as `plan` says, each resuming the last; then finish the run.
+    Returns (tally, run folder); every kill is checked on the spot."""
     run_dir = None
     completed: set[int] = set()  # steps whose checkpoint was reported complete
     tally = {"kills": 0, "named": 0, "unloadable_latest": 0, "lost": 0, "resumes_ok": 0, "not_reached": 0}
-    t0 = time.monotonic()
     for name, spec in plan:
         if run_dir is None:
-            argv = train_args(tiny_model, small_data, tmp_path / "runs", STEPS, keep=KEEP, name="crash")
-            expected_step = 0
+            argv, expected_step = fresh_argv, 0
         else:
             argv = resume_args(run_dir)
             newest = latest_checkpoint(run_dir)
@@ -74,7 +65,7 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(zygote, tiny_model, s
         if spec is None:
             start = child.wait_event("start")
             assert start is not None, child.stderr()
-            near_end = expected_step > STEPS - 12  # keep the run from finishing before the plan does
+            near_end = expected_step > steps - 12  # keep the run from finishing before the plan does
             time.sleep(rng.uniform(0.0, 0.05 if near_end else 0.35))
             child.kill()
         code = child.wait()
@@ -85,7 +76,8 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(zygote, tiny_model, s
                 tally["resumes_ok"] += starts[0]["resumed_from_step"] == expected_step
             else:  # killed on purpose before its start event (clean-up, config rewrite): the next one shows
                 tally["resumes_ok"] += code == -9
-        run_dir = run_dir or Path(starts[0]["run_dir"])
+        if run_dir is None:  # killed before its start event: the only folder under `runs`
+            run_dir = Path(starts[0]["run_dir"]) if starts else next(runs.iterdir())
         completed |= {e["step"] for e in events if e["event"] == "checkpoint"}
         if code != -9:
             tally["not_reached"] += 1
@@ -112,11 +104,14 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(zygote, tiny_model, s
     start = final.start()
     tally["resumes_ok"] += bool(start) and start["resumed_from_step"] == (step_of(newest) if newest else 0)
     assert final.code == 0, final.stderr()
+    return tally, run_dir
+
+
+def record_and_check(scoreboard, tally: dict, run_dir: Path, ref_dir: Path, plan: list, seconds: float) -> None:
     leftovers = temp_files(run_dir)
-    a, b = checkpoint_arrays(ref_dir), checkpoint_arrays(run_dir)
     equal = True
     try:
-        assert_arrays_close(a, b, atol=1e-6)
+        assert_arrays_close(checkpoint_arrays(ref_dir), checkpoint_arrays(run_dir), atol=1e-6)
         ra, rb = load_file(f"{ref_dir}/adapters.safetensors"), load_file(f"{run_dir}/adapters.safetensors")
         for k in ra:
             np.testing.assert_allclose(ra[k], rb[k], rtol=0, atol=1e-6)
@@ -131,11 +126,45 @@ def test_sigkill_anywhere_then_resume_equals_uninterrupted(zygote, tiny_model, s
         resumes=tally["kills"],
         resumes_ok=tally["resumes_ok"],
         temp_left=len(leftovers),
+        chains=1,
         final_equal=int(equal),
-        seconds=int(time.monotonic() - t0),
+        seconds=int(seconds),
     )
     assert tally["not_reached"] == 0, "a named point was not reached before the run finished"
     assert tally["kills"] == len(plan)
     assert tally["resumes_ok"] == tally["kills"], tally
     assert not leftovers, leftovers
     assert equal, "the killed-and-resumed run differs from the uninterrupted one"
+
+
+def test_sigkill_anywhere_then_resume_equals_uninterrupted(zygote, tiny_model, small_data, tmp_path, scoreboard):
+    # checkpoint frequency changes nothing numerically: the reference saves once, at the end
+    ref = zygote.run(train_args(tiny_model, small_data, tmp_path / "ref", STEPS, save_every=STEPS), timeout=300)
+    assert ref.code == 0, ref.stderr()
+    rng = random.Random(8)
+    plan = [("random", None)] * 3 + [(name, spec) for name, spec in NAMED]
+    plan += [("random", None)] * (RANDOM_KILLS - 3)
+    rng.shuffle(plan[3:])
+    t0 = time.monotonic()
+    fresh = train_args(tiny_model, small_data, tmp_path / "runs", STEPS, keep=KEEP, name="crash")
+    tally, run_dir = run_chain(zygote, fresh, tmp_path / "runs", plan, STEPS, rng, tmp_path)
+    record_and_check(scoreboard, tally, run_dir, Path(ref.start()["run_dir"]), plan, time.monotonic() - t0)
+
+
+DPO_STEPS = 30
+DPO_NAMED = [  # the reference log-prob cache is written once, before the first step
+    ("dpo reference cache: torn write", {"op": "write", "match": "<run>/.tmp-reference_logps", "action": "kill-half"}),
+    ("dpo reference cache: before rename", {"op": "replace", "match": "<run>/reference_logps.safetensors"}),
+    ("dpo reference cache: just written", {"op": "replace", "match": "<run>/reference_logps", "action": "kill-after"}),
+]
+
+
+def test_dpo_sigkill_then_resume_equals_uninterrupted(zygote, tiny_model, pref_data, tmp_path, scoreboard):
+    ref = zygote.run(train_args(tiny_model, pref_data, tmp_path / "ref", DPO_STEPS, method="dpo", save_every=99))
+    assert ref.code == 0, ref.stderr()
+    rng = random.Random(9)
+    plan = DPO_NAMED + [("random", None)] * 6 + [NAMED[7], NAMED[9]] + [("random", None)] * 2
+    t0 = time.monotonic()
+    fresh = train_args(tiny_model, pref_data, tmp_path / "runs", DPO_STEPS, method="dpo", keep=KEEP)
+    tally, run_dir = run_chain(zygote, fresh, tmp_path / "runs", plan, DPO_STEPS, rng, tmp_path)
+    record_and_check(scoreboard, tally, run_dir, Path(ref.start()["run_dir"]), plan, time.monotonic() - t0)

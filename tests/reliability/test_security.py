@@ -56,11 +56,6 @@ def generate(zygote, model, adapter):
     return zygote.run(["generate", "--model", model, "--adapter", adapter, "--prompt", "hi", "--max-tokens", "2"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="defect in mlxpt/train/adapters.py (lead's file): load_adapter catches ValueError/KeyError but "
-    "mx.load raises RuntimeError on a non-safetensors file, so the refusal is a traceback (never unpickled)",
-)
 def test_pickle_posing_as_adapters_safetensors(zygote, tiny_model, trained_run, tmp_path, sentinel, scoreboard):
     evil = tmp_path / "evil-adapter"
     evil.mkdir()
@@ -79,7 +74,7 @@ def test_pickle_family_adapter_files_exit_5(name, zygote, tiny_model, tmp_path, 
     evil.mkdir()
     (evil / name).write_bytes(evil_pickle(sentinel))
     child = generate(zygote, tiny_model, evil)
-    ok = refused(child, 5, "E503") and not sentinel.exists()
+    ok = refused(child, 5, "E703") and not sentinel.exists()
     scoreboard.record("security", payloads=1, refused=int(ok))
     assert ok, (child.code, child.stderr()[-1500:])
 
@@ -181,7 +176,7 @@ def test_remote_code_model_folder_exit_5(where, zygote, tiny_model, small_data, 
     cfg[key] = "modeling_evil.py" if key == "model_file" else {"AutoModelForCausalLM": "modeling_evil.Evil"}
     (evil / f"{fname}.json").write_text(json.dumps(cfg))
     child = zygote.run(train_args(evil, small_data, tmp_path / "runs", 1))
-    ok = refused(child, 5, "E501") and not sentinel.exists() and not (tmp_path / "runs").exists()
+    ok = refused(child, 5, "E701") and not sentinel.exists() and not (tmp_path / "runs").exists()
     scoreboard.record("security", payloads=1, refused=int(ok))
     assert ok, (child.code, child.stderr()[-800:])
 
