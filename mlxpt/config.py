@@ -77,7 +77,7 @@ class TrainConfig:
     clip_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0: off)")
     seed: int = opt(0, "seed for adapter init, data order and dropout")
     eval_every: int = opt(50, "validate every N steps (0: only at the end)")
-    eval_batches: int = opt(25, "validation micro-batches per evaluation (-1: the whole split)")
+    eval_batches: int = opt(25, "validation micro-batches per evaluation (-1: the whole split, 0: no validation)")
     save_every: int = opt(100, "checkpoint every N steps (and at the end and on Ctrl-C)")
     keep: int = opt(3, "complete checkpoints to keep")
     max_bad_steps: int = opt(5, "stop (exit 4) after this many non-finite steps in a row")

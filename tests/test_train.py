@@ -269,3 +269,12 @@ def test_low_memory_during_training_checkpoints_and_stops(tiny_dir, data_dir, tm
         run_sft(make_cfg(tiny_dir, data_dir, tmp_path, steps=10))
     assert e.value.exit_code == 3 and e.value.code == "E311"
     assert latest_checkpoint(next((tmp_path / "runs").iterdir())).name == "step-00000003"
+
+
+def test_eval_batches_zero_means_no_validation(tiny_dir, data_dir, tmp_path):
+    from mlxpt.train.sft import run_sft
+
+    events = []
+    run_sft(make_cfg(tiny_dir, data_dir, tmp_path, steps=2, eval_every=1, eval_batches=0), emit=events.append)
+    assert not [e for e in events if e["event"] == "eval"]
+    assert events[-1]["best_val_loss"] is None

@@ -110,6 +110,8 @@ def train_loop(
     """Train until `cfg.steps`; return "finished" or "interrupted". Raises NumericsError (exit 4)."""
     lengths = [task.length(e) for e in train]
     batches = iter_batches(lengths, batch_size, cfg.seed, state.epoch, state.batch_index)
+    if cfg.eval_batches == 0:
+        valid = []  # validation switched off
     if state.step == 0 and valid and cfg.eval_every > 0:
         # the baseline (adapters start as a no-op) so a run shows how far validation moved
         emit({"event": "eval", "step": 0, **validate(backend, valid, batch_size, task, cfg.eval_batches)})
