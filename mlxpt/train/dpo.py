@@ -171,7 +171,7 @@ def make_method(cfg: DPOConfig, name: str = "dpo") -> Method:
 
     return Method(
         name=name, read=read_rows, encode=prepare_data, objective=make_objective(cfg), task=task,
-        before_train=before_train,
+        before_train=before_train, rows_per_example=2,
     )  # fmt: skip
 
 

@@ -40,6 +40,7 @@ class Method:
     objective: Callable  # (logp, *batch[2:]) -> (loss_sum, weight, aux); see objectives.py
     task: Callable  # (cfg, tokenizer) -> loop.Task
     before_train: Callable | None = None  # (backend, train, valid, run_dir, emit) e.g. reference log-probs
+    rows_per_example: int = 1  # sequences one example puts in a batch (2 for a preference pair)
 
 
 def _trim_metrics(run_dir: Path, step: int) -> None:
@@ -76,7 +77,8 @@ def run_training(
     t_load = time.perf_counter()
     backend = create_backend(cfg.train.backend, cfg.model, cfg.adapter, cfg.train, method.objective)
     longest = max(task.length(e) for e in train + valid)
-    memory = backend.check_memory(cfg.data.batch_size, min(longest, cfg.data.max_seq_len))
+    batch_rows = cfg.data.batch_size * method.rows_per_example
+    memory = backend.check_memory(batch_rows, min(longest, cfg.data.max_seq_len))
     state = LoopState()
     if resume_dir is not None:
         run_dir = Path(resume_dir)
