@@ -6,6 +6,12 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Test modules import mlx at collection time; load the fast BLAS first, as `mlxpt` itself does
+# before its own mlx imports (otherwise the whole session runs on the reference BLAS, ~30x slower).
+from mlxpt import _blas  # noqa: E402
+
+_blas.activate()
+
 
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
