@@ -86,18 +86,14 @@ class TrainConfig:
     backend: str = opt("mlx", "compute backend: mlx, or numpy (the reference, CPU only, slow)", ("mlx", "numpy"))
 
 
-@dataclass
-class SFTConfig:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    adapter: AdapterConfig = field(default_factory=AdapterConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+class Sections:
+    """A run's settings grouped in sections (model, data, adapter, train, ...)."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> SFTConfig:
+    def from_dict(cls, d: dict):
         """Build from a nested dict (run config.json) or a flat one (YAML / CLI)."""
         cfg = cls()
         flat: dict[str, Any] = {}
@@ -108,6 +104,14 @@ class SFTConfig:
                 flat[k] = v
         apply_flat(cfg, flat, source="config")
         return cfg
+
+
+@dataclass
+class SFTConfig(Sections):
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
 
 
 def section_names(cfg) -> list[str]:
@@ -239,7 +243,7 @@ PREF_METHODS = {"dpo": {}, "simpo": {"loss_type": "simpo", "beta": 2.0}, "orpo":
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(Sections):
     """Preference optimisation (dpo, simpo, orpo): SFT's sections plus `pref`."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -247,19 +251,3 @@ class DPOConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> DPOConfig:
-        """Build from a nested dict (run config.json) or a flat one (YAML / CLI)."""
-        cfg = cls()
-        flat: dict[str, Any] = {}
-        for k, v in d.items():
-            if isinstance(v, dict) and k in section_names(cfg):
-                flat.update(v)
-            else:
-                flat[k] = v
-        apply_flat(cfg, flat, source="config")
-        return cfg

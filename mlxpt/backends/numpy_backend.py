@@ -29,6 +29,7 @@ import numpy as np
 
 from mlxpt.backends.numpy_model import LINEARS, Model
 from mlxpt.errors import ConfigError, ResourceError
+from mlxpt.train.memory import linux_available_bytes
 
 
 class AdamW:
@@ -200,7 +201,7 @@ class NumpyBackend:
         head = 3 * min(tokens, 512) * a.vocab_size * item
         est = {"weights": weights, "optimizer": optimizer, "activations": kept + layer + head}
         est["total"] = sum(est.values())
-        avail = est["available"] = available_bytes()
+        avail = est["available"] = linux_available_bytes()
         if avail and est["total"] > avail and not os.environ.get("MLXPT_SKIP_MEMORY_CHECK"):
             gb = 1e9
             raise ResourceError(
@@ -230,18 +231,6 @@ def peak_rss() -> int:
         return int(rss if sys.platform == "darwin" else rss * 1024)
     except (ImportError, OSError):
         return 0
-
-
-def available_bytes() -> int | None:
-    """MemAvailable on Linux (without touching mlx, unlike train/memory.py); None elsewhere."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
 
 
 def grad_of(objective):

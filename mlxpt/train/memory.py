@@ -33,6 +33,18 @@ def estimate_bytes(model, batch_size: int, seq_len: int) -> dict:
     return {"weights": weights, "optimizer": 3 * train, "activations": acts, "total": weights + 3 * train + acts}
 
 
+def linux_available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (no mlx import); None elsewhere."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
 def available_bytes() -> int | None:
     """Memory the process may still use: Metal's working set on a Mac, MemAvailable on Linux."""
     try:
@@ -43,15 +55,7 @@ def available_bytes() -> int | None:
             return int(info.get("max_recommended_working_set_size", 0)) or None
     except Exception:  # noqa: BLE001 - any failure here just means "unknown"
         pass
-    if sys.platform.startswith("linux"):
-        try:
-            with open("/proc/meminfo") as f:
-                for line in f:
-                    if line.startswith("MemAvailable:"):
-                        return int(line.split()[1]) * 1024
-        except OSError:
-            return None
-    return None
+    return linux_available_bytes() if sys.platform.startswith("linux") else None
 
 
 def check_fits(model, batch_size: int, seq_len: int) -> dict:
@@ -74,8 +78,8 @@ def check_fits(model, batch_size: int, seq_len: int) -> dict:
 
 def low_memory(margin: float = 0.03) -> bool:
     """True when the machine is about to swap (less than `margin` of RAM available, Linux)."""
-    avail = available_bytes()
-    if avail is None or not sys.platform.startswith("linux"):
+    avail = linux_available_bytes() if sys.platform.startswith("linux") else None
+    if avail is None:
         return False
     try:
         total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
