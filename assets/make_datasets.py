@@ -9,25 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlxpt.data.synth import make_split
+from mlxpt.data.synth import make_split  # noqa: E402
+from mlxpt.runs.atomic import atomic_write_text  # noqa: E402
 
 SPLITS = (("train", 2000, 1), ("valid", 200, 2), ("test", 200, 3))
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Atomic write: temp file, fsync, rename."""
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> int:

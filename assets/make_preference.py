@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlxpt.data.synth import extract_answer, make_split
+from mlxpt.data.synth import extract_answer, make_split  # noqa: E402
+from mlxpt.runs.atomic import atomic_write_text  # noqa: E402
 
 SFT_SPLITS = ((2000, 1), (200, 2), (200, 3))  # assets/make_datasets.py: excluded, never repeated
 SPLITS = (("train", 1000, 11), ("valid", 100, 12))
@@ -84,13 +84,7 @@ def make_pairs(n: int, seed: int, exclude: set[str]) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    """Atomic write: temp file, fsync, rename."""
-    tmp = path.with_suffix(".jsonl.tmp")
-    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
-        f.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import tiny
 from safetensors.numpy import load_file, save_file
+from tiny import StopAfter
 
 from mlxpt.backends.numpy_backend import AdamW, NumpyBackend
 from mlxpt.backends.numpy_model import Model
@@ -323,16 +324,6 @@ def sft_cfg(model_dir, data_dir, runs, **kw):
     }
     apply_flat(cfg, {**base, **kw}, source="test")
     return cfg
-
-
-class StopAfter:
-    def __init__(self, n: int):
-        self.n, self.reads = n, 0
-
-    @property
-    def requested(self) -> bool:
-        self.reads += 1
-        return self.reads >= self.n
 
 
 def test_sft_run_on_numpy_backend_learns_and_saves_an_mlx_lm_adapter(tmp_path, data_dir):

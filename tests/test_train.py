@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 import pytest
+from tiny import StopAfter
 
 from mlxpt.config import SFTConfig, apply_flat
 from mlxpt.errors import NumericsError
@@ -37,18 +38,6 @@ def _load_state(run_dir):
     from mlxpt.runs import latest_checkpoint, load_checkpoint
 
     return load_checkpoint(latest_checkpoint(run_dir))
-
-
-class StopAfter:
-    """A stop flag that turns on at its n-th read (the loop reads it after each micro-batch and step)."""
-
-    def __init__(self, n: int):
-        self.n, self.reads = n, 0
-
-    @property
-    def requested(self) -> bool:
-        self.reads += 1
-        return self.reads >= self.n
 
 
 def test_lr_schedule_warmup_and_cosine():

@@ -99,3 +99,16 @@ def make_model(path: str | Path, seed: int = 0, **overrides) -> Path:
     save_file(t, str(path / "model.safetensors"), metadata={"format": "mlx"})
     (path / "config.json").write_text(json.dumps(cfg, indent=2))
     return path
+
+
+class StopAfter:
+    """A stop flag that turns on at its n-th read (the loop reads it after each micro-batch and
+    after each step), as a Ctrl-C would at that moment."""
+
+    def __init__(self, n: int):
+        self.n, self.reads = n, 0
+
+    @property
+    def requested(self) -> bool:
+        self.reads += 1
+        return self.reads >= self.n

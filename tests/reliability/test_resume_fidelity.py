@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 import pytest
+from tiny import StopAfter
 
 from reliability.harness import assert_arrays_close, checkpoint_arrays
 from reliability.test_numerics import make_cfg
@@ -30,18 +31,6 @@ POSITIONS = [
     ("exactly at an epoch boundary", "accum1", 10, (5, 0, 5)),
     ("first micro-batch of a new epoch", "accum1", 11, (5, 0, 5)),
 ]
-
-
-class StopAfter:
-    """A stop flag that turns on at its n-th read (as Ctrl-C would, at that moment)."""
-
-    def __init__(self, n: int):
-        self.n, self.reads = n, 0
-
-    @property
-    def requested(self) -> bool:
-        self.reads += 1
-        return self.reads >= self.n
 
 
 def traced_run(monkeypatch, cfg, **kw):
