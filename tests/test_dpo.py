@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 import tiny
 from test_train import StopAfter, _load_state
+from tiny import run_config
 
-from mlxpt.config import DPOConfig, apply_flat
+from mlxpt.config import DPOConfig
 from mlxpt.train import objectives as O
 
 ROOT_PREF = [json.loads(x) for x in open(__file__.rsplit("/", 2)[0] + "/assets/pref/train.jsonl").readlines()[:40]]
@@ -32,23 +33,7 @@ def pref_dir(tmp_path_factory):
 
 
 def make_cfg(tiny_dir, data_dir, tmp_path, **kw) -> DPOConfig:
-    cfg = DPOConfig()
-    base = {
-        "model": str(tiny_dir),
-        "data": str(data_dir),
-        "runs_dir": str(tmp_path / "runs"),
-        "steps": 6,
-        "batch_size": 4,
-        "max_seq_len": 256,
-        "eval_every": 0,
-        "eval_batches": 2,
-        "save_every": 100,
-        "learning_rate": 1e-2,
-        "warmup_steps": 0,
-        "num_layers": -1,
-    }
-    apply_flat(cfg, {**base, **kw}, source="test")
-    return cfg
+    return run_config(DPOConfig, tiny_dir, data_dir, tmp_path, **kw)
 
 
 # ---- pure losses: hand-computed values ---------------------------------------------------------

@@ -292,17 +292,6 @@ def test_numpy_sampler_seeded_and_filters():
 # --- the shared runner with --backend numpy --------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    from mlxpt.data import synth
-
-    d = tmp_path_factory.mktemp("data")
-    for name, n, seed in (("train", 24, 1), ("valid", 8, 2)):
-        rows = synth.make_split(n, seed)
-        (d / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return d
-
-
 def sft_cfg(model_dir, data_dir, runs, **kw):
     from mlxpt.config import SFTConfig, apply_flat
 

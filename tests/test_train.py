@@ -7,31 +7,15 @@ import math
 
 import numpy as np
 import pytest
-from tiny import StopAfter
+from tiny import StopAfter, run_config
 
-from mlxpt.config import SFTConfig, apply_flat
+from mlxpt.config import SFTConfig
 from mlxpt.errors import NumericsError
 from mlxpt.train.loop import lr_at
 
 
 def make_cfg(tiny_dir, data_dir, tmp_path, **kw) -> SFTConfig:
-    cfg = SFTConfig()
-    base = {
-        "model": str(tiny_dir),
-        "data": str(data_dir),
-        "runs_dir": str(tmp_path / "runs"),
-        "steps": 6,
-        "batch_size": 4,
-        "max_seq_len": 256,
-        "eval_every": 0,
-        "eval_batches": 2,
-        "save_every": 100,
-        "learning_rate": 1e-2,
-        "warmup_steps": 0,
-        "num_layers": -1,
-    }
-    apply_flat(cfg, {**base, **kw}, source="test")
-    return cfg
+    return run_config(SFTConfig, tiny_dir, data_dir, tmp_path, **kw)
 
 
 def _load_state(run_dir):

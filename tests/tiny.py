@@ -112,3 +112,26 @@ class StopAfter:
     def requested(self) -> bool:
         self.reads += 1
         return self.reads >= self.n
+
+
+def run_config(cfg_cls, tiny_dir, data_dir, tmp_path, **kw):
+    """A fast run config on the tiny model: 6 steps, high learning rate, no periodic eval/saves."""
+    from mlxpt.config import apply_flat
+
+    base = {
+        "model": str(tiny_dir),
+        "data": str(data_dir),
+        "runs_dir": str(tmp_path / "runs"),
+        "steps": 6,
+        "batch_size": 4,
+        "max_seq_len": 256,
+        "eval_every": 0,
+        "eval_batches": 2,
+        "save_every": 100,
+        "learning_rate": 1e-2,
+        "warmup_steps": 0,
+        "num_layers": -1,
+    }
+    cfg = cfg_cls()
+    apply_flat(cfg, {**base, **kw}, source="test")
+    return cfg
