@@ -193,15 +193,29 @@ def validate(cfg, source: str = "config") -> None:
         "dropout": lambda v: 0 <= v < 1,
         "min_lr_ratio": lambda v: 0 <= v <= 1,
         "max_bad_steps": lambda v: v >= 1,
-        "beta": lambda v: v > 0,
+        "beta": lambda v: v >= 0,  # > 0 for preference losses: checked below
         "label_smoothing": lambda v: 0 <= v < 0.5,
         "orpo_lambda": lambda v: v >= 0,
+        "num_generations": lambda v: v >= 2,
+        "max_completion_length": lambda v: v >= 1,
+        "temperature": lambda v: v > 0,
+        "top_p": lambda v: 0 < v <= 1,
+        "top_k": lambda v: v >= 0,
+        "min_p": lambda v: 0 <= v < 1,
+        "epsilon": lambda v: 0 < v < 1,
+        "epsilon_high": lambda v: v is None or v > 0,
+        "num_iterations": lambda v: v >= 1,
+        "max_reward_failure_rate": lambda v: 0 <= v <= 1,
+        "reward_timeout": lambda v: v >= 0,
+        "log_completions_every": lambda v: v >= 0,
+        "center_rewards_coefficient": lambda v: v >= 0,
     }
     for name, (obj, f) in all_fields(cfg).items():
         value = getattr(obj, name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError("E505", f"{name}={value!r} is not a finite number", source, f.metadata.get("help"))
-        if name in checks and not checks[name](value):
+        bad_pref_beta = name == "beta" and isinstance(obj, PreferenceConfig) and not value > 0
+        if bad_pref_beta or (name in checks and not checks[name](value)):
             raise ConfigError("E505", f"{name}={getattr(obj, name)!r} is out of range", source, f.metadata.get("help"))
 
 
@@ -251,3 +265,77 @@ class DPOConfig(Sections):
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pref: PreferenceConfig = field(default_factory=PreferenceConfig)
+
+
+@dataclass
+class RewardConfig:
+    center_rewards_coefficient: float = opt(
+        0.0, "reward model: weight of (r_chosen + r_rejected)² that keeps rewards near 0"
+    )
+
+
+@dataclass
+class RMConfig(Sections):
+    """Reward model (`mlxpt train rm`): a scalar head on a LoRA-tuned backbone, on preference pairs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(data=default_pref_data()))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rm: RewardConfig = field(default_factory=RewardConfig)
+
+
+def default_prompt_data() -> str:
+    return str(ASSETS / "grpo")
+
+
+@dataclass
+class GRPOSection:
+    num_generations: int = opt(8, "completions sampled per prompt (G); the group their advantages are relative to")
+    max_completion_length: int = opt(128, "most tokens generated per completion")
+    temperature: float = opt(1.0, "sampling temperature of the completions")
+    top_p: float = opt(1.0, "nucleus sampling mass of the completions (1: off)")
+    top_k: int = opt(0, "sample from the K most likely tokens (0: off)")
+    min_p: float = opt(0.0, "drop tokens below min-p x the top probability (0: off)")
+    beta: float = opt(0.04, "KL weight to the reference (the model without the adapter); 0 skips the reference pass")
+    epsilon: float = opt(0.2, "clip range of the probability ratio (lower side)")
+    epsilon_high: float | None = opt(None, "upper clip range (default: epsilon; DAPO uses 0.28)")
+    num_iterations: int = opt(1, "optimiser updates per generated batch (mu)")
+    loss_type: str = opt(
+        "grpo",
+        "normalisation as in TRL: grpo (per sequence), dr_grpo (by max length), dapo (by tokens), bnpo",
+        ("grpo", "dr_grpo", "dapo", "bnpo"),
+    )
+    scale_rewards: str = opt(
+        "group", "divide advantages by the reward std of the group, the batch, or not", ("group", "batch", "none")
+    )
+    skip_zero_std_groups: bool = opt(False, "leave out groups whose rewards are all equal (no learning signal)")
+    mask_truncated_completions: bool = opt(False, "no loss on completions cut at max_completion_length")
+    rewards: str = opt("accuracy,format", "reward functions: built-in names or path/file.py:function, comma-separated")
+    reward_weights: str | None = opt(None, "weights of the reward functions, comma-separated (default: 1 each)")
+    reward_on_error: str = opt(
+        "abstain", "a reward call that raises, hangs or returns a non-number counts as", ("abstain", "zero", "stop")
+    )
+    max_reward_failure_rate: float = opt(0.5, "stop the run when a reward function fails more often than this")
+    reward_timeout: float = opt(10.0, "seconds a reward call may take before it counts as failed (0: no limit)")
+    extract: str = opt(
+        "auto",
+        "how the accuracy reward finds the final answer: auto, tag, boxed, hash, answer, last_number, re:<regex>",
+    )
+    format_regex: str | None = opt(None, "regex the format reward requires (default: ends with an 'Answer: n' line)")
+    log_completions_every: int = opt(5, "write sampled completions with their rewards every N steps (0: never)")
+
+
+@dataclass
+class GRPOConfig(Sections):
+    """GRPO family: SFT's sections (data = prompts, batch_size = prompts per micro-batch) plus `grpo`."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=lambda: DataConfig(data=default_prompt_data(), batch_size=2))
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=100, learning_rate=2e-5, warmup_steps=5, eval_every=25, eval_batches=8
+        )
+    )
+    grpo: GRPOSection = field(default_factory=GRPOSection)

@@ -19,6 +19,9 @@ class TrainBackend(Protocol):
     name: str
     adapter_config: dict
 
+    def begin_window(self) -> None:
+        """Mark the start of an accumulation window: `discard(rewind=True)` restores the RNG to here."""
+
     def accumulate(self, batch: Batch) -> None:
         """Add the gradient of this micro-batch's summed loss (may stay lazy)."""
 

@@ -25,6 +25,14 @@ def token_logp(model, inputs, targets):
     return -nn.losses.cross_entropy(logits, targets, reduction="none")
 
 
+def row_rewards(model, inputs, last):
+    """(B,) float32 scalar reward per row: `model.reward_head` on the final (normed) hidden state
+    at index `last` of each row. Skips the vocabulary head entirely."""
+    h = model.model(inputs)  # (B, L, D)
+    h = h[mx.arange(h.shape[0]), last]  # (B, D)
+    return model.reward_head(h.astype(mx.float32)).squeeze(-1)
+
+
 def make_optimizer(name: str, weight_decay: float = 0.0):
     if name == "sgd":
         return optim.SGD(learning_rate=0.0)
@@ -40,17 +48,28 @@ def _to_numpy(tree) -> dict[str, np.ndarray]:
 class MLXBackend:
     name = "mlx"
 
-    def __init__(self, model, optimizer, objective=sft_objective, compile: bool = True, adapter_config=None):
-        """`objective(logp, *batch[2:]) -> (loss_sum, weight, aux)`; see train/objectives.py."""
+    def __init__(
+        self, model, optimizer, objective=sft_objective, compile: bool = True, adapter_config=None, output="logp"
+    ):
+        """`objective(logp, *batch[2:]) -> (loss_sum, weight, aux)`; see train/objectives.py.
+
+        output="reward" (a reward model): batches are `(inputs, last index per row, *rest)` and the
+        objective gets `row_rewards` (B,) instead of per-token log-probs; the model carries a
+        trainable `reward_head`, saved beside the adapter (train/rm.py)."""
         self.model, self.optimizer, self.objective = model, optimizer, objective
+        self.output = output
         self.adapter_config = adapter_config or {}
         optimizer.init(model.trainable_parameters())
-        self._grads = None
+        self._grads = self._rng_at_start = None
         self._loss = self._ntok = self._aux = None
+        # the adapter as created: the reference policy of DPO/GRPO (LoRA/DoRA start as a no-op)
+        full = self.adapter_config.get("fine_tune_type") == "full"
+        self._initial = None if full else tree_flatten(model.trainable_parameters())
         self._build(compile)
 
     def loss_fn(self, model, inputs, targets, *rest):
-        loss, weight, aux = self.objective(token_logp(model, inputs, targets), *rest)
+        out = row_rewards(model, inputs, targets) if self.output == "reward" else token_logp(model, inputs, targets)
+        loss, weight, aux = self.objective(out, *rest)
         return loss, weight, aux
 
     def _build(self, compile: bool) -> None:
@@ -81,9 +100,12 @@ class MLXBackend:
         self._make_update, self._updates = make_update, {}
         self._grad_step, self._loss_only = grad_step, loss_only
 
+    def begin_window(self) -> None:
+        self._rng_at_start = mx.array(mx.random.state[0])
+
     def accumulate(self, batch) -> None:
-        if self._grads is None:  # window start: remember the RNG so an abandoned window can rewind
-            self._rng_at_start = mx.array(mx.random.state[0])
+        if self._rng_at_start is None:  # window start: remember the RNG so an abandoned window can rewind
+            self.begin_window()
         self.model.train()
         loss, ntok, aux, grads = self._grad_step(*(mx.array(a) for a in batch))
         if self._grads is None:
@@ -110,9 +132,9 @@ class MLXBackend:
         self.discard()
 
     def discard(self, rewind: bool = False) -> None:
-        if rewind and self._grads is not None:
+        if rewind and self._rng_at_start is not None:
             self._set_rng(self._rng_at_start)
-        self._grads = self._loss = self._ntok = self._aux = None
+        self._grads = self._loss = self._ntok = self._aux = self._rng_at_start = None
 
     @staticmethod
     def _set_rng(key) -> None:
@@ -142,11 +164,29 @@ class MLXBackend:
     def peak_memory(self) -> int:
         return int(mx.get_peak_memory())
 
-    def token_logps(self, inputs, targets) -> np.ndarray:
-        """(B, L) log-probs of `targets` in eval mode, no gradient (e.g. reference log-probs)."""
+    def token_logps(self, inputs, targets, reference: bool = False) -> np.ndarray:
+        """(B, L) log-probs of `targets` in eval mode, no gradient. `reference`: under the adapter
+        as it was created (the base model for LoRA/DoRA), swapped in for this pass only: the
+        trainable arrays are small, so the reference costs no second copy of the weights."""
         self.model.eval()
-        out = token_logp(self.model, mx.array(inputs), mx.array(targets))
-        mx.eval(out)
+        if reference and self._initial is None:
+            from mlxpt.errors import ConfigError
+
+            raise ConfigError(
+                "E550",
+                "full fine-tuning has no adapter to switch off for the reference pass",
+                "fine_tune_type",
+                "use lora or dora, or set beta 0",
+            )
+        if reference:
+            current = tree_flatten(self.model.trainable_parameters())
+            self.model.load_weights(self._initial, strict=False)
+        try:
+            out = token_logp(self.model, mx.array(inputs), mx.array(targets))
+            mx.eval(out)
+        finally:
+            if reference:
+                self.model.load_weights(current, strict=False)
         return np.array(out)
 
     def param_counts(self) -> tuple[int, int]:
@@ -159,6 +199,11 @@ class MLXBackend:
         return check_fits(self.model, batch_size, seq_len)
 
     def save_adapter(self, folder) -> None:
+        if self.output == "reward":
+            from mlxpt.train.rm import save_reward_model
+
+            save_reward_model(folder, self.model, self.adapter_config)
+            return
         from mlxpt.train.adapters import save_adapter
 
         save_adapter(folder, self.model, self.adapter_config)

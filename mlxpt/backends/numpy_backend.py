@@ -100,10 +100,13 @@ class NumpyBackend:
         self._peak = 0
         self.discard()
 
+    def begin_window(self) -> None:
+        self._rng_at_start = _rng_to_array(self.rng)
+
     def accumulate(self, batch) -> None:
         inputs, targets, *rest = batch
-        if self._grads is None:  # window start: remember the RNG so an abandoned window can rewind
-            self._rng_at_start = _rng_to_array(self.rng)
+        if self._rng_at_start is None:  # window start: remember the RNG so an abandoned window can rewind
+            self.begin_window()
         keep: dict = {}
         logp = self.model.token_logp(inputs, targets, keep=keep, drop_rng=self.rng if self._dropout else None)
         loss, weight, aux = self.objective(logp, *rest)
@@ -130,9 +133,9 @@ class NumpyBackend:
         self.discard()
 
     def discard(self, rewind: bool = False) -> None:
-        if rewind and self._grads is not None:
+        if rewind and self._rng_at_start is not None:
             self.rng = _rng_from_array(self._rng_at_start)
-        self._grads = self._loss = self._weight = self._aux = None
+        self._grads = self._loss = self._weight = self._aux = self._rng_at_start = None
 
     def evaluate(self, batch) -> tuple[float, float, dict]:
         inputs, targets, *rest = batch

@@ -1,4 +1,4 @@
-"""`mlxpt train [sft|dpo|simpo|orpo]`: flags for every config field (CLI > YAML > defaults),
+"""`mlxpt train [sft|dpo|simpo|orpo|rm|grpo]`: flags for every config field (CLI > YAML > defaults),
 --resume, events. simpo and orpo are dpo with that loss (and SimPO's usual beta of 2)."""
 
 from __future__ import annotations
@@ -6,11 +6,11 @@ from __future__ import annotations
 import json
 import sys
 
-from mlxpt.config import PREF_METHODS, DPOConfig, SFTConfig, all_fields, apply_flat, load_yaml
+from mlxpt.config import PREF_METHODS, DPOConfig, GRPOConfig, RMConfig, SFTConfig, all_fields, apply_flat, load_yaml
 from mlxpt.errors import EXIT_INTERRUPTED, ConfigError
 
-METHODS = ("sft", *PREF_METHODS)
-SECTIONS = ("model", "data", "adapter", "train", "pref")
+METHODS = ("sft", *PREF_METHODS, "rm", "grpo")
+SECTIONS = ("model", "data", "adapter", "train", "pref", "rm", "grpo")
 RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps"}
 
 
@@ -22,8 +22,14 @@ def register(sub) -> None:
     p.add_argument(
         "--events", choices=["text", "json"], default="text", help="progress as text lines or one JSON object per line"
     )
-    for name, (_, f) in all_fields(DPOConfig()).items():  # a superset of SFT's settings
-        kw = {"dest": f"cfg_{name}", "default": None, "help": f.metadata.get("help")}
+    helps: dict[str, list[str]] = {}
+    for cls in (DPOConfig, RMConfig, GRPOConfig):  # every method's settings; a shared name gets every help
+        for name, (_, f) in all_fields(cls()).items():
+            h = f.metadata.get("help")
+            if h and h not in helps.setdefault(name, []):
+                helps[name].append(h)
+    for name, (_, f) in {**all_fields(DPOConfig()), **all_fields(RMConfig()), **all_fields(GRPOConfig())}.items():
+        kw = {"dest": f"cfg_{name}", "default": None, "help": "; grpo: ".join(helps.get(name, []))}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
         if str(f.type).startswith("bool"):
@@ -34,7 +40,7 @@ def register(sub) -> None:
 
 
 def config_class(method: str):
-    return SFTConfig if method == "sft" else DPOConfig
+    return {"sft": SFTConfig, "rm": RMConfig, "grpo": GRPOConfig}.get(method, DPOConfig)
 
 
 def resolve_method(args) -> str:
@@ -69,7 +75,7 @@ def build_config(args) -> SFTConfig | DPOConfig:
         return cfg
     cfg = cls()
     if method != "sft":
-        apply_flat(cfg, PREF_METHODS[method], source=method)
+        apply_flat(cfg, PREF_METHODS.get(method, {}), source=method)
     if args.config:
         apply_flat(cfg, _flatten(load_yaml(args.config)), source=args.config)
     apply_flat(cfg, flags, source="command line")
@@ -107,10 +113,22 @@ def _printer(mode: str, steps: int):
                     f"step {e['step']:>5}/{steps}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  gnorm {e['grad_norm']:.3f}"
                     f"  {e['tokens_per_s']:.0f} tok/s  peak {e['peak_memory_mb']:.0f} MB"
                     + (f"  margin {e['margin']:.3f}  acc {e['accuracy']:.2f}" if "margin" in e else "")
+                    + (
+                        f"  reward {e['reward_mean']:.3f}±{e['reward_std']:.3f}  len {e['completion_len_mean']:.0f}"
+                        + (f"  kl {e['kl']:.4f}" if "kl" in e else "")
+                        + f"  clip {e['clip_fraction']:.3f}  gen {e['gen_tokens_per_s']:.0f} tok/s"
+                        if "reward_mean" in e
+                        else ""
+                    )
                 )
         elif kind == "eval":
             acc = f"  val_accuracy {e['val_accuracy']:.3f}" if "val_accuracy" in e else ""
-            print(f"step {e['step']:>5}/{steps}  val_loss {e['val_loss']:.4f}{acc}")
+            if "val_loss" in e:
+                print(f"step {e['step']:>5}/{steps}  val_loss {e['val_loss']:.4f}{acc}")
+            else:
+                print(
+                    f"step {e['step']:>5}/{steps}  val_reward {e['val_reward']:.3f}{acc}  ({e['val_prompts']} prompts, greedy)"
+                )
         elif kind == "reference":
             print(f"reference log-probs {e['status']} for {e['pairs']} pairs: {e['path']}")
         elif kind == "warning":
@@ -131,6 +149,14 @@ def run(args) -> int:
     emit = _printer(args.events, cfg.train.steps)
     if method == "sft":
         run_dir, outcome = run_sft(cfg, resume_dir=args.resume, emit=emit)
+    elif method == "grpo":
+        from mlxpt.train.grpo import run_grpo
+
+        run_dir, outcome = run_grpo(cfg, resume_dir=args.resume, emit=emit)
+    elif method == "rm":
+        from mlxpt.train.rm import run_rm
+
+        run_dir, outcome = run_rm(cfg, resume_dir=args.resume, emit=emit)
     else:
         from mlxpt.train.dpo import run_dpo
 
@@ -138,7 +164,12 @@ def run(args) -> int:
     if outcome == "interrupted":
         print(f"interrupted: checkpoint saved. Resume with: {resume_command(run_dir)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if args.events == "text":
+    if args.events == "text" and method == "rm":
+        print(f"done: reward model saved in {run_dir}")
+        print(
+            f"use it: from mlxpt.train.rm import load_reward_model; load_reward_model('{run_dir}').score(prompt, response)"
+        )
+    elif args.events == "text":
         print(f"done: adapter saved in {run_dir}")
         print(f'try it: mlxpt generate --adapter {run_dir} --prompt "..."')
     return 0

@@ -13,13 +13,13 @@ response tokens = template(prompt + response) minus that prefix, which must be a
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from mlxpt.data.encode import Example, _Tok
-from mlxpt.data.formats import _DECODER, BOM, _find_dup, _has_surrogate, _tname, raise_if_errors, resolve_splits
+from mlxpt.data.formats import _tname, raise_if_errors, resolve_splits
+from mlxpt.data.lines import ObjectLines
 from mlxpt.errors import ConfigError, DataError
 
 MAX_IDENTICAL = 0.05  # more identical pairs than this fraction of rows is a data error
@@ -131,48 +131,14 @@ def _check(obj: dict, where: str, err) -> PrefRow | None:
 
 def scan_preference(path: str | os.PathLike) -> tuple[list[PrefRow], int, list[DataError]]:
     """(valid rows, identical pairs dropped, one DataError per problem); never raises."""
-    p, name = Path(path), str(path)
-    if not p.is_file():
-        what = "is a directory, expected a .jsonl file" if p.is_dir() else "file not found"
-        return [], 0, [DataError("E101" if not p.is_dir() else "E102", what, name, "check the path")]
-    raw = p.read_bytes().removeprefix(BOM)
+    lines = ObjectLines(path, '{"prompt", "chosen", "rejected"}')
     rows: list[PrefRow] = []
-    errors: list[DataError] = []
-    identical = nonblank = 0
-    for lineno, bline in enumerate(raw.split(b"\n"), start=1):
-        where = f"{name}:{lineno}"
+    identical = 0
+    for where, obj in lines:
 
         def err(code, what, hint=None, _where=where):
-            errors.append(DataError(code, what, _where, hint))
+            lines.err(code, what, _where, hint)
 
-        try:
-            text = bline.rstrip(b"\r").decode("utf-8").strip()
-        except UnicodeDecodeError as e:
-            nonblank += 1
-            err("E104", f"not valid UTF-8 (byte {e.start + 1} of the line)", "re-save the file as UTF-8")
-            continue
-        if not text:
-            continue
-        nonblank += 1
-        try:
-            obj, end = _DECODER.raw_decode(text)
-        except (json.JSONDecodeError, RecursionError) as e:
-            err("E105", f"invalid JSON: {getattr(e, 'msg', 'nested too deeply')}", "one JSON object per line")
-            continue
-        if text[end:].strip():
-            err("E106", "extra data after the JSON object", "put one JSON object per line")
-            continue
-        if not isinstance(obj, dict):
-            err(
-                "E107", f"top-level JSON is {_tname(obj)}, expected an object", 'write {"prompt", "chosen", "rejected"}'
-            )
-            continue
-        if (dup := _find_dup(obj)) is not None:
-            err("E112", f"duplicate key {dup!r} in the JSON object", "keep one value per key")
-            continue
-        if _has_surrogate(obj):
-            err("E113", "string contains an unpaired surrogate escape", "fix the broken \\u escape")
-            continue
         row = _check(obj, where, err)
         if row is None:
             continue
@@ -180,7 +146,8 @@ def scan_preference(path: str | os.PathLike) -> tuple[list[PrefRow], int, list[D
             identical += 1  # no preference signal: dropped and counted
             continue
         rows.append(row)
-    if nonblank == 0:
+    errors, nonblank, name = lines.errors, lines.nonblank, str(path)
+    if nonblank == 0 and not errors:
         errors.append(DataError("E103", "file is empty (no rows)", f"{name}:1", "add preference rows"))
     elif not errors and identical > MAX_IDENTICAL * nonblank:
         errors.append(

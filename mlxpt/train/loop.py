@@ -26,9 +26,13 @@ from mlxpt.train.memory import low_memory
 class Task:
     """What a method gives the loop: how to batch its examples and measure them."""
 
-    collate: Callable[[list], tuple]  # examples -> (inputs, targets, *objective arrays)
+    collate: Callable[..., tuple]  # examples -> (inputs, targets, *objective arrays)
     length: Callable[[object], int]  # for length bucketing
     tokens: Callable[[object], int]  # input tokens, for tokens/s
+    # Optional, for methods that make their batches (GRPO samples completions in `collate`):
+    repeat: int = 1  # optimiser steps per window of micro-batches; collate(examples, repeat_index=r)
+    evaluate: Callable | None = None  # (backend, examples, batch_size, max_batches) -> metrics dict
+    report: Callable[[int], dict] | None = None  # (step) -> extra step-event fields (may override)
 
 
 @dataclass
@@ -38,6 +42,7 @@ class LoopState:
     step: int = 0  # optimiser steps done (skipped non-finite steps included)
     epoch: int = 0  # data position: epoch and next micro-batch index in its plan
     batch_index: int = 0
+    repeat_index: int = 0  # which of `task.repeat` steps on the current window comes next
     bad_in_row: int = 0
     bad_total: int = 0
     tokens_seen: int = 0
@@ -110,28 +115,37 @@ def train_loop(
     """Train until `cfg.steps`; return "finished" or "interrupted". Raises NumericsError (exit 4)."""
     lengths = [task.length(e) for e in train]
     batches = iter_batches(lengths, batch_size, cfg.seed, state.epoch, state.batch_index)
+    repeat = max(1, task.repeat)
+    window = None  # the micro-batches of the current window: (epoch, index, example indices)
+    evaluate = task.evaluate or (lambda b, ex, bs, mb: validate(b, ex, bs, task, mb))
     if cfg.eval_batches == 0:
         valid = []  # validation switched off
     if state.step == 0 and valid and cfg.eval_every > 0:
         # the baseline (adapters start as a no-op) so a run shows how far validation moved
-        emit({"event": "eval", "step": 0, **validate(backend, valid, batch_size, task, cfg.eval_batches)})
+        emit({"event": "eval", "step": 0, **evaluate(backend, valid, batch_size, cfg.eval_batches)})
     while state.step < cfg.steps:
         t0 = time.perf_counter()
-        start_pos = (state.epoch, state.batch_index)
+        if window is None:
+            window = [next(batches) for _ in range(cfg.grad_accum)]
         tokens = 0
         interrupted = False
-        for _ in range(cfg.grad_accum):
-            epoch, index, idx = next(batches)
-            backend.accumulate(task.collate([train[i] for i in idx]))
-            tokens += sum(task.tokens(train[i]) for i in idx)
-            state.epoch, state.batch_index = (epoch, index + 1)
+        backend.begin_window()  # an abandoned window rewinds the RNG to here (sampling included)
+        for _, _, idx in window:
+            examples = [train[i] for i in idx]
+            batch = task.collate(examples) if repeat == 1 else task.collate(examples, repeat_index=state.repeat_index)
+            backend.accumulate(batch)
+            tokens += sum(task.tokens(e) for e in examples)
             if stop is not None and stop.requested:
                 interrupted = True
                 break
-        if interrupted:
+        if interrupted:  # the data position moves only when a window is done: nothing to undo
             backend.discard(rewind=True)
-            state.epoch, state.batch_index = start_pos
             break
+        state.repeat_index += 1
+        if state.repeat_index >= repeat:
+            epoch, index, _ = window[-1]
+            state.epoch, state.batch_index, state.repeat_index = epoch, index + 1, 0
+            window = None
         loss_sum, ntok, gnorm, aux = backend.reduce()
         loss = loss_sum / max(ntok, 1.0)
         metrics = {k: v / max(ntok, 1.0) for k, v in aux.items()}
@@ -167,6 +181,7 @@ def train_loop(
                 "skipped": not finite,
                 "bad_steps": state.bad_total,
                 **(metrics if finite else {}),
+                **(task.report(state.step) if task.report else {}),
             }
         )
         if state.bad_in_row >= cfg.max_bad_steps:
@@ -187,8 +202,8 @@ def train_loop(
             )
         do_eval = valid and cfg.eval_every > 0 and state.step % cfg.eval_every == 0
         if do_eval or (valid and state.step == cfg.steps):
-            result = validate(backend, valid, batch_size, task, cfg.eval_batches)
-            val = result["val_loss"]
+            result = evaluate(backend, valid, batch_size, cfg.eval_batches)
+            val = result.get("val_loss", math.nan)
             if math.isfinite(val):
                 state.best_val_loss = val if state.best_val_loss is None else min(state.best_val_loss, val)
             emit({"event": "eval", "step": state.step, **result})

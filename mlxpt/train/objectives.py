@@ -160,6 +160,108 @@ def orpo_grad(logp, mask, ref_chosen, ref_rejected, orpo_lambda=0.1):
     return _spread(xp, mask, da / nc, db / nr)
 
 
+# Reward model (Bradley-Terry). Here the backend hands the objective one scalar reward per row
+# (B chosen rows then B rejected, as for the preference losses), not per-token log-probs.
+
+
+def bt_objective(rewards, center_coef=0.0):
+    """Bradley-Terry: loss = -log σ(r_c - r_r) + λ (r_c + r_r)² per pair; λ = `center_coef` keeps
+    rewards centred on 0 (TRL's center_rewards_coefficient; the BT term ignores any shift)."""
+    xp = _xp(rewards)
+    B = rewards.shape[0] // 2
+    rc, rr = rewards[:B], rewards[B:]
+    loss = -_log_sigmoid(xp, rc - rr) + center_coef * (rc + rr) ** 2
+    metrics = {
+        "rewards_chosen": rc.sum(),
+        "rewards_rejected": rr.sum(),
+        "margin": (rc - rr).sum(),
+        "accuracy": ((rc > rr).astype(xp.float32) + 0.5 * (rc == rr).astype(xp.float32)).sum(),
+    }
+    return loss.sum(), xp.array(B, dtype=xp.float32), metrics
+
+
+def bt_grad(rewards, center_coef=0.0):
+    """d(loss_sum)/d(rewards) for `bt_objective`."""
+    xp = _xp(rewards)
+    B = rewards.shape[0] // 2
+    rc, rr = rewards[:B], rewards[B:]
+    d = -_sigmoid(xp, rr - rc)
+    c = 2 * center_coef * (rc + rr)
+    return xp.concatenate([d + c, -d + c])
+
+
+# GRPO. The batch holds N completions (prompt + completion rows), a completion mask, one
+# advantage per row, and per-token log-probs under the sampling policy (`old_logp`) and the
+# reference (`ref_logp`); an empty array means "not needed": old = the current log-probs with
+# no gradient (one update per generated batch, ratio 1), ref = no KL term (beta = 0).
+GRPO_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+
+
+def _detach(xp, a):
+    return xp.stop_gradient(a) if hasattr(xp, "stop_gradient") else a
+
+
+def _grpo_norm(xp, mask, loss_type, max_completion_length):
+    """(per-token scale, weight): loss_sum = sum(scale * per_token_loss), averaged over `weight`.
+    grpo: mean per sequence, then over sequences; dr_grpo: sum / (N * max length); dapo: sum over
+    the tokens of the whole accumulated batch / their count; bnpo: token mean of each micro-batch."""
+    n = mask.sum(axis=1, keepdims=True)
+    rows = xp.array(mask.shape[0], dtype=xp.float32)
+    if loss_type == "grpo":
+        return mask / xp.maximum(n, 1.0), rows
+    if loss_type == "dr_grpo":
+        return mask / float(max_completion_length), rows
+    if loss_type == "dapo":
+        return mask, mask.sum()
+    if loss_type == "bnpo":
+        return mask / xp.maximum(mask.sum(), 1.0), xp.array(1.0, dtype=xp.float32)
+    raise ValueError(f"unknown GRPO loss type {loss_type!r}")
+
+
+def grpo_objective(
+    logp, mask, advantages, old_logp, ref_logp,
+    loss_type="grpo", epsilon=0.2, epsilon_high=0.2, beta=0.0, max_completion_length=256,
+):  # fmt: skip
+    """Clipped surrogate: per token -min(ρA, clip(ρ, 1-ε, 1+ε_high)A) + β·k3, ρ = exp(logp - old),
+    k3 = exp(ref - logp) - (ref - logp) - 1; normalised per `loss_type` (see _grpo_norm).
+    Metric sums (same normalisation): kl, clip_fraction (ρ outside the band on the side that
+    clips), entropy (mean -logp of the sampled tokens: an estimate of the policy's entropy)."""
+    xp = _xp(logp)
+    old = old_logp if old_logp.size else _detach(xp, logp)
+    ratio = xp.exp(logp - old)
+    adv = advantages[:, None]
+    per = -xp.minimum(ratio * adv, xp.clip(ratio, 1 - epsilon, 1 + epsilon_high) * adv)
+    scale, weight = _grpo_norm(xp, mask, loss_type, max_completion_length)
+    aux = {}
+    if beta > 0 and ref_logp.size:
+        d = ref_logp - logp
+        kl = xp.exp(d) - d - 1
+        per = per + beta * kl
+        aux["kl"] = (scale * kl).sum()
+    clipped = ((ratio < 1 - epsilon) * (adv < 0) + (ratio > 1 + epsilon_high) * (adv > 0)).astype(xp.float32)
+    aux["clip_fraction"] = (scale * clipped).sum()
+    aux["entropy"] = (scale * -logp).sum()
+    return (scale * per).sum(), weight, aux
+
+
+def grpo_grad(
+    logp, mask, advantages, old_logp, ref_logp,
+    loss_type="grpo", epsilon=0.2, epsilon_high=0.2, beta=0.0, max_completion_length=256,
+):  # fmt: skip
+    """d(loss_sum)/d(logp) for `grpo_objective`: -Aρ where the unclipped branch is the minimum
+    (ties included), 0 where the clipped one is, plus β(1 - exp(ref - logp)), times the scale."""
+    xp = _xp(logp)
+    old = old_logp if old_logp.size else logp
+    ratio = xp.exp(logp - old)
+    adv = advantages[:, None]
+    unclipped = ratio * adv <= xp.clip(ratio, 1 - epsilon, 1 + epsilon_high) * adv
+    g = -adv * ratio * unclipped
+    if beta > 0 and ref_logp.size:
+        g = g + beta * (1 - xp.exp(ref_logp - logp))
+    scale, _ = _grpo_norm(xp, mask, loss_type, max_completion_length)
+    return scale * g
+
+
 # Objective -> closed-form dL/d(logp) for backends without autodiff (the NumPy backend): every
 # `<name>_objective` above with a `<name>_grad` beside it.
 GRADS = {

@@ -1,0 +1,185 @@
+"""Batched sampling of N completions of one prompt: the prompt is prefilled once, its KV cache
+is copied to N rows, and the rows decode together, each stopping on its own.
+
+This is what makes best-of-N, self-consistency and GRPO groups cheap: decoding is bound by
+reading the weights, and one read serves all N rows. Rows that finish are dropped from the
+batch (and from the cache), so a group costs what its longest live rows cost.
+
+`Completion.tokens` are exactly the sampled ids (never re-tokenised text; GRPO's log-probs need
+that), without the stop token. `Completion.logprobs` are the model's log-softmax of each sampled
+token at temperature 1, before any filter: the policy's log-probs, also a best-of-N score.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from mlxpt.errors import ConfigError
+
+PREFILL_CHUNK = 512
+
+
+@dataclass
+class Completion:
+    tokens: list[int]  # generated ids, the stop token excluded
+    text: str
+    finish_reason: str  # "stop" (EOS, end of turn or a stop string) | "length" (max_tokens)
+    logprobs: list[float] = field(default_factory=list)  # per token in `tokens`, temperature 1
+    stop_token: int | None = None  # the EOS / end-of-turn id that ended it (not in `tokens`)
+
+    @property
+    def mean_logprob(self) -> float:
+        return sum(self.logprobs) / len(self.logprobs) if self.logprobs else 0.0
+
+
+@dataclass
+class GroupStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+
+def _map_cache(cache: list, fn: Callable) -> None:
+    """Apply `fn` to every per-row array of every layer cache, in place (batch is axis 0)."""
+    import mlx.core as mx
+
+    for c in cache:
+        if hasattr(c, "keys") and hasattr(c, "values") and not callable(c.keys):
+            if c.keys is not None:
+                c.keys, c.values = fn(c.keys), fn(c.values)
+        elif hasattr(c, "cache"):  # ArraysCache (state-space layers)
+            c.cache = [fn(a) if isinstance(a, mx.array) else a for a in c.cache]
+        else:
+            raise ConfigError(
+                "E615",
+                f"batched sampling does not support the {type(c).__name__} cache of this model",
+                "decode",
+                "use --strategy sample with --n 1, or another model",
+            )
+
+
+def _check(n: int, max_tokens: int, prompt_tokens: Sequence[int]) -> None:
+    if not isinstance(n, int) or n < 1:
+        raise ConfigError("E616", f"n={n!r} is out of range", "--n", "use a whole number >= 1")
+    if not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ConfigError("E604", f"max-tokens={max_tokens} is out of range", "--max-tokens", "use a whole number >= 1")
+    if not prompt_tokens:
+        raise ConfigError("E602", "the prompt is empty", "prompt", "give a non-empty prompt")
+
+
+def generate_group(
+    model,
+    tokenizer,
+    prompt_tokens: Sequence[int],
+    n: int,
+    max_tokens: int = 256,
+    sampler: Callable | None = None,
+    stop_strings: Sequence[str] = (),
+    logits_processors: Sequence[Callable] | None = None,
+    stats: GroupStats | None = None,
+) -> list[Completion]:
+    """`n` completions of `prompt_tokens`, decoded as one batch (see the module doc).
+
+    `sampler` maps log-probs (rows, V) to token ids (rows,) (default: greedy); the logits
+    processors (e.g. a repetition penalty) are mlx-lm's `(tokens, logits) -> logits`, applied per
+    row. Rows stop at the tokenizer's EOS / end-of-turn ids or when their text contains one of
+    `stop_strings` (the text is cut before it)."""
+    _check(n, max_tokens, prompt_tokens)
+    from mlxpt import _blas
+
+    _blas.activate()
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from mlxpt.decode.generate import add_stop_tokens
+
+    tok = add_stop_tokens(tokenizer)
+    stop_ids = set(tok.eos_token_ids)
+    if sampler is None:
+        from mlxpt.decode.sampling import make_sampler
+
+        sampler = make_sampler()
+    stats = stats if stats is not None else GroupStats()
+    stats.prompt_tokens = len(prompt_tokens)
+
+    t0 = time.perf_counter()
+    cache = make_prompt_cache(model)
+    prompt = mx.array(list(prompt_tokens))[None]
+    for i in range(0, prompt.shape[1] - 1, PREFILL_CHUNK):  # all but the last token, in chunks
+        model(prompt[:, i : min(i + PREFILL_CHUNK, prompt.shape[1] - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+    logits = model(prompt[:, -1:], cache=cache)[:, -1, :]
+    if n > 1:
+        _map_cache(cache, lambda a: mx.repeat(a, n, axis=0))
+        logits = mx.repeat(logits, n, axis=0)
+    mx.eval(logits)
+    t1 = time.perf_counter()
+    stats.prefill_s += t1 - t0
+
+    tokens: list[list[int]] = [[] for _ in range(n)]
+    logps: list[list[float]] = [[] for _ in range(n)]
+    texts: list[str | None] = [None] * n
+    reasons: list[str | None] = [None] * n
+    stops: list[int | None] = [None] * n
+    live = list(range(n))  # row r of the batch is sequence live[r]
+    for step in range(max_tokens):
+        logits = logits.astype(mx.float32)
+        if logits_processors:
+            rows = []
+            for r, seq in enumerate(live):
+                row = logits[r : r + 1]
+                history = mx.array(list(prompt_tokens) + tokens[seq])
+                for proc in logits_processors:
+                    row = proc(history, row)
+                rows.append(row)
+            logits = mx.concatenate(rows, axis=0)
+        base = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        chosen = sampler(base)
+        chosen_logp = mx.take_along_axis(base, chosen[:, None], axis=-1)[:, 0]
+        mx.eval(chosen, chosen_logp)
+        ids, lps = chosen.tolist(), chosen_logp.tolist()
+        keep = []
+        for r, seq in enumerate(live):
+            t = int(ids[r])
+            if t in stop_ids:
+                reasons[seq], stops[seq] = "stop", t
+                continue
+            tokens[seq].append(t)
+            logps[seq].append(float(lps[r]))
+            if stop_strings:
+                text = tok.decode(tokens[seq])
+                hit = min((text.find(s) for s in stop_strings if s in text), default=-1)
+                if hit >= 0:
+                    texts[seq], reasons[seq] = text[:hit], "stop"
+                    continue
+            if step == max_tokens - 1:
+                reasons[seq] = "length"
+                continue
+            keep.append(r)
+        if not keep:
+            break
+        if len(keep) < len(live):
+            idx = mx.array(keep)
+            _map_cache(cache, lambda a, idx=idx: a[idx])
+            chosen = chosen[idx]
+            live = [live[r] for r in keep]
+        logits = model(chosen[:, None], cache=cache)[:, -1, :]
+    stats.decode_s += time.perf_counter() - t1
+    stats.generated_tokens += sum(len(t) for t in tokens)
+    return [
+        Completion(
+            tokens[i],
+            texts[i] if texts[i] is not None else tok.decode(tokens[i]),
+            reasons[i] or "length",
+            logps[i],
+            stops[i],
+        )
+        for i in range(n)
+    ]

@@ -1,0 +1,348 @@
+"""GRPO family on the shared runner and loop: sample a group of completions per prompt, score them
+with verifiable rewards, and push up the ones better than their group.
+
+Per micro-batch of prompts (`batch_size`): `num_generations` (G) completions of each prompt are
+sampled in one batched generation (prompt prefilled once, KV cache copied to G rows:
+decode/batch.py) and kept as token ids exactly as sampled. Rewards come from guarded plain
+functions (rewards.py). Advantages are group-relative, A = (r - mean_group) / (std + 1e-4) with
+std over the group, the batch, or none (`scale_rewards`); std is the unbiased one, as in TRL.
+The loss is the clipped surrogate with an optional k3 KL to the reference (objectives.py), the
+reference being the model with its adapter as created (the base model for LoRA/DoRA) swapped in
+for one no-gradient pass: no second copy of the weights. `num_iterations` (mu) > 1 reuses each
+generated batch for mu optimiser steps against the log-probs it was sampled with.
+
+Deviations and simplifications:
+- Completions end with their EOS / end-of-turn token, which is trained (TRL does the same);
+  truncated completions (max length) have none, and `mask_truncated_completions` drops them.
+- `skip_zero_std_groups` drops groups whose rewards are all equal (their advantages are 0, so
+  they only dilute the normalisation); if every group is such, the batch keeps them, masked.
+- Validation is greedy decoding of the held-out prompts scored by the same rewards (val_reward,
+  val_accuracy), not a loss: a GRPO "loss" says little about progress.
+- Exact resume: the sampling RNG is part of every checkpoint, so a resumed run samples the same
+  completions. With mu > 1, a run stopped between the mu steps of one generated batch samples
+  that batch again on resume (the rollouts are not checkpointed).
+- The NumPy backend has the closed-form gradients of every loss type (objectives.GRADS) but no
+  sampler, so `mlxpt train grpo` needs the MLX backend.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+
+from mlxpt.config import GRPOConfig
+from mlxpt.data.batching import collate
+from mlxpt.data.encode import Example
+from mlxpt.data.prompts import PromptExample, encode_prompts, load_prompts
+from mlxpt.errors import ConfigError, MlxptError
+from mlxpt.train import objectives
+from mlxpt.train.loop import Task
+from mlxpt.train.rewards import RewardGuard, parse_rewards
+from mlxpt.train.runner import Method, pad_id_of, run_training
+
+SAMPLES_FILE = "samples.jsonl"
+FAILURES_FILE = "reward_failures.jsonl"
+
+
+def group_advantages(rewards: np.ndarray, scale: str = "group", eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """(advantages, zero-std flag per group) for rewards of shape (prompts, G)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    mean = r.mean(axis=1, keepdims=True)
+    std = r.std(axis=1, ddof=1, keepdims=True) if r.shape[1] > 1 else np.zeros_like(mean)
+    zero = std[:, 0] < 1e-6
+    if scale == "group":
+        adv = (r - mean) / (std + eps)
+    elif scale == "batch":
+        adv = (r - mean) / ((r.std(ddof=1) if r.size > 1 else 0.0) + eps)
+    elif scale == "none":
+        adv = r - mean
+    else:
+        raise ValueError(f"unknown scale_rewards {scale!r}")
+    return adv.astype(np.float32), zero
+
+
+def check_config(cfg: GRPOConfig) -> None:
+    """Everything about the settings that can be wrong, before any data or weights are read."""
+    g = cfg.grpo
+    if cfg.train.backend != "mlx":
+        raise ConfigError(
+            "E551",
+            "GRPO samples completions, which the numpy backend cannot do",
+            "backend",
+            "use --backend mlx (the numpy backend has GRPO's gradients, for testing only)",
+        )
+    if g.beta > 0 and cfg.adapter.fine_tune_type == "full":
+        raise ConfigError(
+            "E550",
+            "full fine-tuning has no adapter to switch off for the KL reference",
+            "beta",
+            "use lora/dora or --beta 0",
+        )
+    from mlxpt.decode.extract import check_method, compile_regex
+
+    check_method(g.extract)
+    if g.extract.startswith("re:"):
+        compile_regex(g.extract[3:])
+    if g.format_regex:
+        compile_regex(g.format_regex)
+    parse_rewards(g.rewards, g.reward_weights)  # imports user reward files: errors now, not at step 1
+
+
+def read_rows(cfg: GRPOConfig):
+    check_config(cfg)
+    names = [n for n, _, _ in parse_rewards(cfg.grpo.rewards, cfg.grpo.reward_weights)]
+    require = ("answer",) if "accuracy" in names else ()
+    return load_prompts(cfg.data.data, cfg.data.valid, require=require)
+
+
+def prepare_data(cfg: GRPOConfig, tokenizer, rows=None):
+    d, g = cfg.data, cfg.grpo
+    train_rows, valid_rows = rows if rows is not None else read_rows(cfg)
+    train, train_report = encode_prompts(train_rows, tokenizer, d.max_seq_len, g.max_completion_length, d.overlong)
+    valid, valid_report = (
+        encode_prompts(valid_rows, tokenizer, d.max_seq_len, g.max_completion_length, d.overlong)
+        if valid_rows
+        else ([], {})
+    )
+    if not train:
+        raise MlxptError("E178", "no prompts left after encoding", d.data, "raise --max-seq-len or shorten the prompts")
+    return train, valid, {"train": train_report, "valid": valid_report}
+
+
+def make_objective(cfg: GRPOConfig) -> Callable:
+    g = cfg.grpo
+    return partial(
+        objectives.grpo_objective,
+        loss_type=g.loss_type,
+        epsilon=g.epsilon,
+        epsilon_high=g.epsilon if g.epsilon_high is None else g.epsilon_high,
+        beta=g.beta,
+        max_completion_length=g.max_completion_length,
+    )
+
+
+class GRPOTask:
+    """Turns prompt examples into training batches by sampling and scoring completions."""
+
+    def __init__(self, cfg: GRPOConfig, tokenizer):
+        self.cfg, self.g, self.tokenizer = cfg, cfg.grpo, tokenizer
+        self.pad = pad_id_of(tokenizer)
+        self.backend = None
+        self.run_dir: Path | None = None
+        self.emit: Callable[[dict], None] = lambda e: None
+        self.guard: RewardGuard | None = None
+        self._cache: dict[tuple, tuple] = {}  # rollouts kept for the mu steps on one window
+        self._seq_tokens: dict[int, int] = {}
+        self._window: list[dict] = []  # per micro-batch rollout stats of the current window
+        self._stats: dict = {}
+        self._last_samples: list[dict] = []
+        self._sampler = None
+
+    # -- wiring ----------------------------------------------------------------------------
+    def attach(self, backend, run_dir: Path, emit) -> None:
+        from mlxpt.decode.sampling import make_sampler
+
+        self.backend, self.run_dir, self.emit = backend, Path(run_dir), emit
+        self.guard = RewardGuard(
+            parse_rewards(self.g.rewards, self.g.reward_weights),
+            policy=self.g.reward_on_error,
+            max_failure_rate=self.g.max_reward_failure_rate,
+            timeout_s=self.g.reward_timeout,
+            log_path=self.run_dir / FAILURES_FILE,
+        )
+        # no seed here: the sampling RNG is the backend's, saved in every checkpoint
+        self._sampler = make_sampler(self.g.temperature, self.g.top_p, self.g.top_k, self.g.min_p)
+
+    def task(self) -> Task:
+        return Task(
+            collate=self.collate,
+            length=lambda e: len(e.tokens) + self.g.max_completion_length,
+            tokens=lambda e: self._seq_tokens.get(id(e), 0),
+            repeat=self.g.num_iterations,
+            evaluate=self.evaluate,
+            report=self.report,
+        )
+
+    # -- rollouts --------------------------------------------------------------------------
+    def _row_kwargs(self, e: PromptExample, completion_tokens: int) -> dict:
+        return {
+            **e.row.fields,
+            "completion_tokens": completion_tokens,
+            "max_completion_length": self.g.max_completion_length,
+            "extract_method": self.g.extract,
+            "format_regex": self.g.format_regex,
+        }
+
+    def _score(self, e: PromptExample, text: str, n_tokens: int) -> tuple[float, dict]:
+        scores = self.guard.score(e.row.prompt, text, self._row_kwargs(e, n_tokens))
+        return self.guard.total(scores), scores
+
+    def _rollout(self, examples: list[PromptExample]):
+        """Sample, score and batch: (arrays for the objective, stats of this micro-batch)."""
+        from mlxpt.decode.batch import GroupStats, generate_group
+
+        G = self.g.num_generations
+        model = self.backend.model
+        model.eval()
+        gs = GroupStats()
+        t0 = time.perf_counter()
+        seqs, totals, per_fn, samples = [], [], [], []
+        for e in examples:
+            comps = generate_group(
+                model, self.tokenizer, e.tokens, G, self.g.max_completion_length, self._sampler, stats=gs
+            )
+            for c in comps:
+                ids = c.tokens + ([c.stop_token] if c.stop_token is not None else [])
+                total, scores = self._score(e, c.text, len(c.tokens))
+                seqs.append((e, ids, c.finish_reason == "length"))
+                totals.append(total)
+                per_fn.append(scores)
+                samples.append({"prompt": e.row.prompt, "completion": c.text, "reward": total, "rewards": scores})
+        t_gen = time.perf_counter() - t0
+        rewards = np.array(totals, dtype=np.float32).reshape(len(examples), G)
+        adv, zero = group_advantages(rewards, self.g.scale_rewards)
+        keep = np.ones(len(seqs), bool)
+        if self.g.skip_zero_std_groups and zero.any() and not zero.all():
+            keep = ~np.repeat(zero, G)
+        rows = []
+        for i, (e, ids, truncated) in enumerate(seqs):
+            if not keep[i]:
+                continue
+            train = not (truncated and self.g.mask_truncated_completions) and not (
+                zero.all() and self.g.skip_zero_std_groups
+            )
+            rows.append(Example(list(e.tokens) + ids, [0] * len(e.tokens) + [int(train)] * len(ids), e.row.where))
+        inputs, targets, mask = collate(rows, self.pad)
+        empty = np.zeros((0,), np.float32)
+        old = self.backend.token_logps(inputs, targets).astype(np.float32) if self.g.num_iterations > 1 else empty
+        ref = self.backend.token_logps(inputs, targets, reference=True).astype(np.float32) if self.g.beta > 0 else empty
+        batch = (inputs, targets, mask, adv.reshape(-1)[keep], old, ref)
+        lengths = [len(ids) for _, ids, _ in seqs]
+        stats = {
+            "rewards": totals,
+            "per_fn": per_fn,
+            "zero_std": int(zero.sum()),
+            "groups": len(examples),
+            "lengths": lengths,
+            "truncated": sum(t for _, _, t in seqs),
+            "gen_s": t_gen,
+            "gen_tokens": gs.generated_tokens,
+            "seq_tokens": int(sum(len(r.tokens) for r in rows)),
+            "samples": samples[:G],
+        }
+        return batch, stats
+
+    def collate(self, examples: list[PromptExample], repeat_index: int = 0) -> tuple:
+        key = tuple(id(e) for e in examples)
+        if repeat_index == 0 or key not in self._cache:
+            batch, stats = self._rollout(examples)
+            if not self._window_open:  # the first micro-batch of a window
+                self._window = []
+            self._window_open = True
+            self._window.append(stats)
+            if self.g.num_iterations > 1:
+                self._cache[key] = (batch, stats)
+            for e in examples:
+                self._seq_tokens[id(e)] = stats["seq_tokens"] // max(1, len(examples))
+        else:
+            batch, stats = self._cache[key]
+        if repeat_index == self.g.num_iterations - 1:
+            self._cache.pop(key, None)
+        return batch
+
+    _window_open = False
+
+    # -- reporting -------------------------------------------------------------------------
+    def report(self, step: int) -> dict:
+        """Step-event fields from the rollouts of this step's window (TRL's metric names)."""
+        self._window_open = False
+        w = self._window
+        if not w:
+            return {}
+        rewards = np.array([r for s in w for r in s["rewards"]], dtype=np.float64)
+        lengths = [n for s in w for n in s["lengths"]]
+        out = {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std(ddof=1)) if rewards.size > 1 else 0.0,
+            "zero_std_fraction": sum(s["zero_std"] for s in w) / max(1, sum(s["groups"] for s in w)),
+            "completion_len_mean": float(np.mean(lengths)),
+            "completion_len_max": int(max(lengths)),
+            "truncated_fraction": sum(s["truncated"] for s in w) / max(1, len(lengths)),
+            "gen_time_s": sum(s["gen_s"] for s in w),
+            "gen_tokens_per_s": sum(s["gen_tokens"] for s in w) / max(1e-9, sum(s["gen_s"] for s in w)),
+        }
+        for name in self.guard.names:
+            vals = [sc[name] for s in w for sc in s["per_fn"] if sc[name] is not None]
+            out[f"reward/{name}"] = float(np.mean(vals)) if vals else None
+            out[f"reward_std/{name}"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        fails = self.guard.failure_counts()
+        if any(fails.values()):
+            out["reward_failures"] = fails
+        every = self.g.log_completions_every
+        if every and (step % every == 0 or step == 1) and self.run_dir is not None:
+            samples = [{"step": step, **x} for x in w[0]["samples"]]
+            with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(x, default=str) + "\n" for x in samples)
+            self.emit({"event": "samples", "step": step, "samples": samples})
+        return out
+
+    # -- validation ------------------------------------------------------------------------
+    def evaluate(self, backend, examples: list[PromptExample], batch_size: int, max_batches: int) -> dict:
+        """Greedy completions of the first `max_batches * batch_size` held-out prompts, scored."""
+        from mlxpt.decode.batch import generate_group
+
+        n = len(examples) if max_batches < 0 else min(len(examples), max_batches * batch_size)
+        model = backend.model
+        model.eval()
+        totals, per_fn, lengths = [], {name: [] for name in self.guard.names}, []
+        for e in examples[:n]:
+            (c,) = generate_group(model, self.tokenizer, e.tokens, 1, self.g.max_completion_length)
+            total, scores = self._score(e, c.text, len(c.tokens))
+            totals.append(total)
+            lengths.append(len(c.tokens))
+            for name, v in scores.items():
+                if v is not None:
+                    per_fn[name].append(v)
+        out = {"val_reward": float(np.mean(totals)) if totals else math.nan, "val_prompts": n}
+        out["val_completion_len"] = float(np.mean(lengths)) if lengths else 0.0
+        for name, vals in per_fn.items():
+            out[f"val_reward/{name}"] = float(np.mean(vals)) if vals else None
+        if per_fn.get("accuracy"):
+            out["val_accuracy"] = float(np.mean(per_fn["accuracy"]))
+        return out
+
+
+def make_method(cfg: GRPOConfig) -> Method:
+    holder: dict = {}
+
+    def task(cfg_, tokenizer) -> Task:
+        holder["task"] = GRPOTask(cfg_, tokenizer)
+        return holder["task"].task()
+
+    def before_train(backend, train, valid, run_dir, emit) -> None:
+        if not hasattr(backend, "model"):
+            raise ConfigError(
+                "E551", "GRPO needs the mlx backend to sample completions", "backend", "use --backend mlx"
+            )
+        holder["task"].attach(backend, run_dir, emit)
+
+    return Method(
+        name="grpo", read=read_rows, encode=prepare_data, objective=make_objective(cfg), task=task,
+        before_train=before_train, rows_per_example=cfg.grpo.num_generations,
+    )  # fmt: skip
+
+
+def run_grpo(
+    cfg: GRPOConfig,
+    resume_dir: str | Path | None = None,
+    emit: Callable[[dict], None] = lambda e: None,
+    stop=None,
+) -> tuple[Path, str]:
+    """Train (or resume) one GRPO run; return (run folder, "finished" | "interrupted")."""
+    return run_training(make_method(cfg), cfg, resume_dir=resume_dir, emit=emit, stop=stop)

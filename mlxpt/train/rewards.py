@@ -1,0 +1,257 @@
+"""Verifiable reward functions and the guard every call goes through.
+
+A reward function is a plain callable `(prompt, completion, **row) -> float | None`: `prompt` is
+the prompt as given in the data (a string or a message list), `completion` the generated text,
+`row` every other field of the data row (e.g. `answer`) plus `completion_tokens` and
+`max_completion_length`. Only the keywords a function accepts are passed, so `def f(prompt,
+completion, answer)` works as well as `def f(prompt, completion, **row)`. None means "abstain"
+(this function has no opinion on this completion).
+
+Built-ins (`REWARDS`): `accuracy` (final answer == row["answer"], robust extraction from
+decode/extract.py), `format` (the completion ends with an `Answer: <number>` line, or matches the
+row's/config's `format_regex`), `tags` (`<think>...</think>` then `<answer>...</answer>`),
+`length` (DAPO's soft over-length penalty). User functions: `--reward path/to/file.py:function`.
+
+`RewardGuard` calls them: exceptions, None, NaN/inf, non-numbers and calls slower than a timeout
+are caught, counted per function and logged (with the offending completion) to the run folder;
+the policy decides what a failure becomes (`abstain`: dropped from the sum, `zero`: 0.0, `stop`:
+the run stops), and a failure rate above `max_failure_rate` stops the run with one clear line.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import json
+import math
+import re
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from mlxpt.decode.extract import extract, same_answer
+from mlxpt.errors import ConfigError
+
+ANSWER_LINE = r"(?s).*\bAnswer:\s*[-+]?\$?\d[\d,]*(?:\.\d+)?\s*$"
+_TAGS = re.compile(r"(?s)^\s*<think>.+?</think>\s*<answer>.+?</answer>\s*$")
+
+
+def accuracy(prompt, completion: str, answer=None, extract_method: str = "auto", **_) -> float | None:
+    """1.0 when the extracted final answer equals `answer` (numbers with a tolerance), else 0.0;
+    None (abstain) for rows without an answer."""
+    if answer is None:
+        return None
+    return 1.0 if same_answer(extract(completion, extract_method), answer) else 0.0
+
+
+def format_reward(prompt, completion: str, format_regex: str | None = None, **_) -> float:
+    """1.0 when the completion matches `format_regex` (default: ends with an `Answer: n` line)."""
+    return 1.0 if re.fullmatch(format_regex or ANSWER_LINE, completion.strip()) else 0.0
+
+
+def tags(prompt, completion: str, **_) -> float:
+    """1.0 for `<think>reasoning</think><answer>answer</answer>` and nothing else, else 0.0."""
+    return 1.0 if _TAGS.match(completion) else 0.0
+
+
+def length(prompt, completion: str, completion_tokens: int = 0, max_completion_length: int = 0, **_) -> float:
+    """DAPO's soft over-length penalty: 0 up to L - L/4 tokens, then linearly down to -1 at L."""
+    if max_completion_length <= 0:
+        return 0.0
+    soft = max(1, max_completion_length // 4)
+    start = max_completion_length - soft
+    if completion_tokens <= start:
+        return 0.0
+    return max(-1.0, (start - completion_tokens) / soft)
+
+
+REWARDS: dict[str, Callable] = {"accuracy": accuracy, "format": format_reward, "tags": tags, "length": length}
+
+
+def load_reward(spec: str) -> tuple[str, Callable]:
+    """(name, function) for a built-in name or `path/to/file.py:function`; ConfigError E520+."""
+    if spec in REWARDS:
+        return spec, REWARDS[spec]
+    if ":" not in spec:
+        raise ConfigError(
+            "E540",
+            f"unknown reward {spec!r}",
+            "--reward",
+            f"use one of {', '.join(REWARDS)} or path/to/file.py:function",
+        )
+    path_s, fn_name = spec.rsplit(":", 1)
+    path = Path(path_s).expanduser()
+    if not path.is_file():
+        raise ConfigError("E541", "reward file not found", path_s, "give an existing .py file: --reward file.py:fn")
+    try:
+        mod_spec = importlib.util.spec_from_file_location(f"mlxpt_user_reward_{path.stem}", path)
+        module = importlib.util.module_from_spec(mod_spec)
+        mod_spec.loader.exec_module(module)
+    except Exception as e:  # noqa: BLE001 - any error in user code is reported, not raised raw
+        raise ConfigError(
+            "E542", f"reward file failed to import: {type(e).__name__}: {e}", path_s, "fix the file"
+        ) from None
+    fn = getattr(module, fn_name, None)
+    if not callable(fn):
+        raise ConfigError("E543", f"no function {fn_name!r} in the reward file", path_s, "check the name after ':'")
+    try:
+        inspect.signature(fn).bind("prompt", "completion")
+    except (TypeError, ValueError):
+        raise ConfigError(
+            "E544",
+            f"reward {fn_name!r} must accept (prompt, completion, **row)",
+            spec,
+            "define it as def f(prompt, completion, **row) -> float | None",
+        ) from None
+    return fn_name, fn
+
+
+def parse_rewards(names: str, weights: str | None) -> list[tuple[str, Callable, float]]:
+    """The configured reward functions with their weights (default 1.0 each)."""
+    specs = [s.strip() for s in names.split(",") if s.strip()]
+    if not specs:
+        raise ConfigError("E545", "no reward function given", "--rewards", "e.g. --rewards accuracy,format")
+    loaded = [load_reward(s) for s in specs]
+    if weights:
+        try:
+            ws = [float(w) for w in weights.split(",")]
+        except ValueError:
+            raise ConfigError(
+                "E546", f"reward weights {weights!r} are not numbers", "--reward-weights", "e.g. 1,0.5"
+            ) from None
+        if len(ws) != len(loaded) or not all(math.isfinite(w) for w in ws):
+            raise ConfigError(
+                "E546",
+                f"{len(ws)} reward weights for {len(loaded)} reward functions",
+                "--reward-weights",
+                "give one finite weight per reward function, in order",
+            )
+    else:
+        ws = [1.0] * len(loaded)
+    names_seen = [n for n, _ in loaded]
+    dup = {n for n in names_seen if names_seen.count(n) > 1}
+    if dup:
+        raise ConfigError("E547", f"reward {sorted(dup)[0]!r} is listed twice", "--rewards", "list each function once")
+    return [(n, f, w) for (n, f), w in zip(loaded, ws, strict=True)]
+
+
+def _accepted_kwargs(fn: Callable) -> set[str] | None:
+    """Keyword names `fn` accepts, or None when it takes **kwargs (everything)."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return {p.name for p in params}
+
+
+class RewardStop(ConfigError):
+    pass
+
+
+class RewardGuard:
+    """Calls reward functions safely; see the module doc. One guard per run."""
+
+    POLICIES = ("abstain", "zero", "stop")
+
+    def __init__(
+        self,
+        rewards: list[tuple[str, Callable, float]],
+        policy: str = "abstain",
+        max_failure_rate: float = 0.5,
+        timeout_s: float = 10.0,
+        log_path: Path | None = None,
+        min_calls: int = 16,
+    ):
+        if policy not in self.POLICIES:
+            raise ConfigError(
+                "E548", f"unknown reward failure policy {policy!r}", "--reward-on-error", "abstain, zero or stop"
+            )
+        self.rewards, self.policy = rewards, policy
+        self.max_failure_rate, self.timeout_s, self.min_calls = max_failure_rate, timeout_s, min_calls
+        self.log_path = log_path
+        self.calls = {n: 0 for n, _, _ in rewards}
+        self.failures = {n: 0 for n, _, _ in rewards}
+        self._kwargs = {n: _accepted_kwargs(f) for n, f, _ in rewards}
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _, _ in self.rewards]
+
+    def _call(self, fn: Callable, args: tuple, kwargs: dict):
+        """(value, error text or None); the call runs in a daemon thread so a hang costs `timeout_s`."""
+        if self.timeout_s <= 0:
+            try:
+                return fn(*args, **kwargs), None
+            except Exception as e:  # noqa: BLE001
+                return None, f"{type(e).__name__}: {e}"
+        box: dict = {}
+
+        def target():
+            try:
+                box["value"] = fn(*args, **kwargs)
+            except BaseException as e:  # noqa: BLE001 - reported, never raised into the loop
+                box["error"] = f"{type(e).__name__}: {e}"
+
+        t = threading.Thread(target=target, daemon=True)
+        t.start()
+        t.join(self.timeout_s)
+        if t.is_alive():
+            return None, f"timed out after {self.timeout_s:g} s"
+        return box.get("value"), box.get("error")
+
+    def _fail(self, name: str, reason: str, prompt, completion: str) -> float | None:
+        self.failures[name] += 1
+        if self.log_path is not None:
+            line = {
+                "time": time.time(),
+                "reward": name,
+                "reason": reason,
+                "prompt": prompt,
+                "completion": completion[:2000],
+            }
+            with open(self.log_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(line, default=str) + "\n")
+        where = f"reward {name!r}" + (f" (log: {self.log_path})" if self.log_path else "")
+        if self.policy == "stop":
+            raise RewardStop(
+                "E549", f"reward function failed: {reason}", where, "fix the function, or --reward-on-error abstain"
+            )
+        calls = self.calls[name]
+        if calls >= self.min_calls and self.failures[name] / calls > self.max_failure_rate:
+            raise RewardStop(
+                "E549",
+                f"reward function failed on {self.failures[name]} of {calls} calls (last: {reason})",
+                where,
+                f"fix the function; runs stop above a {self.max_failure_rate:.0%} failure rate",
+            )
+        return 0.0 if self.policy == "zero" else None
+
+    def score(self, prompt, completion: str, row: dict) -> dict[str, float | None]:
+        """Each function's reward for one completion (None: abstained or failed under `abstain`)."""
+        out: dict[str, float | None] = {}
+        for name, fn, _ in self.rewards:
+            accepted = self._kwargs[name]
+            kwargs = row if accepted is None else {k: v for k, v in row.items() if k in accepted}
+            self.calls[name] += 1
+            value, error = self._call(fn, (prompt, completion), kwargs)
+            if error is not None:
+                out[name] = self._fail(name, error, prompt, completion)
+            elif value is None:
+                out[name] = None  # an abstention is an answer, not a failure
+            elif not isinstance(value, (int, float)):  # bools count as 1/0
+                out[name] = self._fail(name, f"returned {type(value).__name__}, not a number", prompt, completion)
+            elif not math.isfinite(value):
+                out[name] = self._fail(name, f"returned {value}", prompt, completion)
+            else:
+                out[name] = float(value)
+        return out
+
+    def total(self, scores: dict[str, float | None]) -> float:
+        """Weighted sum over the functions that gave a value (abstentions add nothing)."""
+        return sum(w * scores[n] for n, _, w in self.rewards if scores[n] is not None)
+
+    def failure_counts(self) -> dict[str, int]:
+        return dict(self.failures)
