@@ -41,6 +41,7 @@ class Method:
     task: Callable  # (cfg, tokenizer) -> loop.Task
     before_train: Callable | None = None  # (backend, train, valid, run_dir, emit) e.g. reference log-probs
     rows_per_example: int = 1  # sequences one example puts in a batch (2 for a preference pair)
+    output: str = "logp"  # what the backend hands the objective: per-token log-probs, or "reward" per row
 
 
 def _trim_metrics(run_dir: Path, step: int) -> None:
@@ -75,7 +76,7 @@ def run_training(
     from mlxpt.train.loop import LoopState, train_loop
 
     t_load = time.perf_counter()
-    backend = create_backend(cfg.train.backend, cfg.model, cfg.adapter, cfg.train, method.objective)
+    backend = create_backend(cfg.train.backend, cfg.model, cfg.adapter, cfg.train, method.objective, method.output)
     longest = max(task.length(e) for e in train + valid)
     batch_rows = cfg.data.batch_size * method.rows_per_example
     memory = backend.check_memory(batch_rows, min(longest, cfg.data.max_seq_len))
