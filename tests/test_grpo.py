@@ -1,0 +1,329 @@
+"""GRPO: advantages and every loss type on hand-computed inputs, clipping at the band edges, the
+closed-form gradients against mx.grad, prompt data errors, batched sampling, and runs on the
+tiny model (every parameter moves, exact resume, a user reward file from the CLI)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import tiny
+from test_train import StopAfter, _load_state
+
+from mlxpt.config import GRPOConfig
+from mlxpt.data import synth
+from mlxpt.errors import ConfigError, DataError
+from mlxpt.train.grpo import group_advantages
+from mlxpt.train.objectives import GRADS, grpo_grad, grpo_objective
+
+EMPTY = np.zeros((0,), np.float32)
+
+
+def f32(*rows):
+    """float32 array of one value/list, or of several rows."""
+    return np.array(rows[0] if len(rows) == 1 else rows, dtype=np.float32)
+
+
+def test_group_advantages_by_hand():
+    r = f32([1, 0, 0, 1], [1, 1, 1, 1])
+    adv, zero = group_advantages(r, "group")
+    a = 0.5 / (math.sqrt(1 / 3) + 1e-4)  # 1/3: the unbiased variance of (1, 0, 0, 1)
+    np.testing.assert_allclose(adv[0], [a, -a, -a, a], rtol=1e-6)
+    np.testing.assert_array_equal(adv[1], 0)
+    assert zero.tolist() == [False, True]
+    np.testing.assert_allclose(group_advantages(r, "none")[0][0], [0.5, -0.5, -0.5, 0.5])
+    bstd = np.std(r, ddof=1)
+    np.testing.assert_allclose(
+        group_advantages(r, "batch")[0][0], np.array([0.5, -0.5, -0.5, 0.5]) / (bstd + 1e-4), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "loss", "weight"),
+    [("grpo", -2.0, 1.0), ("dapo", -4.0, 2.0), ("dr_grpo", -1.0, 1.0), ("bnpo", -2.0, 1.0)],
+)
+def test_each_loss_type_by_hand(loss_type, loss, weight):
+    # one completion of 2 tokens (a third position is padding), advantage 2, ratio 1: per token -2
+    logp, mask = f32([-1.0, -2.0, -5.0]), f32([1, 1, 0])
+    got, w, aux = grpo_objective(
+        logp[None], mask[None], f32([2.0]), EMPTY, EMPTY, loss_type=loss_type, max_completion_length=4
+    )
+    assert float(got) == pytest.approx(loss) and float(w) == pytest.approx(weight)
+    assert "kl" not in aux and float(aux["clip_fraction"]) == 0.0
+
+
+def test_clipping_at_the_band_edges():
+    eps, eps_hi = 0.2, 0.28
+
+    def one(ratio, adv):
+        logp = f32([-1.0])[None]
+        old = logp - np.log(np.float32(ratio))
+        loss, _, aux = grpo_objective(logp, f32([1])[None], f32([adv]), old, EMPTY, epsilon=eps, epsilon_high=eps_hi)
+        g = grpo_grad(logp, f32([1])[None], f32([adv]), old, EMPTY, epsilon=eps, epsilon_high=eps_hi)
+        return float(loss), float(g[0, 0]), float(aux["clip_fraction"])
+
+    loss, g, clip = one(1.5, 1.0)  # above the band, positive advantage: clipped, no gradient
+    assert loss == pytest.approx(-1.28) and g == 0.0 and clip == 1.0
+    loss, g, clip = one(1.5, -1.0)  # above the band, negative advantage: the unclipped term is the min
+    assert loss == pytest.approx(1.5, rel=1e-5) and g == pytest.approx(1.5, rel=1e-5) and clip == 0.0
+    loss, g, clip = one(0.5, -1.0)  # below the band, negative advantage: clipped at 1 - eps
+    assert loss == pytest.approx(0.8) and g == 0.0 and clip == 1.0
+    for inside in (1.0 + eps_hi - 1e-3, 1.0 - eps + 1e-3):  # just inside: gradient -A·ratio
+        loss, g, clip = one(inside, 1.0)
+        assert g == pytest.approx(-inside, rel=1e-4) and clip == 0.0
+
+
+def test_kl_term_and_beta_zero():
+    logp = f32([-1.0, -2.0])[None]
+    ref = logp + 0.5
+    k3 = math.exp(0.5) - 0.5 - 1
+    loss, _, aux = grpo_objective(logp, f32([1, 1])[None], f32([0.0]), EMPTY, ref, beta=0.1)
+    assert float(loss) == pytest.approx(0.1 * k3, rel=1e-5) and float(aux["kl"]) == pytest.approx(k3, rel=1e-5)
+    loss0, _, aux0 = grpo_objective(logp, f32([1, 1])[None], f32([0.0]), EMPTY, ref, beta=0.0)
+    assert float(loss0) == 0.0 and "kl" not in aux0
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo", "bnpo"])
+@pytest.mark.parametrize("variant", ["mu1_nokl", "old_and_kl"])
+def test_closed_form_gradient_matches_autodiff(loss_type, variant):
+    assert GRADS[grpo_objective] is grpo_grad
+    rng = np.random.default_rng(3)
+    N, L = 6, 7
+    logp = rng.normal(-2, 0.6, (N, L)).astype(np.float32)
+    mask = (rng.random((N, L)) > 0.3).astype(np.float32)
+    adv = rng.normal(0, 1, N).astype(np.float32)
+    old = (logp + rng.normal(0, 0.3, (N, L))).astype(np.float32) if variant == "old_and_kl" else EMPTY
+    ref = (logp + rng.normal(0, 0.3, (N, L))).astype(np.float32) if variant == "old_and_kl" else EMPTY
+    kw = {"loss_type": loss_type, "epsilon": 0.2, "epsilon_high": 0.28, "beta": 0.05, "max_completion_length": 9}
+
+    def f(lp):
+        return grpo_objective(lp, mx.array(mask), mx.array(adv), mx.array(old), mx.array(ref), **kw)[0]
+
+    np.testing.assert_allclose(
+        grpo_grad(logp, mask, adv, old, ref, **kw), np.array(mx.grad(f)(mx.array(logp))), atol=1e-6
+    )
+    assert float(grpo_objective(logp, mask, adv, old, ref, **kw)[0]) == pytest.approx(
+        f(mx.array(logp)).item(), rel=1e-5, abs=1e-5
+    )
+
+
+# -- prompt data ---------------------------------------------------------------------------
+
+
+def test_prompt_data_errors_name_their_lines(tmp_path):
+    from mlxpt.data.prompts import load_prompts
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        "\n".join(
+            [
+                json.dumps({"prompt": "What is 2+2?", "answer": "4"}),
+                json.dumps({"question": "x"}),
+                json.dumps({"prompt": 5, "answer": "1"}),
+                json.dumps(
+                    {
+                        "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "a"}],
+                        "answer": "1",
+                    }
+                ),
+                json.dumps({"prompt": "no answer"}),
+                "{broken",
+                json.dumps(
+                    {
+                        "messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}],
+                        "answer": "5",
+                    }
+                ),
+            ]
+        )
+    )
+    with pytest.raises(DataError) as e:
+        load_prompts(f, require=("answer",))
+    found = {(err.code, err.where.rsplit(":", 1)[1]) for err in e.value.errors}
+    assert found == {("E171", "2"), ("E172", "3"), ("E174", "4"), ("E173", "5"), ("E105", "6")}
+    g = tmp_path / "ok.jsonl"
+    g.write_text(f.read_text().splitlines()[0] + "\n" + f.read_text().splitlines()[6] + "\n")
+    rows, _ = load_prompts(g, require=("answer",))
+    assert [r.messages[-1]["content"] for r in rows] == ["What is 2+2?", "2+3?"]  # SFT rows lose their reply
+    assert rows[1].fields == {"answer": "5"}
+
+
+def test_overlong_prompts_are_dropped_or_refused(tmp_path, tiny_dir):
+    from mlxpt.data.prompts import encode_prompts, load_prompts
+    from mlxpt.models.loader import load_tokenizer
+
+    f = tmp_path / "p.jsonl"
+    f.write_text(
+        json.dumps({"prompt": "word " * 200, "answer": "1"}) + "\n" + json.dumps({"prompt": "hi", "answer": "1"}) + "\n"
+    )
+    rows, _ = load_prompts(f)
+    tok = load_tokenizer(str(tiny_dir))
+    kept, report = encode_prompts(rows, tok, 128, 32, "drop")
+    assert len(kept) == 1 and report["dropped_overlong"] == 1
+    with pytest.raises(DataError) as e:
+        encode_prompts(rows, tok, 128, 32, "error")
+    assert e.value.code == "E175" and e.value.where.endswith(":1")
+    with pytest.raises(DataError) as e:
+        encode_prompts(rows, tok, 32, 32, "drop")
+    assert e.value.code == "E176"
+
+
+# -- batched sampling ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tiny_dir):
+    from mlxpt.models.loader import load
+
+    return load(str(tiny_dir))
+
+
+def test_batched_group_matches_single_stream_and_model_logprobs(tiny_model):
+    from mlxpt.backends.mlx_backend import token_logp
+    from mlxpt.decode.batch import generate_group
+    from mlxpt.decode.generate import iter_generate
+    from mlxpt.decode.sampling import make_sampler
+
+    model, tok = tiny_model
+    prompt = list(tok.encode("Mia has 3 apples."))
+    single = [c.token for c in iter_generate(model, tok, prompt, max_tokens=16) if c.token is not None]
+    group = generate_group(model, tok, prompt, 3, max_tokens=16)
+    assert all(c.tokens == single for c in group)  # greedy: every row is the single stream
+    a = generate_group(model, tok, prompt, 4, 16, make_sampler(1.0, seed=5))
+    b = generate_group(model, tok, prompt, 4, 16, make_sampler(1.0, seed=5))
+    assert [c.tokens for c in a] == [c.tokens for c in b]
+    assert len({tuple(c.tokens) for c in a}) > 1  # rows sample independently
+    for c in a:  # the recorded log-probs are the model's, as a full forward pass gives them
+        seq = mx.array(prompt + c.tokens)[None]
+        full = np.array(token_logp(model, seq[:, :-1], seq[:, 1:]))[0, len(prompt) - 1 :]
+        np.testing.assert_allclose(c.logprobs, full, atol=2e-4)
+
+
+def test_group_stop_strings_and_bad_arguments(tiny_model):
+    from mlxpt.decode.batch import generate_group
+    from mlxpt.decode.sampling import make_sampler
+
+    model, tok = tiny_model
+    prompt = list(tok.encode("hello"))
+    free = generate_group(model, tok, prompt, 2, 24, make_sampler(1.0, seed=1))
+    stop = free[0].text[3:6]
+    cut = generate_group(model, tok, prompt, 2, 24, make_sampler(1.0, seed=1), stop_strings=[stop])
+    assert stop not in cut[0].text and cut[0].finish_reason == "stop" and free[0].text.startswith(cut[0].text)
+    for kw, code in (({"n": 0}, "E616"), ({"n": 2, "max_tokens": 0}, "E604")):
+        with pytest.raises(ConfigError) as e:
+            generate_group(model, tok, prompt, **{"max_tokens": 4, **kw})
+        assert e.value.code == code
+    with pytest.raises(ConfigError):
+        generate_group(model, tok, [], 2, 4)
+
+
+# -- runs on the tiny model ----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prompt_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("prompts")
+    for name, n, seed in (("train", 8, 1), ("test", 4, 2)):
+        rows = synth.make_split(n, seed)
+        (d / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"prompt": synth.question_of(r), "answer": r["answer"]}) + "\n" for r in rows)
+        )
+    return d
+
+
+@pytest.fixture(scope="module")
+def reward_file(tmp_path_factory):
+    f = tmp_path_factory.mktemp("rw") / "lengthy.py"
+    f.write_text("def chars(prompt, completion, **row):\n    return (len(completion) % 7) / 7\n")
+    return f
+
+
+def cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, **kw):
+    base = {
+        "steps": 3, "batch_size": 2, "num_generations": 4, "max_completion_length": 10,
+        "rewards": f"{reward_file}:chars,accuracy", "beta": 0.1, "log_completions_every": 1,
+    }  # fmt: skip
+    return tiny.run_config(GRPOConfig, tiny_dir, prompt_dir, tmp_path, **{**base, **kw})
+
+
+def test_high_lr_steps_change_every_trainable_parameter(tiny_dir, prompt_dir, tmp_path, reward_file):
+    from mlxpt.backends.mlx_backend import MLXBackend
+    from mlxpt.train.grpo import SAMPLES_FILE, run_grpo
+
+    captured = {}
+    orig = MLXBackend.__init__
+
+    def spy(self, *a, **k):
+        orig(self, *a, **k)
+        captured["start"] = {k2: np.array(v) for k2, v in self._initial}
+
+    events = []
+    MLXBackend.__init__ = spy
+    try:
+        run_dir, outcome = run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file), emit=events.append)
+    finally:
+        MLXBackend.__init__ = orig
+    assert outcome == "finished"
+    final = _load_state(run_dir)[0]["adapters"]
+    assert set(final) == set(captured["start"])
+    unchanged = [k for k, v in final.items() if np.array_equal(v, captured["start"][k])]
+    assert not unchanged, f"parameters that never moved: {unchanged}"
+    steps = [e for e in events if e["event"] == "step"]
+    for key in ("reward_mean", "reward_std", "reward/chars", "reward/accuracy", "kl", "clip_fraction", "entropy",
+                "completion_len_mean", "completion_len_max", "zero_std_fraction", "gen_tokens_per_s"):  # fmt: skip
+        assert key in steps[-1], key
+    assert steps[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # step 1: the policy is the reference
+    assert steps[-1]["kl"] > 0
+    samples = [json.loads(line) for line in (run_dir / SAMPLES_FILE).read_text().splitlines()]
+    assert len(samples) == 3 * 4 and {"prompt", "completion", "reward", "rewards", "step"} <= set(samples[0])
+    assert [e["step"] for e in events if e["event"] == "samples"] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("mu", [1, 2])
+def test_resume_equals_uninterrupted(tiny_dir, prompt_dir, tmp_path, reward_file, mu):
+    from mlxpt.train.grpo import run_grpo
+
+    kw = {"steps": 4, "num_iterations": mu, "loss_type": "dapo"}
+    straight, _ = run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file, **kw))
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, **kw)
+    # stop in the middle of step 3's window (mu=2: the first of that batch's two steps -> resample)
+    part, outcome = run_grpo(cfg, stop=StopAfter(2 * 2 + 1))
+    assert outcome == "interrupted" and _load_state(part)[1]["loop"]["step"] == 2
+    resumed, outcome = run_grpo(cfg, resume_dir=part)
+    assert outcome == "finished"
+    a, b = _load_state(straight), _load_state(resumed)
+    for group in ("adapters", "optimizer", "rng"):
+        for k in a[0][group]:
+            np.testing.assert_allclose(a[0][group][k], b[0][group][k], rtol=0, atol=1e-6, err_msg=f"{group}/{k}")
+
+
+def test_cli_grpo_with_a_user_reward_file_and_bad_settings(tiny_dir, prompt_dir, tmp_path, reward_file, capsys):
+    from mlxpt.cli import main
+
+    common = [
+        "train",
+        "grpo",
+        "--model",
+        str(tiny_dir),
+        "--data",
+        str(prompt_dir),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+    ]
+    rc = main([*common, "--steps", "2", "--batch-size", "1", "--num-generations", "2", "--max-completion-length", "6",
+               "--rewards", f"{reward_file}:chars", "--eval-every", "0", "--beta", "0"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert rc == 0 and "reward" in out and "done: adapter saved" in out
+    for extra, code in (
+        (["--backend", "numpy"], "E551"),
+        (["--rewards", "nosuch"], "E540"),
+        (["--rewards", "accuracy", "--reward-weights", "1,2"], "E546"),
+        (["--extract", "nearest"], "E607"),
+        (["--num-generations", "1"], "E505"),
+    ):
+        rc = main([*common, *extra])
+        err = capsys.readouterr().err
+        assert rc != 0 and code in err, (extra, err)
