@@ -16,9 +16,11 @@ COMMANDS = {
     "train": "train a model (sft); no arguments: the bundled default",
     "generate": "generate text from a prompt, optionally with an adapter",
     "chat": "chat with a model in the terminal",
+    "eval": "accuracy of decoding strategies vs samples (greedy, best-of-n, self-consistency), base vs adapter",
     "fuse": "merge a run's adapter into the base weights",
     "data": "check a dataset: counts, lengths, errors, a masked preview",
     "doctor": "show versions, the BLAS in use and a matmul speed test",
+    "tui": "open the terminal UI (also: `mlxpt` with no arguments on a terminal)",
 }
 
 
@@ -45,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         print(_version())
         return 0
     if args.command is None:
+        if not argv and sys.stdin.isatty() and sys.stdout.isatty():
+            return main(["tui"])  # `mlxpt` alone on a terminal opens the TUI
         parser.print_help()
         return 0
     if rest:

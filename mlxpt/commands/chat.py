@@ -3,6 +3,9 @@
 Reads lines from stdin (so a pipe can drive it); `> ` is shown only on a terminal. Commands:
 /reset clears the history, /system TEXT sets the system prompt and resets, /exit quits (as do
 EOF and Ctrl-C at the prompt). Ctrl-C while an answer streams stops that answer only.
+/strategy NAME switches the decoding strategy (greedy, sample, best-of-n, self-consistency, beam),
+/n N sets the samples or beam width, /scorer SPEC the best-of-N scorer; votes or scores are
+shown on stderr after each answer, and only the chosen answer enters the history.
 """
 
 from __future__ import annotations
@@ -12,13 +15,20 @@ import sys
 from mlxpt.commands.generate import (
     add_model_args,
     add_sampling_args,
+    add_strategy_args,
     check_common,
+    check_strategy_args,
     load_for,
+    run_with_strategy,
     sampler_for,
     stats_line,
 )
+from mlxpt.errors import MlxptError
 
-HELP = "commands: /reset (clear history), /system TEXT (set system prompt, reset), /exit"
+HELP = (
+    "commands: /reset (clear history), /system TEXT (set system prompt, reset), "
+    "/strategy NAME, /n N, /scorer SPEC, /exit"
+)
 
 
 def register(subparsers) -> None:
@@ -27,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--stats", action="store_true", help="print speed after each answer (stderr)")
     add_sampling_args(p)
+    add_strategy_args(p)
     p.set_defaults(func=run)
 
 
@@ -57,10 +68,38 @@ def _answer(model, tokenizer, tokens, args, sampler) -> str:
     return "".join(parts)
 
 
+def _set(args, cmd: str, rest: str) -> None:
+    """Apply /strategy, /n or /scorer to `args`, keeping the old values if the new ones are invalid."""
+    from mlxpt.commands.generate import default_temperature
+
+    old = (args.strategy, args.n, args.scorer, args.temperature)
+    try:
+        if cmd == "/strategy":
+            user_temp = args.temperature != default_temperature(args)
+            args.strategy = rest or None
+            if args.strategy == "greedy" or not user_temp:
+                args.temperature = default_temperature(args)
+        elif cmd == "/n":
+            args.n = int(rest)
+        else:
+            args.scorer = rest or None
+        check_strategy_args(args)
+    except (MlxptError, ValueError) as e:
+        args.strategy, args.n, args.scorer, args.temperature = old
+        print(f"[{e.line() if isinstance(e, MlxptError) else f'not a whole number: {rest!r}'}]", file=sys.stderr)
+        return
+    print(
+        f"[strategy {args.strategy or 'greedy'}, n {args.n}, scorer {args.scorer or 'logprob'}, "
+        f"temperature {args.temperature:g}]",
+        file=sys.stderr,
+    )
+
+
 def run(args) -> int:
     from mlxpt.decode.generate import chat_prompt
 
     check_common(args)
+    check_strategy_args(args)
     model, tokenizer = load_for(args)
     sampler = sampler_for(args)
     tty = sys.stdin.isatty()
@@ -90,9 +129,23 @@ def run(args) -> int:
                     f"[system prompt {'set' if system else 'cleared'}; history cleared]",
                     file=sys.stderr,
                 )
+            elif cmd in ("/strategy", "/n", "/scorer"):
+                _set(args, cmd, rest.strip())
+                sampler = sampler_for(args)
             else:
                 print(f"[unknown command {cmd}] {HELP}", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
-        reply = _answer(model, tokenizer, chat_prompt(tokenizer, history, system), args, sampler)
+        tokens = chat_prompt(tokenizer, history, system)
+        if args.strategy in (None, "greedy") or (args.strategy == "sample" and args.n == 1):
+            reply = _answer(model, tokenizer, tokens, args, sampler)
+        else:
+            try:
+                reply = run_with_strategy(args, model, tokenizer, tokens, history)
+            except KeyboardInterrupt:
+                print("\n[stopped]", file=sys.stderr)
+                reply = ""
+            except MlxptError as e:  # e.g. a reward-model scorer that fails to load: keep chatting
+                print(f"[{e.line()}]", file=sys.stderr)
+                reply = ""
         history.append({"role": "assistant", "content": reply})

@@ -1,4 +1,8 @@
-"""`mlxpt generate`: stream a completion for one prompt to stdout, speed on stderr."""
+"""`mlxpt generate`: stream a completion for one prompt to stdout, speed on stderr.
+
+`--strategy best-of-n|self-consistency|beam|sample --n N` runs a test-time scaling strategy
+instead (decode/strategies.py): the chosen answer goes to stdout, the scores or votes to stderr.
+"""
 
 from __future__ import annotations
 
@@ -40,8 +44,8 @@ def add_sampling_args(p) -> None:
     p.add_argument(
         "--temperature",
         type=float,
-        default=0.0,
-        help="sampling temperature (0: greedy)",
+        default=None,
+        help="sampling temperature (0: greedy; default 0, or 0.7 for sampled strategies)",
     )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument(
@@ -82,13 +86,90 @@ def register(subparsers) -> None:
         help="feed the prompt as is, without the chat template",
     )
     add_sampling_args(p)
+    add_strategy_args(p)
     p.set_defaults(func=run)
+
+
+def add_strategy_args(p) -> None:
+    from mlxpt.decode.strategies import STRATEGIES
+
+    g = p.add_argument_group("test-time scaling")
+    g.add_argument(
+        "--strategy", default=None, help=f"decoding strategy: {', '.join(STRATEGIES)} (default: one streamed decode)"
+    )
+    g.add_argument("--n", type=int, default=8, help="samples (best-of-n, self-consistency, sample) or beam width")
+    g.add_argument(
+        "--scorer",
+        default=None,
+        help="best-of-n scorer: logprob (default), verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn, rm:RUN",
+    )
+    g.add_argument(
+        "--extract", default="auto", help="answer extractor: auto, tag, boxed, hash, answer, last_number, re:REGEX"
+    )
+    g.add_argument(
+        "--weighting", default="none", help="self-consistency vote weights: none, logprob, reward (uses --scorer)"
+    )
+    g.add_argument("--adaptive", action="store_true", help="self-consistency: stop early once the vote is decided")
+    g.add_argument("--batch", type=int, default=4, help="adaptive: samples drawn between stopping checks")
+    g.add_argument(
+        "--confidence", type=float, default=0.95, help="adaptive: stop at this P(leader wins) (1: only when safe)"
+    )
+    g.add_argument("--length-penalty", type=float, default=1.0, help="beam: score = log-prob / length**this")
+    g.add_argument("--show-samples", action="store_true", help="print every sample (stderr)")
+
+
+def default_temperature(args) -> float:
+    """0 for greedy decoding; 0.7 for strategies that draw several samples."""
+    from mlxpt.decode.strategies import DEFAULT_TEMPERATURE
+
+    strategy = getattr(args, "strategy", None)
+    return 0.0 if strategy in (None, "greedy", "beam") else DEFAULT_TEMPERATURE
+
+
+def check_strategy_args(args) -> None:
+    """Validate the strategy flags (E620+) before any weights load."""
+    from mlxpt.decode.beam import check_beam
+    from mlxpt.decode.extract import check_method
+    from mlxpt.decode.scorers import check_spec
+    from mlxpt.decode.strategies import check_strategy
+
+    if args.strategy is None:
+        return
+    if args.strategy == "greedy" and args.temperature:
+        raise ConfigError(
+            "E626",
+            "--strategy greedy with a temperature",
+            "--temperature",
+            "drop --temperature, or use --strategy sample",
+        )
+    confidence = None if args.confidence >= 1 else args.confidence
+    check_strategy(args.strategy, args.n, args.weighting, args.batch, confidence)
+    check_method(args.extract)
+    if args.strategy == "beam":
+        check_beam(args.n, args.length_penalty)
+    if args.scorer is not None:
+        check_spec(args.scorer)
+    if args.strategy in ("best-of-n", "self-consistency", "sample") and args.n > 1 and args.temperature == 0:
+        raise ConfigError(
+            "E626",
+            f"temperature 0 makes all {args.n} samples the same",
+            "--temperature",
+            "use a positive temperature such as 0.7, or --strategy greedy",
+        )
+
+
+def sampling_config(args):
+    from mlxpt.decode.sampling import SamplingConfig
+
+    return SamplingConfig(args.temperature, args.top_p, args.top_k, args.min_p, args.seed, args.repetition_penalty)
 
 
 def check_common(args) -> None:
     """Validate flags and the adapter before any weights load."""
     from mlxpt.decode.sampling import validate_sampling
 
+    if args.temperature is None:
+        args.temperature = default_temperature(args)
     validate_sampling(args.temperature, args.top_p, args.top_k, args.min_p, args.seed)
     if args.max_tokens < 1:
         raise ConfigError(
@@ -159,17 +240,63 @@ def _read_prompt(args) -> str:
     return text
 
 
+def describe(result) -> list[str]:
+    """Lines for stderr: the votes or scores of a strategy result, then its cost."""
+    lines = []
+    if result.votes is not None:
+        total = sum(result.votes.values())
+        ranked = sorted(result.votes.items(), key=lambda kv: -kv[1])
+        shown = ", ".join(f"{a}: {c}" for a, c in ranked[:8])
+        lines.append(f"[votes ({total} of {result.n_used} samples gave an answer): {shown} -> {result.answer}]")
+        if result.weights:
+            lines.append("[weights: " + ", ".join(f"{a}: {w:.3f}" for a, w in result.weights.items()) + "]")
+    if result.scores is not None and result.strategy in ("best-of-n", "beam"):
+        best = max(range(len(result.scores)), key=lambda i: result.scores[i])
+        shown = ", ".join(("*" if i == best else "") + f"{s:.3f}" for i, s in enumerate(result.scores))
+        lines.append(f"[scores: {shown}]")
+    lines.append(
+        f"[{result.strategy}: {result.n_used} samples, {result.generated_tokens} tokens, {result.seconds:.1f} s, "
+        f"{result.generated_tokens / max(result.seconds, 1e-9):.1f} tok/s]"
+    )
+    return lines
+
+
+def run_with_strategy(args, model, tokenizer, tokens, prompt) -> str:
+    """Run args.strategy on `tokens`, print the answer (stdout) and its votes/scores (stderr)."""
+    from mlxpt.decode.strategies import run_strategy
+
+    confidence = None if args.confidence >= 1 else args.confidence
+    result = run_strategy(
+        model, tokenizer, tokens, args.strategy, args.n, args.max_tokens, sampling_config(args), args.scorer,
+        args.extract, adaptive=args.adaptive, batch=args.batch, confidence=confidence, weighting=args.weighting,
+        length_penalty=args.length_penalty, prompt=prompt,
+    )  # fmt: skip
+    print(result.text)
+    sys.stdout.flush()
+    if args.show_samples:
+        for i, text in enumerate(result.samples):
+            score = f" score {result.scores[i]:.3f}" if result.scores else ""
+            print(f"--- sample {i + 1} (answer {result.answers[i]}){score}\n{text}", file=sys.stderr)
+    for line in describe(result):
+        print(line, file=sys.stderr)
+    return result.text
+
+
 def run(args) -> int:
     from mlxpt.decode.generate import chat_prompt, iter_generate
 
     text = _read_prompt(args)
     check_common(args)
+    check_strategy_args(args)
     model, tokenizer = load_for(args)
     if args.raw:
         tokens = list(tokenizer.encode(text))
     else:
         tokens = chat_prompt(tokenizer, [{"role": "user", "content": text}], system=args.system)
-    sampler = sampler_for(args)
+    if args.strategy not in (None, "greedy", "sample") or (args.strategy == "sample" and args.n > 1):
+        run_with_strategy(args, model, tokenizer, tokens, text)
+        return 0
+    sampler = sampler_for(args)  # one streamed decode: no strategy, greedy, or one sample
     last = None
     for chunk in iter_generate(model, tokenizer, tokens, args.max_tokens, sampler, args.repetition_penalty):
         sys.stdout.write(chunk.text)

@@ -20,6 +20,7 @@ class SamplingConfig:
     top_k: int = 0  # keep the K most likely tokens (0: off)
     min_p: float = 0.0  # drop tokens below min_p x the top probability (0: off)
     seed: int | None = None  # seed MLX's random generator (None: unseeded)
+    repetition_penalty: float | None = None  # >1 penalises tokens already in the context (None: off)
 
 
 def _check(ok: bool, name: str, value, rule: str) -> None:
@@ -85,3 +86,29 @@ def make_sampler(
 
 def sampler_from(cfg: SamplingConfig) -> Callable:
     return make_sampler(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.seed)
+
+
+def processors_from(cfg: SamplingConfig) -> list[Callable] | None:
+    """mlx-lm logits processors for `cfg` (the repetition penalty), or None."""
+    if cfg.repetition_penalty is None:
+        return None
+    if not cfg.repetition_penalty > 0:
+        _check(False, "repetition_penalty", cfg.repetition_penalty, "use a value > 0 (1: off)")
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return make_logits_processors(repetition_penalty=cfg.repetition_penalty)
+
+
+def filter_logprobs(logprobs, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0):
+    """The log-probs (B, V) that `make_sampler` draws from: filtered tokens get -inf (same chain
+    and order as the sampler: top-p, min-p, top-k). A pure function, for tests and inspection."""
+    validate_sampling(1.0, top_p, top_k, min_p)
+    from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p
+
+    if 0 < top_p < 1.0:
+        logprobs = apply_top_p(logprobs, top_p)
+    if min_p != 0.0:
+        logprobs = apply_min_p(logprobs, min_p)
+    if top_k > 0 and top_k < logprobs.shape[-1]:
+        logprobs = apply_top_k(logprobs, top_k)
+    return logprobs

@@ -1,0 +1,161 @@
+"""`mlxpt eval`: accuracy of decoding strategies per sample budget on a verifiable JSONL set.
+
+Prints a table and a terminal chart, writes a JSON result file and an accuracy-vs-samples PNG.
+`--compare RUN` evaluates the base model and the run's adapter in one command.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from mlxpt.errors import ConfigError
+
+
+def register(subparsers) -> None:
+    from mlxpt.commands.generate import add_model_args
+    from mlxpt.decode.evaluate import EVAL_STRATEGIES, EvalConfig
+
+    d = EvalConfig()
+    p = subparsers.add_parser("eval", help="accuracy of decoding strategies vs samples, base vs adapter")
+    add_model_args(p)
+    p.add_argument("--compare", metavar="RUN", default=None, help="also evaluate this run's adapter (base vs tuned)")
+    p.add_argument("--data", default=d.data, help="JSONL with `answer` and `messages` or `prompt`")
+    p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
+    p.add_argument(
+        "--strategies",
+        default=",".join(d.strategies),
+        help=f"comma list of {', '.join(EVAL_STRATEGIES)} (adaptive: self-consistency with early stopping)",
+    )
+    p.add_argument("--n", default="1,2,4,8,16", help="sample budgets, comma list (beam: widths)")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="most tokens per sample")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="for sampled strategies")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="nucleus sampling mass (1: off)")
+    p.add_argument("--top-k", type=int, default=d.top_k, help="keep the K most likely tokens (0: off)")
+    p.add_argument("--min-p", type=float, default=d.min_p, help="min-p filter (0: off)")
+    p.add_argument("--seed", type=int, default=d.seed, help="prompt i samples with seed + i")
+    p.add_argument("--scorer", default=d.scorer, help="best-of-n scorer: logprob, verifier, reward:NAME, rm:RUN, ...")
+    p.add_argument(
+        "--extract", default=d.extract, help="answer extractor: auto, tag, boxed, hash, answer, last_number, re:REGEX"
+    )
+    p.add_argument("--weighting", default=d.weighting, help="self-consistency vote weights: none, logprob, reward")
+    p.add_argument("--batch", type=int, default=d.batch, help="adaptive: samples drawn between stopping checks")
+    p.add_argument(
+        "--confidence",
+        type=float,
+        default=d.confidence,
+        help="adaptive: stop when P(leader wins) >= this (1: only when safe)",
+    )
+    p.add_argument(
+        "--independent", action="store_true", help="run each strategy and N on its own (real timings, slower)"
+    )
+    p.add_argument("--out", default="eval-results.json", help="JSON result file")
+    p.add_argument("--plot", default=None, help="PNG chart path (default: next to --out)")
+    p.set_defaults(func=run)
+
+
+def config_from(args):
+    from mlxpt.decode.evaluate import EvalConfig, parse_ns
+
+    strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
+    confidence = None if args.confidence is not None and args.confidence >= 1 else args.confidence
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError("E621", f"limit={args.limit} is out of range", "--limit", "use a whole number >= 1")
+    return EvalConfig(
+        data=args.data, strategies=strategies, ns=parse_ns(args.n), max_tokens=args.max_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
+        scorer=args.scorer, extract=args.extract, weighting=args.weighting, batch=args.batch,
+        confidence=confidence, limit=args.limit, independent=args.independent,
+    )  # fmt: skip
+
+
+def table(results: list[dict]) -> str:
+    """The terminal table: one line per model, strategy and N."""
+    head = f"{'model':<10} {'strategy':<17} {'N':>4} {'accuracy':>9} {'samples':>8} {'gen tokens':>11} {'seconds':>9}"
+    lines = [head, "-" * len(head)]
+    for r in results:
+        est = "~" if r.get("seconds_estimated") else " "
+        lines.append(
+            f"{r['label']:<10} {r['strategy']:<17} {r['n']:>4} {r['accuracy'] * 100:>8.1f}% "
+            f"{r['mean_samples']:>8.2f} {r['generated_tokens']:>11} {est}{r['seconds']:>8.1f}"
+        )
+    return "\n".join(lines)
+
+
+def series_of(results: list[dict]) -> dict:
+    """Chart series: label -> [(n, accuracy)]; 'base'/'adapter' appended when comparing."""
+    labels = {r["label"] for r in results}
+    out: dict[str, list] = {}
+    for r in results:
+        key = r["strategy"] + (f" ({r['label']})" if len(labels) > 1 else "")
+        if r["strategy"] == "adaptive":
+            key += f" {r['mean_samples']:.1f} avg"
+        out.setdefault(key, []).append((r["n"], r["accuracy"]))
+    return out
+
+
+def run(args) -> int:
+    from mlxpt.commands.generate import check_common, load_for
+    from mlxpt.decode.evaluate import check_config, evaluate, read_rows
+    from mlxpt.decode.plot import terminal_chart, write_png
+    from mlxpt.runs.atomic import atomic_write_json
+
+    cfg = config_from(args)
+    check_config(cfg)
+    rows = read_rows(cfg.data, cfg.limit)  # every row checked before any weights load
+    args.max_tokens, args.repetition_penalty = cfg.max_tokens, None
+    args.temperature, args.top_p, args.top_k, args.min_p = cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p
+    check_common(args)
+    runs = [("base" if args.compare else ("adapter" if args.adapter else "base"), args.adapter)]
+    if args.compare:
+        if args.adapter:
+            raise ConfigError(
+                "E621", "--compare and --adapter together", "--compare", "give the tuned run to --compare only"
+            )
+        from mlxpt.train.adapters import find_adapter, read_adapter_config
+
+        read_adapter_config(find_adapter(args.compare))
+        if args.model is None:  # the base is the run's own base model
+            from mlxpt.fuse import base_model_of
+
+            args.model = (base_model_of(args.compare) or {}).get("model")
+        runs.append(("adapter", args.compare))
+    results: list[dict] = []
+    started = time.time()
+    for label, adapter in runs:
+        args.adapter = adapter
+        model, tokenizer = load_for(args)
+        t0 = time.perf_counter()
+
+        def progress(done, total, label=label, t0=t0):
+            print(f"\r[{label}] {done}/{total} prompts, {time.perf_counter() - t0:.0f} s", end="", file=sys.stderr)
+
+        for r in evaluate(model, tokenizer, rows, cfg, progress):
+            results.append({**r, "label": label, "model": args.model or "default", "adapter": adapter})
+        print(file=sys.stderr)
+        del model, tokenizer
+    print(table(results))
+    series = series_of(results)
+    print()
+    print(terminal_chart(series, title=f"accuracy vs samples ({len(rows)} prompts)"))
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    from dataclasses import asdict
+
+    atomic_write_json(
+        out,
+        {
+            "results": results,
+            "config": asdict(cfg),
+            "model": args.model,
+            "compare": args.compare,
+            "prompts": len(rows),
+            "started": started,
+            "wall_seconds": round(time.time() - started, 1),
+            "plot": str(plot),
+        },
+    )
+    write_png(plot, series, title=f"accuracy vs samples, {len(rows)} prompts")
+    print(f"\nresults: {out}  chart: {plot}", file=sys.stderr)
+    return 0

@@ -1,0 +1,292 @@
+"""`mlxpt eval` as a library: accuracy of decoding strategies on verifiable prompts, per sample budget.
+
+Rows are JSONL with a gold `answer` and a prompt: `messages` (chat; trailing assistant turns are
+dropped, so the bundled SFT test file works as is) or `prompt` (a string or a message list).
+Every row is read and checked before a model loads.
+
+How N is measured. By default (`pooled`) each prompt gets one batched group of max(N) samples
+(prompt prefilled once), and every sampled strategy at every N reads a prefix of that pool:
+self-consistency@n votes over the first n samples, best-of-n@n takes the best-scored of the first
+n, adaptive self-consistency stops on the pool in batches of `batch` (same rule as
+`run_strategy(..., adaptive=True)`), `sample` is the first sample. This is the standard way to
+draw accuracy-vs-N curves, and it compares strategies on the same samples. The pool's wall time
+is split over the strategies by the share of generated tokens they read (`seconds_estimated`).
+With `independent=True` every (strategy, N) runs `run_strategy` on its own, with its own timing.
+Greedy and beam always run on their own.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlxpt.errors import ConfigError, DataError
+
+EVAL_STRATEGIES = ("greedy", "sample", "best-of-n", "self-consistency", "adaptive", "beam")
+POOLED = ("sample", "best-of-n", "self-consistency", "adaptive")
+
+
+@dataclass
+class EvalConfig:
+    data: str = "assets/sft/test.jsonl"  # JSONL with `answer` and `messages` or `prompt`
+    strategies: tuple[str, ...] = ("greedy", "best-of-n", "self-consistency")  # also sample, adaptive, beam
+    ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # sample budgets (beam: widths; adaptive: the budget is max N)
+    max_tokens: int = 96  # per sample
+    temperature: float = 0.7  # for sampled strategies
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int = 0  # prompt i samples with seed + i, so results do not depend on the order run
+    scorer: str = "logprob"  # best-of-n scorer spec (scorers.py)
+    extract: str = "auto"  # answer extractor (extract.py)
+    weighting: str = "none"  # self-consistency vote weights: none | logprob | reward
+    batch: int = 4  # adaptive: samples drawn between stopping checks
+    confidence: float | None = 0.95  # adaptive: Beta-rule threshold (None: stop only when safe)
+    limit: int | None = None  # evaluate the first N rows only
+    independent: bool = False  # run each (strategy, N) on its own instead of sharing a pool
+
+
+@dataclass
+class Row:
+    prompt: object  # str or message list, as in the file
+    messages: list[dict]
+    answer: str
+    line: int
+    fields: dict = field(default_factory=dict)
+
+
+def _prompt_messages(obj: dict) -> list[dict] | None:
+    msgs = obj.get("messages")
+    if msgs is None:
+        p = obj.get("prompt")
+        if isinstance(p, str):
+            return [{"role": "user", "content": p}] if p.strip() else None
+        msgs = p
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
+        return None
+    msgs = list(msgs)
+    while msgs and msgs[-1].get("role") == "assistant":
+        msgs.pop()
+    if not msgs or msgs[-1].get("role") != "user" or not isinstance(msgs[-1].get("content"), str):
+        return None
+    return [{"role": m.get("role"), "content": m.get("content")} for m in msgs]
+
+
+def read_rows(path: str | Path, limit: int | None = None) -> list[Row]:
+    """Every row of an eval file, checked; DataError E623 (file) / E624 (rows, one line each)."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError("E623", "eval data file not found", str(path), "pass a .jsonl file with `answer` fields")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(
+            "E623", f"cannot read the eval data ({type(e).__name__})", str(path), "use UTF-8 JSONL"
+        ) from None
+    rows: list[Row] = []
+    errors: list[DataError] = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{i}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            errors.append(DataError("E624", f"not valid JSON ({e.msg})", where, "one JSON object per line"))
+            continue
+        if not isinstance(obj, dict):
+            errors.append(DataError("E624", "a row must be a JSON object", where))
+            continue
+        if obj.get("answer") is None or isinstance(obj.get("answer"), (dict, list)):
+            errors.append(DataError("E624", "row has no `answer`", where, 'add "answer": "<gold final answer>"'))
+            continue
+        msgs = _prompt_messages(obj)
+        if msgs is None:
+            errors.append(
+                DataError("E624", "row has no prompt ending in a user turn", where, "give `messages` or `prompt`")
+            )
+            continue
+        extra = {k: v for k, v in obj.items() if k not in ("messages", "prompt")}
+        rows.append(Row(obj.get("prompt", msgs), msgs, str(obj["answer"]), i, extra))
+    if errors:
+        raise DataError(errors[0].code, errors[0].what, errors[0].where, errors[0].hint, errors=errors)
+    if not rows:
+        raise DataError("E623", "the eval data has no rows", str(path), "add rows with `answer`")
+    return rows[:limit] if limit else rows
+
+
+def parse_ns(text: str) -> tuple[int, ...]:
+    """`1,2,4,8` -> (1, 2, 4, 8); ConfigError E621 otherwise."""
+    try:
+        ns = tuple(sorted({int(x) for x in str(text).split(",") if x.strip()}))
+    except ValueError:
+        raise ConfigError(
+            "E621", f"--n {text!r} is not a list of whole numbers", "--n", "e.g. --n 1,2,4,8,16"
+        ) from None
+    if not ns or ns[0] < 1 or ns[-1] > 1024:
+        raise ConfigError("E621", f"--n {text!r} is out of range", "--n", "use whole numbers from 1 to 1024")
+    return ns
+
+
+def check_config(cfg: EvalConfig) -> None:
+    """Everything that can be checked before a model loads."""
+    from mlxpt.decode.extract import check_method
+    from mlxpt.decode.sampling import validate_sampling
+    from mlxpt.decode.scorers import check_spec
+    from mlxpt.decode.strategies import check_strategy
+
+    if not cfg.strategies:
+        raise ConfigError("E620", "no strategy given", "--strategies", f"use {','.join(EVAL_STRATEGIES)}")
+    for s in cfg.strategies:
+        if s not in EVAL_STRATEGIES:
+            raise ConfigError("E620", f"unknown strategy {s!r}", "--strategies", f"use {', '.join(EVAL_STRATEGIES)}")
+    for n in cfg.ns:
+        check_strategy("self-consistency", n, cfg.weighting, cfg.batch, cfg.confidence)
+    if cfg.max_tokens < 1:
+        raise ConfigError("E604", f"max-tokens={cfg.max_tokens} is out of range", "--max-tokens", "use >= 1")
+    validate_sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.seed)
+    if cfg.temperature == 0 and any(s in POOLED for s in cfg.strategies if s != "sample"):
+        raise ConfigError(
+            "E626", "temperature 0 makes every sample the same", "--temperature", "use e.g. 0.7 for sampled strategies"
+        )
+    check_method(cfg.extract)
+    if "best-of-n" in cfg.strategies or cfg.weighting == "reward":
+        check_spec(cfg.scorer)
+
+
+@dataclass
+class _Tally:
+    correct: int = 0
+    total: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    samples: int = 0
+    estimated: bool = False
+
+    def add(self, ok: bool, tokens: int, seconds: float, samples: int, estimated: bool = False) -> None:
+        self.correct += bool(ok)
+        self.total += 1
+        self.tokens += tokens
+        self.seconds += seconds
+        self.samples += samples
+        self.estimated |= estimated
+
+
+def _cells(cfg: EvalConfig) -> list[tuple[str, int]]:
+    cells = []
+    for s in cfg.strategies:
+        if s in ("greedy", "sample"):
+            cells.append((s, 1))
+        elif s == "adaptive":
+            cells.append((s, max(cfg.ns)))
+        else:
+            cells += [(s, n) for n in cfg.ns]
+    return cells
+
+
+def evaluate(
+    model,
+    tokenizer,
+    rows: list[Row],
+    cfg: EvalConfig,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[dict]:
+    """One result dict per (strategy, N) for this model: accuracy, tokens, seconds, samples."""
+    from mlxpt.decode.generate import chat_prompt
+    from mlxpt.decode.sampling import SamplingConfig
+
+    cells = _cells(cfg)
+    tallies = {c: _Tally() for c in cells}
+    scorer = None
+    if "best-of-n" in cfg.strategies or cfg.weighting == "reward":
+        from mlxpt.decode.scorers import make_scorer
+
+        scorer = make_scorer(cfg.scorer, model, tokenizer)
+    for i, row in enumerate(rows):
+        ids = chat_prompt(tokenizer, row.messages)
+        sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.seed + i)
+        fields = {**row.fields, "answer": row.answer}
+        for cell, (ok, tokens, seconds, samples, est) in _run_row(
+            model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer
+        ):
+            tallies[cell].add(ok, tokens, seconds, samples, est)
+        if progress is not None:
+            progress(i + 1, len(rows))
+    out = []
+    for (s, n), t in tallies.items():
+        out.append(
+            {
+                "strategy": s,
+                "n": n,
+                "accuracy": t.correct / t.total if t.total else 0.0,
+                "correct": t.correct,
+                "total": t.total,
+                "generated_tokens": t.tokens,
+                "seconds": round(t.seconds, 3),
+                "seconds_estimated": t.estimated,
+                "mean_samples": t.samples / t.total if t.total else 0.0,
+            }
+        )
+    return out
+
+
+def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer) -> Iterator:
+    """(cell, (correct, tokens, seconds, samples used, seconds estimated?)) for one prompt."""
+    from mlxpt.decode.extract import extract, same_answer
+    from mlxpt.decode.strategies import run_strategy
+
+    def ok(text_answer):
+        return same_answer(text_answer, row.answer)
+
+    common = dict(max_tokens=cfg.max_tokens, extract=cfg.extract, prompt=row.prompt, row=fields)
+    for s, n in cells:
+        if s == "greedy" or s == "beam" or (cfg.independent and s in POOLED):
+            name = "self-consistency" if s == "adaptive" else s
+            r = run_strategy(
+                model, tokenizer, ids, name, n, sampling=sampling, scorer=scorer, adaptive=s == "adaptive",
+                batch=cfg.batch, confidence=cfg.confidence, weighting=cfg.weighting, **common,
+            )  # fmt: skip
+            yield (s, n), (ok(r.answer), r.generated_tokens, r.seconds, r.n_used, False)
+    pooled = [c for c in cells if c[0] in POOLED]
+    if cfg.independent or not pooled:
+        return
+    from mlxpt.decode.sampling import processors_from, sampler_from
+    from mlxpt.decode.strategies import _group_fn, _weights
+    from mlxpt.decode.votes import adaptive_schedule, vote
+
+    size = max(n for _, n in pooled)
+    t0 = time.perf_counter()
+    pool = _group_fn()(
+        model, tokenizer, ids, size, cfg.max_tokens, sampler_from(sampling), (), processors_from(sampling)
+    )
+    pool_s = time.perf_counter() - t0
+    answers = [extract(c.text, cfg.extract) for c in pool]
+    lengths = [len(c.tokens) for c in pool]
+    total_tokens = max(1, sum(lengths))
+    scores, score_s = None, 0.0
+    if any(s == "best-of-n" for s, _ in pooled) or cfg.weighting == "reward":
+        t1 = time.perf_counter()
+        scores = scorer(row.prompt, pool, fields)
+        score_s = time.perf_counter() - t1
+    weights = _weights(cfg.weighting, pool, scores)
+
+    def cost(k: int, scored: bool = False) -> tuple[int, float]:
+        tokens = sum(lengths[:k])
+        return tokens, pool_s * tokens / total_tokens + (score_s * k / size if scored else 0.0)
+
+    for s, n in pooled:
+        if s == "sample":
+            yield (s, n), (ok(answers[0]), *cost(1), 1, True)
+        elif s == "best-of-n":
+            best = max(range(n), key=lambda j: (scores[j], -j))
+            yield (s, n), (ok(answers[best]), *cost(n, True), n, True)
+        elif s == "self-consistency":
+            v = vote(answers[:n], None if weights is None else weights[:n])
+            yield (s, n), (ok(v.answer), *cost(n, cfg.weighting == "reward"), n, True)
+        else:  # adaptive
+            used = adaptive_schedule(answers, n, cfg.batch, cfg.confidence)
+            v = vote(answers[:used], None if weights is None else weights[:used])
+            yield (s, n), (ok(v.answer), *cost(used, cfg.weighting == "reward"), used, True)

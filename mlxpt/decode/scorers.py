@@ -1,0 +1,223 @@
+"""Best-of-N scorers: a function from N completions of one prompt to N scores (higher is better).
+
+Specs (the `--scorer` flag):
+- `logprob`: mean token log-prob under the model (the sampler's own confidence; free);
+- `verifier`: the built-in arithmetic checker: every `a op b = c` step must be right and the
+  completion must end in an extractable answer (no gold answer needed);
+- `verifier:file.py:fn`: a user check `fn(prompt, completion, **row) -> bool | float`;
+- `reward:NAME` / `reward:file.py:fn`: a reward function of the GRPO registry
+  (`mlxpt.train.rewards`), called through its guard (errors and None score -inf, never crash);
+  `reward:accuracy` needs the row's gold `answer` (an oracle: useful in `mlxpt eval`, not in chat);
+- `rm:RUN`: a trained reward-model run (`mlxpt train rm`), scored in batches.
+
+`check_spec` validates a spec before any model loads; `make_scorer` builds it (lazy imports).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from mlxpt.errors import ConfigError
+
+KINDS = ("logprob", "verifier", "reward:NAME", "reward:file.py:fn", "verifier:file.py:fn", "rm:RUN")
+_HINT = "use logprob, verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn or rm:RUN"
+
+# "12 * 3 = 36", "36 - 4 = 32", "7 + 5 + 2 = 14"; x and × for multiplication, ÷ for division.
+_NUM = r"-?\d+(?:\.\d+)?"
+_STEP_RE = re.compile(rf"({_NUM}(?:\s*[-+*/x×÷]\s*{_NUM})+)\s*=\s*({_NUM})(?![\d.]*\s*[-+*/x×÷]\s*\d)")
+
+
+def _bad(what: str, spec: str) -> ConfigError:
+    return ConfigError("E622", what, f"--scorer {spec}", _HINT)
+
+
+def check_spec(spec: str | None) -> None:
+    """Raise ConfigError E622 for a malformed spec or a missing file/folder (nothing is loaded)."""
+    if spec is None:
+        return
+    if not isinstance(spec, str) or not spec.strip():
+        raise _bad("empty scorer", str(spec))
+    if spec in ("logprob", "verifier"):
+        return
+    kind, _, rest = spec.partition(":")
+    if kind not in ("reward", "verifier", "rm") or not rest:
+        raise _bad(f"unknown scorer {spec!r}", spec)
+    if kind == "rm":
+        if not Path(rest).expanduser().is_dir():
+            raise ConfigError("E622", "reward-model run folder not found", rest, "pass rm:runs/<id> of an rm run")
+        return
+    if ":" in rest or rest.endswith(".py"):
+        path = rest.rsplit(":", 1)[0] if ":" in rest else rest
+        if ":" not in rest:
+            raise _bad(f"{spec!r} names a file but no function", spec)
+        if not Path(path).expanduser().is_file():
+            raise ConfigError("E622", "scorer file not found", path, f"give an existing .py file: {kind}:file.py:fn")
+    elif kind == "verifier":
+        raise _bad(f"unknown verifier {rest!r}", spec)
+
+
+def arithmetic_steps(text: str) -> tuple[int, int]:
+    """(correct, total) `a op b = c` steps in `text`, evaluated left to right with * and / first."""
+    ok = total = 0
+    for expr, result in _STEP_RE.findall(text or ""):
+        value = _evaluate(expr)
+        if value is None:
+            continue
+        total += 1
+        ok += math.isclose(value, float(result), rel_tol=1e-6, abs_tol=1e-6)
+    return ok, total
+
+
+def _evaluate(expr: str) -> float | None:
+    """An arithmetic expression of numbers and + - * / (x, ×, ÷ allowed); None when malformed."""
+    tokens = re.findall(r"\d+(?:\.\d+)?|[-+*/x×÷]", expr.replace(" ", ""))
+    if len(tokens) > 1 and tokens[0] == "-":  # a leading minus sign
+        tokens = ["-" + tokens[1], *tokens[2:]]
+    nums, ops = [], []
+    expect_num = True
+    for t in tokens:
+        if expect_num:
+            try:
+                nums.append(float(t))
+            except ValueError:
+                return None
+        else:
+            ops.append({"x": "*", "×": "*", "÷": "/"}.get(t, t))
+        expect_num = not expect_num
+    if len(nums) != len(ops) + 1:
+        return None
+    terms, signs, cur = [], [1.0], nums[0]
+    for op, n in zip(ops, nums[1:], strict=True):
+        if op == "*":
+            cur *= n
+        elif op == "/":
+            if n == 0:
+                return None
+            cur /= n
+        else:
+            terms.append(cur)
+            signs.append(1.0 if op == "+" else -1.0)
+            cur = n
+    terms.append(cur)
+    return sum(s * t for s, t in zip(signs, terms, strict=True))
+
+
+def arithmetic_verifier(prompt, completion: str, extract_how: str = "auto", **_) -> float:
+    """Built-in verifier: 1.0 when every arithmetic step is right and an answer is given, less for
+    each wrong step; 0.0 with no extractable answer. No gold answer needed."""
+    from mlxpt.decode.extract import extract
+
+    if extract(completion, extract_how) is None:
+        return 0.0
+    ok, total = arithmetic_steps(completion)
+    if total == 0:
+        return 0.5  # an answer, but no checkable work
+    return ok / total
+
+
+@dataclass
+class Scorer:
+    """`score(prompt, completions, row) -> list[float]`; `name` is the spec it came from."""
+
+    name: str
+    score: Callable[[object, Sequence, dict], list[float]]
+    needs_row: bool = False  # True for scorers that read row fields such as the gold answer
+
+    def __call__(self, prompt, completions: Sequence, row: dict | None = None) -> list[float]:
+        scores = [float(s) for s in self.score(prompt, completions, row or {})]
+        if len(scores) != len(completions):
+            raise ConfigError("E622", f"scorer gave {len(scores)} scores for {len(completions)} samples", self.name)
+        return [s if math.isfinite(s) else -math.inf for s in scores]
+
+
+def _text(c) -> str:
+    return c if isinstance(c, str) else c.text
+
+
+def _guarded(name: str, fn: Callable) -> Callable:
+    """Call `fn` per completion through the reward guard: failures and None score -inf."""
+    from mlxpt.train.rewards import RewardGuard
+
+    guard = RewardGuard([(name, fn, 1.0)], policy="abstain", max_failure_rate=1.0, timeout_s=10.0)
+
+    def score(prompt, completions, row):
+        out = []
+        for c in completions:
+            extra = {"completion_tokens": len(getattr(c, "tokens", []) or [])}
+            value = guard.score(prompt, _text(c), {**row, **extra})[name]
+            out.append(-math.inf if value is None else float(value))
+        return out
+
+    return score
+
+
+def _load_user_fn(kind: str, rest: str, spec: str) -> tuple[str, Callable]:
+    try:
+        from mlxpt.train.rewards import load_reward
+    except ImportError:
+        raise ConfigError(
+            "E622", "the reward registry (mlxpt.train.rewards) is not available", spec, "use logprob or verifier"
+        ) from None
+    return load_reward(rest)
+
+
+def make_scorer(spec: str | None, model=None, tokenizer=None) -> Scorer:
+    """The scorer for `spec` (see the module doc); None means `logprob`."""
+    spec = spec or "logprob"
+    check_spec(spec)
+    if spec == "logprob":
+
+        def by_logprob(prompt, completions, row):
+            return [
+                (sum(c.logprobs) / len(c.logprobs)) if getattr(c, "logprobs", None) else -math.inf for c in completions
+            ]
+
+        return Scorer(spec, by_logprob)
+    if spec == "verifier":
+        return Scorer(spec, _guarded_or_plain("verifier", arithmetic_verifier))
+    kind, _, rest = spec.partition(":")
+    if kind == "rm":
+        from mlxpt.train.rm import load_reward_model
+
+        rm = load_reward_model(rest)
+
+        def by_rm(prompt, completions, row):
+            return rm.score_batch([prompt] * len(completions), [_text(c) for c in completions])
+
+        return Scorer(spec, by_rm)
+    if kind == "reward" and ":" not in rest and not rest.endswith(".py"):
+        try:
+            from mlxpt.train.rewards import REWARDS
+        except ImportError:
+            raise ConfigError(
+                "E622", "the reward registry (mlxpt.train.rewards) is not available", spec, "use logprob or verifier"
+            ) from None
+        if rest not in REWARDS:
+            raise ConfigError(
+                "E622", f"unknown reward {rest!r}", f"--scorer {spec}", f"use one of {', '.join(REWARDS)}"
+            )
+        return Scorer(spec, _guarded(rest, REWARDS[rest]), needs_row=rest == "accuracy")
+    name, fn = _load_user_fn(kind, rest, spec)  # a verifier's True/False scores 1/0
+    return Scorer(spec, _guarded(name, fn), needs_row=True)
+
+
+def _guarded_or_plain(name: str, fn: Callable) -> Callable:
+    """The guarded scorer when the reward registry exists, else a plain try/except per call."""
+    try:
+        return _guarded(name, fn)
+    except ImportError:
+
+        def score(prompt, completions, row):
+            out = []
+            for c in completions:
+                try:
+                    out.append(float(fn(prompt, _text(c), **row)))
+                except Exception:  # noqa: BLE001 - a failing check scores lowest, never crashes
+                    out.append(-math.inf)
+            return out
+
+        return score
