@@ -1,0 +1,118 @@
+"""The New run form's model: fields from the config dataclasses, values -> a validated config
+and the `mlxpt train` argv that reproduces it. The CLI's own `build_config` checks the values,
+so the form and the command line accept exactly the same settings. No Textual here."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass
+
+from mlxpt.config import section_names
+from mlxpt.errors import MlxptError
+
+
+@dataclass(frozen=True)
+class FormField:
+    section: str
+    name: str
+    kind: str  # "bool" | "choice" | "text"
+    default: object
+    help: str
+    choices: tuple = ()
+
+
+def methods() -> tuple[str, ...]:
+    """The methods `mlxpt train` knows, read at run time (teammates add grpo, rm, ...)."""
+    from mlxpt.commands import train
+
+    return tuple(train.METHODS)
+
+
+def default_config(method: str):
+    """The config `mlxpt train <method>` starts from (method presets applied)."""
+    from mlxpt.commands import train
+
+    return train.build_config(_namespace(method, {}))
+
+
+def form_fields(method: str) -> list[FormField]:
+    cfg = default_config(method)
+    out = []
+    for section in section_names(cfg):
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            kind = str(f.type)
+            choices = tuple(f.metadata.get("choices") or ())
+            out.append(
+                FormField(
+                    section,
+                    f.name,
+                    "bool" if kind.startswith("bool") else "choice" if choices else "text",
+                    value,
+                    f.metadata.get("help", ""),
+                    choices,
+                )
+            )
+    return out
+
+
+def _namespace(method: str, flags: dict, resume: str | None = None) -> argparse.Namespace:
+    ns = argparse.Namespace(method=method, resume=resume, config=None, events="json")
+    for k, v in flags.items():
+        setattr(ns, f"cfg_{k}", v)
+    return ns
+
+
+def changed_flags(method: str, values: dict[str, object]) -> dict[str, object]:
+    """The values that differ from the method's defaults (what the argv must carry)."""
+    defaults = {f.name: f.default for f in form_fields(method)}
+    out = {}
+    for name, value in values.items():
+        if name not in defaults:
+            continue
+        default = defaults[name]
+        if isinstance(default, bool) or isinstance(value, bool):
+            if bool(value) != bool(default):
+                out[name] = bool(value)
+            continue
+        text = "" if value is None else str(value).strip()
+        if text == ("" if default is None else str(default)):
+            continue
+        out[name] = text if text else None
+    return out
+
+
+def validate(method: str, values: dict[str, object]):
+    """(config, None) or (None, one-line error) for the form's values."""
+    from mlxpt.commands import train
+
+    flags = {k: v for k, v in changed_flags(method, values).items() if v is not None}
+    try:
+        return train.build_config(_namespace(method, flags)), None
+    except MlxptError as e:
+        return None, e.line()
+
+
+def to_argv(method: str, values: dict[str, object]) -> list[str]:
+    """`train <method> --flag value ...` for the values that differ from the defaults."""
+    argv = ["train", method]
+    for name, value in changed_flags(method, values).items():
+        flag = f"--{name.replace('_', '-')}"
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return [*argv, "--events", "json"]
+
+
+def values_from_run_config(config: dict) -> dict[str, object]:
+    """Flat field values from a run's config.json (duplicate-as-new): its settings sections only."""
+    method = str(config.get("method", "sft"))
+    sections = section_names(default_config(method)) if method in methods() else []
+    out: dict[str, object] = {}
+    for sec in sections:
+        if isinstance(config.get(sec), dict):
+            out.update(config[sec])
+    return out

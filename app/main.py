@@ -1,0 +1,182 @@
+"""The mlxpt Textual app: a client of the library and of `mlxpt train --events json` children.
+
+Training runs are child processes, so a crash or an out-of-memory abort in a run never takes the
+app down; their stdout events fold into `RunLog`s the monitor draws. `create_app` is the factory
+the CLI, the Pilot tests and the snapshot tests share.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections import deque
+from pathlib import Path
+
+from textual import work
+from textual.app import App
+from textual.binding import Binding
+
+from app.messages import RunUpdated
+from app.runlog import RunLog
+
+STDERR_TAIL = 40
+
+
+class MlxptApp(App):
+    CSS_PATH = "app.tcss"
+    TITLE = "mlxpt"
+    BINDINGS = [
+        Binding("question_mark,f1", "help", "Help", key_display="?"),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(
+        self,
+        runs_dir: str | os.PathLike = "runs",
+        train_command: list[str] | None = None,
+        poll_runs: bool = True,
+    ) -> None:
+        super().__init__()
+        self.runs_dir = Path(runs_dir)
+        # The command a run is started with; tests swap in a scripted fake child.
+        self.train_command = train_command or [sys.executable, "-m", "mlxpt.cli"]
+        self.poll_runs = poll_runs
+        self.logs: dict[str, RunLog] = {}
+        self.procs: dict[str, asyncio.subprocess.Process] = {}
+        self._counter = 0
+
+    def on_mount(self) -> None:
+        from app.screens.runs import RunsScreen
+
+        self.push_screen(RunsScreen())
+
+    # ---- help -------------------------------------------------------------------------------
+
+    def action_help(self) -> None:
+        from app.screens.help import HelpScreen
+
+        if not isinstance(self.screen, HelpScreen):
+            self.push_screen(HelpScreen(self.screen))
+
+    # ---- runs -------------------------------------------------------------------------------
+
+    def log_for(self, run_dir: Path) -> RunLog:
+        """The RunLog of a run folder: the live one if this app runs it, else one read from files."""
+        run_dir = Path(run_dir)
+        for log in self.logs.values():
+            if log.run_dir is not None and log.run_dir.resolve() == run_dir.resolve():
+                return log
+        log = RunLog(key=str(run_dir), run_dir=run_dir)
+        log.load_files()
+        self.logs[log.key] = log
+        return log
+
+    def start_run(self, args: list[str], log: RunLog | None = None) -> RunLog:
+        """Start `mlxpt <args>` as a child feeding `log` (a new one if None); return the log."""
+        if log is None:
+            self._counter += 1
+            log = RunLog(key=f"new-{self._counter}")
+            self.logs[log.key] = log
+        log.status, log.exit_reason, log.live = "starting", None, True
+        log.say("$ mlxpt " + " ".join(args))
+        self._supervise(log, [*self.train_command, *args])
+        return log
+
+    def resume_run(self, log: RunLog) -> None:
+        if log.run_dir is not None and not log.live:
+            self.start_run(["train", "--resume", str(log.run_dir), "--events", "json"], log)
+
+    def stop_run(self, log: RunLog) -> bool:
+        """Ask a run to stop: SIGINT once = finish or abandon the step, checkpoint, exit 130."""
+        proc = self.procs.get(log.key)
+        pid = proc.pid if proc is not None else log.pid
+        if pid is None and log.run_dir is not None:  # a run started from the CLI
+            from mlxpt.runs import read_status
+            from mlxpt.runs.listing import pid_alive
+
+            status = read_status(log.run_dir) or {}
+            if status.get("status") == "running" and pid_alive(status.get("pid")):
+                pid = status["pid"]
+        if pid is None:
+            return False
+        try:
+            os.kill(pid, signal.SIGINT)
+        except OSError:
+            return False
+        log.say("stop requested: checkpointing, then exiting")
+        self.post_message(RunUpdated(log.key))
+        return True
+
+    @work(group="children")
+    async def _supervise(self, log: RunLog, argv: list[str]) -> None:
+        """Run one child: fold its stdout events into `log`, keep its stderr tail for the reason."""
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                *argv,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+                env=env,
+                start_new_session=True,  # a terminal Ctrl-C goes to the app, not to the run
+                limit=1 << 22,
+            )
+        except OSError as e:
+            log.finish(127, [f"error cannot start the run: {e}"])
+            self.post_message(RunUpdated(log.key))
+            return
+        self.procs[log.key] = proc
+        log.pid = proc.pid
+        tail: deque[str] = deque(maxlen=STDERR_TAIL)
+
+        async def read_stdout() -> None:
+            assert proc.stdout is not None
+            async for raw in proc.stdout:
+                log.feed_line(raw.decode("utf-8", "replace"))
+                self.post_message(RunUpdated(log.key))
+
+        async def read_stderr() -> None:
+            assert proc.stderr is not None
+            async for raw in proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                if line:
+                    tail.append(line)
+                    log.say(line)
+                    self.post_message(RunUpdated(log.key))
+
+        await asyncio.gather(read_stdout(), read_stderr())
+        code = await proc.wait()
+        self.procs.pop(log.key, None)
+        log.finish(code, list(tail))
+        self.post_message(RunUpdated(log.key))
+
+    def on_run_updated(self, message: RunUpdated) -> None:
+        """Hand the (collapsed) update to the screen on top, if it cares."""
+        handler = getattr(self.screen, "run_updated", None)
+        if handler is not None:
+            handler(message.key)
+
+    async def action_quit(self) -> None:
+        """Quit; running children get one SIGINT (checkpoint and exit) and a moment to save it."""
+        for proc in list(self.procs.values()):
+            try:
+                proc.send_signal(signal.SIGINT)
+            except ProcessLookupError:
+                pass
+        for proc in list(self.procs.values()):
+            try:
+                await asyncio.wait_for(proc.wait(), timeout=10)
+            except (TimeoutError, asyncio.TimeoutError):
+                proc.kill()
+        self.exit()
+
+
+def create_app(runs_dir: str | os.PathLike = "runs", **kw) -> MlxptApp:
+    return MlxptApp(runs_dir, **kw)
+
+
+def run(runs_dir: str | os.PathLike = "runs") -> int:
+    create_app(runs_dir).run()
+    return 0

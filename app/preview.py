@@ -1,0 +1,133 @@
+"""The New run form's live checks, run in thread workers: data validation (file:line errors),
+token lengths, a masked example and a memory estimate. Plain values in, plain values out."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+from mlxpt.errors import MlxptError
+
+MAX_ROWS = 2000  # lengths of the first rows are enough for a histogram
+MAX_ERRORS = 20
+
+_lock = threading.Lock()
+_tokenizers: dict[str, object] = {}
+_estimate_model: dict[tuple, object] = {}
+
+
+@dataclass
+class DataPreview:
+    errors: list[str] = field(default_factory=list)
+    summary: str = ""
+    lengths: list[int] = field(default_factory=list)
+    example: list[tuple[str, bool]] = field(default_factory=list)  # (text, trained)
+    example_where: str = ""
+    longest: int = 0
+
+
+def tokenizer_for(model: str, trust_remote_code: bool = False):
+    with _lock:
+        if model not in _tokenizers:
+            from mlxpt.models.loader import load_tokenizer
+
+            _tokenizers[model] = load_tokenizer(model, trust_remote_code)
+        return _tokenizers[model]
+
+
+def _segments(tokenizer, tokens: list[int], mask: list[int]) -> list[tuple[str, bool]]:
+    out, i = [], 0
+    while i < len(tokens):
+        j = i
+        while j < len(tokens) and mask[j] == mask[i]:
+            j += 1
+        out.append((tokenizer.decode(tokens[i:j], skip_special_tokens=False), bool(mask[i])))
+        i = j
+    return out
+
+
+def check_data(preference: bool, cfg) -> DataPreview:
+    """Validate the data named in `cfg` and describe what training would see."""
+    from mlxpt.data.formats import resolve_splits
+
+    out = DataPreview()
+    try:
+        train_path, valid_path = resolve_splits(cfg.data.data, cfg.data.valid)
+    except MlxptError as e:
+        out.errors = [e.line()]
+        return out
+    if preference:
+        from mlxpt.data.preference import scan_preference
+
+        rows, same, errors = scan_preference(train_path)
+        if valid_path:
+            errors += scan_preference(valid_path)[2]
+        out.summary = f"{len(rows)} preference pairs ({same} identical dropped)"
+    else:
+        from mlxpt.data.formats import scan_splits
+
+        rows, valid_rows, errors = scan_splits(cfg.data.data, cfg.data.valid)
+        out.summary = f"{len(rows)} train rows, {len(valid_rows)} valid rows"
+    out.errors = [e.line() for e in errors[:MAX_ERRORS]]
+    if len(errors) > MAX_ERRORS:
+        out.errors.append(f"... and {len(errors) - MAX_ERRORS} more")
+    if not rows:
+        out.errors = out.errors or ["E100: no usable rows in the data - check the file"]
+        return out
+    try:
+        tokenizer = tokenizer_for(cfg.model.model, cfg.model.trust_remote_code)
+    except MlxptError as e:
+        out.errors.append(e.line())
+        return out
+    if preference:
+        from mlxpt.data.preference import encode_preference
+
+        try:
+            examples, _ = encode_preference(rows[:MAX_ROWS], tokenizer, 10**9, "truncate")
+        except MlxptError as e:
+            out.errors.extend(err.line() for err in getattr(e, "errors", [e])[:MAX_ERRORS])
+            return out
+        pairs = [ex.rows() for ex in examples]
+        out.lengths = [max(len(a.tokens), len(b.tokens)) for a, b in pairs]
+        if pairs:
+            first = pairs[0][0]
+            out.example, out.example_where = _segments(tokenizer, first.tokens, first.mask), first.where
+    else:
+        from mlxpt.data.encode import encode
+
+        for row in rows[:MAX_ROWS]:
+            try:
+                ex = encode(row, tokenizer, cfg.data.mask, 10**9, "truncate")
+            except MlxptError as e:
+                if len(out.errors) < MAX_ERRORS:
+                    out.errors.append(e.line())
+                continue
+            if ex is None:
+                continue
+            out.lengths.append(len(ex.tokens))
+            if not out.example:
+                out.example, out.example_where = _segments(tokenizer, ex.tokens, ex.mask), ex.where
+    out.longest = max(out.lengths, default=0)
+    return out
+
+
+def estimate_memory(cfg, batch_rows: int, seq_len: int) -> dict:
+    """Peak training memory (bytes by part) for the model and adapter in `cfg`: the same
+    estimate `mlxpt train` checks before step 1. Loads the model once per model/adapter choice."""
+    from mlxpt.train.memory import available_bytes, estimate_bytes
+
+    a = cfg.adapter
+    key = (cfg.model.model, cfg.model.quantize, a.fine_tune_type, a.rank, a.num_layers, a.targets)
+    with _lock:
+        model = _estimate_model.get(key)
+        if model is None:
+            from mlxpt.models.loader import load
+            from mlxpt.train.adapters import apply_adapters
+
+            model, _ = load(cfg.model.model, quantize=cfg.model.quantize, trust_remote_code=cfg.model.trust_remote_code)
+            apply_adapters(model, a, seed=0)
+            _estimate_model.clear()  # one model at a time: it can be hundreds of MB
+            _estimate_model[key] = model
+    est = estimate_bytes(model, batch_rows, seq_len)
+    est["available"] = available_bytes()
+    return est

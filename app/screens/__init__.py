@@ -1,0 +1,1 @@
+"""Screens of the mlxpt TUI, one per file."""

@@ -1,0 +1,261 @@
+"""New run: a form generated from the config dataclasses (help texts included), live data
+validation with file:line errors, a token-length histogram, a masked example and a memory
+estimate. Start launches `mlxpt train ... --events json` as a child process."""
+
+from __future__ import annotations
+
+from rich.text import Text
+from textual import on, work
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.screen import Screen
+from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
+
+from app import form
+from app.preview import DataPreview, check_data, estimate_memory
+from app.widgets.histogram import LengthHistogram
+
+DEBOUNCE_S = 0.4
+DATA_KEYS = ("data", "valid", "model", "mask", "trust_remote_code")
+MEMORY_KEYS = ("model", "quantize", "fine_tune_type", "rank", "num_layers", "targets", "batch_size", "max_seq_len")
+
+
+def example_text(segments: list[tuple[str, bool]], limit: int = 1200) -> Text:
+    """The rendered example; trained tokens highlighted."""
+    text = Text()
+    for seg, trained in segments:
+        text.append(seg, style="bold black on green" if trained else "dim")
+        if len(text) > limit:
+            text.append(" …")
+            break
+    return text
+
+
+def memory_text(est: dict, batch: int, seq: int) -> str:
+    gb = 1e9
+    line = (
+        f"memory estimate: {est['total'] / gb:.2f} GB at batch {batch} x {seq} tokens "
+        f"(weights {est['weights'] / gb:.2f}, optimizer {est['optimizer'] / gb:.2f}, "
+        f"activations {est['activations'] / gb:.2f})"
+    )
+    avail = est.get("available")
+    if avail:
+        fits = "fits" if est["total"] <= avail else "DOES NOT FIT: lower batch size or max_seq_len"
+        line += f"; {avail / gb:.1f} GB available: {fits}"
+    return line
+
+
+class NewRunScreen(Screen):
+    BINDINGS = [
+        Binding("escape", "back", "Runs"),
+        Binding("ctrl+g", "start", "Start"),
+    ]
+
+    def __init__(self, method: str = "sft", values: dict | None = None) -> None:
+        super().__init__()
+        self.method = method if method in form.methods() else "sft"
+        self.initial = dict(values or {})
+        self.error: str | None = None
+        self.preview: DataPreview | None = None
+        self.checking = False
+        self.pending = True  # edits not yet validated (debounce)
+        self._timer = None
+        self._last_data: tuple | None = None
+        self._last_memory: tuple | None = None
+        self.cfg = None
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="new-body"):
+            with VerticalScroll(id="form"):
+                with Horizontal(classes="field"):
+                    yield Label("method", classes="field-name")
+                    yield Select(
+                        [(m, m) for m in form.methods()],
+                        value=self.method,
+                        allow_blank=False,
+                        id="method",
+                        compact=True,
+                    )
+                yield Vertical(id="fields")
+            with VerticalScroll(id="preview"):
+                yield Static("checking the data...", id="check")
+                yield LengthHistogram(id="hist")
+                yield Static("", id="example")
+                yield Static("", id="memory")
+        yield Static("", id="field-help")
+        with Horizontal(id="new-buttons"):
+            yield Button("Start (ctrl+g)", id="start", variant="success", disabled=True, compact=True)
+            yield Static("", id="form-error")
+        yield Footer()
+
+    async def on_mount(self) -> None:
+        self.title = "mlxpt — new run"
+        if "runs_dir" not in self.initial and str(self.app.runs_dir) != "runs":
+            self.initial["runs_dir"] = str(self.app.runs_dir)
+        await self._build_fields()
+        self.query_one("#method", Select).focus()
+        self._validate()
+
+    async def _build_fields(self) -> None:
+        holder = self.query_one("#fields", Vertical)
+        old = self.values() if holder.children else {}
+        await holder.remove_children()
+        widgets = []
+        section = None
+        for f in form.form_fields(self.method):
+            if f.section != section:
+                section = f.section
+                widgets.append(Static(section, classes="section"))
+            value = old.get(f.name, self.initial.get(f.name, f.default))
+            wid = f"f-{f.name}"
+            if f.kind == "bool":
+                v = "true" if str(value).lower() in ("true", "1", "yes", "on") else "false"
+                w = Select([("false", "false"), ("true", "true")], value=v, allow_blank=False, id=wid, compact=True)
+            elif f.kind == "choice":
+                v = str(value) if str(value) in f.choices else str(f.default)
+                w = Select(
+                    [(c, c) for c in f.choices], value=v, allow_blank=False, id=wid, compact=True, tooltip=f.help
+                )
+            else:
+                w = Input("" if value is None else str(value), id=wid, compact=True, tooltip=f.help)
+            w.help_text = f.help
+            widgets.append(Horizontal(Label(f.name, classes="field-name"), w, classes="field"))
+        await holder.mount_all(widgets)
+
+    def values(self) -> dict[str, object]:
+        out: dict[str, object] = {}
+        kinds = {f.name: f.kind for f in form.form_fields(self.method)}
+        for w in self.query("#fields Input, #fields Select"):
+            if w.id and w.id.startswith("f-"):
+                name = w.id[2:]
+                out[name] = w.value == "true" if kinds.get(name) == "bool" else w.value
+        return out
+
+    # ---- live validation ------------------------------------------------------------------
+
+    def on_descendant_focus(self, event) -> None:
+        help_text = getattr(event.widget, "help_text", "") or (
+            "training method (read from `mlxpt train`)" if event.widget.id == "method" else ""
+        )
+        self.query_one("#field-help", Static).update(help_text)
+
+    @on(Select.Changed, "#method")
+    async def _method_changed(self, event: Select.Changed) -> None:
+        if event.value != self.method:
+            self.method = str(event.value)
+            await self._build_fields()
+            self._schedule()
+
+    @on(Input.Changed)
+    @on(Select.Changed, "#fields Select")
+    def _field_changed(self, event) -> None:
+        self._schedule()
+
+    def _schedule(self) -> None:
+        if self._timer is not None:
+            self._timer.stop()
+        self.pending = True
+        self._start_button()
+        self._timer = self.set_timer(DEBOUNCE_S, self._validate)
+
+    def _validate(self) -> None:
+        values = self.values()
+        self.pending = False
+        self.cfg, self.error = form.validate(self.method, values)
+        self.query_one("#form-error", Static).update(self.error or "")
+        if self.cfg is not None:
+            data_key = (self.method, *(str(values.get(k)) for k in DATA_KEYS))
+            if data_key != self._last_data:
+                self._last_data = data_key
+                self._last_memory = None
+                self.checking = True
+                self.query_one("#check", Static).update("checking the data...")
+                self._check(self.cfg)
+            elif self.preview is not None:
+                self._maybe_memory()
+        self._start_button()
+
+    def _preference(self) -> bool | None:
+        if self.method == "sft":
+            return False
+        return True if self.cfg is not None and hasattr(self.cfg, "pref") else None
+
+    @work(thread=True, exclusive=True, group="check")
+    def _check(self, cfg) -> None:
+        kind = self._preference()
+        if kind is None:
+            result = DataPreview(summary=f"no data preview for {self.method} yet")
+        else:
+            result = check_data(kind, cfg)
+        self.app.call_from_thread(self._show_check, result)
+
+    def _show_check(self, p: DataPreview) -> None:
+        self.preview, self.checking = p, False
+        lines = [p.summary] if p.summary else []
+        lines += ["data errors:", *[f"  {e}" for e in p.errors]] if p.errors else ["data OK"]
+        check = self.query_one("#check", Static)
+        check.update(Text("\n".join(lines)))
+        check.set_class(bool(p.errors), "-bad")
+        max_len = self.cfg.data.max_seq_len if self.cfg is not None else None
+        self.query_one("#hist", LengthHistogram).show(p.lengths, max_len)
+        example = self.query_one("#example", Static)
+        if p.example:
+            head = Text(f"example ({p.example_where}); trained tokens highlighted:\n", style="italic")
+            example.update(head + example_text(p.example))
+        else:
+            example.update("")
+        self._maybe_memory()
+        self._start_button()
+
+    def _maybe_memory(self) -> None:
+        cfg, p = self.cfg, self.preview
+        if cfg is None or p is None or p.errors or not p.lengths:
+            return
+        seq = min(p.longest, cfg.data.max_seq_len)
+        rows = cfg.data.batch_size * (2 if self._preference() else 1)
+        key = (
+            cfg.model.model,
+            cfg.model.quantize,
+            *(str(getattr(cfg.adapter, k)) for k in vars(cfg.adapter)),
+            rows,
+            seq,
+        )
+        if key == self._last_memory:
+            return
+        self._last_memory = key
+        self.query_one("#memory", Static).update(f"estimating memory for batch {rows} x {seq} tokens...")
+        self._memory(cfg, rows, seq)
+
+    @work(thread=True, exclusive=True, group="memory")
+    def _memory(self, cfg, rows: int, seq: int) -> None:
+        try:
+            text = memory_text(estimate_memory(cfg, rows, seq), rows, seq)
+        except Exception as e:  # noqa: BLE001 - a model that will not load is shown, not raised
+            line = getattr(e, "line", None)
+            text = f"memory estimate unavailable: {line() if callable(line) else f'{type(e).__name__}: {e}'}"
+        self.app.call_from_thread(self.query_one("#memory", Static).update, text)
+
+    def _start_button(self) -> None:
+        ok = not self.pending and self.cfg is not None and not self.checking
+        ok = ok and self.preview is not None and not self.preview.errors
+        self.query_one("#start", Button).disabled = not ok
+
+    # ---- actions --------------------------------------------------------------------------
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "start":
+            self.action_start()
+
+    def action_start(self) -> None:
+        if self.query_one("#start", Button).disabled:
+            self.notify(self.error or "fix the data errors first (or wait for the check)", severity="warning")
+            return
+        from app.screens.monitor import MonitorScreen
+
+        log = self.app.start_run(form.to_argv(self.method, self.values()))
+        self.app.switch_screen(MonitorScreen(log))
+
+    def action_back(self) -> None:
+        self.app.pop_screen()

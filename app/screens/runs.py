@@ -1,0 +1,203 @@
+"""Runs: every run folder in the runs directory, including runs started from the CLI."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.screen import Screen
+from textual.widgets import DataTable, Footer, Header, Static
+
+from mlxpt.runs.listing import RunInfo, list_runs
+
+REFRESH_S = 2.0
+
+
+def short_model(model: str) -> str:
+    return Path(model).name if "/" in model or "\\" in model else model
+
+
+def duration(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def short_name(name: str) -> str:
+    """The run name without its `YYYYmmdd-HHMMSS-` stamp (the started column shows it)."""
+    head, _, rest = name.partition("-")
+    stamp, _, rest = rest.partition("-")
+    return rest if head.isdigit() and stamp.isdigit() and rest else name
+
+
+def row_of(run: RunInfo) -> tuple[str, ...]:
+    step = f"{run.step}/{run.steps}" if run.steps else str(run.step)
+    started = run.started.strftime("%m-%d %H:%M") if run.started else ""
+    last = run.last.replace("reward ", "rew ")
+    return (short_name(run.name)[:18], run.method, run.status, step, last, started, duration(run.duration_s))
+
+
+class RunsScreen(Screen):
+    BINDINGS = [
+        Binding("enter", "open", "Open", show=False),
+        Binding("n", "new", "New run"),
+        Binding("r", "resume", "Resume"),
+        Binding("d", "duplicate", "Duplicate"),
+        Binding("x,delete", "delete", "Delete", key_display="x"),
+        Binding("c", "chat", "Chat"),
+        Binding("p", "compare", "Compare"),
+        Binding("e", "eval", "Eval"),
+        Binding("g", "refresh", "Refresh", show=False),
+    ]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Static("", id="runs-title")
+        yield DataTable(id="runs-table", cursor_type="row", zebra_stripes=True)
+        yield Static("", id="run-detail")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.title = "mlxpt — runs"
+        table = self.query_one(DataTable)
+        table.add_columns("run", "method", "status", "step", "last", "started", "time")
+        self.runs: list[RunInfo] = []
+        self.action_refresh()
+        if self.app.poll_runs:
+            self.set_interval(REFRESH_S, self.action_refresh)
+
+    def on_screen_resume(self) -> None:
+        self.action_refresh()
+
+    def action_refresh(self) -> None:
+        table = self.query_one(DataTable)
+        runs = list_runs(self.app.runs_dir)
+        rows = [row_of(r) for r in runs]
+        if rows == [row_of(r) for r in self.runs] and table.row_count == len(rows):
+            return
+        selected = self.selected()
+        self.runs = runs
+        table.clear()
+        for run, row in zip(runs, rows, strict=True):
+            table.add_row(*row, key=str(run.path))
+        if selected is not None:
+            names = [r.name for r in runs]
+            if selected.name in names:
+                table.move_cursor(row=names.index(selected.name))
+        n = len(runs)
+        self.query_one("#runs-title", Static).update(
+            f"{n} run{'s' if n != 1 else ''} in {self.app.runs_dir}  ·  n new run  ·  enter open  ·  ? keys"
+            if n
+            else f"No runs in {self.app.runs_dir} yet. Press n to start one, c to chat, ? for keys."
+        )
+        self._show_detail()
+
+    def selected(self) -> RunInfo | None:
+        table = self.query_one(DataTable)
+        if not self.runs or table.cursor_row is None or not 0 <= table.cursor_row < len(self.runs):
+            return None
+        return self.runs[table.cursor_row]
+
+    def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        self._show_detail()
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        self.action_open()
+
+    def _show_detail(self) -> None:
+        run = self.selected()
+        text = ""
+        if run is not None:
+            text = f"{run.name} · {short_model(run.model)} · {run.checkpoints} checkpoint(s)"
+            if run.error:
+                text += f"  ·  {run.error}"
+            elif run.resumable:
+                text += "  ·  r resumes from the last checkpoint"
+        self.query_one("#run-detail", Static).update(text)
+
+    def action_open(self) -> None:
+        run = self.selected()
+        if run is not None:
+            from app.screens.monitor import MonitorScreen
+
+            self.app.push_screen(MonitorScreen(self.app.log_for(run.path)))
+
+    def action_new(self) -> None:
+        from app.screens.new_run import NewRunScreen
+
+        self.app.push_screen(NewRunScreen())
+
+    def action_resume(self) -> None:
+        run = self.selected()
+        if run is None:
+            return
+        log = self.app.log_for(run.path)
+        if log.live or run.status == "running":
+            self.notify(f"{run.name} is already running", severity="warning")
+            return
+        if not run.checkpoints:
+            self.notify(f"{run.name} has no checkpoint to resume from; duplicate it (d) instead", severity="warning")
+            return
+        if run.status == "finished":
+            self.notify(f"{run.name} is finished; duplicate it (d) to train again", severity="warning")
+            return
+        from app.screens.monitor import MonitorScreen
+
+        self.app.resume_run(log)
+        self.app.push_screen(MonitorScreen(log))
+
+    def action_duplicate(self) -> None:
+        run = self.selected()
+        if run is None:
+            return
+        from app.form import values_from_run_config
+        from app.screens.new_run import NewRunScreen
+        from mlxpt.errors import MlxptError
+        from mlxpt.runs import read_config
+
+        try:
+            config = read_config(run.path)
+        except MlxptError as e:
+            self.notify(e.line(), severity="error")
+            return
+        self.app.push_screen(
+            NewRunScreen(method=str(config.get("method", "sft")), values=values_from_run_config(config))
+        )
+
+    def action_delete(self) -> None:
+        run = self.selected()
+        if run is None:
+            return
+        if run.status == "running" or self.app.log_for(run.path).live:
+            self.notify(f"{run.name} is running: stop it first", severity="warning")
+            return
+        from app.screens.confirm import ConfirmScreen
+
+        def done(yes: bool | None) -> None:
+            if yes:
+                shutil.rmtree(run.path, ignore_errors=True)
+                self.app.logs.pop(str(run.path), None)
+                self.notify(f"deleted {run.name}")
+                self.action_refresh()
+
+        self.app.push_screen(ConfirmScreen(f"Delete run {run.name} and its checkpoints?"), done)
+
+    def action_chat(self) -> None:
+        from app.screens.chat import ChatScreen
+
+        run = self.selected()
+        self.app.push_screen(ChatScreen(adapter=str(run.path) if run and run.checkpoints else None))
+
+    def action_compare(self) -> None:
+        from app.screens.compare import CompareScreen
+
+        run = self.selected()
+        self.app.push_screen(CompareScreen(adapter=str(run.path) if run and run.checkpoints else None))
+
+    def action_eval(self) -> None:
+        from app.screens.eval import EvalScreen
+
+        self.app.push_screen(EvalScreen())

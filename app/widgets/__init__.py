@@ -1,0 +1,1 @@
+"""Widgets of the mlxpt TUI, one per file."""

@@ -1,0 +1,193 @@
+"""The TUI as a user drives it (Pilot): runs list, a real tiny training run started from the form,
+stop / interrupted / resume, a crashing child, bad data in the form, chat with the tiny model."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from fake_runs import FAKE_CHILD, make_runs  # noqa: E402
+
+from app.main import create_app  # noqa: E402
+from app.screens.monitor import MonitorScreen  # noqa: E402
+from app.screens.new_run import NewRunScreen  # noqa: E402
+from app.screens.runs import RunsScreen  # noqa: E402
+
+SIZE = (80, 24)
+pytestmark = pytest.mark.anyio
+
+
+async def wait_for(pilot, cond, timeout: float = 60.0, what: str = "condition") -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        await pilot.pause(0.05)
+
+
+def statuses(app) -> dict[str, str]:
+    screen = app.screen_stack[1] if len(app.screen_stack) > 1 else app.screen
+    assert isinstance(screen, RunsScreen)
+    screen.action_refresh()
+    return {r.name: r.status for r in screen.runs}
+
+
+async def fill(pilot, screen: NewRunScreen, **values) -> None:
+    for name, value in values.items():
+        screen.query_one(f"#f-{name}").value = str(value)
+    await wait_for(pilot, lambda: not screen.pending and not screen.checking, what="form validation")
+    await pilot.app.workers.wait_for_complete()
+    await pilot.pause()
+
+
+async def test_runs_list_shows_every_status(tmp_path):
+    app = create_app(make_runs(tmp_path / "runs"), poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        got = statuses(app)
+        assert got == {
+            "20261125-120000-quick": "finished",
+            "20261125-110000-grpo": "failed",
+            "20261125-100000-dpo": "interrupted",
+            "20261125-090000-sft": "finished",
+        }
+
+
+async def test_dead_running_run_is_listed_as_crashed(tmp_path):
+    root = make_runs(tmp_path / "runs")
+    status = root / "20261125-100000-dpo" / "status.json"
+    status.write_text(json.dumps({"status": "running", "step": 12, "pid": 2**22 + 12345}))
+    app = create_app(root, poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        assert statuses(app)["20261125-100000-dpo"] == "crashed"
+
+
+async def test_delete_asks_first(tmp_path):
+    root = make_runs(tmp_path / "runs")
+    app = create_app(root, poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("x")  # top row: 20261125-120000-quick
+        await pilot.press("n")
+        assert (root / "20261125-120000-quick").exists()
+        await pilot.press("x", "y")
+        await pilot.pause()
+        assert not (root / "20261125-120000-quick").exists()
+        assert "20261125-120000-quick" not in statuses(app)
+
+
+async def test_bad_data_shows_line_error_and_start_stays_disabled(tmp_path, tiny_dir):
+    bad = tmp_path / "bad.jsonl"
+    good = json.dumps({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
+    bad.write_text(good + "\n" + '{"messages": [{"role": "user"}]}\n' + "not json\n")
+    app = create_app(tmp_path / "runs", poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("n")
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, NewRunScreen)
+        await fill(pilot, screen, model=tiny_dir, data=bad)
+        check = str(screen.query_one("#check").render())
+        assert f"{bad}:2" in check and f"{bad}:3" in check
+        assert screen.query_one("#start").disabled
+        await pilot.press("ctrl+g")
+        await pilot.pause()
+        assert app.screen is screen and not app.logs  # nothing started
+
+
+async def test_start_stop_resume_a_real_run(tmp_path, tiny_dir, data_dir):
+    runs = tmp_path / "runs"
+    app = create_app(runs, poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("n")
+        await pilot.pause()
+        form = app.screen
+        await fill(
+            pilot, form, model=tiny_dir, data=data_dir, steps=12, batch_size=1, max_seq_len=256,
+            eval_every=0, eval_batches=0, save_every=1000, num_layers=-1, name="pilot",
+        )  # fmt: skip
+        assert "data OK" in str(form.query_one("#check").render())
+        assert "memory estimate" in str(form.query_one("#memory").render())
+        assert not form.query_one("#start").disabled
+        await pilot.press("ctrl+g")
+        monitor = app.screen
+        assert isinstance(monitor, MonitorScreen)
+        log = monitor.log_
+        await wait_for(pilot, lambda: log.steps or not log.live, what="the first step")
+        assert log.steps, log.log[-5:]
+        await pilot.press("s")
+        await wait_for(pilot, lambda: not log.live, what="the child to exit")
+        assert log.status == "interrupted", log.log[-5:]
+        assert log.last_step < 12
+        stopped_at = log.last_step
+        await pilot.pause(0.5)
+        assert "interrupted" in str(monitor.query_one("#mon-reason").render())
+        assert not monitor.query_one("#resume").disabled
+        await pilot.press("escape")
+        (name,) = statuses(app)
+        assert statuses(app)[name] == "interrupted"
+        await pilot.press("r")  # resume from the list
+        assert isinstance(app.screen, MonitorScreen) and app.screen.log_ is log
+        await wait_for(pilot, lambda: not log.live, timeout=120, what="the resumed run to finish")
+        assert log.status == "finished", log.log[-5:]
+        assert log.last_step == 12 and log.steps[0]["step"] <= stopped_at + 1
+        await pilot.press("escape")
+        assert statuses(app)[name] == "finished"
+
+
+async def test_crashing_child_leaves_app_alive_with_reason(tmp_path):
+    script = tmp_path / "fake_child.py"
+    script.write_text(FAKE_CHILD)
+    run_dir = tmp_path / "runs" / "20261125-130000-crash"
+    app = create_app(tmp_path / "runs", poll_runs=False, train_command=[sys.executable, str(script)])
+    async with app.run_test(size=SIZE) as pilot:
+        log = app.start_run(["--run-dir", str(run_dir)])
+        app.push_screen(MonitorScreen(log))
+        await wait_for(pilot, lambda: log.exit_reason is not None, what="the crash")
+        await pilot.pause(0.5)
+        assert log.status == "crashed" and [s["step"] for s in log.steps] == [1, 2, 3]
+        reason = str(app.screen.query_one("#mon-reason").render())
+        assert "SIGABRT" in reason
+        assert not app.screen.query_one("#resume").disabled
+        await pilot.press("2")  # the app still answers keys
+        await pilot.pause()
+        assert "simulated native crash" in "\n".join(log.log)
+
+
+async def test_flood_of_events_collapses(tmp_path):
+    from app.messages import RunUpdated
+
+    app = create_app(tmp_path / "runs", poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        seen = []
+        app.screen.run_updated = seen.append
+        for _ in range(500):
+            app.post_message(RunUpdated("k"))
+        await pilot.pause()
+        assert 1 <= len(seen) < 50
+
+
+@pytest.mark.parametrize("strategy", ["greedy"])
+async def test_chat_answers_with_tiny_model(tmp_path, tiny_dir, strategy):
+    app = create_app(tmp_path / "runs", poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("c")
+        await pilot.pause()
+        screen = app.screen
+        screen.max_tokens = 12
+        screen.query_one("#pick-model").value = str(tiny_dir)
+        screen.query_one("#chat-input").focus()
+        await pilot.press(*"hello", "enter")
+        await wait_for(pilot, lambda: len(screen.history) == 2, what="the answer")
+        await pilot.pause()
+        assert screen.history[1]["role"] == "assistant"
+        assert "tok/s" in str(screen.query_one("#chat-stats").render())
+        await pilot.press("ctrl+l")
+        assert screen.history == []
