@@ -51,6 +51,9 @@ def register(subparsers) -> None:
         "--independent", action="store_true", help="run each strategy and N on its own (real timings, slower)"
     )
     p.add_argument("--out", default="eval-results.json", help="JSON result file")
+    p.add_argument(
+        "--save-samples", action="store_true", help="also store every prompt's answers and samples in the JSON"
+    )
     p.add_argument("--plot", default=None, help="PNG chart path (default: next to --out)")
     p.set_defaults(func=run)
 
@@ -122,6 +125,7 @@ def run(args) -> int:
             args.model = (base_model_of(args.compare) or {}).get("model")
         runs.append(("adapter", args.compare))
     results: list[dict] = []
+    details: dict[str, list] = {}
     started = time.time()
     for label, adapter in runs:
         args.adapter = adapter
@@ -131,7 +135,8 @@ def run(args) -> int:
         def progress(done, total, label=label, t0=t0):
             print(f"\r[{label}] {done}/{total} prompts, {time.perf_counter() - t0:.0f} s", end="", file=sys.stderr)
 
-        for r in evaluate(model, tokenizer, rows, cfg, progress):
+        details[label] = []
+        for r in evaluate(model, tokenizer, rows, cfg, progress, details[label]):
             results.append({**r, "label": label, "model": args.model or "default", "adapter": adapter})
         print(file=sys.stderr)
         del model, tokenizer
@@ -154,6 +159,7 @@ def run(args) -> int:
             "started": started,
             "wall_seconds": round(time.time() - started, 1),
             "plot": str(plot),
+            **({"details": details} if args.save_samples else {}),
         },
     )
     write_png(plot, series, title=f"accuracy vs samples, {len(rows)} prompts")

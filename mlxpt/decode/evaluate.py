@@ -18,6 +18,7 @@ Greedy and beam always run on their own.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -193,8 +194,12 @@ def evaluate(
     rows: list[Row],
     cfg: EvalConfig,
     progress: Callable[[int, int], None] | None = None,
+    details: list | None = None,
 ) -> list[dict]:
-    """One result dict per (strategy, N) for this model: accuracy, tokens, seconds, samples."""
+    """One result dict per (strategy, N) for this model: accuracy, tokens, seconds, samples.
+
+    With a `details` list, one record per prompt is appended to it: the gold answer, each
+    strategy's answer and, for the shared pool, every sample's answer, length and text."""
     from mlxpt.decode.generate import chat_prompt
     from mlxpt.decode.sampling import SamplingConfig
 
@@ -209,10 +214,14 @@ def evaluate(
         ids = chat_prompt(tokenizer, row.messages)
         sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.seed + i)
         fields = {**row.fields, "answer": row.answer}
+        record: dict = {"line": row.line, "gold": row.answer, "answers": {}}
         for cell, (ok, tokens, seconds, samples, est) in _run_row(
-            model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer
+            model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer, record
         ):
             tallies[cell].add(ok, tokens, seconds, samples, est)
+            record["answers"][f"{cell[0]}@{cell[1]}"] = [record.pop("_answer", None), bool(ok)]
+        if details is not None:
+            details.append(record)
         if progress is not None:
             progress(i + 1, len(rows))
     out = []
@@ -233,8 +242,9 @@ def evaluate(
     return out
 
 
-def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer) -> Iterator:
-    """(cell, (correct, tokens, seconds, samples used, seconds estimated?)) for one prompt."""
+def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer, record: dict) -> Iterator:
+    """(cell, (correct, tokens, seconds, samples used, seconds estimated?)) for one prompt;
+    each cell's answer is left in record["_answer"], the pool in record["pool"]."""
     from mlxpt.decode.extract import extract, same_answer
     from mlxpt.decode.strategies import run_strategy
 
@@ -249,6 +259,7 @@ def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer) -
                 model, tokenizer, ids, name, n, sampling=sampling, scorer=scorer, adaptive=s == "adaptive",
                 batch=cfg.batch, confidence=cfg.confidence, weighting=cfg.weighting, **common,
             )  # fmt: skip
+            record["_answer"] = r.answer
             yield (s, n), (ok(r.answer), r.generated_tokens, r.seconds, r.n_used, False)
     pooled = [c for c in cells if c[0] in POOLED]
     if cfg.independent or not pooled:
@@ -265,12 +276,14 @@ def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer) -
     pool_s = time.perf_counter() - t0
     answers = [extract(c.text, cfg.extract) for c in pool]
     lengths = [len(c.tokens) for c in pool]
+    record["pool"] = {"answers": answers, "tokens": lengths, "seconds": pool_s, "texts": [c.text for c in pool]}
     total_tokens = max(1, sum(lengths))
     scores, score_s = None, 0.0
     if any(s == "best-of-n" for s, _ in pooled) or cfg.weighting == "reward":
         t1 = time.perf_counter()
         scores = scorer(row.prompt, pool, fields)
         score_s = time.perf_counter() - t1
+        record["pool"]["scores"] = [s if math.isfinite(s) else None for s in scores]
     weights = _weights(cfg.weighting, pool, scores)
 
     def cost(k: int, scored: bool = False) -> tuple[int, float]:
@@ -279,14 +292,18 @@ def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer) -
 
     for s, n in pooled:
         if s == "sample":
+            record["_answer"] = answers[0]
             yield (s, n), (ok(answers[0]), *cost(1), 1, True)
         elif s == "best-of-n":
             best = max(range(n), key=lambda j: (scores[j], -j))
+            record["_answer"] = answers[best]
             yield (s, n), (ok(answers[best]), *cost(n, True), n, True)
         elif s == "self-consistency":
             v = vote(answers[:n], None if weights is None else weights[:n])
+            record["_answer"] = v.answer
             yield (s, n), (ok(v.answer), *cost(n, cfg.weighting == "reward"), n, True)
         else:  # adaptive
             used = adaptive_schedule(answers, n, cfg.batch, cfg.confidence)
             v = vote(answers[:used], None if weights is None else weights[:used])
+            record["_answer"] = v.answer
             yield (s, n), (ok(v.answer), *cost(used, cfg.weighting == "reward"), used, True)

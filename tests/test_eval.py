@@ -1,0 +1,190 @@
+"""`mlxpt eval` and the strategy switch of `mlxpt generate` / `mlxpt chat` (fast: fake and tiny models)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from test_decode import make_adapter_run
+from test_tts_fakes import FakeLM, byte_tokenizer, scripted
+from tiny import make_model
+
+from mlxpt.cli import main
+from mlxpt.decode.evaluate import EvalConfig, evaluate, parse_ns, read_rows
+from mlxpt.decode.plot import png_chart, terminal_chart
+from mlxpt.errors import ConfigError, DataError
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+ROW = {"messages": [{"role": "user", "content": "Q?"}, {"role": "assistant", "content": "Answer: 8"}], "answer": "8"}
+
+
+def test_read_rows_accepts_chat_and_prompt_rows(tmp_path):
+    f = _write(tmp_path / "t.jsonl", [ROW, {"prompt": "2+2?", "answer": 4}, ""])
+    rows = read_rows(f)
+    assert [r.answer for r in rows] == ["8", "4"] and rows[0].messages == [{"role": "user", "content": "Q?"}]
+    assert rows[1].messages == [{"role": "user", "content": "2+2?"}] and rows[0].line == 1
+    assert len(read_rows(f, limit=1)) == 1
+
+
+def test_bad_eval_data_gives_one_line_per_row_with_file_and_line(tmp_path):
+    with pytest.raises(DataError) as e:
+        read_rows(tmp_path / "missing.jsonl")
+    assert e.value.code == "E623"
+    f = _write(tmp_path / "bad.jsonl", [ROW, {"messages": ROW["messages"]}, "{not json", {"answer": "3"}, "[1]"])
+    with pytest.raises(DataError) as e:
+        read_rows(f)
+    errs = e.value.errors
+    assert [x.code for x in errs] == ["E624"] * 4
+    assert [x.where for x in errs] == [f"{f}:{i}" for i in (2, 3, 4, 5)]
+    assert "answer" in errs[0].what and all("\n" not in x.line() for x in errs)
+
+
+def test_parse_ns():
+    assert parse_ns("16,1,4,4") == (1, 4, 16)
+    for bad in ("0,2", "a", "", "-1"):
+        with pytest.raises(ConfigError) as e:
+            parse_ns(bad)
+        assert e.value.code == "E621"
+
+
+def test_evaluate_on_a_scripted_model(tmp_path):
+    """The model answers 7 (p 0.4), 8 (0.35, the gold answer) or 9 (0.25): greedy says 7; with
+    enough samples self-consistency finds 7 too, and an oracle best-of-n finds 8."""
+    tok = byte_tokenizer(tmp_path)
+    from mlxpt.decode.generate import chat_prompt
+
+    rows = read_rows(_write(tmp_path / "t.jsonl", [ROW] * 3))
+    plen = len(chat_prompt(tok, rows[0].messages))
+    V = len(tok.get_vocab())
+    lm = FakeLM(V, scripted(tok, plen, [("Answer: 7", 0.4), ("so 8", 0.35), ("x 9", 0.25)], V))
+    cfg = EvalConfig(
+        strategies=("greedy", "sample", "best-of-n", "self-consistency", "adaptive", "beam"),
+        ns=(1, 4, 16),
+        max_tokens=20,
+        temperature=1.0,
+        scorer="reward:accuracy",
+    )
+    res = {(r["strategy"], r["n"]): r for r in evaluate(lm, tok, rows, cfg)}
+    assert set(res) == {
+        ("greedy", 1), ("sample", 1), ("adaptive", 16),
+        *[(s, n) for s in ("best-of-n", "self-consistency", "beam") for n in (1, 4, 16)],
+    }  # fmt: skip
+    assert res[("greedy", 1)]["accuracy"] == 0.0 and res[("greedy", 1)]["total"] == 3
+    assert res[("best-of-n", 16)]["accuracy"] == 1.0  # the oracle finds the right sample
+    assert res[("best-of-n", 16)]["generated_tokens"] > res[("best-of-n", 1)]["generated_tokens"]
+    assert 1 <= res[("adaptive", 16)]["mean_samples"] <= 16
+    assert res[("self-consistency", 16)]["mean_samples"] == 16
+    for r in res.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and r["seconds"] >= 0
+    again = {(r["strategy"], r["n"]): r["accuracy"] for r in evaluate(lm, tok, rows, cfg)}
+    assert again == {k: v["accuracy"] for k, v in res.items()}  # seeded per prompt: reproducible
+
+
+def test_charts_draw_every_series():
+    series = {"greedy": [(1, 0.2)], "self-consistency": [(1, 0.2), (4, 0.3), (16, 0.35)]}
+    text = terminal_chart(series)
+    assert "o greedy" in text and "* self-consistency" in text and "16" in text
+    png = png_chart(series)
+    assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png[-12:]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("eval") / "base")
+
+
+@pytest.fixture(scope="module")
+def adapter_run(base, tmp_path_factory):
+    return make_adapter_run(tmp_path_factory.mktemp("eval-run") / "run", base)
+
+
+def test_eval_cli_compare_writes_table_json_and_png(base, adapter_run, tmp_path, capsys):
+    data = _write(tmp_path / "t.jsonl", [ROW, {"prompt": "1+1?", "answer": "2"}])
+    out = tmp_path / "res.json"
+    code = main(
+        ["eval", "--model", str(base), "--compare", str(adapter_run), "--data", str(data), "--n", "1,2",
+         "--strategies", "greedy,best-of-n,self-consistency,adaptive", "--max-tokens", "4", "--out", str(out)]
+    )  # fmt: skip
+    cap = capsys.readouterr()
+    assert code == 0, cap.err
+    doc = json.loads(out.read_text())
+    rows = doc["results"]
+    assert {r["adapter"] for r in rows} == {None, str(adapter_run)}
+    assert len(rows) == 2 * (1 + 2 + 2 + 1)
+    for r in rows:
+        assert {"strategy", "n", "accuracy", "generated_tokens", "seconds", "model", "adapter"} <= set(r)
+    assert "self-consistency" in cap.out and "accuracy" in cap.out and "%" in cap.out
+    assert (tmp_path / "res.png").read_bytes().startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        (["--strategies", "greedy,vote"], "E620"),
+        (["--n", "0"], "E621"),
+        (["--scorer", "bogus"], "E622"),
+        (["--data", "/no/such.jsonl"], "E623"),
+        (["--temperature", "0"], "E626"),
+    ],
+)
+def test_eval_bad_inputs_fail_before_loading(tmp_path, capsys, extra, code):
+    data = _write(tmp_path / "t.jsonl", [ROW])
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), *extra]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and code in err[0], err
+
+
+def test_eval_row_without_answer_is_reported_with_its_line(tmp_path, capsys):
+    data = _write(tmp_path / "t.jsonl", [ROW, {"prompt": "hi"}])
+    assert main(["eval", "--model", str(tmp_path / "none"), "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert "E624" in err and f"{data}:2" in err
+
+
+# ---- generate / chat with a strategy ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "shows"),
+    [
+        (["--strategy", "best-of-n", "--scorer", "verifier"], "[scores:"),
+        (["--strategy", "self-consistency", "--adaptive"], "[votes"),
+        (["--strategy", "beam"], "[scores:"),
+        (["--strategy", "sample", "--n", "3"], "[sample: 3 samples"),
+    ],
+)
+def test_generate_with_a_strategy_prints_answer_and_votes_or_scores(base, capsys, strategy, shows):
+    argv = ["generate", "--model", str(base), "--prompt", "hi", "--max-tokens", "6", "--n", "4", *strategy]
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    assert shows in cap.err and cap.out.strip() != ""
+
+
+def test_generate_strategy_errors_are_one_line(base, capsys):
+    for extra, code in [
+        (["--strategy", "magic"], "E620"),
+        (["--strategy", "best-of-n", "--n", "0"], "E621"),
+        (["--strategy", "best-of-n", "--scorer", "rm:/nope"], "E622"),
+        (["--strategy", "best-of-n", "--temperature", "0"], "E626"),
+    ]:
+        assert main(["generate", "--model", "/no/model", "--prompt", "hi", *extra]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and code in err[0], err
+
+
+def test_chat_switches_strategy_and_shows_votes(base, monkeypatch, capsys):
+    script = "/strategy self-consistency\n/n 3\nhello\n/n zero\n/strategy nope\n/strategy greedy\nhello again\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert main(["chat", "--model", str(base), "--max-tokens", "5"]) == 0
+    err = capsys.readouterr().err
+    assert "[strategy self-consistency, n 8" in err and "n 3" in err
+    assert "[votes" in err and "[self-consistency: 3 samples" in err
+    assert "not a whole number" in err and "E620" in err
+    assert "[strategy greedy, n 3, scorer logprob, temperature 0]" in err
