@@ -68,7 +68,10 @@ class MlxptApp(App):
         for log in self.logs.values():
             if log.run_dir is not None and log.run_dir.resolve() == run_dir.resolve():
                 return log
-        log = RunLog(key=str(run_dir), run_dir=run_dir)
+        from mlxpt.runs.listing import run_info
+
+        info = run_info(run_dir)
+        log = RunLog(key=str(run_dir), run_dir=run_dir, status=info.status, exit_reason=info.error)
         log.load_files()
         self.logs[log.key] = log
         return log

@@ -55,7 +55,7 @@ class ModelPicker(Vertical):
     def compose(self) -> ComposeResult:
         runs = adapter_runs(self.runs_dir)
         paths = [p for _, p in runs]
-        yield Label("model (empty: the adapter's base, else the default)")
+        yield Label("model (blank: default)")
         yield Input("", placeholder="smollm2-135m", id="pick-model", compact=True)
         yield Label("adapter")
         yield Select(

@@ -28,14 +28,16 @@ def read_results(path: str) -> tuple[list[tuple[str, list[float], list[float]]],
             f"E521: cannot read eval results ({type(e).__name__}: {e}) ({path}) - pick a file written by `mlxpt eval`",
         )
     by: dict[str, list[tuple[float, float]]] = {}
-    lines = [f"{'strategy':<18}{'n':>5}{'accuracy':>10}{'tokens':>10}{'seconds':>9}"]
+    labels = {str(r.get("label", "")) for r in results if isinstance(r, dict)}
+    lines = [f"{'model':<9}{'strategy':<18}{'n':>5}{'accuracy':>10}{'tokens':>10}{'seconds':>9}"]
     for r in results:
         if not isinstance(r, dict) or not isinstance(r.get("accuracy"), (int, float)):
             continue
         n = r.get("n", 1) if isinstance(r.get("n"), (int, float)) else 1
-        by.setdefault(str(r.get("strategy", "?")), []).append((float(n), float(r["accuracy"])))
+        key = str(r.get("strategy", "?")) + (f" ({r.get('label')})" if len(labels) > 1 else "")
+        by.setdefault(key, []).append((float(n), float(r["accuracy"])))
         lines.append(
-            f"{str(r.get('strategy', '?')):<18}{n:>5}{r['accuracy']:>10.3f}"
+            f"{str(r.get('label', ''))[:8]:<9}{str(r.get('strategy', '?')):<18}{n:>5}{r['accuracy']:>10.3f}"
             f"{r.get('generated_tokens', 0):>10}{float(r.get('seconds', 0.0)):>9.1f}"
         )
     series = [(s, [n for n, _ in sorted(pts)], [a for _, a in sorted(pts)]) for s, pts in by.items()]
@@ -53,7 +55,7 @@ class EvalScreen(Screen):
         yield Header()
         yield Input(self.path, placeholder="eval result file (JSON from `mlxpt eval`); enter loads", id="eval-path")
         yield Static("", id="eval-note")
-        yield MetricChart("accuracy vs samples (n)", id="eval-chart")
+        yield MetricChart("accuracy vs samples (n)", show_last=False, id="eval-chart")
         yield Static("", id="eval-table")
         yield Footer()
 

@@ -172,7 +172,7 @@ class NewRunScreen(Screen):
                 self._last_memory = None
                 self.checking = True
                 self.query_one("#check", Static).update("checking the data...")
-                self._check(self.cfg)
+                self._check(data_key, self.cfg)
             elif self.preview is not None:
                 self._maybe_memory()
         self._start_button()
@@ -183,15 +183,17 @@ class NewRunScreen(Screen):
         return True if self.cfg is not None and hasattr(self.cfg, "pref") else None
 
     @work(thread=True, exclusive=True, group="check")
-    def _check(self, cfg) -> None:
+    def _check(self, key: tuple, cfg) -> None:
         kind = self._preference()
         if kind is None:
             result = DataPreview(summary=f"no data preview for {self.method} yet")
         else:
             result = check_data(kind, cfg)
-        self.app.call_from_thread(self._show_check, result)
+        self.app.call_from_thread(self._show_check, key, result)
 
-    def _show_check(self, p: DataPreview) -> None:
+    def _show_check(self, key: tuple, p: DataPreview) -> None:
+        if key != self._last_data:
+            return  # a thread worker cannot be stopped; drop what a superseded check found
         self.preview, self.checking = p, False
         lines = [p.summary] if p.summary else []
         lines += ["data errors:", *[f"  {e}" for e in p.errors]] if p.errors else ["data OK"]
@@ -226,16 +228,20 @@ class NewRunScreen(Screen):
             return
         self._last_memory = key
         self.query_one("#memory", Static).update(f"estimating memory for batch {rows} x {seq} tokens...")
-        self._memory(cfg, rows, seq)
+        self._memory(key, cfg, rows, seq)
 
     @work(thread=True, exclusive=True, group="memory")
-    def _memory(self, cfg, rows: int, seq: int) -> None:
+    def _memory(self, key: tuple, cfg, rows: int, seq: int) -> None:
         try:
             text = memory_text(estimate_memory(cfg, rows, seq), rows, seq)
         except Exception as e:  # noqa: BLE001 - a model that will not load is shown, not raised
             line = getattr(e, "line", None)
             text = f"memory estimate unavailable: {line() if callable(line) else f'{type(e).__name__}: {e}'}"
-        self.app.call_from_thread(self.query_one("#memory", Static).update, text)
+        self.app.call_from_thread(self._show_memory, key, text)
+
+    def _show_memory(self, key: tuple, text: str) -> None:
+        if key == self._last_memory:
+            self.query_one("#memory", Static).update(text)
 
     def _start_button(self) -> None:
         ok = not self.pending and self.cfg is not None and not self.checking

@@ -19,9 +19,10 @@ def _thin(xs: list[float], ys: list[float]) -> tuple[list[float], list[float]]:
 class MetricChart(PlotextPlot):
     """Set `series` with `show`; the title names the chart and its latest value."""
 
-    def __init__(self, title: str, **kw) -> None:
+    def __init__(self, title: str, show_last: bool = True, **kw) -> None:
         super().__init__(**kw)
         self.title = title
+        self.show_last = show_last
         self.series: list[Series] = []
 
     def show(self, series: list[Series]) -> None:
@@ -29,7 +30,7 @@ class MetricChart(PlotextPlot):
         plt = self.plt
         plt.clear_data()
         plt.clear_figure()
-        last = series[0][2][-1] if series and series[0][2] else None
+        last = series[0][2][-1] if self.show_last and series and series[0][2] else None
         plt.title(f"{self.title}  {last:.4g}" if last is not None else self.title)
         for label, xs, ys in series:
             xs, ys = _thin(xs, ys)
