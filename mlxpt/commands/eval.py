@@ -87,14 +87,17 @@ def table(results: list[dict]) -> str:
 
 
 def series_of(results: list[dict]) -> dict:
-    """Chart series: label -> [(n, accuracy)]; 'base'/'adapter' appended when comparing."""
+    """Chart series: label -> [(n, accuracy)]; 'base'/'adapter' appended when comparing; adaptive
+    self-consistency sits at its mean samples used."""
     labels = {r["label"] for r in results}
     out: dict[str, list] = {}
     for r in results:
         key = r["strategy"] + (f" ({r['label']})" if len(labels) > 1 else "")
-        if r["strategy"] == "adaptive":
-            key += f" {r['mean_samples']:.1f} avg"
-        out.setdefault(key, []).append((r["n"], r["accuracy"]))
+        x = r["n"]
+        if r["strategy"] == "adaptive":  # drawn at the samples it used on average
+            key += f" (max {r['n']})"
+            x = max(1.0, r["mean_samples"])
+        out.setdefault(key, []).append((x, r["accuracy"]))
     return out
 
 

@@ -1,7 +1,7 @@
 """Accuracy-vs-samples charts without a plotting dependency: a terminal chart and a PNG.
 
-`series` maps a label to [(n, accuracy), ...]. The x axis is log2(n) (1, 2, 4, 8, 16 evenly
-spaced). The PNG is drawn on an RGB raster with a built-in 5x7 font and written with zlib.
+`series` maps a label to [(n, accuracy), ...]; n may be fractional (adaptive stopping's mean
+samples). The x axis is log2(n) (1, 2, 4, 8, 16 evenly spaced; ticks at whole n). The PNG is drawn on an RGB raster with a built-in 5x7 font and written with zlib.
 """
 
 from __future__ import annotations
@@ -87,8 +87,8 @@ def terminal_chart(series: Series, width: int = 56, height: int = 13, title: str
     ymax = _ymax(series)
     grid = [[" "] * width for _ in range(height)]
 
-    def cell(n: float, a: float) -> tuple[int, int]:
-        x = round(_xpos(n, ns) * (width - 1)) if isinstance(n, int) else round(n * (width - 1))
+    def cell(pos: float, a: float) -> tuple[int, int]:
+        x = round(pos * (width - 1))
         y = height - 1 - round(min(a, ymax) / ymax * (height - 1))
         return x, y
 
@@ -102,7 +102,7 @@ def terminal_chart(series: Series, width: int = 56, height: int = 13, title: str
                 if grid[y][x] == " ":
                     grid[y][x] = "."
         for n, a in pts:
-            x, y = cell(n, a)
+            x, y = cell(_xpos(n, ns), a)
             grid[y][x] = MARKERS[k % len(MARKERS)]
     lines = [title]
     for r, row in enumerate(grid):
@@ -110,7 +110,7 @@ def terminal_chart(series: Series, width: int = 56, height: int = 13, title: str
         lines.append(f"{label} |" + "".join(row))
     lines.append(" " * 7 + "+" + "-" * width)
     axis = [" "] * (width + 12)
-    for n in ns:
+    for n in (n for n in ns if float(n).is_integer()):
         x = 8 + round(_xpos(n, ns) * (width - 1))
         for j, ch in enumerate(str(n)):
             if x + j < len(axis):
@@ -171,10 +171,10 @@ def png_chart(series: Series, title: str = "accuracy vs samples") -> bytes:
         y = top + ph - ph * t / 5
         cv.line(left, y, left + pw, y, grey)
         cv.text(left - 70, round(y) - 7, f"{ymax * t / 5 * 100:.0f}%")
-    for n in ns:
+    for n in (n for n in ns if float(n).is_integer()):
         x = left + _xpos(n, ns) * pw
         cv.line(x, top, x, top + ph, grey)
-        cv.text(round(x) - 6 * len(str(n)), top + ph + 10, str(n))
+        cv.text(round(x) - 6 * len(str(int(n))), top + ph + 10, str(int(n)))
     cv.line(left, top + ph, left + pw, top + ph, black, 2)
     cv.line(left, top, left, top + ph, black, 2)
     cv.text(left, 15, title)
@@ -184,6 +184,9 @@ def png_chart(series: Series, title: str = "accuracy vs samples") -> bytes:
         xy = [(left + _xpos(n, ns) * pw, top + ph - min(a, ymax) / ymax * ph) for n, a in sorted(pts)]
         for (x0, y0), (x1, y1) in zip(xy, xy[1:], strict=False):
             cv.line(x0, y0, x1, y1, color, 3)
+        if len(pts) == 1 and pts[0][0] == min(ns) and len(ns) > 1:  # a one-sample baseline: dashed level
+            for x in range(left, left + pw, 16):
+                cv.line(x, xy[0][1], min(x + 8, left + pw), xy[0][1], color, 2)
         for x, y in xy:
             cv.dot(round(x), round(y), color, 9)
         ly = top + 10 + 28 * k
