@@ -276,3 +276,24 @@ def test_unknown_reward_name_is_an_error():
     with pytest.raises(ConfigError) as e:
         make_scorer("reward:no_such_reward")
     assert e.value.code == "E622"
+
+
+def test_repetition_penalty_reaches_both_decode_paths(tok, V):
+    """A model that always slightly prefers 'a' (then 'b'): greedy repeats 'a' forever; a strong
+    repetition penalty moves it off 'a' once 'a' is in the context, streamed or batched."""
+    a, b = tok.encode("a")[0], tok.encode("b")[0]
+
+    def fn(history):
+        logits = np.zeros(V, np.float32)
+        logits[a], logits[b] = 2.0, 1.5
+        return logits
+
+    lm = FakeLM(V, fn)
+    ids = prompt_ids(tok, "Q")
+    plain = run_strategy(lm, tok, ids, "greedy", max_tokens=6)
+    assert plain.text == "aaaaaa"
+    cfg = SamplingConfig(temperature=0.0, repetition_penalty=5.0)
+    pen = run_strategy(lm, tok, ids, "greedy", max_tokens=6, sampling=cfg)
+    assert pen.text.startswith("ab") and pen.text != "aaaaaa"
+    group = run_strategy(lm, tok, ids, "sample", n=2, max_tokens=6, sampling=cfg)
+    assert group.samples == [pen.text] * 2
