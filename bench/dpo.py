@@ -44,7 +44,7 @@ def train(args, tmp: Path) -> tuple[Path, list[dict], dict]:
     settings = {
         "model": args.model, "data": str(tmp), "runs_dir": str(tmp / "runs"), "steps": args.steps,
         "learning_rate": args.lr, "batch_size": args.batch_size, "warmup_steps": 2,
-        "eval_every": max(1, args.steps // 2), "eval_batches": -1, "save_every": args.steps,
+        "eval_every": args.eval_every or max(1, args.steps // 2), "eval_batches": -1, "save_every": args.steps,
     }  # fmt: skip
     if args.method == "dpo":
         settings.update(beta=args.beta, loss_type=args.loss_type)
@@ -141,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--beta", type=float, default=0.1)
     ap.add_argument("--loss-type", default="sigmoid")
     ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--eval-every", type=int, default=0, help="validate every N steps (default: steps / 2)")
     ap.add_argument("--generate", type=int, default=0, help="DPO: greedy-generate on N held-out prompts")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--adapter", help="skip training: the finished run to check")
