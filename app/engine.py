@@ -102,9 +102,10 @@ def answer(
 
 def describe(result) -> str:
     """Votes (self-consistency) or scores (best-of-N), one short line."""
-    if getattr(result, "votes", None):
+    if getattr(result, "votes", None) is not None:
         votes = sorted(result.votes.items(), key=lambda kv: -kv[1])
-        return "votes: " + ", ".join(f"{k!r}: {v}" for k, v in votes[:6]) + f" (n={result.n_used})"
+        shown = ", ".join(f"{k!r}: {v}" for k, v in votes[:6]) or "no answer extracted"
+        return f"votes: {shown} (n={result.n_used})"
     if getattr(result, "scores", None):
         return "scores: " + ", ".join(f"{s:.3g}" for s in result.scores[:8]) + f" (n={result.n_used})"
     return f"n={getattr(result, 'n_used', 1)}"

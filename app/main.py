@@ -27,6 +27,7 @@ STDERR_TAIL = 40
 class MlxptApp(App):
     CSS_PATH = "app.tcss"
     TITLE = "mlxpt"
+    ENABLE_COMMAND_PALETTE = False  # every action has a key; the footer needs the room
     BINDINGS = [
         Binding("question_mark,f1", "help", "Help", key_display="?"),
         Binding("ctrl+q", "quit", "Quit", priority=True),

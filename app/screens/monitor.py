@@ -113,6 +113,7 @@ class MonitorScreen(Screen):
         self.query_one("#mon-status", Static).update(status_line(log))
         reason = self.query_one("#mon-reason", Static)
         reason.update(f"exit: {log.exit_reason}" if log.exit_reason else "")
+        reason.display = bool(log.exit_reason)
         reason.set_class(log.status in ("crashed", "failed"), "-bad")
         running = log.live or log.status == "running"
         self.query_one("#stop", Button).disabled = not running

@@ -26,5 +26,8 @@ class LengthHistogram(PlotextPlot):
         over = sum(v > max_len for v in lengths) if max_len else 0
         plt.title(f"tokens per row (n={len(lengths)}, over max {over})")
         if counts:
-            plt.bar(labels, counts)
+            xs = list(range(len(counts)))
+            plt.bar(xs, counts)
+            ticks = sorted({0, len(xs) // 3, 2 * len(xs) // 3, len(xs) - 1})
+            plt.xticks(ticks, [labels[i] for i in ticks])  # fixed ticks: plotext's own choice wobbles
         self.refresh()

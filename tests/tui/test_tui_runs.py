@@ -174,7 +174,7 @@ async def test_flood_of_events_collapses(tmp_path):
         assert 1 <= len(seen) < 50
 
 
-@pytest.mark.parametrize("strategy", ["greedy"])
+@pytest.mark.parametrize("strategy", ["greedy", "self-consistency", "best-of-n"])
 async def test_chat_answers_with_tiny_model(tmp_path, tiny_dir, strategy):
     app = create_app(tmp_path / "runs", poll_runs=False)
     async with app.run_test(size=SIZE) as pilot:
@@ -183,11 +183,18 @@ async def test_chat_answers_with_tiny_model(tmp_path, tiny_dir, strategy):
         screen = app.screen
         screen.max_tokens = 12
         screen.query_one("#pick-model").value = str(tiny_dir)
+        screen.query_one("#pick-strategy").value = strategy
+        screen.query_one("#pick-n").value = "3"
         screen.query_one("#chat-input").focus()
         await pilot.press(*"hello", "enter")
         await wait_for(pilot, lambda: len(screen.history) == 2, what="the answer")
         await pilot.pause()
         assert screen.history[1]["role"] == "assistant"
-        assert "tok/s" in str(screen.query_one("#chat-stats").render())
+        stats = str(screen.query_one("#chat-stats").render())
+        assert "tok/s" in stats and stats.startswith(strategy)
+        if strategy == "self-consistency":
+            assert "votes:" in stats and "n=3" in stats
+        if strategy == "best-of-n":
+            assert "scores:" in stats
         await pilot.press("ctrl+l")
         assert screen.history == []
