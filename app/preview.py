@@ -46,8 +46,9 @@ def _segments(tokenizer, tokens: list[int], mask: list[int]) -> list[tuple[str, 
     return out
 
 
-def check_data(preference: bool, cfg) -> DataPreview:
-    """Validate the data named in `cfg` and describe what training would see."""
+def check_data(kind: str, cfg) -> DataPreview:
+    """Validate the data named in `cfg` and describe what training would see.
+    `kind`: "sft" (chat/completions/text rows), "pref" (preference pairs) or "prompts" (GRPO)."""
     from mlxpt.data.formats import resolve_splits
 
     out = DataPreview()
@@ -56,6 +57,7 @@ def check_data(preference: bool, cfg) -> DataPreview:
     except MlxptError as e:
         out.errors = [e.line()]
         return out
+    preference = kind == "pref"
     if preference:
         from mlxpt.data.preference import scan_preference
 
@@ -63,6 +65,13 @@ def check_data(preference: bool, cfg) -> DataPreview:
         if valid_path:
             errors += scan_preference(valid_path)[2]
         out.summary = f"{len(rows)} preference pairs ({same} identical dropped)"
+    elif kind == "prompts":
+        from mlxpt.data.prompts import scan_prompts
+
+        rows, errors = scan_prompts(train_path)
+        if valid_path:
+            errors += scan_prompts(valid_path)[1]
+        out.summary = f"{len(rows)} prompts (completions are sampled during training)"
     else:
         from mlxpt.data.formats import scan_splits
 
@@ -79,7 +88,20 @@ def check_data(preference: bool, cfg) -> DataPreview:
     except MlxptError as e:
         out.errors.append(e.line())
         return out
-    if preference:
+    if kind == "prompts":
+        from mlxpt.data.prompts import encode_prompts
+
+        try:
+            examples, _ = encode_prompts(rows[:MAX_ROWS], tokenizer, 10**9, 0, "truncate")
+        except MlxptError as e:
+            out.errors.extend(err.line() for err in getattr(e, "errors", [e])[:MAX_ERRORS])
+            return out
+        out.lengths = [len(ex.tokens) for ex in examples]
+        if examples:
+            first = examples[0]
+            out.example = _segments(tokenizer, first.tokens, [0] * len(first.tokens))
+            out.example_where = first.row.where
+    elif preference:
         from mlxpt.data.preference import encode_preference
 
         try:

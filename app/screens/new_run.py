@@ -98,9 +98,13 @@ class NewRunScreen(Screen):
         self.query_one("#method", Select).focus()
         self._validate()
 
-    async def _build_fields(self) -> None:
+    async def _build_fields(self, previous: str | None = None) -> None:
         holder = self.query_one("#fields", Vertical)
-        old = self.values() if holder.children else {}
+        old = {}
+        if holder.children and previous is not None:
+            # keep what the user typed; settings left at the old method's default take the new one's
+            defaults = {f.name: f.default for f in form.form_fields(previous)}
+            old = {k: v for k, v in self.values(previous).items() if str(v) != str(defaults.get(k))}
         await holder.remove_children()
         widgets = []
         section = None
@@ -124,9 +128,9 @@ class NewRunScreen(Screen):
             widgets.append(Horizontal(Label(f.name, classes="field-name"), w, classes="field"))
         await holder.mount_all(widgets)
 
-    def values(self) -> dict[str, object]:
+    def values(self, method: str | None = None) -> dict[str, object]:
         out: dict[str, object] = {}
-        kinds = {f.name: f.kind for f in form.form_fields(self.method)}
+        kinds = {f.name: f.kind for f in form.form_fields(method or self.method)}
         for w in self.query("#fields Input, #fields Select"):
             if w.id and w.id.startswith("f-"):
                 name = w.id[2:]
@@ -144,8 +148,9 @@ class NewRunScreen(Screen):
     @on(Select.Changed, "#method")
     async def _method_changed(self, event: Select.Changed) -> None:
         if event.value != self.method:
-            self.method = str(event.value)
-            await self._build_fields()
+            previous, self.method = self.method, str(event.value)
+            self.query_one("#memory", Static).update("")
+            await self._build_fields(previous)
             self._schedule()
 
     @on(Input.Changed)
@@ -177,14 +182,26 @@ class NewRunScreen(Screen):
                 self._maybe_memory()
         self._start_button()
 
-    def _preference(self) -> bool | None:
+    def _kind(self) -> str | None:
+        """What the data holds: sft rows, preference pairs or prompts; None: no preview."""
         if self.method == "sft":
-            return False
-        return True if self.cfg is not None and hasattr(self.cfg, "pref") else None
+            return "sft"
+        if self.cfg is not None and (hasattr(self.cfg, "pref") or self.method == "rm"):
+            return "pref"
+        return "prompts" if self.cfg is not None and hasattr(self.cfg, "grpo") else None
+
+    def _batch_shape(self, cfg, longest: int) -> tuple[int, int]:
+        """(sequences per micro-batch, their length) as training will see them."""
+        kind = self._kind()
+        if kind == "prompts":
+            grpo = cfg.grpo
+            rows = cfg.data.batch_size * int(getattr(grpo, "num_generations", 1))
+            return rows, min(longest + int(getattr(grpo, "max_completion_length", 0)), cfg.data.max_seq_len)
+        return cfg.data.batch_size * (2 if kind == "pref" else 1), min(longest, cfg.data.max_seq_len)
 
     @work(thread=True, exclusive=True, group="check")
     def _check(self, key: tuple, cfg) -> None:
-        kind = self._preference()
+        kind = self._kind()
         if kind is None:
             result = DataPreview(summary=f"no data preview for {self.method} yet")
         else:
@@ -215,8 +232,7 @@ class NewRunScreen(Screen):
         cfg, p = self.cfg, self.preview
         if cfg is None or p is None or p.errors or not p.lengths:
             return
-        seq = min(p.longest, cfg.data.max_seq_len)
-        rows = cfg.data.batch_size * (2 if self._preference() else 1)
+        rows, seq = self._batch_shape(cfg, p.longest)
         key = (
             cfg.model.model,
             cfg.model.quantize,

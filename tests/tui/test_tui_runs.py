@@ -198,3 +198,20 @@ async def test_chat_answers_with_tiny_model(tmp_path, tiny_dir, strategy):
             assert "scores:" in stats
         await pilot.press("ctrl+l")
         assert screen.history == []
+
+
+async def test_method_switch_rebuilds_form_and_preview(tmp_path, tiny_dir):
+    app = create_app(tmp_path / "runs", poll_runs=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await pilot.press("n")
+        await pilot.pause()
+        screen = app.screen
+        await fill(pilot, screen, model=tiny_dir, rank=4)
+        for method, fieldname, summary in (("dpo", "beta", "preference pairs"), ("grpo", "num_generations", "prompts")):
+            screen.query_one("#method").value = method
+            await wait_for(pilot, lambda m=method: (screen._last_data or ("",))[0] == m, what="the new method's check")
+            await fill(pilot, screen)
+            assert screen.query(f"#f-{fieldname}"), method  # the method's own section is in the form
+            assert summary in str(screen.query_one("#check").render()), method
+            assert screen.values()["rank"] == "4"  # what the user typed survives the switch
+            assert not screen.query_one("#start").disabled
