@@ -3,6 +3,8 @@ Stop (checkpoint then exit) and Resume. A crashed child shows its exit reason; t
 
 from __future__ import annotations
 
+import time
+
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Grid, Horizontal, VerticalScroll
@@ -58,6 +60,7 @@ class MonitorScreen(Screen):
         super().__init__()
         self.log_ = log
         self._drawn = -1
+        self._drawn_at = 0.0
         self._shown_lines = 0
         self._charts: dict[str, MetricChart] = {}
 
@@ -87,7 +90,10 @@ class MonitorScreen(Screen):
         self.set_interval(POLL_S, self._poll)
 
     def run_updated(self, key: str) -> None:
-        """Called by the app for every (collapsed) RunUpdated; the timer redraws."""
+        """Called by the app for every (collapsed) RunUpdated: redraw now unless we just did
+        (the timer picks up the rest), so a flood of steps costs a few redraws a second."""
+        if key == self.log_.key and time.monotonic() - self._drawn_at >= REDRAW_S:
+            self.redraw()
 
     def _poll(self) -> None:
         """A run this app does not own (started from the CLI): follow its files."""
@@ -110,6 +116,7 @@ class MonitorScreen(Screen):
         if log.version == self._drawn:
             return
         self._drawn = log.version
+        self._drawn_at = time.monotonic()
         self.query_one("#mon-status", Static).update(status_line(log))
         reason = self.query_one("#mon-reason", Static)
         reason.update(f"exit: {log.exit_reason}" if log.exit_reason else "")

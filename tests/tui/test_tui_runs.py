@@ -215,3 +215,25 @@ async def test_method_switch_rebuilds_form_and_preview(tmp_path, tiny_dir):
             assert summary in str(screen.query_one("#check").render()), method
             assert screen.values()["rank"] == "4"  # what the user typed survives the switch
             assert not screen.query_one("#start").disabled
+
+
+async def test_duplicate_opens_the_form_with_the_runs_settings(tmp_path, tiny_dir, data_dir):
+    root = make_runs(tmp_path / "runs")
+    cfg_path = root / "20261125-120000-quick" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["model"]["model"] = str(tiny_dir)
+    cfg["data"]["data"] = str(data_dir)
+    cfg["adapter"] = {"rank": 4}
+    cfg_path.write_text(json.dumps(cfg))
+    app = create_app(root, poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.pause()
+        await pilot.press("d")  # the top row is the "quick" run
+        await pilot.pause()
+        screen = app.screen
+        assert isinstance(screen, NewRunScreen)
+        await fill(pilot, screen)
+        values = screen.values()
+        assert values["model"] == str(tiny_dir) and values["steps"] == "10" and values["rank"] == "4"
+        assert values["runs_dir"] == str(root)
+        assert not screen.query_one("#start").disabled
