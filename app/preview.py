@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 from mlxpt.errors import MlxptError
 
-MAX_ROWS = 2000  # lengths of the first rows are enough for a histogram
+MAX_ROWS = 200  # the first rows are enough for a histogram, and quick to tokenise
 MAX_ERRORS = 20
 
 _lock = threading.Lock()

@@ -237,3 +237,22 @@ async def test_duplicate_opens_the_form_with_the_runs_settings(tmp_path, tiny_di
         assert values["model"] == str(tiny_dir) and values["steps"] == "10" and values["rank"] == "4"
         assert values["runs_dir"] == str(root)
         assert not screen.query_one("#start").disabled
+
+
+async def test_monitor_follows_a_run_started_from_the_cli(tmp_path):
+    import os
+
+    root = make_runs(tmp_path / "runs")
+    run = root / "20261125-100000-dpo"
+    (run / "status.json").write_text(json.dumps({"status": "running", "step": 12, "pid": os.getpid()}))
+    app = create_app(root, poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("down", "down", "enter")
+        monitor = app.screen
+        assert isinstance(monitor, MonitorScreen) and monitor.log_.last_step == 12
+        assert not monitor.query_one("#stop").disabled  # a live CLI run can be stopped from here
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"event": "step", "step": 13, "loss": 0.5, "lr": 1e-4}) + "\n")
+        await wait_for(pilot, lambda: monitor.log_.last_step == 13, timeout=5, what="the appended step")
+        (run / "status.json").write_text(json.dumps({"status": "interrupted", "step": 13, "pid": os.getpid()}))
+        await wait_for(pilot, lambda: monitor.log_.status == "interrupted", timeout=5, what="the new status")
