@@ -26,14 +26,16 @@ CHARTS = (
     ChartSpec("tokens/s", ("tokens_per_s",)),
     ChartSpec("peak memory (MB)", ("peak_memory_mb",)),
     ChartSpec("DPO margin", ("margin", "val_margin")),
-    ChartSpec("preference accuracy", ("accuracy", "val_accuracy")),
+    ChartSpec("accuracy (preference or task)", ("accuracy", "val_accuracy")),
     ChartSpec("chosen / rejected reward", ("rewards_chosen", "rewards_rejected")),
     ChartSpec("reward mean ± std", (), band=("reward_mean", "reward_std")),
     ChartSpec("reward per function", (), prefix="reward/"),
+    ChartSpec("validation reward", ("val_reward",)),
     ChartSpec("KL", ("kl",)),
     ChartSpec("clip fraction", ("clip_fraction",)),
     ChartSpec("completion length", ("completion_len_mean", "completion_len_max")),
-    ChartSpec("zero-std groups", ("zero_std_fraction",)),
+    ChartSpec("zero-std groups / truncated", ("zero_std_fraction", "truncated_fraction")),
+    ChartSpec("generation tokens/s", ("gen_tokens_per_s",)),
 )
 
 
