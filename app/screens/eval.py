@@ -8,6 +8,7 @@ from pathlib import Path
 from textual import on
 from textual.app import ComposeResult
 from textual.binding import Binding
+from textual.containers import VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Static
 
@@ -56,7 +57,8 @@ class EvalScreen(Screen):
         yield Input(self.path, placeholder="eval result file (JSON from `mlxpt eval`); enter loads", id="eval-path")
         yield Static("", id="eval-note")
         yield MetricChart("accuracy vs samples (n)", show_last=False, id="eval-chart")
-        yield Static("", id="eval-table")
+        with VerticalScroll(id="eval-scroll"):
+            yield Static("", id="eval-table")
         yield Footer()
 
     def on_mount(self) -> None:
@@ -74,7 +76,9 @@ class EvalScreen(Screen):
     def load(self, path: str) -> None:
         series, lines, error = read_results(path)
         self.query_one("#eval-note", Static).update(error or f"{len(series)} strategies")
-        self.query_one("#eval-chart", MetricChart).show(series)
+        chart = self.query_one("#eval-chart", MetricChart)
+        chart.show(series)
+        chart.plt.ylim(0, 1)  # accuracy: a fixed axis keeps files comparable
         self.query_one("#eval-table", Static).update("\n".join(lines))
 
     def action_back(self) -> None:
