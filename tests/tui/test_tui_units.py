@@ -126,3 +126,30 @@ def test_help_imports_neither_mlx_nor_textual():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.strip().endswith("[]"), out.stdout[-300:]
+
+
+def test_eval_results_file(tmp_path):
+    from app.screens.eval import read_results
+
+    rows = [
+        {
+            "strategy": "self-consistency",
+            "n": n,
+            "accuracy": a,
+            "generated_tokens": 40 * n,
+            "seconds": 0.3 * n,
+            "label": lab,
+        }
+        for lab in ("base", "adapter")
+        for n, a in ((4, 0.5), (1, 0.25))
+    ]
+    path = tmp_path / "e.json"
+    path.write_text(json.dumps({"results": rows}))
+    series, lines, error = read_results(str(path))
+    assert error is None and len(lines) == 5
+    assert series == [
+        ("self-consistency (base)", [1.0, 4.0], [0.25, 0.5]),
+        ("self-consistency (adapter)", [1.0, 4.0], [0.25, 0.5]),
+    ]
+    path.write_text("[]")
+    assert read_results(str(path))[2].startswith("E521")
