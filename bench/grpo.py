@@ -45,16 +45,17 @@ def test_examples(tok, n: int, max_seq_len: int, max_tokens: int):
 
 def greedy_accuracy(model, tok, examples, max_tokens: int) -> dict:
     """Accuracy and answer-format rate of greedy completions, plus the time it took."""
-    from mlxpt.decode.batch import generate_group
+    from mlxpt.decode.batch import generate_many
     from mlxpt.train.rewards import REWARDS
 
     t0 = time.perf_counter()
     correct = formatted = tokens = 0
-    for e in examples:
-        (c,) = generate_group(model, tok, e.tokens, 1, max_tokens)
-        correct += REWARDS["accuracy"](e.row.prompt, c.text, **e.row.fields) == 1.0
-        formatted += REWARDS["format"](e.row.prompt, c.text) == 1.0
-        tokens += len(c.tokens)
+    for i in range(0, len(examples), 16):
+        part = examples[i : i + 16]
+        for e, c in zip(part, generate_many(model, tok, [e.tokens for e in part], max_tokens), strict=True):
+            correct += REWARDS["accuracy"](e.row.prompt, c.text, **e.row.fields) == 1.0
+            formatted += REWARDS["format"](e.row.prompt, c.text) == 1.0
+            tokens += len(c.tokens)
     n = max(1, len(examples))
     return {"accuracy": correct / n, "format_rate": formatted / n, "prompts": len(examples),
             "mean_tokens": tokens / n, "seconds": time.perf_counter() - t0}  # fmt: skip

@@ -263,7 +263,8 @@ def test_high_lr_steps_change_every_trainable_parameter(tiny_dir, prompt_dir, tm
     events = []
     MLXBackend.__init__ = spy
     try:
-        run_dir, outcome = run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file), emit=events.append)
+        cfg = cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, eval_every=3, eval_batches=1)
+        run_dir, outcome = run_grpo(cfg, emit=events.append)
     finally:
         MLXBackend.__init__ = orig
     assert outcome == "finished"
@@ -280,6 +281,9 @@ def test_high_lr_steps_change_every_trainable_parameter(tiny_dir, prompt_dir, tm
     samples = [json.loads(line) for line in (run_dir / SAMPLES_FILE).read_text().splitlines()]
     assert len(samples) == 3 * 4 and {"prompt", "completion", "reward", "rewards", "step"} <= set(samples[0])
     assert [e["step"] for e in events if e["event"] == "samples"] == [1, 2, 3]
+    evals = [e for e in events if e["event"] == "eval"]  # greedy held-out completions, scored
+    assert [e["step"] for e in evals] == [0, 3] and all(e["val_prompts"] == 2 for e in evals)
+    assert {"val_reward", "val_accuracy", "val_reward/chars", "val_completion_len"} <= set(evals[0])
 
 
 @pytest.mark.parametrize("mu", [1, 2])

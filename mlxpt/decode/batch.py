@@ -183,3 +183,31 @@ def generate_group(
         )
         for i in range(n)
     ]
+
+
+def generate_many(
+    model, tokenizer, prompts: Sequence[Sequence[int]], max_tokens: int = 256, sampler: Callable | None = None
+) -> list[Completion]:
+    """One completion for each of several different prompts, decoded as one batch (mlx-lm's
+    continuous-batching `batch_generate`, left-padded prompts). For held-out evaluation: greedy by
+    default. Stop tokens are not reported (`stop_token` is None)."""
+    for p in prompts:
+        _check(1, max_tokens, p)
+    if not prompts:
+        return []
+    from mlxpt import _blas
+
+    _blas.activate()
+    from mlx_lm.generate import batch_generate
+
+    from mlxpt.decode.generate import add_stop_tokens
+
+    tok = add_stop_tokens(tokenizer)
+    kw = {"sampler": sampler} if sampler is not None else {}
+    r = batch_generate(
+        model, tok, [list(p) for p in prompts], max_tokens=max_tokens, return_token_ids=True, return_logprobs=True, **kw
+    )
+    return [
+        Completion(list(ids), text, "length" if len(ids) >= max_tokens else "stop", list(lps))
+        for ids, text, lps in zip(r.token_ids, r.texts, r.logprobs, strict=True)
+    ]

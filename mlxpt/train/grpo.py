@@ -48,6 +48,7 @@ from mlxpt.train.runner import Method, pad_id_of, run_training
 
 SAMPLES_FILE = "samples.jsonl"
 FAILURES_FILE = "reward_failures.jsonl"
+EVAL_BATCH = 16  # held-out prompts decoded together
 
 
 def group_advantages(rewards: np.ndarray, scale: str = "group", eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
@@ -294,21 +295,26 @@ class GRPOTask:
 
     # -- validation ------------------------------------------------------------------------
     def evaluate(self, backend, examples: list[PromptExample], batch_size: int, max_batches: int) -> dict:
-        """Greedy completions of the first `max_batches * batch_size` held-out prompts, scored."""
-        from mlxpt.decode.batch import generate_group
+        """Greedy completions of the first `max_batches * batch_size` held-out prompts (decoded
+        as one batch), scored by the training rewards."""
+        from mlxpt.decode.batch import generate_many
 
         n = len(examples) if max_batches < 0 else min(len(examples), max_batches * batch_size)
-        model = backend.model
-        model.eval()
+        backend.model.eval()
         totals, per_fn, lengths = [], {name: [] for name in self.guard.names}, []
-        for e in examples[:n]:
-            (c,) = generate_group(model, self.tokenizer, e.tokens, 1, self.g.max_completion_length)
-            total, scores = self._score(e, c.text, len(c.tokens))
-            totals.append(total)
-            lengths.append(len(c.tokens))
-            for name, v in scores.items():
-                if v is not None:
-                    per_fn[name].append(v)
+        for i in range(0, n, EVAL_BATCH):
+            part = examples[i : min(n, i + EVAL_BATCH)]
+            for e, c in zip(
+                part,
+                generate_many(backend.model, self.tokenizer, [e.tokens for e in part], self.g.max_completion_length),
+                strict=True,
+            ):
+                total, scores = self._score(e, c.text, len(c.tokens))
+                totals.append(total)
+                lengths.append(len(c.tokens))
+                for name, v in scores.items():
+                    if v is not None:
+                        per_fn[name].append(v)
         out = {"val_reward": float(np.mean(totals)) if totals else math.nan, "val_prompts": n}
         out["val_completion_len"] = float(np.mean(lengths)) if lengths else 0.0
         for name, vals in per_fn.items():
