@@ -202,6 +202,25 @@ def test_batched_group_matches_single_stream_and_model_logprobs(tiny_model):
         np.testing.assert_allclose(c.logprobs, full, atol=2e-4)
 
 
+def test_groups_of_several_prompts_decode_as_one_batch(tiny_model):
+    from mlxpt.decode.batch import generate_group, generate_groups
+
+    model, tok = tiny_model
+    prompts = [list(tok.encode(t)) for t in ("hello there", "a much longer prompt with more words in it", "x")]
+    together = generate_groups(model, tok, prompts, 2, 16)
+    for p, group in zip(prompts, together, strict=True):  # left padding changes nothing
+        alone = generate_group(model, tok, p, 2, 16)
+        assert [c.tokens for c in group] == [c.tokens for c in alone]
+        np.testing.assert_allclose([c.logprobs for c in group], [c.logprobs for c in alone], atol=1e-4)
+    # rows that stop early leave the batch; the others continue exactly as before
+    stop = together[0][0].text[2:5]
+    cut = generate_groups(model, tok, prompts, 2, 16, stop_strings=[stop])
+    assert cut[0][0].finish_reason == "stop" and stop not in cut[0][0].text
+    for full, part in zip(together[1:], cut[1:], strict=True):
+        if stop not in full[0].text:
+            assert [c.tokens for c in part] == [c.tokens for c in full]
+
+
 def test_group_stop_strings_and_bad_arguments(tiny_model):
     from mlxpt.decode.batch import generate_group
     from mlxpt.decode.sampling import make_sampler

@@ -91,12 +91,64 @@ def generate_group(
     processors (e.g. a repetition penalty) are mlx-lm's `(tokens, logits) -> logits`, applied per
     row. Rows stop at the tokenizer's EOS / end-of-turn ids or when their text contains one of
     `stop_strings` (the text is cut before it)."""
-    _check(n, max_tokens, prompt_tokens)
+    return generate_groups(
+        model, tokenizer, [prompt_tokens], n, max_tokens, sampler, stop_strings, logits_processors, stats
+    )[0]
+
+
+def _prefill(model, prompt_tokens: Sequence[int]):
+    """(cache, logits of the next token) for one prompt, in chunks of PREFILL_CHUNK tokens."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    prompt = mx.array(list(prompt_tokens))[None]
+    for i in range(0, prompt.shape[1] - 1, PREFILL_CHUNK):  # all but the last token
+        model(prompt[:, i : min(i + PREFILL_CHUNK, prompt.shape[1] - 1)], cache=cache)
+        mx.eval([c.state for c in cache])
+    return cache, model(prompt[:, -1:], cache=cache)[:, -1, :]
+
+
+def _merge_rows(caches: list[list], n: int) -> list:
+    """One batch cache per layer holding `n` copies of each prompt's cache (left-padded)."""
+    from mlx_lm.models.cache import KVCache
+
+    if len(caches) == 1:
+        import mlx.core as mx
+
+        cache = caches[0]
+        if n > 1:
+            _map_cache(cache, lambda a: mx.repeat(a, n, axis=0))
+        return cache
+    if not all(type(c) is KVCache for layer in caches for c in layer):
+        raise _Unmergeable
+    return [KVCache.merge([caches[p][i] for p in range(len(caches)) for _ in range(n)]) for i in range(len(caches[0]))]
+
+
+class _Unmergeable(Exception):
+    pass
+
+
+def generate_groups(
+    model,
+    tokenizer,
+    prompts: Sequence[Sequence[int]],
+    n: int,
+    max_tokens: int = 256,
+    sampler: Callable | None = None,
+    stop_strings: Sequence[str] = (),
+    logits_processors: Sequence[Callable] | None = None,
+    stats: GroupStats | None = None,
+) -> list[list[Completion]]:
+    """`n` completions of each prompt, all decoded as one batch: each prompt is prefilled once,
+    its cache copied to `n` rows, the rows of different prompts left-padded into one batch cache
+    (models whose caches cannot be merged decode one prompt group at a time). See generate_group."""
+    for p in prompts:
+        _check(n, max_tokens, p)
     from mlxpt import _blas
 
     _blas.activate()
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
     from mlxpt.decode.generate import add_stop_tokens
 
@@ -107,35 +159,37 @@ def generate_group(
 
         sampler = make_sampler()
     stats = stats if stats is not None else GroupStats()
-    stats.prompt_tokens = len(prompt_tokens)
+    stats.prompt_tokens += sum(len(p) for p in prompts)
 
     t0 = time.perf_counter()
-    cache = make_prompt_cache(model)
-    prompt = mx.array(list(prompt_tokens))[None]
-    for i in range(0, prompt.shape[1] - 1, PREFILL_CHUNK):  # all but the last token, in chunks
-        model(prompt[:, i : min(i + PREFILL_CHUNK, prompt.shape[1] - 1)], cache=cache)
-        mx.eval([c.state for c in cache])
-    logits = model(prompt[:, -1:], cache=cache)[:, -1, :]
-    if n > 1:
-        _map_cache(cache, lambda a: mx.repeat(a, n, axis=0))
-        logits = mx.repeat(logits, n, axis=0)
+    prefilled = [_prefill(model, p) for p in prompts]
+    try:
+        cache = _merge_rows([c for c, _ in prefilled], n)
+    except _Unmergeable:
+        return [
+            generate_groups(model, tokenizer, [p], n, max_tokens, sampler, stop_strings, logits_processors, stats)[0]
+            for p in prompts
+        ]
+    logits = mx.concatenate([mx.repeat(lg, n, axis=0) for _, lg in prefilled], axis=0)
     mx.eval(logits)
     t1 = time.perf_counter()
     stats.prefill_s += t1 - t0
 
-    tokens: list[list[int]] = [[] for _ in range(n)]
-    logps: list[list[float]] = [[] for _ in range(n)]
-    texts: list[str | None] = [None] * n
-    reasons: list[str | None] = [None] * n
-    stops: list[int | None] = [None] * n
-    live = list(range(n))  # row r of the batch is sequence live[r]
+    rows_total = n * len(prompts)
+    owner = [list(prompts[i // n]) for i in range(rows_total)]  # the prompt of each sequence
+    tokens: list[list[int]] = [[] for _ in range(rows_total)]
+    logps: list[list[float]] = [[] for _ in range(rows_total)]
+    texts: list[str | None] = [None] * rows_total
+    reasons: list[str | None] = [None] * rows_total
+    stops: list[int | None] = [None] * rows_total
+    live = list(range(rows_total))  # row r of the batch is sequence live[r]
     for step in range(max_tokens):
         logits = logits.astype(mx.float32)
         if logits_processors:
             rows = []
             for r, seq in enumerate(live):
                 row = logits[r : r + 1]
-                history = mx.array(list(prompt_tokens) + tokens[seq])
+                history = mx.array(owner[seq] + tokens[seq])
                 for proc in logits_processors:
                     row = proc(history, row)
                 rows.append(row)
@@ -167,13 +221,17 @@ def generate_group(
             break
         if len(keep) < len(live):
             idx = mx.array(keep)
-            _map_cache(cache, lambda a, idx=idx: a[idx])
+            for c in cache:
+                if hasattr(c, "filter"):  # batch caches know their padding
+                    c.filter(idx)
+                else:
+                    _map_cache([c], lambda a, idx=idx: a[idx])
             chosen = chosen[idx]
             live = [live[r] for r in keep]
         logits = model(chosen[:, None], cache=cache)[:, -1, :]
     stats.decode_s += time.perf_counter() - t1
     stats.generated_tokens += sum(len(t) for t in tokens)
-    return [
+    done = [
         Completion(
             tokens[i],
             texts[i] if texts[i] is not None else tok.decode(tokens[i]),
@@ -181,8 +239,9 @@ def generate_group(
             logps[i],
             stops[i],
         )
-        for i in range(n)
+        for i in range(rows_total)
     ]
+    return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def generate_many(

@@ -2,8 +2,8 @@
 with verifiable rewards, and push up the ones better than their group.
 
 Per micro-batch of prompts (`batch_size`): `num_generations` (G) completions of each prompt are
-sampled in one batched generation (prompt prefilled once, KV cache copied to G rows:
-decode/batch.py) and kept as token ids exactly as sampled. Rewards come from guarded plain
+sampled, all prompts' groups in one batched generation (each prompt prefilled once, its KV cache
+copied to G rows: decode/batch.py) and kept as token ids exactly as sampled. Rewards come from guarded plain
 functions (rewards.py). Advantages are group-relative, A = (r - mean_group) / (std + 1e-4) with
 std over the group, the batch, or none (`scale_rewards`); std is the unbiased one, as in TRL.
 The loss is the clipped surrogate with an optional k3 KL to the reference (objectives.py), the
@@ -186,7 +186,7 @@ class GRPOTask:
 
     def _rollout(self, examples: list[PromptExample]):
         """Sample, score and batch: (arrays for the objective, stats of this micro-batch)."""
-        from mlxpt.decode.batch import GroupStats, generate_group
+        from mlxpt.decode.batch import GroupStats, generate_groups
 
         G = self.g.num_generations
         model = self.backend.model
@@ -194,10 +194,16 @@ class GRPOTask:
         gs = GroupStats()
         t0 = time.perf_counter()
         seqs, totals, per_fn, samples = [], [], [], []
-        for e in examples:
-            comps = generate_group(
-                model, self.tokenizer, e.tokens, G, self.g.max_completion_length, self._sampler, stats=gs
-            )
+        groups = generate_groups(
+            model,
+            self.tokenizer,
+            [e.tokens for e in examples],
+            G,
+            self.g.max_completion_length,
+            self._sampler,
+            stats=gs,
+        )
+        for e, comps in zip(examples, groups, strict=True):
             for c in comps:
                 ids = c.tokens + ([c.stop_token] if c.stop_token is not None else [])
                 total, scores = self._score(e, c.text, len(c.tokens))
