@@ -177,6 +177,16 @@ class MlxptApp(App):
         self.exit()
 
 
+    def on_unmount(self) -> None:
+        """Leaving without ctrl+q (tests, a crash of the app itself): no child outlives us silently."""
+        for proc in list(self.procs.values()):
+            if proc.returncode is None:
+                try:
+                    proc.send_signal(signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+
+
 def create_app(runs_dir: str | os.PathLike = "runs", **kw) -> MlxptApp:
     return MlxptApp(runs_dir, **kw)
 
