@@ -274,3 +274,30 @@ def test_center_coefficient_must_be_non_negative(tiny_dir, pref_dir, tmp_path):
     with pytest.raises(MlxptError) as e:
         make_cfg(tiny_dir, pref_dir, tmp_path, center_rewards_coefficient=-1)
     assert e.value.code == "E505"
+
+
+def test_rm_learns_a_held_out_preference(tiny_dir, tmp_path):
+    """Chosen replies end with an `Answer: n` line, rejected ones do not: after 20 steps the reward
+    model ranks every held-out pair right, and its validation loss has fallen."""
+    import random
+
+    from mlxpt.train.rm import run_rm
+
+    rng = random.Random(0)
+
+    def row():
+        a, b = rng.randint(1, 50), rng.randint(1, 50)
+        steps = f"{a} + {b} = {a + b}\n"
+        return {
+            "prompt": f"What is {a} + {b}?",
+            "chosen": steps + f"Answer: {a + b}",
+            "rejected": steps + f"So it is {a + b}.",
+        }
+
+    for split, n in (("train", 64), ("valid", 32)):
+        (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(row()) + "\n" for _ in range(n)))
+    cfg = make_cfg(tiny_dir, tmp_path, tmp_path, steps=20, eval_every=20, eval_batches=-1, warmup_steps=2)
+    events = []
+    run_rm(cfg, emit=events.append)
+    first, last = (e for e in events if e["event"] == "eval")
+    assert last["val_accuracy"] == 1.0 and last["val_loss"] < 0.5 * first["val_loss"], (first, last)
