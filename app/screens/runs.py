@@ -64,7 +64,7 @@ class RunsScreen(Screen):
         self.title = "mlxpt — runs"
         table = self.query_one(DataTable)
         table.add_columns("run", "method", "status", "step", "last", "started", "time")
-        self.runs: list[RunInfo] = []
+        self.runs: list[RunInfo] | None = None  # None: never listed yet
         self.action_refresh()
         if self.app.poll_runs:
             self.set_interval(REFRESH_S, self.action_refresh)
@@ -76,7 +76,7 @@ class RunsScreen(Screen):
         table = self.query_one(DataTable)
         runs = list_runs(self.app.runs_dir)
         rows = [row_of(r) for r in runs]
-        if rows == [row_of(r) for r in self.runs] and table.row_count == len(rows):
+        if self.runs is not None and rows == [row_of(r) for r in self.runs]:
             return
         selected = self.selected()
         self.runs = runs
