@@ -258,7 +258,8 @@ def test_bad_scoring_inputs_are_one_line_errors(rm_run):
     cases = [
         (lambda: model.score_batch(["a", "b"], ["x"]), "E197"),
         (lambda: model.score_batch("a", "x"), "E197"),
-        (lambda: model.score("What is 2 + 2?", "   "), "E184"),
+        (lambda: model.score("What is 2 + 2?", [{"role": "assistant", "content": " "}]), "E184"),
+        (lambda: model.score("What is 2 + 2?", None), "E183"),
         (lambda: model.score("", "4"), "E182"),
         (lambda: model.score(42, "4"), "E181"),
         (lambda: model.score([{"role": "assistant", "content": "hi"}], "4"), "E188"),
@@ -268,6 +269,7 @@ def test_bad_scoring_inputs_are_one_line_errors(rm_run):
             call()
         assert e.value.code == want and "\n" not in e.value.line()
     assert model.score_batch([], []) == []
+    assert math.isfinite(model.score("What is 2 + 2?", ""))  # an empty sample still gets a score
 
 
 def test_center_coefficient_must_be_non_negative(tiny_dir, pref_dir, tmp_path):

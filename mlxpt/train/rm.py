@@ -145,20 +145,27 @@ class RewardModel:
         self._tok = _Tok(tokenizer)
         self._pad = pad_id_of(tokenizer)
 
-    def encode(self, prompt, response, where: str = "score") -> list[int]:
+    def encode(self, prompt, reply, where: str = "score") -> list[int]:
         """Token ids of prompt + response, exactly as a training pair is encoded."""
         from mlxpt.data.preference import _check, _encode
 
-        if isinstance(prompt, list) and isinstance(response, str):
-            response = [{"role": "assistant", "content": response}]
         problems: list[DataError] = []
 
         def err(code, what, hint=None):
             problems.append(DataError(code, what, where, hint))
 
+        # A string reply is scored whatever it holds (best-of-N may sample an empty one); the
+        # prompt, and replies given as message lists, are checked as training data is.
+        text, response = isinstance(reply, str), reply
+        if isinstance(prompt, str) and isinstance(reply, list):
+            prompt = [{"role": "user", "content": prompt}]  # a message-list reply: the chat form
+        if text:
+            response = [{"role": "assistant", "content": "x"}] if isinstance(prompt, list) else "x"
         row = _check({"prompt": prompt, "chosen": response, "rejected": response}, where, err)
         if row is None:
             raise problems[0]
+        if text:
+            row.chosen = [{"role": "assistant", "content": reply}]
         head, ids, _ = _encode(row, self._tok)
         return head + ids
 
@@ -182,9 +189,8 @@ class RewardModel:
                 "pass one prompt per response (repeat the prompt for best-of-N)",
             )
         seqs = [self.encode(p, r, f"score_batch[{i}]") for i, (p, r) in enumerate(zip(prompts, responses, strict=True))]
-        out: list[float] = []
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
         scores = [0.0] * len(seqs)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))  # similar lengths share a batch
         for s in range(0, len(order), self.batch_size):
             idx = order[s : s + self.batch_size]
             inputs, last = collate_rm([seqs[i] for i in idx], self._pad)
@@ -192,8 +198,7 @@ class RewardModel:
             mx.eval(r)
             for i, v in zip(idx, np.array(r).tolist(), strict=True):
                 scores[i] = float(v)
-        out.extend(scores)
-        return out
+        return scores
 
 
 def load_reward_model(run_dir: str | Path, batch_size: int = 8) -> RewardModel:
