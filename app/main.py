@@ -176,7 +176,6 @@ class MlxptApp(App):
                 proc.kill()
         self.exit()
 
-
     def on_unmount(self) -> None:
         """Leaving without ctrl+q (tests, a crash of the app itself): no child outlives us silently."""
         for proc in list(self.procs.values()):

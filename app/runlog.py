@@ -118,6 +118,16 @@ class RunLog:
             self.status = "failed"
         self.exit_reason = reason
         self.say(f"exit: {reason}")
+        self._skip_files()  # the events already brought in what the run folder's files hold
+
+    def _skip_files(self) -> None:
+        if self.run_dir is None:
+            return
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            try:
+                self._offsets[name] = (self.run_dir / name).stat().st_size
+            except OSError:
+                pass
 
     # ---- run folder files (CLI-started runs, finished runs) --------------------------------
 

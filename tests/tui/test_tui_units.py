@@ -153,3 +153,18 @@ def test_eval_results_file(tmp_path):
     ]
     path.write_text("[]")
     assert read_results(str(path))[2].startswith("E521")
+
+
+def test_a_finished_child_is_not_read_twice_from_its_files(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    log = RunLog("k")
+    start = {"event": "start", "run_dir": str(run), "method": "sft", "steps": 2, "resumed_from_step": 0}
+    log.feed_line(json.dumps(start))
+    for s in (1, 2):
+        step = {"event": "step", "step": s, "loss": 1.0}
+        log.feed_line(json.dumps(step))
+        with open(run / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(step) + "\n")
+    log.finish(0, [])
+    assert not log.poll_files() and [s["step"] for s in log.steps] == [1, 2]
