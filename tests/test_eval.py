@@ -188,3 +188,19 @@ def test_chat_switches_strategy_and_shows_votes(base, monkeypatch, capsys):
     assert "[votes" in err and "[self-consistency: 3 samples" in err
     assert "not a whole number" in err and "E620" in err
     assert "[strategy greedy, n 3, scorer logprob, temperature 0]" in err
+
+
+def test_independent_mode_times_each_cell_on_its_own(tmp_path):
+    tok = byte_tokenizer(tmp_path)
+    from mlxpt.decode.generate import chat_prompt
+
+    rows = read_rows(_write(tmp_path / "t.jsonl", [ROW] * 2))
+    plen = len(chat_prompt(tok, rows[0].messages))
+    V = len(tok.get_vocab())
+    lm = FakeLM(V, scripted(tok, plen, [("Answer: 8", 0.9), ("x 9", 0.1)], V))
+    cfg = EvalConfig(strategies=("self-consistency", "adaptive"), ns=(1, 4), max_tokens=20, temperature=1.0)
+    details: list = []
+    res = evaluate(lm, tok, rows, cfg.__class__(**{**cfg.__dict__, "independent": True}), details=details)
+    assert {(r["strategy"], r["n"]) for r in res} == {("self-consistency", 1), ("self-consistency", 4), ("adaptive", 4)}
+    assert not any(r["seconds_estimated"] for r in res)
+    assert len(details) == 2 and "pool" not in details[0] and details[0]["answers"]["self-consistency@4"][0] == "8"
