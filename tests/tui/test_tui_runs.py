@@ -41,7 +41,14 @@ def statuses(app) -> dict[str, str]:
 async def fill(pilot, screen: NewRunScreen, **values) -> None:
     for name, value in values.items():
         screen.query_one(f"#f-{name}").value = str(value)
-    await wait_for(pilot, lambda: not screen.pending and not screen.checking, what="form validation")
+    await pilot.pause(0.1)  # let the Changed messages arrive (they mark the form pending)
+    want = {k: str(v) for k, v in values.items()}
+
+    def settled() -> bool:
+        current = {k: str(v) for k, v in screen.values().items() if k in want}
+        return current == want and not screen.pending and not screen.checking
+
+    await wait_for(pilot, settled, what="form validation")
     await pilot.app.workers.wait_for_complete()
     await pilot.pause()
 
