@@ -31,8 +31,8 @@ Measured per step, excluding the first `--warmup` steps of each run (compilation
 
 What differs by design: mlx-lm-lora loads a second model copy as the reference, decodes the 16
 completions `batch_size` (2) rows at a time, and scores them in micro-batches of 2 rows (each with
-a reference and a policy pass); mlxpt decodes each prompt's G completions as one batch after one
-shared prefill, scores all 16 rows in one pass, and gets the reference by switching the adapter off.
+a reference and a policy pass); mlxpt prefills each prompt once and decodes all 16 rows as one
+batch, scores them in one pass, and gets the reference by switching the adapter off.
 mlx-lm-lora also stops a completion at `</answer>` (its fixed end token); these prompts rarely
 produce one.
 
