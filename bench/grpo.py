@@ -76,12 +76,14 @@ def part_sampling(args) -> dict:
         t0 = time.perf_counter()
         generate_group(model, tok, prompt, args.G, args.max_tokens, make_sampler(1.0, seed=r), stats=st)
         out["batched"].append({"tokens": st.generated_tokens, "seconds": time.perf_counter() - t0})
+        print(f"repeat {r}: batched {out['batched'][-1]}", flush=True)
         t0 = time.perf_counter()
         n = 0
         for i in range(args.G):
             (c,) = generate_group(model, tok, prompt, 1, args.max_tokens, make_sampler(1.0, seed=1000 * r + i))
             n += len(c.tokens)
         out["one_by_one"].append({"tokens": n, "seconds": time.perf_counter() - t0})
+        print(f"repeat {r}: one by one {out['one_by_one'][-1]}", flush=True)
     for k in ("batched", "one_by_one"):
         out[f"{k}_tokens_per_s"] = statistics.median(x["tokens"] / x["seconds"] for x in out[k])
     out["speedup"] = out["batched_tokens_per_s"] / out["one_by_one_tokens_per_s"]
