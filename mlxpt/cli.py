@@ -13,7 +13,7 @@ import sys
 from mlxpt import __version__
 
 COMMANDS = {
-    "train": "train a model (sft); no arguments: the bundled default",
+    "train": "train a model (sft, dpo, simpo, orpo, rm, grpo); no arguments: SFT of the bundled default",
     "generate": "generate text from a prompt, optionally with an adapter",
     "chat": "chat with a model in the terminal",
     "eval": "accuracy of decoding strategies vs samples (greedy, best-of-n, self-consistency), base vs adapter",

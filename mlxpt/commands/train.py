@@ -15,7 +15,11 @@ RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "
 
 
 def register(sub) -> None:
-    p = sub.add_parser("train", help="train a model (sft); no arguments: the bundled default", description=__doc__)
+    p = sub.add_parser(
+        "train",
+        help="train a model (sft, dpo, simpo, orpo, rm, grpo); no arguments: SFT of the bundled default",
+        description=__doc__,
+    )
     p.add_argument("method", nargs="?", default=None, choices=METHODS, help="training method (default: sft)")
     p.add_argument("--config", help="YAML file of settings (flat `name: value`, or grouped by section)")
     p.add_argument("--resume", metavar="RUN", help="continue a run folder from its newest complete checkpoint")
