@@ -141,8 +141,7 @@ class GRPOTask:
         self._cache: dict[tuple, tuple] = {}  # rollouts kept for the mu steps on one window
         self._seq_tokens: dict[int, int] = {}
         self._window: list[dict] = []  # per micro-batch rollout stats of the current window
-        self._stats: dict = {}
-        self._last_samples: list[dict] = []
+        self._window_open = False  # a window is being sampled; `report` closes it
         self._sampler = None
 
     # -- wiring ----------------------------------------------------------------------------
@@ -262,8 +261,6 @@ class GRPOTask:
         if repeat_index == self.g.num_iterations - 1:
             self._cache.pop(key, None)
         return batch
-
-    _window_open = False
 
     # -- reporting -------------------------------------------------------------------------
     def report(self, step: int) -> dict:
