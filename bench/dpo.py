@@ -84,32 +84,56 @@ def train(args, tmp: Path) -> tuple[Path, list[dict], dict]:
     return run_dir, events, result
 
 
+EQUATION = re.compile(r"(-?\d+)\s*([-+*/x×])\s*(-?\d+)\s*=\s*(-?\d+)")
+OPS = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "x": int.__mul__, "×": int.__mul__}
+
+
+def reply_style(text: str, gold: str) -> dict:
+    """What separates chosen from rejected in the bundled pairs, measured on one reply: an `Answer:`
+    line (vs none), that line equal to the last worked step (vs a copy slip), right step arithmetic
+    (vs a slip), and the right answer."""
+    got = ANSWER_LINE.findall(text)
+    eqs = EQUATION.findall(text)
+    ok = [int(c) == (int(a) // int(b) if op == "/" and int(b) else OPS.get(op, lambda *_: None)(int(a), int(b)))
+          for a, op, b, c in eqs]  # fmt: skip
+    return {
+        "answer_line": bool(got),
+        "consistent": bool(got) and bool(eqs) and float(got[-1]) == float(eqs[-1][3]),
+        "correct": bool(got) and float(got[-1]) == float(gold),
+        "steps": len(ok),
+        "steps_right": sum(ok),
+    }
+
+
 def generation_check(run_dir: Path, model_ref: str, n: int, max_tokens: int) -> dict:
-    """Greedy replies to the first n held-out prompts, base model vs base + adapter."""
-    from mlxpt.decode.generate import chat_prompt, generate_text
+    """Greedy replies to the first n held-out prompts, base model vs base + adapter, decoded in
+    batches of 16 (`decode.batch.generate_many`), scored with `reply_style`."""
+    from mlxpt.decode.batch import generate_many
+    from mlxpt.decode.generate import chat_prompt
     from mlxpt.models import load
 
     rows = pref_rows("valid", n)
     out: dict = {}
     for name, adapter in (("base", None), ("tuned", str(run_dir))):
         model, tok = load(model_ref, adapter=adapter)
-        fmt = right = 0
+        prompts = [
+            chat_prompt(tok, ([{"role": "system", "content": r["system"]}] if "system" in r else [])
+                        + [{"role": "user", "content": r["prompt"]}])
+            for r in rows
+        ]  # fmt: skip
         t0 = time.time()
-        samples = []
-        for r in rows:
-            msgs = ([{"role": "system", "content": r["system"]}] if "system" in r else []) + [
-                {"role": "user", "content": r["prompt"]}
-            ]
-            text = generate_text(model, tok, chat_prompt(tok, msgs), max_tokens=max_tokens)
-            gold = ANSWER_LINE.findall(r["chosen"])[-1]
-            got = ANSWER_LINE.findall(text)
-            fmt += bool(got)
-            right += bool(got) and float(got[-1]) == float(gold)
-            if len(samples) < 3:
-                samples.append(text)
-        out[name] = {"answer_line_rate": fmt / len(rows), "correct_rate": right / len(rows), "n": len(rows)}
-        out[name]["seconds"] = time.time() - t0
-        out[name]["samples"] = samples
+        texts = [c.text for i in range(0, n, 16) for c in generate_many(model, tok, prompts[i : i + 16], max_tokens)]
+        styles = [reply_style(t, ANSWER_LINE.findall(r["chosen"])[-1]) for t, r in zip(texts, rows, strict=True)]
+        steps = sum(s["steps"] for s in styles)
+        out[name] = {
+            **{f"{k}_rate": sum(s[k] for s in styles) / len(rows) for k in ("answer_line", "consistent", "correct")},
+            "step_arithmetic_right": sum(s["steps_right"] for s in styles) / max(1, steps),
+            "steps_per_reply": steps / len(rows),
+            "n": len(rows),
+            "max_tokens": max_tokens,
+            "seconds": time.time() - t0,
+            "samples": texts[:3],
+        }
         print(name, {k: v for k, v in out[name].items() if k != "samples"}, flush=True)
     return out
 

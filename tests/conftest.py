@@ -34,6 +34,14 @@ def data_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pref_dir(tmp_path_factory):
+    """24 train / 8 valid bundled preference pairs without system prompts (tests/tiny.py)."""
+    import tiny
+
+    return tiny.write_pref_dir(tmp_path_factory.mktemp("pref"), tiny.pref_rows(32))
+
+
+@pytest.fixture(scope="session")
 def session_mlxpt_home(tmp_path_factory):
     """One MLXPT_HOME for the whole session: the default model is converted into it once (~1 s).
 

@@ -15,21 +15,10 @@ from tiny import run_config
 from mlxpt.config import DPOConfig
 from mlxpt.train import objectives as O
 
-ROOT_PREF = [json.loads(x) for x in open(__file__.rsplit("/", 2)[0] + "/assets/pref/train.jsonl").readlines()[:40]]
-
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return tiny.make_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def pref_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pref")
-    rows = [{k: v for k, v in r.items() if k != "system"} for r in ROOT_PREF]  # short rows for a byte tokenizer
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:24]))
-    (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[24:32]))
-    return d
 
 
 def make_cfg(tiny_dir, data_dir, tmp_path, **kw) -> DPOConfig:

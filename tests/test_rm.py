@@ -16,22 +16,12 @@ from mlxpt.config import DPOConfig, RMConfig
 from mlxpt.errors import MlxptError
 from mlxpt.train import objectives as O
 
-ROWS = [json.loads(x) for x in open(__file__.rsplit("/", 2)[0] + "/assets/pref/train.jsonl").readlines()[:40]]
-ROWS = [{k: v for k, v in r.items() if k != "system"} for r in ROWS]  # short rows for a byte tokenizer
-VALID = ROWS[24:32]
+VALID = tiny.pref_rows(32)[24:]  # the valid split of conftest's pref_dir
 
 
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return tiny.make_model(tmp_path_factory.mktemp("tiny"))
-
-
-@pytest.fixture(scope="module")
-def pref_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("pref")
-    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS[:24]))
-    (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in VALID))
-    return d
 
 
 def make_cfg(tiny_dir, data_dir, tmp_path, **kw) -> RMConfig:

@@ -135,3 +135,16 @@ def run_config(cfg_cls, tiny_dir, data_dir, tmp_path, **kw):
     cfg = cfg_cls()
     apply_flat(cfg, {**base, **kw}, source="test")
     return cfg
+
+
+def pref_rows(n: int = 32) -> list[dict]:
+    """The first n bundled preference rows without their system prompts (short for a byte tokenizer)."""
+    lines = (Path(__file__).parents[1] / "assets/pref/train.jsonl").read_text().splitlines()[:n]
+    return [{k: v for k, v in json.loads(x).items() if k != "system"} for x in lines]
+
+
+def write_pref_dir(d: Path, rows: list[dict], n_train: int = 24) -> Path:
+    """train.jsonl (rows[:n_train]) and valid.jsonl (the rest) in folder d."""
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
+    (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
+    return d

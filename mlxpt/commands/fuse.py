@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from mlxpt.commands.generate import add_load_args
+
 
 def register(subparsers) -> None:
     p = subparsers.add_parser("fuse", help="merge a run's adapter into the base weights")
@@ -18,22 +20,12 @@ def register(subparsers) -> None:
         help="base model (default: the one in the run's config.json)",
     )
     p.add_argument(
-        "--quantize",
-        default=None,
-        choices=("auto", "none", "4", "8"),
-        help="how to load the base (default: as trained)",
-    )
-    p.add_argument(
         "--dequantize",
         action="store_true",
         help="write float weights even if the base is quantised",
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
-    p.add_argument(
-        "--trust-remote-code",
-        action="store_true",
-        help="allow model folders that run their own Python code",
-    )
+    add_load_args(p, quantize=None, quantize_help="how to load the base (default: as trained)")
     p.set_defaults(func=run)
 
 

@@ -26,11 +26,13 @@ def add_model_args(p) -> None:
         metavar="RUN",
         help="run folder (or adapter folder) whose adapter to apply",
     )
+    add_load_args(p)
+
+
+def add_load_args(p, quantize: str | None = "auto", quantize_help: str = "auto, none (float), 4 or 8 bit") -> None:
+    """--quantize and --trust-remote-code: how the base weights load (generate, chat, eval, fuse)."""
     p.add_argument(
-        "--quantize",
-        default="auto",
-        choices=("auto", "none", "4", "8"),
-        help="base weights: auto, none (float), 4 or 8 bit",
+        "--quantize", default=quantize, choices=("auto", "none", "4", "8"), help=f"base weights: {quantize_help}"
     )
     p.add_argument(
         "--trust-remote-code",
