@@ -21,212 +21,19 @@ from __future__ import annotations
 
 import json
 import math
-import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from mlxpt.errors import ModelError
+from mlxpt.backends.numpy_ops import MLXKeys, make_sampler, rms_bwd, rms_fwd, rope, softmax
+from mlxpt.backends.numpy_weights import ModelArgs, load_weights, read_safetensors, rope_inv_freq
 
-SUPPORTED = ("llama", "mistral", "qwen2", "qwen3")
 LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 LINEARS += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 # the order mlx's `named_modules()` visits a block's linears (mlx-lm converts them in this order)
 MLX_ORDER = ("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj")
 MLX_ORDER += ("self_attn.o_proj", "self_attn.v_proj", "self_attn.k_proj", "self_attn.q_proj")
 NEG = -1e30  # additive mask value: finite, so a fully masked row gives a uniform row, not NaN
-
-
-@dataclass
-class ModelArgs:
-    model_type: str
-    hidden_size: int
-    num_hidden_layers: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    vocab_size: int
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    tie_word_embeddings: bool = True
-
-    @classmethod
-    def from_config(cls, cfg: dict) -> ModelArgs:
-        mt = cfg.get("model_type", "llama")
-        if mt not in SUPPORTED:
-            raise ModelError(
-                "E217", f"the numpy backend has no {mt!r} model", mt, f"use {', '.join(SUPPORTED)} or --backend mlx"
-            )
-        H = cfg["num_attention_heads"]
-        head_dim = cfg.get("head_dim") if mt != "qwen2" else None
-        return cls(
-            model_type=mt,
-            hidden_size=cfg["hidden_size"],
-            num_hidden_layers=cfg["num_hidden_layers"],
-            intermediate_size=cfg["intermediate_size"],
-            num_attention_heads=H,
-            num_key_value_heads=cfg.get("num_key_value_heads") or H,
-            head_dim=head_dim or cfg["hidden_size"] // H,
-            rms_norm_eps=cfg["rms_norm_eps"],
-            vocab_size=cfg["vocab_size"],
-            rope_theta=cfg.get("rope_theta", 10000.0),
-            rope_scaling=cfg.get("rope_scaling"),
-            tie_word_embeddings=cfg.get("tie_word_embeddings", mt != "qwen3"),
-        )
-
-
-# --- loading ---------------------------------------------------------------------------------
-
-_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64, "U32": np.uint32, "I32": np.int32}
-_DTYPES |= {"U8": np.uint8, "I8": np.int8, "I64": np.int64, "U16": np.uint16, "I16": np.int16}
-
-
-def read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """A safetensors file as NumPy arrays (bfloat16 widened to float32); never unpickles."""
-    data = np.memmap(path, dtype=np.uint8, mode="r")
-    (n,) = struct.unpack("<Q", bytes(data[:8]))
-    header = json.loads(bytes(data[8 : 8 + n]))
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        raw = data[8 + n + start : 8 + n + end]
-        if info["dtype"] == "BF16":
-            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _DTYPES:
-            arr = raw.view(_DTYPES[info["dtype"]])
-        else:
-            raise ModelError("E218", f"unsupported tensor dtype {info['dtype']}", f"{path}:{name}", "convert to f32")
-        out[name] = np.array(arr.reshape(info["shape"]))
-    return out
-
-
-def dequantize(w: np.ndarray, scales: np.ndarray, biases: np.ndarray, bits: int, group_size: int) -> np.ndarray:
-    """MLX affine dequantisation: uint32 words pack 32/bits values (lowest bits first);
-    each group of `group_size` values along the last axis is scale * q + bias."""
-    if 32 % bits:
-        raise ModelError("E218", f"{bits}-bit weights are not supported by the numpy backend", "", "use 2/4/8 bits")
-    shifts = np.arange(32 // bits, dtype=np.uint32) * bits
-    q = (w[..., None] >> shifts) & np.uint32((1 << bits) - 1)  # (..., words, values per word)
-    q = q.reshape(*w.shape[:-1], -1, group_size).astype(np.float32)
-    out = scales[..., None].astype(np.float32) * q + biases[..., None].astype(np.float32)
-    # mlx dequantises into the scales' dtype (float16 for converted models) before any upcast
-    return out.reshape(*w.shape[:-1], -1).astype(scales.dtype).astype(np.float32)
-
-
-def load_weights(folder: Path, config: dict) -> dict[str, np.ndarray]:
-    """All float weights of a model folder by Hugging Face name, quantised tensors dequantised."""
-    raw: dict[str, np.ndarray] = {}
-    for f in sorted(Path(folder).glob("*.safetensors")):
-        raw.update(read_safetensors(f))
-    quant = config.get("quantization") or config.get("quantization_config") or {}
-    out = {}
-    for k, v in raw.items():
-        if k.endswith((".scales", ".biases")):
-            continue
-        base = k.removesuffix(".weight")
-        if k.endswith(".weight") and base + ".scales" in raw:
-            q = quant.get(base) if isinstance(quant.get(base), dict) else quant
-            v = dequantize(v, raw[base + ".scales"], raw[base + ".biases"], q.get("bits", 4), q.get("group_size", 64))
-        out[k] = v.astype(np.float32)
-    return out
-
-
-def rope_inv_freq(args: ModelArgs) -> np.ndarray:
-    """Inverse frequencies (head_dim/2,) of mlx-lm's `initialize_rope` (default, linear, llama3)."""
-    d, base, sc = args.head_dim, args.rope_theta, args.rope_scaling or {}
-    kind = sc.get("type") or sc.get("rope_type") or "default"
-    freqs = base ** (np.arange(0, d, 2, dtype=np.float64) / d)  # wavelength / 2pi per pair
-    if kind == "linear":
-        freqs = freqs * sc["factor"]
-    elif kind == "llama3":
-        factor, lo, hi = sc["factor"], sc.get("low_freq_factor", 1.0), sc.get("high_freq_factor", 4.0)
-        old = sc.get("original_max_position_embeddings", 8192)
-        wavelens = 2 * np.pi * freqs
-        freqs = np.where(wavelens > old / lo, freqs * factor, freqs)
-        medium = (wavelens > old / hi) & (wavelens < old / lo)
-        smooth = (old / wavelens - lo) / (hi - lo)
-        freqs = np.where(medium, freqs / ((1 - smooth) / factor + smooth), freqs)
-    elif kind != "default":
-        raise ModelError("E219", f"RoPE scaling {kind!r} is not in the numpy backend", "rope_scaling", "use mlx")
-    return (1.0 / freqs).astype(np.float32)
-
-
-# --- small ops with their backward -------------------------------------------------------------
-
-
-def rms_fwd(x, w, eps):
-    r = 1.0 / np.sqrt((x * x).mean(-1, keepdims=True) + x.dtype.type(eps))
-    return x * r * w, (x, r)
-
-
-def rms_bwd(g, w, saved):
-    x, r = saved
-    xh = x * r
-    gx = g * w
-    dx = r * (gx - xh * (gx * xh).mean(-1, keepdims=True))
-    dw = (g * xh).reshape(-1, xh.shape[-1]).sum(0)
-    return dx, dw
-
-
-def rope(x, cos, sin, inverse=False):
-    """Rotate halves (traditional=False): x (..., L, d), cos/sin (L, d/2)."""
-    h = x.shape[-1] // 2
-    x1, x2 = x[..., :h], x[..., h:]
-    if inverse:
-        sin = -sin
-    return np.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
-
-
-def softmax(s):
-    e = np.exp(s - s.max(-1, keepdims=True))
-    return e / e.sum(-1, keepdims=True)
-
-
-def threefry2x32(key: tuple[int, int], c0: np.ndarray, c1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """MLX's (and JAX's) Threefry-2x32 hash, 20 rounds, on uint32 counter arrays."""
-    ks = np.array([key[0], key[1], key[0] ^ key[1] ^ 0x1BD11BDA], np.uint32)
-    x0, x1 = c0 + ks[0], c1 + ks[1]
-    for i in range(5):
-        for r in ((13, 15, 26, 6), (17, 29, 16, 24))[i % 2]:
-            x0 = x0 + x1
-            x1 = ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r))) ^ x0
-        x0 = x0 + ks[(i + 1) % 3]
-        x1 = x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
-    return x0, x1
-
-
-class MLXKeys:
-    """`mx.random.seed(seed)` followed by MLX's global key sequence, reproduced bit for bit in NumPy
-    (mlx/random.cpp: split = bits((2, 2)); uniform = min(bits / (2^32 - 1), 1 - ulp) * range + low)."""
-
-    def __init__(self, seed: int):
-        self.key = (seed >> 32 & 0xFFFFFFFF, seed & 0xFFFFFFFF)
-
-    @staticmethod
-    def bits(key, n: int) -> np.ndarray:
-        half, odd = n // 2, n % 2
-        out = np.empty(n, np.uint32)
-        i = np.arange(half, dtype=np.uint32)
-        out[:half], out[half + odd :] = threefry2x32(key, i, i + np.uint32(half + odd))
-        if odd:
-            out[half] = threefry2x32(key, np.array([half], np.uint32), np.zeros(1, np.uint32))[0][0]
-        return out
-
-    def next(self) -> tuple[int, int]:
-        b = self.bits(self.key, 4)
-        self.key = (int(b[0]), int(b[1]))
-        return int(b[2]), int(b[3])
-
-    def uniform(self, low: float, high: float, shape: tuple[int, ...]) -> np.ndarray:
-        u = self.bits(self.next(), math.prod(shape)).astype(np.float32) / np.float32(2**32 - 1)
-        u = np.minimum(u, np.nextafter(np.float32(1), np.float32(0)))
-        lo = np.float32(low)
-        return ((np.float32(high) - lo) * u + lo).reshape(shape)
 
 
 class Adapter:
@@ -557,29 +364,4 @@ def _acc_if(grads, params, name, g):
         _acc(grads, name, g)
 
 
-def make_sampler(temperature=0.0, top_p=1.0, top_k=0, min_p=0.0, seed=None):
-    """mlx-lm's sampler chain (top-p, min-p, top-k, then a draw at `temperature`) with a NumPy RNG."""
-    if temperature == 0:
-        return lambda logprobs: logprobs.argmax(-1)
-    rng = np.random.default_rng(seed)
-
-    def sample(logprobs):
-        lp = np.array(logprobs, np.float32)
-        if 0 < top_p < 1:
-            srt = np.sort(lp, -1)
-            probs = np.exp(srt)
-            above = np.cumsum(probs[..., ::-1], -1)[..., ::-1] - probs  # mass strictly above each
-            total = above[..., :1] + probs[..., :1]
-            dropped = (above >= top_p * total).sum(-1, keepdims=True)
-            lp = np.where(lp < np.take_along_axis(srt, dropped, -1), -np.inf, lp)
-        if min_p > 0:
-            lp = np.where(lp < lp.max(-1, keepdims=True) + math.log(min_p), -np.inf, lp)
-        if 0 < top_k < lp.shape[-1]:
-            drop = np.argpartition(-lp, top_k - 1, -1)[..., top_k:]
-            np.put_along_axis(lp, drop, -np.inf, -1)
-        z = lp.astype(np.float64) / temperature
-        cdf = np.cumsum(np.exp(z - z.max(-1, keepdims=True)), -1)
-        u = rng.random(len(cdf)) * cdf[:, -1]  # inverse-CDF draw; filtered tokens add no mass
-        return np.minimum((cdf < u[:, None]).sum(-1), cdf.shape[-1] - 1)
-
-    return sample
+__all__ = ["LINEARS", "Model", "ModelArgs", "make_sampler", "read_safetensors"]
