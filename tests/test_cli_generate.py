@@ -48,6 +48,21 @@ def test_generate_with_adapter_differs_and_defaults_to_runs_model(base, run, cap
     assert adapted[1] != plain[1] and adapted[1] == from_run[1]
 
 
+def test_a_checkpoint_folder_loads_with_its_runs_config(run, tmp_path, capsys):
+    import shutil
+
+    ckpt = run / "checkpoints" / "step-00000007"
+    ckpt.mkdir(parents=True, exist_ok=True)
+    shutil.copy(run / "adapters.safetensors", ckpt / "adapters.safetensors")  # no config: the run's is used
+    assert (
+        _generate(capsys, "--adapter", str(ckpt), "--raw")[:2] == _generate(capsys, "--adapter", str(run), "--raw")[:2]
+    )
+    lone = tmp_path / "step-1"  # not under a run's checkpoints/: nothing to read the config from
+    lone.mkdir()
+    shutil.copy(run / "adapters.safetensors", lone / "adapters.safetensors")
+    _one_line_error(capsys, ["generate", "--prompt", "hi", "--adapter", str(lone)], 1, "E221")
+
+
 def test_seeded_sampling_cli_is_reproducible(base, capsys):
     flags = ("--model", str(base), "--temperature", "1.0", "--top-p", "0.9", "--seed", "5")
     assert _generate(capsys, *flags)[1] == _generate(capsys, *flags)[1]

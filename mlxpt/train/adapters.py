@@ -87,7 +87,7 @@ def find_adapter(path: str | Path) -> Path:
         raise ModelError("E220", "adapter path not found", str(p), "pass a run folder (runs/<id>) or an adapter folder")
     if p.is_file():
         p = p.parent
-    if (p / ADAPTER_FILE).is_file() and (p / CONFIG_FILE).is_file():
+    if (p / ADAPTER_FILE).is_file() and _config_file(p).is_file():
         return p
     pickles = [q.name for q in p.iterdir() if q.suffix in (".npz", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")]
     if pickles:
@@ -102,14 +102,21 @@ def find_adapter(path: str | Path) -> Path:
     )
 
 
+def _config_file(folder: Path) -> Path:
+    """The adapter config: in the folder, or in the run above a checkpoint (runs/<id>/checkpoints/step-N)."""
+    if not (folder / CONFIG_FILE).is_file() and folder.parent.name == "checkpoints":
+        return folder.parent.parent / CONFIG_FILE
+    return folder / CONFIG_FILE
+
+
 def read_adapter_config(folder: Path) -> dict:
     try:
-        cfg = json.loads((folder / CONFIG_FILE).read_text())
+        cfg = json.loads(_config_file(folder).read_text())
         if cfg.get("fine_tune_type", "lora") not in ("lora", "dora", "full") or "num_layers" not in cfg:
             raise ValueError("missing fine_tune_type/num_layers")
     except (ValueError, OSError) as e:
         raise ModelError(
-            "E222", f"invalid {CONFIG_FILE}: {e}", str(folder / CONFIG_FILE), "re-save the adapter"
+            "E222", f"invalid {CONFIG_FILE}: {e}", str(_config_file(folder)), "re-save the adapter"
         ) from None
     return cfg
 
@@ -121,7 +128,15 @@ def load_adapter(model, path: str | Path) -> dict:
     folder = find_adapter(path)
     cfg = read_adapter_config(folder)
     try:
-        load_adapters(model, str(folder))
+        if (folder / CONFIG_FILE).is_file():
+            load_adapters(model, str(folder))
+        else:  # a checkpoint: the run's config, the checkpoint's weights (what load_adapters does)
+            if cfg.get("fine_tune_type", "lora") != "full":
+                from mlx_lm.tuner.utils import linear_to_lora_layers
+
+                dora = cfg.get("fine_tune_type") == "dora"
+                linear_to_lora_layers(model, cfg["num_layers"], cfg["lora_parameters"], use_dora=dora)
+            model.load_weights(str(folder / ADAPTER_FILE), strict=False)
     except RuntimeError as e:  # mx.load on a file that is not safetensors (never unpickled)
         raise SecurityError(
             "E704",
