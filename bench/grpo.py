@@ -10,7 +10,7 @@
   in bench/grpo_peer.py, which runs mlx-lm-lora's GRPO on the same settings).
 
 Usage: python bench/grpo.py --part sampling|accuracy|step [--model smollm2-135m] [--steps 40]
-       [--test 100] [--G 8] [--max-tokens 96] [--lr 2e-5] [--out result.json]
+       [--test 100] [--G 8] [--max-tokens 96] [--lr 2e-5] [--out result.json] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def part_accuracy(args) -> dict:
     print(f"before: {before}", flush=True)
     del model
     with tempfile.TemporaryDirectory() as t:
-        run_dir, events, wall = train(args, Path(t))
+        run_dir, events, wall = train(args, Path(args.keep or t))
         model, tok = load(args.model, adapter=str(run_dir))
         after = greedy_accuracy(model, tok, examples, args.max_tokens)
     print(f"after: {after}", flush=True)
@@ -174,6 +174,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--keep", default=None, metavar="DIR", help="accuracy: keep the GRPO run under DIR/runs")
     args = ap.parse_args()
     result = {"sampling": part_sampling, "accuracy": part_accuracy, "step": part_step}[args.part](args)
     result["args"] = vars(args)

@@ -305,6 +305,24 @@ def test_high_lr_steps_change_every_trainable_parameter(tiny_dir, prompt_dir, tm
     assert {"val_reward", "val_accuracy", "val_reward/chars", "val_completion_len"} <= set(evals[0])
 
 
+def test_grpo_raises_a_learnable_reward(tiny_dir, prompt_dir, tmp_path):
+    """End to end, the update goes uphill: rewarding digits in the completion makes the tiny model
+    write more of them (a sign or advantage bug would leave the reward flat or push it down)."""
+    from mlxpt.train.grpo import run_grpo
+
+    f = tmp_path / "digits.py"
+    f.write_text(
+        "def digits(prompt, completion, **row):\n    return sum(c.isdigit() for c in completion) / max(1, len(completion))\n"
+    )
+    events = []
+    kw = {"steps": 20, "rewards": f"{f}:digits", "learning_rate": 1e-2, "num_generations": 8, "beta": 0.0}
+    run_grpo(
+        cfg_for(tiny_dir, prompt_dir, tmp_path, f, max_completion_length=12, warmup_steps=0, **kw), emit=events.append
+    )
+    r = [e["reward_mean"] for e in events if e["event"] == "step"]
+    assert len(r) == 20 and np.mean(r[-5:]) > 2 * np.mean(r[:5]), r
+
+
 @pytest.mark.parametrize("mu", [1, 2])
 def test_resume_equals_uninterrupted(tiny_dir, prompt_dir, tmp_path, reward_file, mu):
     from mlxpt.train.grpo import run_grpo
