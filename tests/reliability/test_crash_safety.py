@@ -60,7 +60,10 @@ def run_chain(zygote, fresh_argv, runs: Path, plan, steps: int, rng: random.Rand
             argv = resume_args(run_dir)
             newest = latest_checkpoint(run_dir)
             expected_step = step_of(newest) if newest else 0
-        faults = None if spec is None else {**spec, "action": spec.get("action", "kill"), "root": str(tmp_path)}
+        # a random kill also dies before its third update at the latest, so that however fast the
+        # machine, the random kills cannot use up the steps the named points need
+        spec_now = {"op": "apply", "nth": 3} if spec is None else spec
+        faults = {**spec_now, "action": spec_now.get("action", "kill"), "root": str(tmp_path)}
         child = zygote.spawn(argv, faults=faults)
         if spec is None:
             start = child.wait_event("start")
