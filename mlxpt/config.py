@@ -311,6 +311,9 @@ class GRPOSection:
     )
     skip_zero_std_groups: bool = opt(False, "leave out groups whose rewards are all equal (no learning signal)")
     mask_truncated_completions: bool = opt(False, "no loss on completions cut at max_completion_length")
+    plain_scoring: bool = opt(
+        False, "run every completion's prompt through the model again when scoring (default: once per group)"
+    )
     rewards: str = opt("accuracy,format", "reward functions: built-in names or path/file.py:function, comma-separated")
     reward_weights: str | None = opt(None, "weights of the reward functions, comma-separated (default: 1 each)")
     reward_on_error: str = opt(

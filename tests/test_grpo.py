@@ -239,6 +239,94 @@ def test_group_stop_strings_and_bad_arguments(tiny_model):
         generate_group(model, tok, [], 2, 4)
 
 
+def test_shared_prompt_scoring_equals_the_plain_pass(tiny_dir):
+    """Each prompt run once per group gives the plain full-sequence log-probs and gradients:
+    prompts of different lengths (one of a single token), ragged completions, a LoRA adapter."""
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten, tree_map
+    from mlx_lm.tuner.utils import linear_to_lora_layers
+
+    from mlxpt.backends.mlx_backend import token_logp
+    from mlxpt.backends.shared_prefix import grouped_token_logp, layout, self_check
+    from mlxpt.models.loader import load
+
+    model, _ = load(str(tiny_dir))
+    model.freeze()
+    linear_to_lora_layers(model, 2, {"rank": 4, "scale": 2.0, "dropout": 0.0})
+    model.update(
+        tree_map(lambda a: a + 0.05 * mx.random.normal(a.shape, key=mx.random.key(1)), model.trainable_parameters())
+    )
+    assert self_check(model, token_logp)[0]
+    rng = np.random.default_rng(1)
+    G, prompts = 3, [rng.integers(1, 200, n).tolist() for n in (6, 3, 1)]
+    comps = [rng.integers(1, 200, int(rng.integers(1, 7))).tolist() for _ in range(len(prompts) * G)]
+    pr, lp, co = layout(prompts, comps, 0, pad_to=8)
+    assert pr.shape == (3, 8) and co.shape[1] == 8 and lp.tolist() == [2, 5, 7]
+    w = rng.normal(size=co.shape).astype(np.float32) * (
+        np.arange(co.shape[1]) < np.array([len(c) for c in comps])[:, None]
+    )
+    # the same sequences, whole, right-padded, with the weights on their completion positions
+    seqs = [prompts[i // G] + c for i, c in enumerate(comps)]
+    L = max(len(x) for x in seqs) - 1
+    inp, tgt, wp = (
+        np.zeros((len(seqs), L), np.int32),
+        np.zeros((len(seqs), L), np.int32),
+        np.zeros((len(seqs), L), np.float32),
+    )
+    for i, x in enumerate(seqs):
+        inp[i, : len(x) - 1], tgt[i, : len(x) - 1] = x[:-1], x[1:]
+        wp[i, len(x) - 1 - len(comps[i]) : len(x) - 1] = w[i, : len(comps[i])]
+
+    def grouped(m):
+        return (grouped_token_logp(m, mx.array(pr), mx.array(lp), mx.array(co)) * mx.array(w)).sum()
+
+    def plain(m):
+        return (token_logp(m, mx.array(inp), mx.array(tgt)) * mx.array(wp)).sum()
+
+    (va, ga), (vb, gb) = nn.value_and_grad(model, grouped)(model), nn.value_and_grad(model, plain)(model)
+    assert va.item() == pytest.approx(vb.item(), rel=1e-5)
+    for (k, a), (_, b) in zip(tree_flatten(ga), tree_flatten(gb), strict=True):
+        np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, err_msg=k)
+
+
+def test_shared_prompt_check_refuses_a_model_it_does_not_fit(tiny_dir):
+    from mlxpt.backends.mlx_backend import token_logp
+    from mlxpt.backends.shared_prefix import self_check
+    from mlxpt.models.loader import load
+
+    model, _ = load(str(tiny_dir))
+
+    class NoCache:  # attends over the new tokens only, as a model that ignores `cache` would
+        def __init__(self, m):
+            self.m, self.layers = m, m.layers
+
+        def __call__(self, x, cache=None):
+            return self.m(x)
+
+    ok, found = self_check(NoCache(model), token_logp)
+    assert not ok and "nats" in found
+    ok, found = self_check(object(), token_logp)
+    assert not ok and "Error" in found
+
+
+def test_shared_prompt_and_plain_scoring_train_the_same(tiny_dir, prompt_dir, tmp_path, reward_file):
+    """The grouped batch layout (masks, advantages, old and reference log-probs) trains exactly
+    like whole rows: same adapters after a few steps with KL, mu = 2, and truncation masking."""
+    from mlxpt.train.grpo import run_grpo
+
+    kw = {"steps": 3, "num_iterations": 2, "mask_truncated_completions": True, "learning_rate": 1e-3}
+    runs = []
+    for name, plain in (("shared", False), ("plain", True)):
+        events = []
+        run_dir, _ = run_grpo(
+            cfg_for(tiny_dir, prompt_dir, tmp_path / name, reward_file, plain_scoring=plain, **kw), emit=events.append
+        )
+        assert not [e for e in events if e["event"] == "warning" and "scoring" in e["message"]]
+        runs.append(_load_state(run_dir)[0]["adapters"])
+    for k in runs[0]:
+        np.testing.assert_allclose(runs[0][k], runs[1][k], atol=2e-5, err_msg=k)
+
+
 # -- runs on the tiny model ----------------------------------------------------------------
 
 

@@ -16,6 +16,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
+from mlxpt.backends.shared_prefix import grouped_token_logp, self_check  # noqa: E402
 from mlxpt.train.objectives import sft_objective  # noqa: E402
 
 
@@ -67,10 +68,28 @@ class MLXBackend:
         self._initial = None if full else tree_flatten(model.trainable_parameters())
         self._build(compile)
 
-    def loss_fn(self, model, inputs, targets, *rest):
-        out = row_rewards(model, inputs, targets) if self.output == "reward" else token_logp(model, inputs, targets)
-        loss, weight, aux = self.objective(out, *rest)
-        return loss, weight, aux
+    def outputs(self, model, batch) -> tuple:
+        """(what the objective gets, the rest of the batch): per-token log-probs from
+        `(inputs, targets, ...)`, rewards per row from `(inputs, last, ...)`, or with
+        output="grouped" log-probs of completions from `(prompts, left_pad, completions, ...)`,
+        each prompt run once per group (shared_prefix.py)."""
+        if self.output == "reward":
+            return row_rewards(model, batch[0], batch[1]), batch[2:]
+        if self.output == "grouped":
+            return grouped_token_logp(model, *batch[:3]), batch[3:]
+        return token_logp(model, batch[0], batch[1]), batch[2:]
+
+    def loss_fn(self, model, *batch):
+        out, rest = self.outputs(model, batch)
+        return self.objective(out, *rest)
+
+    def share_prompts(self) -> tuple[bool, str]:
+        """Switch to output="grouped" if it gives this model's plain log-probs (GRPO batches then
+        come in that layout). (switched, what the check found)."""
+        ok, found = self_check(self.model, token_logp)
+        if ok:
+            self.output = "grouped"
+        return ok, found
 
     def _build(self, compile: bool) -> None:
         model, opt = self.model, self.optimizer
@@ -164,8 +183,9 @@ class MLXBackend:
     def peak_memory(self) -> int:
         return int(mx.get_peak_memory())
 
-    def token_logps(self, inputs, targets, reference: bool = False) -> np.ndarray:
-        """(B, L) log-probs of `targets` in eval mode, no gradient. `reference`: under the adapter
+    def token_logps(self, *arrays, reference: bool = False) -> np.ndarray:
+        """(B, L) log-probs of `targets` in eval mode, no gradient; `arrays` are `(inputs,
+        targets)`, or with output="grouped" `(prompts, left_pad, completions)`. `reference`: under the adapter
         as it was created (the base model for LoRA/DoRA), swapped in for this pass only: the
         trainable arrays are small, so the reference costs no second copy of the weights."""
         self.model.eval()
@@ -182,7 +202,7 @@ class MLXBackend:
             current = tree_flatten(self.model.trainable_parameters())
             self.model.load_weights(self._initial, strict=False)
         try:
-            out = token_logp(self.model, mx.array(inputs), mx.array(targets))
+            out = self.outputs(self.model, [mx.array(a) for a in arrays])[0]
             mx.eval(out)
         finally:
             if reference:

@@ -143,6 +143,7 @@ class GRPOTask:
         self._window: list[dict] = []  # per micro-batch rollout stats of the current window
         self._window_open = False  # a window is being sampled; `report` closes it
         self._sampler = None
+        self.shared_prompts = False
 
     # -- wiring ----------------------------------------------------------------------------
     def attach(self, backend, run_dir: Path, emit) -> None:
@@ -156,6 +157,13 @@ class GRPOTask:
             timeout_s=self.g.reward_timeout,
             log_path=self.run_dir / FAILURES_FILE,
         )
+        # each prompt once per group when scoring, where this model gives the plain pass's log-probs
+        self.shared_prompts = False
+        if not self.g.plain_scoring:
+            self.shared_prompts, found = backend.share_prompts()
+            if not self.shared_prompts:
+                emit({"event": "warning", "message": f"scoring every completion with its prompt (slower): "
+                      f"running each prompt once per group does not reproduce this model's log-probs ({found})"})  # fmt: skip
         # no seed here: the sampling RNG is the backend's, saved in every checkpoint
         self._sampler = make_sampler(self.g.temperature, self.g.top_p, self.g.top_k, self.g.min_p)
 
@@ -224,11 +232,11 @@ class GRPOTask:
                 zero.all() and self.g.skip_zero_std_groups
             )
             rows.append(Example(list(e.tokens) + ids, [0] * len(e.tokens) + [int(train)] * len(ids), e.row.where))
-        inputs, targets, mask = collate(rows, self.pad)
+        arrays, mask = self._arrays(examples, seqs, rows, keep)
         empty = np.zeros((0,), np.float32)
-        old = self.backend.token_logps(inputs, targets).astype(np.float32) if self.g.num_iterations > 1 else empty
-        ref = self.backend.token_logps(inputs, targets, reference=True).astype(np.float32) if self.g.beta > 0 else empty
-        batch = (inputs, targets, mask, adv.reshape(-1)[keep], old, ref)
+        old = self.backend.token_logps(*arrays).astype(np.float32) if self.g.num_iterations > 1 else empty
+        ref = self.backend.token_logps(*arrays, reference=True).astype(np.float32) if self.g.beta > 0 else empty
+        batch = (*arrays, mask, adv.reshape(-1)[keep], old, ref)
         lengths = [len(ids) for _, ids, _ in seqs]
         stats = {
             "rewards": totals,
@@ -243,6 +251,24 @@ class GRPOTask:
             "samples": samples[:G],
         }
         return batch, stats
+
+    def _arrays(self, examples, seqs, rows, keep) -> tuple[tuple, np.ndarray]:
+        """(the arrays the backend scores, the loss mask): `(inputs, targets)` of whole rows, or
+        with shared prompts `(prompts, left_pad, completions)` (one prompt per kept group)."""
+        if not self.shared_prompts:
+            inputs, targets, mask = collate(rows, self.pad)
+            return (inputs, targets), mask
+        from mlxpt.backends.shared_prefix import layout  # imports MLX (after the BLAS is chosen)
+
+        G = self.g.num_generations
+        kept = [i for i in range(len(seqs)) if keep[i]]
+        prompts = [examples[i // G].tokens for i in kept[::G]]  # keep drops whole groups
+        comps = [seqs[i][1] for i in kept]
+        pr, lp, co = layout(prompts, comps, self.pad, pad_to=8)
+        mask = np.zeros(co.shape, np.float32)
+        for j, (row, ids) in enumerate(zip(rows, comps, strict=True)):
+            mask[j, : len(ids)] = row.mask[-1] if ids else 0.0  # the row's train flag
+        return (pr, lp, co), mask
 
     def collate(self, examples: list[PromptExample], repeat_index: int = 0) -> tuple:
         key = tuple(id(e) for e in examples)
