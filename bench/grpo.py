@@ -99,7 +99,8 @@ def grpo_config(args, tmp: Path) -> GRPOConfig:
         {
             "model": args.model, "runs_dir": str(tmp / "runs"), "steps": args.steps, "learning_rate": args.lr,
             "batch_size": args.batch_size, "num_generations": args.G, "max_completion_length": args.max_tokens,
-            "eval_every": 0, "eval_batches": 0, "save_every": args.steps, "warmup_steps": 2, "beta": args.beta,
+            "eval_every": 0, "eval_batches": 0, "save_every": args.save_every or args.steps, "keep": 1000,
+            "warmup_steps": 2, "beta": args.beta,
             "rewards": args.rewards, "loss_type": args.loss_type, "temperature": args.temperature,
             "num_layers": args.num_layers, "rank": args.rank, "seed": args.seed,
         },
@@ -148,9 +149,19 @@ def part_accuracy(args) -> dict:
         run_dir, events, wall = train(args, Path(args.keep or t))
         model, tok = load(args.model, adapter=str(run_dir))
         after = greedy_accuracy(model, tok, examples, args.max_tokens)
-    print(f"after: {after}", flush=True)
+        print(f"after: {after}", flush=True)
+        curve = [{"step": 0, **before}]
+        if args.save_every:  # every saved checkpoint, as an adapter
+            from mlxpt.runs import list_checkpoints
+
+            for ck in list_checkpoints(run_dir):
+                model, tok = load(args.model, adapter=str(ck))
+                curve.append(
+                    {"step": int(ck.name.split("-")[-1]), **greedy_accuracy(model, tok, examples, args.max_tokens)}
+                )
+                print(f"checkpoint {ck.name}: {curve[-1]}", flush=True)
     steps = [e for e in events if e["event"] == "step"]
-    return {"before": before, "after": after, "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
+    return {"before": before, "after": after, "curve": curve, "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
             "train_wall_s": wall, "steps": len(steps), "reward_first": steps[0]["reward_mean"],
             "reward_last5": statistics.mean(e["reward_mean"] for e in steps[-5:])}  # fmt: skip
 
@@ -174,6 +185,7 @@ def main() -> int:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--save-every", type=int, default=0, help="accuracy: also score the checkpoint every N steps")
     ap.add_argument("--keep", default=None, metavar="DIR", help="accuracy: keep the GRPO run under DIR/runs")
     args = ap.parse_args()
     result = {"sampling": part_sampling, "accuracy": part_accuracy, "step": part_step}[args.part](args)

@@ -3,8 +3,10 @@ with verifiable rewards, and push up the ones better than their group.
 
 Per micro-batch of prompts (`batch_size`): `num_generations` (G) completions of each prompt are
 sampled, all prompts' groups in one batched generation (each prompt prefilled once, its KV cache
-copied to G rows: decode/batch.py) and kept as token ids exactly as sampled. Rewards come from guarded plain
-functions (rewards.py). Advantages are group-relative, A = (r - mean_group) / (std + 1e-4) with
+copied to G rows: decode/batch.py) and kept as token ids exactly as sampled. They are scored the
+same way: each prompt runs through the model once, and the G completions attend to its keys and
+values (backends/shared_prefix.py; checked against the plain pass on load, `plain_scoring` turns
+it off). Rewards come from guarded plain functions (rewards.py). Advantages are group-relative, A = (r - mean_group) / (std + 1e-4) with
 std over the group, the batch, or none (`scale_rewards`); std is the unbiased one, as in TRL.
 The loss is the clipped surrogate with an optional k3 KL to the reference (objectives.py), the
 reference being the model with its adapter as created (the base model for LoRA/DoRA) swapped in
