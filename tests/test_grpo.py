@@ -289,6 +289,39 @@ def test_shared_prompt_scoring_equals_the_plain_pass(tiny_dir):
         np.testing.assert_allclose(np.array(a), np.array(b), atol=1e-4, err_msg=k)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "phi3", "gemma3_text", "olmo2", "starcoder2"])
+def test_shared_prompt_scoring_fits_common_architectures(arch):
+    """Random tiny models of mlx-lm's families (gemma3 with sliding-window layers): the shared
+    pass gives the plain log-probs, and a pass that drops the prompt is caught."""
+    import importlib
+    import inspect
+
+    from mlx.utils import tree_map
+
+    from mlxpt.backends.mlx_backend import token_logp
+    from mlxpt.backends.shared_prefix import self_check
+
+    mod = importlib.import_module(f"mlx_lm.models.{arch}")
+    cfg = {"model_type": arch, "hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 128,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 128, "rms_norm_eps": 1e-5,
+           "head_dim": 16, "max_position_embeddings": 256, "rope_theta": 10000.0, "tie_word_embeddings": True,
+           "sliding_window": 4, "sliding_window_pattern": 2, "query_pre_attn_scalar": 16}  # fmt: skip
+    fields = inspect.signature(mod.ModelArgs).parameters
+    model = mod.Model(mod.ModelArgs.from_dict({k: v for k, v in cfg.items() if k in fields}))
+    model.update(tree_map(lambda a: a * 3 if a.ndim == 2 else a, model.parameters()))  # context-sensitive
+
+    class NoPrompt:
+        def __init__(self, m):
+            self.m, self.layers = m, m.layers
+
+        def __call__(self, x, cache=None):
+            return self.m(x)
+
+    ok, found = self_check(model, token_logp)
+    assert ok, found
+    assert not self_check(NoPrompt(model), token_logp)[0]
+
+
 def test_shared_prompt_check_refuses_a_model_it_does_not_fit(tiny_dir):
     from mlxpt.backends.mlx_backend import token_logp
     from mlxpt.backends.shared_prefix import self_check

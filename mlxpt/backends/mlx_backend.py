@@ -86,6 +86,7 @@ class MLXBackend:
     def share_prompts(self) -> tuple[bool, str]:
         """Switch to output="grouped" if it gives this model's plain log-probs (GRPO batches then
         come in that layout). (switched, what the check found)."""
+        self.model.eval()  # no dropout in the comparison
         ok, found = self_check(self.model, token_logp)
         if ok:
             self.output = "grouped"

@@ -20,9 +20,10 @@ Returns (n_groups * G, C) float32: log p(completions[:, t] | prompt, completions
 
 Left padding keeps RoPE positions as in the unpadded prompt (per-row offsets, as mlx-lm's
 BatchKVCache does), and padded keys are masked. This works for mlx-lm models whose attention uses
-`cache.offset`, `cache.update_and_fetch` and `create_attention_mask` (llama, qwen, mistral,
-gemma, phi3 and most others); `self_check` finds the ones it does not, and GRPO then scores the
-plain way.
+`cache.offset`, `cache.update_and_fetch` and `create_attention_mask`: tested on llama, qwen2,
+qwen3, phi3, gemma3 (sliding-window layers), olmo2 and starcoder2. `self_check` finds the ones
+it does not fit (gemma2, whose attention cannot take a per-row mask) and GRPO then scores whole
+rows.
 """
 
 from __future__ import annotations
