@@ -9,7 +9,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from mlxpt.data.formats import _DECODER, BOM, _find_dup, _has_surrogate, _tname
+from mlxpt.data.formats import _DECODER, BOM, _find_dup, _has_surrogate
+from mlxpt.data.row_checks import _tname
 from mlxpt.errors import DataError
 
 

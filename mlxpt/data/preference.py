@@ -18,8 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxpt.data.encode import Example, _Tok
-from mlxpt.data.formats import _tname, raise_if_errors, resolve_splits
+from mlxpt.data.formats import raise_if_errors, resolve_splits
 from mlxpt.data.lines import ObjectLines
+from mlxpt.data.row_checks import _tname
 from mlxpt.errors import ConfigError, DataError
 
 MAX_IDENTICAL = 0.05  # more identical pairs than this fraction of rows is a data error
