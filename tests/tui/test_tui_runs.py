@@ -3,7 +3,10 @@ stop / interrupted / resume, a crashing child, bad data in the form, chat with t
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -29,6 +32,24 @@ async def wait_for(pilot, cond, timeout: float = 60.0, what: str = "condition") 
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         await pilot.pause(0.05)
+
+
+async def run_child_until(pilot, log, cond, timeout: float = 120.0) -> int:
+    """Let the app's paused child run only in short slices (SIGCONT, 20 ms, SIGSTOP) until
+    `cond()`, and return its pid, paused. Tiny steps take milliseconds: left alone, the child can
+    finish the whole run before a loaded machine's app has read its first step."""
+    end = time.monotonic() + timeout
+    pid = log.pid
+    assert pid is not None, log.log[-5:]
+    while not cond():
+        if time.monotonic() > end:
+            os.kill(pid, signal.SIGCONT)
+            raise AssertionError(f"timed out running the child: {log.log[-5:]}")
+        os.kill(pid, signal.SIGCONT)
+        time.sleep(0.02)
+        os.kill(pid, signal.SIGSTOP)
+        await pilot.pause(0.05)  # the app reads what the child wrote
+    return pid
 
 
 def statuses(app) -> dict[str, str]:
@@ -109,7 +130,20 @@ async def test_bad_data_shows_line_error_and_start_stays_disabled(tmp_path, tiny
         assert app.screen is screen and not app.logs  # nothing started
 
 
-async def test_start_stop_resume_a_real_run(tmp_path, tiny_dir, data_dir):
+STOP_TEST_STEPS = 12
+
+
+async def test_start_stop_resume_a_real_run(tmp_path, tiny_dir, data_dir, monkeypatch):
+    real_spawn, spawned = asyncio.create_subprocess_exec, []
+
+    async def spawn_paused(*argv, **kw):  # the first child starts paused: run_child_until runs it
+        proc = await real_spawn(*argv, **kw)
+        if not spawned:
+            os.kill(proc.pid, signal.SIGSTOP)
+        spawned.append(proc.pid)
+        return proc
+
+    monkeypatch.setattr(asyncio, "create_subprocess_exec", spawn_paused)
     runs = tmp_path / "runs"
     app = create_app(runs, poll_runs=False)
     async with app.run_test(size=SIZE) as pilot:
@@ -117,7 +151,7 @@ async def test_start_stop_resume_a_real_run(tmp_path, tiny_dir, data_dir):
         await pilot.pause()
         form = app.screen
         await fill(
-            pilot, form, model=tiny_dir, data=data_dir, steps=12, batch_size=1, max_seq_len=256,
+            pilot, form, model=tiny_dir, data=data_dir, steps=STOP_TEST_STEPS, batch_size=1, max_seq_len=256,
             eval_every=0, eval_batches=0, save_every=1000, num_layers=-1, name="pilot",
         )  # fmt: skip
         assert "data OK" in str(form.query_one("#check").render())
@@ -127,12 +161,15 @@ async def test_start_stop_resume_a_real_run(tmp_path, tiny_dir, data_dir):
         monitor = app.screen
         assert isinstance(monitor, MonitorScreen)
         log = monitor.log_
-        await wait_for(pilot, lambda: log.steps or not log.live, what="the first step")
-        assert log.steps, log.log[-5:]
-        await pilot.press("s")
+        pid = await run_child_until(pilot, log, lambda: bool(log.steps))
+        try:  # the child stays paused while the key is handled (its SIGINT waits for the SIGCONT)
+            await pilot.press("s")
+            await wait_for(pilot, lambda: any("stop requested" in line for line in log.log), what="the stop")
+        finally:
+            os.kill(pid, signal.SIGCONT)
         await wait_for(pilot, lambda: not log.live, what="the child to exit")
         assert log.status == "interrupted", log.log[-5:]
-        assert log.last_step < 12
+        assert log.last_step < STOP_TEST_STEPS
         await pilot.pause(1.2)  # the monitor's file poll runs: it must not add the steps twice
         assert [s["step"] for s in log.steps] == list(range(1, log.last_step + 1))
         assert "interrupted" in str(monitor.query_one("#mon-reason").render())
@@ -144,7 +181,7 @@ async def test_start_stop_resume_a_real_run(tmp_path, tiny_dir, data_dir):
         assert isinstance(app.screen, MonitorScreen) and app.screen.log_ is log
         await wait_for(pilot, lambda: not log.live, timeout=120, what="the resumed run to finish")
         assert log.status == "finished", log.log[-5:]
-        assert [s["step"] for s in log.steps] == list(range(1, 13))  # each step once, in order
+        assert [s["step"] for s in log.steps] == list(range(1, STOP_TEST_STEPS + 1))  # each once, in order
         await pilot.press("escape")
         assert statuses(app)[name] == "finished"
 
