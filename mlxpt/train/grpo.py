@@ -6,8 +6,8 @@ sampled, all prompts' groups in one batched generation (each prompt prefilled on
 copied to G rows: decode/batch.py) and kept as token ids exactly as sampled. They are scored the
 same way: each prompt runs through the model once, and the G completions attend to its keys and
 values (backends/shared_prefix.py; checked against the plain pass on load, `plain_scoring` turns
-it off). Rewards come from guarded plain functions (rewards.py). Advantages are group-relative, A = (r - mean_group) / (std + 1e-4) with
-std over the group, the batch, or none (`scale_rewards`); std is the unbiased one, as in TRL.
+it off). Rewards come from guarded plain functions (rewards.py). Advantages are group-relative,
+A = (r - mean_group) / (std + 1e-4) with std over the group, the batch, or none (`scale_rewards`); std is the unbiased one, as in TRL.
 The loss is the clipped surrogate with an optional k3 KL to the reference (objectives.py), the
 reference being the model with its adapter as created (the base model for LoRA/DoRA) swapped in
 for one no-gradient pass: no second copy of the weights. `num_iterations` (mu) > 1 reuses each
@@ -160,7 +160,6 @@ class GRPOTask:
             log_path=self.run_dir / FAILURES_FILE,
         )
         # each prompt once per group when scoring, where this model gives the plain pass's log-probs
-        self.shared_prompts = False
         if not self.g.plain_scoring:
             self.shared_prompts, found = backend.share_prompts()
             if not self.shared_prompts:
