@@ -56,7 +56,14 @@ def lines(report: dict) -> list[str]:
             f"{get('signals', 'runs')} signal runs (SIGINT/SIGTERM once and twice) → "
             f"{get('signals', 'as_specified')} exited as specified"
         )
-    out.append("rewards: not applicable yet (no GRPO)")
+    if "rewards" in s:
+        r, pol = get("rewards", "faulty"), max(1, get("rewards", "policies"))
+        out.append(
+            f"{r} faulty reward functions ({r // pol} kinds x {pol} policies) → {get('rewards', 'handled')} "
+            f"handled per policy, {get('rewards', 'crashes')} crashes; {get('rewards', 'runs')} GRPO runs with a "
+            f"faulty reward file → {get('rewards', 'runs_ok')} as specified, {get('rewards', 'failed_calls_logged')}/"
+            f"{get('rewards', 'failed_calls')} failed calls logged with their completion"
+        )
     if "security" in s:
         p = get("security", "payloads")
         out.append(f"{p} security payloads → {get('security', 'refused')} refused")

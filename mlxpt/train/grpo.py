@@ -220,7 +220,7 @@ class GRPOTask:
                 per_fn.append(scores)
                 samples.append({"prompt": e.row.prompt, "completion": c.text, "reward": total, "rewards": scores})
         t_gen = time.perf_counter() - t0
-        rewards = np.array(totals, dtype=np.float32).reshape(len(examples), G)
+        rewards = np.array(totals, dtype=np.float64).reshape(len(examples), G)  # a float32 cast could overflow
         adv, zero = group_advantages(rewards, self.g.scale_rewards)
         keep = np.ones(len(seqs), bool)
         if self.g.skip_zero_std_groups and zero.any() and not zero.all():

@@ -5,7 +5,9 @@ window equals one big batch), the loss and global gradient norm are checked for 
 *before* the update (a bad step is skipped and counted; `max_bad_steps` in a row stop the run
 with exit 4), then clip + update. The loop yields plain-number step reports through `emit`.
 A stop request (Ctrl-C, SIGTERM, a TUI button) abandons the open window, so the checkpoint
-always sits on a step boundary and resume replays exactly the same micro-batches.
+always sits on a step boundary and resume replays exactly the same micro-batches. A user error
+raised while a batch is built (GRPO: a reward function above its failure rate) does the same:
+the window is abandoned, the last completed step is saved, and the error says so.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import asdict, dataclass
 from mlxpt.backends.base import TrainBackend
 from mlxpt.config import TrainConfig
 from mlxpt.data.batching import batch_plan
-from mlxpt.errors import NumericsError, ResourceError
+from mlxpt.errors import MlxptError, NumericsError, ResourceError
 from mlxpt.train.memory import low_memory
 
 
@@ -132,7 +134,13 @@ def train_loop(
         backend.begin_window()  # an abandoned window rewinds the RNG to here (sampling included)
         for _, _, idx in window:
             examples = [train[i] for i in idx]
-            batch = task.collate(examples) if repeat == 1 else task.collate(examples, repeat_index=state.repeat_index)
+            try:
+                batch = task.collate(examples, **({} if repeat == 1 else {"repeat_index": state.repeat_index}))
+            except MlxptError as e:
+                backend.discard(rewind=True)
+                checkpoint(state)
+                e.saved_step = state.step  # the runner adds the resume command to the hint
+                raise
             backend.accumulate(batch)
             tokens += sum(task.tokens(e) for e in examples)
             if stop is not None and stop.requested:

@@ -12,18 +12,23 @@ decode/extract.py), `format` (the completion ends with an `Answer: <number>` lin
 row's/config's `format_regex`), `tags` (`<think>...</think>` then `<answer>...</answer>`),
 `length` (DAPO's soft over-length penalty). User functions: `--reward path/to/file.py:function`.
 
-`RewardGuard` calls them: exceptions, None, NaN/inf, non-numbers and calls slower than a timeout
-are caught, counted per function and logged (with the offending completion) to the run folder;
+`RewardGuard` calls them: exceptions, NaN/inf, values beyond float32's range, non-numbers and
+calls slower than a timeout are caught, counted per function and logged (with the offending
+completion) to the run folder. Numbers are any real scalar (int, float, bool as 1/0, NumPy
+scalars, Fraction). Each call gets its own copy of the prompt and row, so a function that edits
+them cannot change what the next function or step sees;
 the policy decides what a failure becomes (`abstain`: dropped from the sum, `zero`: 0.0, `stop`:
 the run stops), and a failure rate above `max_failure_rate` stops the run with one clear line.
 """
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import inspect
 import json
 import math
+import numbers
 import re
 import threading
 import time
@@ -33,6 +38,7 @@ from pathlib import Path
 from mlxpt.decode.extract import extract, same_answer
 from mlxpt.errors import ConfigError
 
+FLOAT32_MAX = 3.4028234663852886e38
 ANSWER_LINE = r"(?s).*\bAnswer:\s*[-+]?\$?\d[\d,]*(?:\.\d+)?\s*$"
 _TAGS = re.compile(r"(?s)^\s*<think>.+?</think>\s*<answer>.+?</answer>\s*$")
 
@@ -236,18 +242,26 @@ class RewardGuard:
             accepted = self._kwargs[name]
             kwargs = row if accepted is None else {k: v for k, v in row.items() if k in accepted}
             self.calls[name] += 1
-            value, error = self._call(fn, (prompt, completion), kwargs)
+            value, error = self._call(fn, copy.deepcopy((prompt, completion)), copy.deepcopy(kwargs))
             if error is not None:
                 out[name] = self._fail(name, error, prompt, completion)
             elif value is None:
                 out[name] = None  # an abstention is an answer, not a failure
-            elif not isinstance(value, (int, float)):  # bools count as 1/0
+            elif not isinstance(value, numbers.Real):  # bools count as 1/0
                 out[name] = self._fail(name, f"returned {type(value).__name__}, not a number", prompt, completion)
-            elif not math.isfinite(value):
-                out[name] = self._fail(name, f"returned {value}", prompt, completion)
             else:
-                out[name] = float(value)
+                out[name] = self._number(name, value, prompt, completion)
         return out
+
+    def _number(self, name: str, value, prompt, completion: str) -> float | None:
+        try:
+            v = float(value)
+        except Exception:  # noqa: BLE001 - an int too large for a float, a broken __float__
+            v = math.inf
+        if math.isfinite(v) and abs(v) <= FLOAT32_MAX:
+            return v
+        why = "beyond float32's range" if math.isfinite(v) else "not a finite float"
+        return self._fail(name, f"returned {str(value)[:40]} ({why})", prompt, completion)
 
     def total(self, scores: dict[str, float | None]) -> float:
         """Weighted sum over the functions that gave a value (abstentions add nothing)."""
