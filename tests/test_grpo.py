@@ -444,22 +444,54 @@ def test_grpo_raises_a_learnable_reward(tiny_dir, prompt_dir, tmp_path):
     assert len(r) == 20 and np.mean(r[-5:]) > 2 * np.mean(r[:5]), r
 
 
-@pytest.mark.parametrize("mu", [1, 2])
-def test_resume_equals_uninterrupted(tiny_dir, prompt_dir, tmp_path, reward_file, mu):
+@pytest.mark.parametrize(("mu", "reads", "saved_step"), [(1, 5, 2), (2, 5, 2), (2, 7, 3)])
+def test_resume_equals_uninterrupted(tiny_dir, prompt_dir, tmp_path, reward_file, mu, reads, saved_step):
+    """The loop reads the stop flag after each micro-batch and each step (two reads a step): 5
+    reads abandon step 3 and keep step 2; 7 abandon step 4 and keep step 3, which with mu = 2 is
+    half way through a window, so its rollouts must come back from the checkpoint."""
     from mlxpt.train.grpo import run_grpo
 
     kw = {"steps": 4, "num_iterations": mu, "loss_type": "dapo"}
     straight, _ = run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file, **kw))
     cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, **kw)
-    # stop in the middle of step 3's window (mu=2: the first of that batch's two steps -> resample)
-    part, outcome = run_grpo(cfg, stop=StopAfter(2 * 2 + 1))
-    assert outcome == "interrupted" and _load_state(part)[1]["loop"]["step"] == 2
+    part, outcome = run_grpo(cfg, stop=StopAfter(reads))
+    saved = _load_state(part)
+    assert outcome == "interrupted" and saved[1]["loop"]["step"] == saved_step
+    assert ("task" in saved[0]) == (saved_step % mu == 1)  # rollouts saved only mid-window
     resumed, outcome = run_grpo(cfg, resume_dir=part)
     assert outcome == "finished"
     a, b = _load_state(straight), _load_state(resumed)
     for group in ("adapters", "optimizer", "rng"):
         for k in a[0][group]:
             np.testing.assert_allclose(a[0][group][k], b[0][group][k], rtol=0, atol=1e-6, err_msg=f"{group}/{k}")
+
+
+def test_resume_mid_window_refuses_changed_prompts(tiny_dir, prompt_dir, tmp_path, reward_file):
+    """Rollouts saved half way through a window are only reused for the prompts they were sampled for."""
+    import shutil
+
+    from mlxpt.train.grpo import run_grpo
+
+    data = tmp_path / "data"
+    shutil.copytree(prompt_dir, data)
+    cfg = cfg_for(tiny_dir, data, tmp_path, reward_file, steps=4, num_iterations=2)
+    part, outcome = run_grpo(cfg, stop=StopAfter(7))  # keeps step 3, the first update of window 2
+    assert outcome == "interrupted" and "task" in _load_state(part)[0]
+    original = (data / "train.jsonl").read_text()
+    rows = [json.loads(x) for x in original.splitlines()]
+    (data / "train.jsonl").write_text(
+        "".join(json.dumps({**r, "prompt": r["prompt"] + " Twice."}) + "\n" for r in rows)
+    )
+    with pytest.raises(ConfigError) as e:
+        run_grpo(cfg, resume_dir=part)
+    assert e.value.code == "E552" and str(part) in e.value.line()
+    (data / "train.jsonl").write_text(original)  # the refused resume kept the saved rollouts
+    straight, _ = run_grpo(cfg_for(tiny_dir, data, tmp_path / "a", reward_file, steps=4, num_iterations=2))
+    resumed, outcome = run_grpo(cfg, resume_dir=part)
+    assert outcome == "finished"
+    a, b = _load_state(straight)[0]["adapters"], _load_state(resumed)[0]["adapters"]
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
 
 
 def test_cli_grpo_with_a_user_reward_file_and_bad_settings(tiny_dir, prompt_dir, tmp_path, reward_file, capsys):

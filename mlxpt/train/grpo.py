@@ -29,7 +29,6 @@ Deviations and simplifications:
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -43,6 +42,7 @@ from mlxpt.data.batching import collate
 from mlxpt.data.encode import Example
 from mlxpt.data.prompts import PromptExample, encode_prompts, load_prompts
 from mlxpt.errors import ConfigError, MlxptError
+from mlxpt.runs.atomic import append_jsonl
 from mlxpt.train import objectives
 from mlxpt.train.loop import Task
 from mlxpt.train.rewards import RewardGuard, parse_rewards
@@ -140,10 +140,11 @@ class GRPOTask:
         self.run_dir: Path | None = None
         self.emit: Callable[[dict], None] = lambda e: None
         self.guard: RewardGuard | None = None
-        self._cache: dict[tuple, tuple] = {}  # rollouts kept for the mu steps on one window
+        self._cache: dict[tuple, tuple] = {}  # the window's rollouts, kept for its mu updates
         self._seq_tokens: dict[int, int] = {}
         self._window: list[dict] = []  # per micro-batch rollout stats of the current window
         self._window_open = False  # a window is being sampled; `report` closes it
+        self._resumed: list[tuple] = []  # rollouts a checkpoint saved mid-window (see `state`)
         self._sampler = None
         self.shared_prompts = False
 
@@ -176,6 +177,8 @@ class GRPOTask:
             repeat=self.g.num_iterations,
             evaluate=self.evaluate,
             report=self.report,
+            state=self.state,
+            load_state=self.load_state,
         )
 
     # -- rollouts --------------------------------------------------------------------------
@@ -250,6 +253,7 @@ class GRPOTask:
             "gen_tokens": gs.generated_tokens,
             "seq_tokens": int(sum(len(r.tokens) for r in rows)),
             "samples": samples[:G],
+            "prompt_tokens": [list(e.tokens) for e in examples],
         }
         return batch, stats
 
@@ -273,10 +277,14 @@ class GRPOTask:
 
     def collate(self, examples: list[PromptExample], repeat_index: int = 0) -> tuple:
         key = tuple(id(e) for e in examples)
+        if repeat_index > 0 and key not in self._cache and self._resumed:
+            self._cache[key] = self._resumed.pop(0)  # a window's rollouts, saved mid-window
+            self._check_resumed(examples, self._cache[key][1])
         if repeat_index == 0 or key not in self._cache:
             batch, stats = self._rollout(examples)
             if not self._window_open:  # the first micro-batch of a window
-                self._window = []
+                self._window, self._resumed = [], []
+                self._cache.clear()
             self._window_open = True
             self._window.append(stats)
             if self.g.num_iterations > 1:
@@ -285,9 +293,40 @@ class GRPOTask:
                 self._seq_tokens[id(e)] = stats["seq_tokens"] // max(1, len(examples))
         else:
             batch, stats = self._cache[key]
-        if repeat_index == self.g.num_iterations - 1:
-            self._cache.pop(key, None)
         return batch
+
+    # -- checkpoint state --------------------------------------------------------------------
+    def state(self, loop) -> tuple[dict[str, np.ndarray], dict]:
+        """Between the mu updates of one window, the window's rollouts (arrays, stats, in
+        micro-batch order) and its step report: resume then reuses them instead of sampling
+        again from a policy that has moved, and equals the uninterrupted run."""
+        entries = [*self._cache.values(), *self._resumed]  # resumed ones not reused yet stay saved
+        if loop.repeat_index == 0 or not entries:
+            return {}, {}
+        arrays, meta = {}, []
+        for i, (batch, stats) in enumerate(entries):
+            arrays.update({f"b{i}_{j}": np.asarray(a) for j, a in enumerate(batch)})
+            meta.append({"n": len(batch), "stats": stats})
+        return arrays, {"rollouts": meta, "window": self._window}
+
+    def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        self._resumed = [
+            (tuple(arrays[f"b{i}_{j}"] for j in range(m["n"])), m["stats"])
+            for i, m in enumerate(meta.get("rollouts", []))
+        ]
+        self._window = meta.get("window", [])
+
+    def _check_resumed(self, examples: list[PromptExample], stats: dict) -> None:
+        want = [list(e.tokens) for e in examples]
+        if stats.get("prompt_tokens") != want:
+            raise ConfigError(
+                "E552",
+                "the checkpoint's saved rollouts are for other prompts than the resumed window",
+                str(self.run_dir),
+                "resume with the run's own data and settings",
+            )
+        for e in examples:
+            self._seq_tokens[id(e)] = stats["seq_tokens"] // max(1, len(examples))
 
     # -- reporting -------------------------------------------------------------------------
     def report(self, step: int) -> dict:
@@ -318,8 +357,8 @@ class GRPOTask:
         every = self.g.log_completions_every
         if every and (step % every == 0 or step == 1) and self.run_dir is not None:
             samples = [{"step": step, **x} for x in w[0]["samples"]]
-            with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
-                f.writelines(json.dumps(x, default=str) + "\n" for x in samples)
+            for x in samples:
+                append_jsonl(self.run_dir / SAMPLES_FILE, x)
             self.emit({"event": "samples", "step": step, "samples": samples})
         return out
 

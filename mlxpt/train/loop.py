@@ -35,6 +35,10 @@ class Task:
     repeat: int = 1  # optimiser steps per window of micro-batches; collate(examples, repeat_index=r)
     evaluate: Callable | None = None  # (backend, examples, batch_size, max_batches) -> metrics dict
     report: Callable[[int], dict] | None = None  # (step) -> extra step-event fields (may override)
+    # What a checkpoint must hold besides the backend's arrays (GRPO: the rollouts a window's
+    # remaining updates reuse): (loop state) -> ({name: array}, JSON), and its inverse on resume.
+    state: Callable[[LoopState], tuple[dict, dict]] | None = None
+    load_state: Callable[[dict, dict], None] | None = None
 
 
 @dataclass

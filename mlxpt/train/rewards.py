@@ -26,7 +26,6 @@ from __future__ import annotations
 import copy
 import importlib.util
 import inspect
-import json
 import math
 import numbers
 import re
@@ -37,6 +36,7 @@ from pathlib import Path
 
 from mlxpt.decode.extract import extract, same_answer
 from mlxpt.errors import ConfigError
+from mlxpt.runs.atomic import append_jsonl
 
 FLOAT32_MAX = 3.4028234663852886e38
 ANSWER_LINE = r"(?s).*\bAnswer:\s*[-+]?\$?\d[\d,]*(?:\.\d+)?\s*$"
@@ -218,8 +218,7 @@ class RewardGuard:
                 "prompt": prompt,
                 "completion": completion[:2000],
             }
-            with open(self.log_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(line, default=str) + "\n")
+            append_jsonl(self.log_path, line)  # a torn line or a full disk is handled there
         where = f"reward {name!r}" + (f" (log: {self.log_path})" if self.log_path else "")
         if self.policy == "stop":
             raise RewardStop(

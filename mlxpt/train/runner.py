@@ -44,12 +44,14 @@ class Method:
     output: str = "logp"  # what the backend hands the objective: per-token log-probs, or "reward" per row
 
 
-def _trim_metrics(run_dir: Path, step: int) -> None:
-    """Drop metric lines written after the checkpoint we resume from (they will be redone)."""
-    path = run_dir / "metrics.jsonl"
-    if path.exists():
-        rows = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
-        atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+def _trim_logs(run_dir: Path, step: int) -> None:
+    """Drop metric and sample lines written after the checkpoint we resume from (they will be
+    redone), and any line a crash tore."""
+    for name in ("metrics.jsonl", "samples.jsonl"):
+        path = run_dir / name
+        if path.exists():
+            rows = [r for r in read_jsonl(path) if isinstance(r, dict) and r.get("step", 0) <= step]
+            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def run_training(
@@ -89,7 +91,9 @@ def run_training(
             arrays, saved = load_checkpoint(ck)
             backend.set_state(arrays)
             state = LoopState.from_dict(saved["loop"])
-            _trim_metrics(run_dir, state.step)
+            if task.load_state is not None:
+                task.load_state(arrays.get("task", {}), saved.get("task", {}))
+            _trim_logs(run_dir, state.step)
     else:
         run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
     n_train, n_total = backend.param_counts()
@@ -115,7 +119,12 @@ def run_training(
 
     def checkpoint(st: LoopState) -> None:
         saved = {"loop": st.to_dict(), "adapter_config": backend.adapter_config}
-        path = save_checkpoint(run_dir, st.step, backend.get_state(), saved, keep=cfg.train.keep)
+        arrays = backend.get_state()
+        if task.state is not None:
+            extra, saved["task"] = task.state(st)
+            if extra:
+                arrays["task"] = extra
+        path = save_checkpoint(run_dir, st.step, arrays, saved, keep=cfg.train.keep)
         backend.save_adapter(run_dir)
         write_status(run_dir, "running", step=st.step, steps=cfg.train.steps)
         emit({"event": "checkpoint", "step": st.step, "path": str(path)})

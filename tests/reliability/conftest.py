@@ -113,6 +113,19 @@ def pref_data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def grpo_prompts(tmp_path_factory) -> Path:
+    """8 verifiable prompts (the bundled generator's questions) for GRPO runs."""
+    from mlxpt.data import synth
+
+    folder = tmp_path_factory.mktemp("rel-prompts")
+    rows = synth.make_split(8, 3)
+    (folder / "train.jsonl").write_text(
+        "".join(json.dumps({"prompt": synth.question_of(r), "answer": r["answer"]}) + "\n" for r in rows)
+    )
+    return folder
+
+
+@pytest.fixture(scope="session")
 def zygote(tmp_path_factory):
     z = Zygote(tmp_path_factory.mktemp("zygote"))
     yield z

@@ -1,5 +1,5 @@
-"""Crash safety: a real training process on the tiny model (SFT, and DPO with its reference cache)
-is SIGKILLed again and again (at random times and at named points inside checkpointing, rotation,
+"""Crash safety: a real training process on the tiny model (SFT, DPO with its reference cache, and
+GRPO with its sampled completions) is SIGKILLed again and again (at random times and at named points inside checkpointing, rotation,
 adapter export and resume), and resumed each time. After every kill: the newest checkpoint verifies against its manifest and loads, the
 newest `keep` completed checkpoints are all there, and the next resume starts from the newest.
 At the end: no temp files, and the adapters, optimiser and RNG equal an uninterrupted run's."""
@@ -171,3 +171,35 @@ def test_dpo_sigkill_then_resume_equals_uninterrupted(zygote, tiny_model, pref_d
     fresh = train_args(tiny_model, pref_data, tmp_path / "runs", DPO_STEPS, method="dpo", keep=KEEP)
     tally, run_dir = run_chain(zygote, fresh, tmp_path / "runs", plan, DPO_STEPS, rng, tmp_path)
     record_and_check(scoreboard, tally, run_dir, Path(ref.start()["run_dir"]), plan, time.monotonic() - t0)
+
+
+GRPO_STEPS = 20
+GRPO_NAMED = [
+    ("grpo samples: torn line", {"op": "write", "match": "<run>/samples.jsonl", "action": "kill-half", "nth": 5}),
+    ("grpo metrics: torn line", {"op": "write", "match": "<run>/metrics.jsonl", "action": "kill-half", "nth": 2}),
+]
+
+
+def test_grpo_sigkill_then_resume_equals_uninterrupted(zygote, tiny_model, grpo_prompts, tmp_path, scoreboard):
+    """Sampling included: the resumed run draws the same completions, so even the logged samples
+    equal the uninterrupted run's, line for line (torn lines and redone steps trimmed)."""
+    from mlxpt.runs import read_jsonl
+
+    reward = tmp_path / "chars.py"
+    reward.write_text("def chars(prompt, completion, **row):\n    return (len(completion) % 7) / 7\n")
+    flags = {
+        "method": "grpo", "num_generations": 4, "max_completion_length": 8, "beta": 0.04, "num_iterations": 2,
+        "rewards": f"{reward}:chars", "log_completions_every": 1, "warmup_steps": 0,
+    }  # fmt: skip
+    ref = zygote.run(train_args(tiny_model, grpo_prompts, tmp_path / "ref", GRPO_STEPS, save_every=99, **flags))
+    assert ref.code == 0, ref.stderr()
+    rng = random.Random(10)
+    plan = GRPO_NAMED + [("random", None)] * 4 + [NAMED[0], NAMED[7], NAMED[9]] + [("random", None)] * 2
+    t0 = time.monotonic()
+    fresh = train_args(tiny_model, grpo_prompts, tmp_path / "runs", GRPO_STEPS, keep=KEEP, **flags)
+    tally, run_dir = run_chain(zygote, fresh, tmp_path / "runs", plan, GRPO_STEPS, rng, tmp_path)
+    ref_dir = Path(ref.start()["run_dir"])
+    record_and_check(scoreboard, tally, run_dir, ref_dir, plan, time.monotonic() - t0)
+    assert read_jsonl(run_dir / "samples.jsonl") == read_jsonl(ref_dir / "samples.jsonl")
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("event") == "step"]
+    assert steps == list(range(1, GRPO_STEPS + 1))

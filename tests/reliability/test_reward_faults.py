@@ -19,7 +19,6 @@ import pytest
 import tiny
 
 from mlxpt.config import GRPOConfig
-from mlxpt.data import synth
 from mlxpt.runs import latest_checkpoint, load_checkpoint, read_status
 from mlxpt.train.rewards import FLOAT32_MAX, RewardGuard, RewardStop
 
@@ -188,34 +187,26 @@ def flaky(prompt, completion, answer=None, **row):
 """
 
 
-@pytest.fixture(scope="module")
-def prompts(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("rel-prompts")
-    rows = synth.make_split(8, 3)
-    (d / "train.jsonl").write_text(
-        "".join(json.dumps({"prompt": synth.question_of(r), "answer": r["answer"]}) + "\n" for r in rows)
-    )
-    return d
-
-
-def _cfg(tiny_model, prompts, tmp_path, reward: Path, **kw) -> GRPOConfig:
+def _cfg(tiny_model, grpo_prompts, tmp_path, reward: Path, **kw) -> GRPOConfig:
     base = {
         "steps": 3, "batch_size": 2, "num_generations": 4, "max_completion_length": 8, "beta": 0.0,
         "rewards": f"{reward}:flaky,accuracy", "save_every": 1, "max_reward_failure_rate": 0.9,
     }  # fmt: skip
-    return tiny.run_config(GRPOConfig, tiny_model, prompts, tmp_path, **{**base, **kw})
+    return tiny.run_config(GRPOConfig, tiny_model, grpo_prompts, tmp_path, **{**base, **kw})
 
 
 @pytest.mark.parametrize("policy", ["abstain", "zero"])
 def test_a_grpo_run_with_a_faulty_reward_finishes_and_logs_each_failure(
-    policy, tiny_model, prompts, tmp_path, scoreboard
+    policy, tiny_model, grpo_prompts, tmp_path, scoreboard
 ):
     from mlxpt.train.grpo import FAILURES_FILE, run_grpo
 
     reward = tmp_path / "faulty.py"
     reward.write_text(FAULTY_FILE)
     events: list[dict] = []
-    run_dir, outcome = run_grpo(_cfg(tiny_model, prompts, tmp_path, reward, reward_on_error=policy), emit=events.append)
+    run_dir, outcome = run_grpo(
+        _cfg(tiny_model, grpo_prompts, tmp_path, reward, reward_on_error=policy), emit=events.append
+    )
     assert outcome == "finished"
     steps = [e for e in events if e["event"] == "step"]
     assert len(steps) == 3 and all(math.isfinite(e["reward_mean"]) for e in steps)
@@ -227,13 +218,13 @@ def test_a_grpo_run_with_a_faulty_reward_finishes_and_logs_each_failure(
     scoreboard.record("rewards", runs=1, runs_ok=1, failed_calls=failed, failed_calls_logged=len(lines))
 
 
-def test_stop_policy_saves_the_last_step_and_resumes_once_fixed(tiny_model, prompts, tmp_path, capsys, scoreboard):
+def test_stop_policy_saves_the_last_step_and_resumes_once_fixed(tiny_model, grpo_prompts, tmp_path, capsys, scoreboard):
     from mlxpt.cli import main
 
     reward = tmp_path / "faulty.py"
     reward.write_text(BREAKS_AFTER_STEP_1)
     runs = tmp_path / "runs"
-    args = ["train", "grpo", "--model", str(tiny_model), "--data", str(prompts), "--runs-dir", str(runs),
+    args = ["train", "grpo", "--model", str(tiny_model), "--data", str(grpo_prompts), "--runs-dir", str(runs),
             "--steps", "3", "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "8",
             "--beta", "0", "--eval-every", "0", "--save-every", "100", "--rewards", f"{reward}:flaky",
             "--reward-on-error", "stop"]  # fmt: skip
@@ -254,13 +245,13 @@ def test_stop_policy_saves_the_last_step_and_resumes_once_fixed(tiny_model, prom
     scoreboard.record("rewards", runs=1, runs_ok=1, stopped_and_resumed=1)
 
 
-def test_a_failure_rate_above_the_limit_stops_with_one_line(tiny_model, prompts, tmp_path, scoreboard):
+def test_a_failure_rate_above_the_limit_stops_with_one_line(tiny_model, grpo_prompts, tmp_path, scoreboard):
     from mlxpt.errors import ConfigError
     from mlxpt.train.grpo import run_grpo
 
     reward = tmp_path / "faulty.py"
     reward.write_text(FAULTY_FILE)
-    cfg = _cfg(tiny_model, prompts, tmp_path, reward, steps=6, max_reward_failure_rate=0.3)
+    cfg = _cfg(tiny_model, grpo_prompts, tmp_path, reward, steps=6, max_reward_failure_rate=0.3)
     with pytest.raises(ConfigError) as e:
         run_grpo(cfg)
     assert e.value.code == "E549" and "calls" in e.value.line() and "30%" in e.value.line()
