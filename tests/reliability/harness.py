@@ -43,15 +43,12 @@ class Child:
 
     def poll(self, timeout: float = 0.0) -> int | None:
         if self.code is None:
-            reply = self.zygote.read(timeout)
-            if reply is not None:
-                assert reply["pid"] == self.pid, reply
-                self.code = reply["code"]
+            self.code = self.zygote.wait_for(lambda: self.zygote.exits.pop(self.pid, None), timeout)
         return self.code
 
     def wait(self, timeout: float = 120.0) -> int:
         if self.poll(timeout) is None:
-            os.kill(self.pid, signal.SIGKILL)
+            self.kill()
             self.poll(30)
             raise TimeoutError(f"child {self.pid} ran over {timeout}s: {self.stderr()[-2000:]}")
         return self.code
@@ -80,6 +77,10 @@ class Zygote:
     def __init__(self, workdir: Path):
         self.workdir = Path(workdir)
         self.n = 0
+        # the zygote's replies, kept until asked for: a reply that comes late (a starved machine)
+        # is then still matched to its own child instead of to the next one
+        self.acks: list[int] = []  # pids of forked children, in order
+        self.exits: dict[int, int] = {}  # pid -> exit code
         self.proc = subprocess.Popen(
             [sys.executable, str(HERE / "zygote.py")],
             stdin=subprocess.PIPE,
@@ -99,6 +100,20 @@ class Zygote:
             raise RuntimeError("the zygote process died")
         return json.loads(line)
 
+    def wait_for(self, check, timeout: float):
+        """`check()` once it is not None, reading replies into `acks`/`exits` meanwhile; None
+        if `timeout` passes first."""
+        deadline = time.monotonic() + timeout
+        while (found := check()) is None:
+            msg = self.read(max(0.0, deadline - time.monotonic()))
+            if msg is None:
+                return None
+            if "code" in msg:
+                self.exits[msg["pid"]] = msg["code"]
+            elif "pid" in msg:
+                self.acks.append(msg["pid"])
+        return found
+
     def spawn(self, argv: list[str], faults: dict | None = None, env: dict | None = None) -> Child:
         self.n += 1
         out, err = self.workdir / f"child-{self.n}.out", self.workdir / f"child-{self.n}.err"
@@ -106,9 +121,9 @@ class Zygote:
         req.update(faults=faults, env=env)
         self.proc.stdin.write(json.dumps(req) + "\n")
         self.proc.stdin.flush()
-        reply = self.read(60)
-        assert reply and "pid" in reply, reply
-        return Child(self, reply["pid"], out, err)
+        pid = self.wait_for(lambda: self.acks.pop(0) if self.acks else None, 60)
+        assert pid is not None, "the zygote did not fork in 60 s"
+        return Child(self, pid, out, err)
 
     def run(self, argv: list[str], timeout: float = 120.0, **kw) -> Child:
         child = self.spawn(argv, **kw)
