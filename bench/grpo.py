@@ -97,7 +97,7 @@ def grpo_config(args, tmp: Path) -> GRPOConfig:
     apply_flat(
         cfg,
         {
-            "model": args.model, "runs_dir": str(tmp / "runs"), "steps": args.steps, "learning_rate": args.lr,
+            "model": args.model, "data": args.data, "runs_dir": str(tmp / "runs"), "steps": args.steps, "learning_rate": args.lr,
             "batch_size": args.batch_size, "num_generations": args.G, "max_completion_length": args.max_tokens,
             "eval_every": 0, "eval_batches": 0, "save_every": args.save_every or args.steps, "keep": 1000,
             "warmup_steps": 2, "beta": args.beta,
@@ -170,6 +170,11 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--part", choices=("sampling", "accuracy", "step"), required=True)
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument(
+        "--data",
+        default=str(ROOT / "assets" / "grpo"),
+        help="training prompts (held-out: always the bundled test split)",
+    )
     ap.add_argument("--G", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=96)
     ap.add_argument("--repeats", type=int, default=3)
