@@ -1,8 +1,9 @@
 """Crash safety: a real training process on the tiny model (SFT, DPO with its reference cache, and
-GRPO with its sampled completions) is SIGKILLed again and again (at random times and at named points inside checkpointing, rotation,
-adapter export and resume), and resumed each time. After every kill: the newest checkpoint verifies against its manifest and loads, the
-newest `keep` completed checkpoints are all there, and the next resume starts from the newest.
-At the end: no temp files, and the adapters, optimiser and RNG equal an uninterrupted run's."""
+GRPO with its sampled completions) is SIGKILLed again and again, at random times and at named
+points inside checkpointing, rotation, adapter export and resume, and resumed each time. After
+every kill: the newest checkpoint verifies against its manifest and loads, the newest `keep`
+completed checkpoints are all there, and the next resume starts from the newest. At the end: no
+temp files, and the adapters, optimiser and RNG equal an uninterrupted run's."""
 
 from __future__ import annotations
 
