@@ -14,7 +14,6 @@ import tiny
 from test_train import StopAfter, _load_state
 
 from mlxpt.config import GRPOConfig
-from mlxpt.data import synth
 from mlxpt.errors import ConfigError, DataError
 from mlxpt.train.grpo import group_advantages
 from mlxpt.train.objectives import GRADS, grpo_grad, grpo_objective
@@ -365,13 +364,7 @@ def test_shared_prompt_and_plain_scoring_train_the_same(tiny_dir, prompt_dir, tm
 
 @pytest.fixture(scope="module")
 def prompt_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("prompts")
-    for name, n, seed in (("train", 8, 1), ("test", 4, 2)):
-        rows = synth.make_split(n, seed)
-        (d / f"{name}.jsonl").write_text(
-            "".join(json.dumps({"prompt": synth.question_of(r), "answer": r["answer"]}) + "\n" for r in rows)
-        )
-    return d
+    return tiny.write_prompt_dir(tmp_path_factory.mktemp("prompts"), train=(8, 1), test=(4, 2))
 
 
 @pytest.fixture(scope="module")

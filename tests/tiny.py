@@ -148,3 +148,15 @@ def write_pref_dir(d: Path, rows: list[dict], n_train: int = 24) -> Path:
     (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:n_train]))
     (d / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[n_train:]))
     return d
+
+
+def write_prompt_dir(d: Path, **splits: tuple[int, int]) -> Path:
+    """GRPO prompt files from the bundled generator: `train=(rows, seed)`, `test=(rows, seed)`, ..."""
+    from mlxpt.data import synth
+
+    for name, (n, seed) in splits.items():
+        rows = synth.make_split(n, seed)
+        (d / f"{name}.jsonl").write_text(
+            "".join(json.dumps({"prompt": synth.question_of(r), "answer": r["answer"]}) + "\n" for r in rows)
+        )
+    return d

@@ -278,8 +278,10 @@ class GRPOTask:
     def collate(self, examples: list[PromptExample], repeat_index: int = 0) -> tuple:
         key = tuple(id(e) for e in examples)
         if repeat_index > 0 and key not in self._cache and self._resumed:
-            self._cache[key] = self._resumed.pop(0)  # a window's rollouts, saved mid-window
-            self._check_resumed(examples, self._cache[key][1])
+            # a window's rollouts, saved mid-window; cached before the check so a refused
+            # resume still saves them
+            self._cache[key] = self._resumed.pop(0)
+            self._check_saved_prompts(examples, self._cache[key][1])
         if repeat_index == 0 or key not in self._cache:
             batch, stats = self._rollout(examples)
             if not self._window_open:  # the first micro-batch of a window
@@ -289,10 +291,10 @@ class GRPOTask:
             self._window.append(stats)
             if self.g.num_iterations > 1:
                 self._cache[key] = (batch, stats)
-            for e in examples:
-                self._seq_tokens[id(e)] = stats["seq_tokens"] // max(1, len(examples))
         else:
             batch, stats = self._cache[key]
+        for e in examples:
+            self._seq_tokens[id(e)] = stats["seq_tokens"] // max(1, len(examples))
         return batch
 
     # -- checkpoint state --------------------------------------------------------------------
@@ -316,17 +318,14 @@ class GRPOTask:
         ]
         self._window = meta.get("window", [])
 
-    def _check_resumed(self, examples: list[PromptExample], stats: dict) -> None:
-        want = [list(e.tokens) for e in examples]
-        if stats.get("prompt_tokens") != want:
+    def _check_saved_prompts(self, examples: list[PromptExample], stats: dict) -> None:
+        if stats.get("prompt_tokens") != [list(e.tokens) for e in examples]:
             raise ConfigError(
                 "E552",
                 "the checkpoint's saved rollouts are for other prompts than the resumed window",
                 str(self.run_dir),
                 "resume with the run's own data and settings",
             )
-        for e in examples:
-            self._seq_tokens[id(e)] = stats["seq_tokens"] // max(1, len(examples))
 
     # -- reporting -------------------------------------------------------------------------
     def report(self, step: int) -> dict:

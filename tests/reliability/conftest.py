@@ -115,14 +115,7 @@ def pref_data(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def grpo_prompts(tmp_path_factory) -> Path:
     """8 verifiable prompts (the bundled generator's questions) for GRPO runs."""
-    from mlxpt.data import synth
-
-    folder = tmp_path_factory.mktemp("rel-prompts")
-    rows = synth.make_split(8, 3)
-    (folder / "train.jsonl").write_text(
-        "".join(json.dumps({"prompt": synth.question_of(r), "answer": r["answer"]}) + "\n" for r in rows)
-    )
-    return folder
+    return tiny.write_prompt_dir(tmp_path_factory.mktemp("rel-prompts"), train=(8, 3))
 
 
 @pytest.fixture(scope="session")
