@@ -44,21 +44,31 @@ def test_examples(tok, n: int, max_seq_len: int, max_tokens: int):
 
 
 def greedy_accuracy(model, tok, examples, max_tokens: int) -> dict:
-    """Accuracy and answer-format rate of greedy completions, plus the time it took."""
+    """Accuracy, answer-format rate and true-equation share (`arithmetic` reward) of greedy
+    completions, the accuracy on the first 100 prompts (the set of the earlier runs), which
+    prompts were right, and the time it took."""
     from mlxpt.decode.batch import generate_many
     from mlxpt.train.rewards import REWARDS
 
     t0 = time.perf_counter()
-    correct = formatted = tokens = 0
+    right: list[int] = []
+    formatted = tokens = 0
+    arithmetic = 0.0
     for i in range(0, len(examples), 16):
         part = examples[i : i + 16]
         for e, c in zip(part, generate_many(model, tok, [e.tokens for e in part], max_tokens), strict=True):
-            correct += REWARDS["accuracy"](e.row.prompt, c.text, **e.row.fields) == 1.0
+            right.append(int(REWARDS["accuracy"](e.row.prompt, c.text, **e.row.fields) == 1.0))
             formatted += REWARDS["format"](e.row.prompt, c.text) == 1.0
+            arithmetic += REWARDS["arithmetic"](e.row.prompt, c.text)
             tokens += len(c.tokens)
     n = max(1, len(examples))
-    return {"accuracy": correct / n, "format_rate": formatted / n, "prompts": len(examples),
-            "mean_tokens": tokens / n, "seconds": time.perf_counter() - t0}  # fmt: skip
+    return {"accuracy": sum(right) / n, "accuracy_first100": sum(right[:100]) / max(1, len(right[:100])),
+            "format_rate": formatted / n, "arithmetic": arithmetic / n, "prompts": len(examples),
+            "mean_tokens": tokens / n, "seconds": time.perf_counter() - t0, "right": right}  # fmt: skip
+
+
+def _brief(score: dict) -> dict:
+    return {k: v for k, v in score.items() if k != "right"}
 
 
 def part_sampling(args) -> dict:
@@ -101,7 +111,7 @@ def grpo_config(args, tmp: Path) -> GRPOConfig:
             "batch_size": args.batch_size, "num_generations": args.G, "max_completion_length": args.max_tokens,
             "eval_every": 0, "eval_batches": 0, "save_every": args.save_every or args.steps, "keep": 1000,
             "warmup_steps": 2, "beta": args.beta,
-            "rewards": args.rewards, "loss_type": args.loss_type, "temperature": args.temperature,
+            "rewards": args.rewards, "reward_weights": args.reward_weights, "loss_type": args.loss_type, "temperature": args.temperature,
             "num_layers": args.num_layers, "rank": args.rank, "seed": args.seed,
         },
         source="bench",
@@ -117,7 +127,7 @@ def train(args, tmp: Path) -> tuple[Path, list[dict], float]:
     def emit(e: dict) -> None:
         events.append(e)
         if e["event"] == "step":
-            print(f"step {e['step']:>3}  reward {e['reward_mean']:.3f}  acc {e.get('reward/accuracy')}  "
+            print(f"step {e['step']:>3}  reward {e['reward_mean']:.3f}  acc {e.get('reward/accuracy')}  arith {e.get('reward/arithmetic')}  "
                   f"len {e['completion_len_mean']:.0f}  kl {e.get('kl', 0):.4f}  {e['step_time_s']:.1f} s", flush=True)  # fmt: skip
 
     t0 = time.perf_counter()
@@ -143,13 +153,13 @@ def part_accuracy(args) -> dict:
     model, tok = load(args.model)
     examples = test_examples(tok, args.test, 512, args.max_tokens)
     before = greedy_accuracy(model, tok, examples, args.max_tokens)
-    print(f"before: {before}", flush=True)
+    print(f"before: {_brief(before)}", flush=True)
     del model
     with tempfile.TemporaryDirectory() as t:
         run_dir, events, wall = train(args, Path(args.keep or t))
         model, tok = load(args.model, adapter=str(run_dir))
         after = greedy_accuracy(model, tok, examples, args.max_tokens)
-        print(f"after: {after}", flush=True)
+        print(f"after: {_brief(after)}", flush=True)
         curve = [{"step": 0, **before}]
         if args.save_every:  # every saved checkpoint, as an adapter
             from mlxpt.runs import list_checkpoints
@@ -159,7 +169,7 @@ def part_accuracy(args) -> dict:
                 curve.append(
                     {"step": int(ck.name.split("-")[-1]), **greedy_accuracy(model, tok, examples, args.max_tokens)}
                 )
-                print(f"checkpoint {ck.name}: {curve[-1]}", flush=True)
+                print(f"checkpoint {ck.name}: {_brief(curve[-1])}", flush=True)
     steps = [e for e in events if e["event"] == "step"]
     return {"before": before, "after": after, "curve": curve, "gain_points": 100 * (after["accuracy"] - before["accuracy"]),
             "train_wall_s": wall, "steps": len(steps), "reward_first": steps[0]["reward_mean"],
@@ -186,6 +196,7 @@ def main() -> int:
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--loss-type", default="grpo")
     ap.add_argument("--rewards", default="accuracy,format")
+    ap.add_argument("--reward-weights", default=None, help="comma-separated, one per reward (default: 1 each)")
     ap.add_argument("--num-layers", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)

@@ -63,6 +63,31 @@ def test_builtin_rewards():
     assert length("q", "", completion_tokens=128, max_completion_length=128) == -1.0
 
 
+@pytest.mark.parametrize(
+    ("completion", "want"),
+    [
+        ("6 * 5 = 30\n13 + 30 = 43\n43 - 20 = 23\nAnswer: 23", 1.0),
+        ("13 * 5 = 60\n60 - 60 = 0\nAnswer: 0", 0.5),  # the first equation is false
+        ("35/7 = 4\n4 + 4 = 8\n8 x 2 = 17", 1 / 3),
+        ("(2 + 3) × 4 = 20 and 20 ÷ 8 = 2.5, -3 - -2 = -1", 1.0),  # precedence, unary minus
+        ("10 / 3 = 3.33", 1.0),  # matches to the decimals shown
+        ("10 / 3 = 3", 0.0),  # but an integer must be exact
+        ("So 3 * 4 = 12.", 1.0),  # a full stop ends the number
+        ("3 * 4 = 12.5", 0.0),
+        ("12\n5 + 3 = 8", 1.0),  # a number on the line above is not part of the equation
+        ("5 / 0 = 0", 0.0),  # division by zero: a false equation
+        ("2 * 7 = 14 + 1 = 15", 1.0),  # the chained `+ 1 = 15` has no left operand: skipped
+        ("total = 5\nAnswer: 5", 0.0),  # no operator: not an equation, so none shown
+        ("x = 4 * (", 0.0),
+        ("1" * 400 + " + 1 = 2", 0.0),  # not worked arithmetic: skipped, no overflow
+        ("3 + 4 = " + "7" * 30, 0.0),
+        ("", 0.0),
+    ],
+)
+def test_arithmetic_reward(completion, want):
+    assert REWARDS["arithmetic"]("q", completion) == pytest.approx(want)
+
+
 def _slow(prompt, completion, **row):
     time.sleep(2)
     return 1.0

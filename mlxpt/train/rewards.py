@@ -10,7 +10,9 @@ completion, answer)` works as well as `def f(prompt, completion, **row)`. None m
 Built-ins (`REWARDS`): `accuracy` (final answer == row["answer"], robust extraction from
 decode/extract.py), `format` (the completion ends with an `Answer: <number>` line, or matches the
 row's/config's `format_regex`), `tags` (`<think>...</think>` then `<answer>...</answer>`),
-`length` (DAPO's soft over-length penalty). User functions: `--reward path/to/file.py:function`.
+`length` (DAPO's soft over-length penalty), `arithmetic` (the share of the completion's worked
+equations such as `6 * 5 = 30` that are true: a dense signal on the arithmetic slips that make
+most wrong answers of a small model). User functions: `--reward path/to/file.py:function`.
 
 `RewardGuard` calls them: exceptions, NaN/inf, values beyond float32's range, non-numbers and
 calls slower than a timeout are caught, counted per function and logged (with the offending
@@ -72,7 +74,99 @@ def length(prompt, completion: str, completion_tokens: int = 0, max_completion_l
     return max(-1.0, (start - completion_tokens) / soft)
 
 
-REWARDS: dict[str, Callable] = {"accuracy": accuracy, "format": format_reward, "tags": tags, "length": length}
+# `a op b = c` with + - * / x × ÷ and parentheses: the left side is the longest run of
+# expression characters before an `=` on its line, the right side one number.
+_EQUATION = re.compile(r"([\d. \t()+\-*/x×÷]+)=[ \t]*(-?\d+(?:\.\d+)?)(?!\.?\d)")
+_TOKEN = re.compile(r"\s*(\d+(?:\.\d+)?|[-+*/x×÷()])")
+_MAX_DIGITS = 15  # longer numbers are not worked arithmetic; floats would round them
+
+
+def _evaluate(expr: str) -> tuple[float, int] | None:
+    """(value, binary operators) of an arithmetic expression, or None when it is not one.
+    Division by zero gives nan (a false equation, not a skipped one)."""
+    tokens, pos, expr = [], 0, expr.strip()
+    while pos < len(expr):
+        m = _TOKEN.match(expr, pos)
+        if not m:
+            return None
+        tokens.append(m.group(1))
+        pos = m.end()
+    if not tokens or any(t[0].isdigit() and len(t.replace(".", "")) > _MAX_DIGITS for t in tokens):
+        return None
+    i, ops = 0, 0
+
+    def peek():
+        return tokens[i] if i < len(tokens) else None
+
+    def factor():
+        nonlocal i
+        t = peek()
+        if t is None:
+            raise ValueError
+        i += 1
+        if t == "-":
+            return -factor()
+        if t == "(":
+            v = sum_()
+            if peek() != ")":
+                raise ValueError
+            i += 1
+            return v
+        if not t[0].isdigit():
+            raise ValueError
+        return float(t)
+
+    def product():
+        nonlocal i, ops
+        v = factor()
+        while peek() in ("*", "x", "×", "/", "÷"):
+            op, i, ops = peek(), i + 1, ops + 1
+            rhs = factor()
+            v = v * rhs if op in ("*", "x", "×") else (v / rhs if rhs else math.nan)
+        return v
+
+    def sum_():
+        nonlocal i, ops
+        v = product()
+        while peek() in ("+", "-"):
+            op, i, ops = peek(), i + 1, ops + 1
+            rhs = product()
+            v = v + rhs if op == "+" else v - rhs
+        return v
+
+    try:
+        value = sum_()
+    except (ValueError, RecursionError):
+        return None
+    return (value, ops) if i == len(tokens) else None
+
+
+def arithmetic(prompt, completion: str, **_) -> float:
+    """Share of the worked equations (`left = number`, at least one operator on the left) that are
+    true; a number with decimals only has to match to the decimals shown (`10 / 3 = 3.33`).
+    0.0 when the completion shows no equation."""
+    right = total = 0
+    for m in _EQUATION.finditer(completion):
+        parsed = _evaluate(m.group(1))
+        if parsed is None or parsed[1] == 0:
+            continue  # prose, a lone number (`total = 5`) or a malformed expression
+        value, shown = parsed[0], m.group(2)
+        if len(shown.replace(".", "").lstrip("-")) > _MAX_DIGITS:
+            continue
+        decimals = len(shown.partition(".")[2])
+        tolerance = 0.5 * 10.0**-decimals if decimals else 1e-9 * max(1.0, abs(value))
+        total += 1
+        right += math.isfinite(value) and abs(value - float(shown)) <= tolerance + 1e-12
+    return right / total if total else 0.0
+
+
+REWARDS: dict[str, Callable] = {
+    "accuracy": accuracy,
+    "format": format_reward,
+    "tags": tags,
+    "length": length,
+    "arithmetic": arithmetic,
+}
 
 
 def load_reward(spec: str) -> tuple[str, Callable]:
