@@ -65,19 +65,22 @@ def test_builtin_rewards():
 
 @pytest.mark.parametrize(
     ("completion", "want"),
-    [
+    [  # steps: equations with an operator, false bare equalities, the final answer vs the last result
         ("6 * 5 = 30\n13 + 30 = 43\n43 - 20 = 23\nAnswer: 23", 1.0),
-        ("13 * 5 = 60\n60 - 60 = 0\nAnswer: 0", 0.5),  # the first equation is false
-        ("35/7 = 4\n4 + 4 = 8\n8 x 2 = 17", 1 / 3),
+        ("13 * 5 = 60\n60 - 60 = 0\nAnswer: 0", 2 / 3),  # the first equation is false
+        ("35/7 = 4\n4 + 4 = 8\n8 x 2 = 17", 2 / 4),  # the last number (17) is the answer
+        ("24 + 14 = 38\n38 = 51\nAnswer: 51", 2 / 3),  # a bare false equality is a false step
+        ("24 + 14 = 38\nAnswer: 51", 1 / 2),  # the answer is not what was worked out
+        ("5 = 5\nAnswer: 5", 0.0),  # a true bare equality is no step: nothing worked out
         ("(2 + 3) × 4 = 20 and 20 ÷ 8 = 2.5, -3 - -2 = -1", 1.0),  # precedence, unary minus
-        ("10 / 3 = 3.33", 1.0),  # matches to the decimals shown
-        ("10 / 3 = 3", 0.0),  # but an integer must be exact
+        ("2 * 7 = 14 + 1 = 15", 1.0),  # a chain: 2 * 7 = 14, then 14 + 1 = 15
+        ("2 * 7 = 14 = 15", 2 / 3),  # 14 = 15 is false; the answer 15 is what it claims
+        ("10 / 3 = 3.33\nAnswer: 3.33", 1.0),  # matches to the decimals shown
+        ("10 / 3 = 3\nAnswer: 3", 1 / 2),  # but an integer must be exact
         ("So 3 * 4 = 12.", 1.0),  # a full stop ends the number
-        ("3 * 4 = 12.5", 0.0),
         ("12\n5 + 3 = 8", 1.0),  # a number on the line above is not part of the equation
-        ("5 / 0 = 0", 0.0),  # division by zero: a false equation
-        ("2 * 7 = 14 + 1 = 15", 1.0),  # the chained `+ 1 = 15` has no left operand: skipped
-        ("total = 5\nAnswer: 5", 0.0),  # no operator: not an equation, so none shown
+        ("5 / 0 = 0\nAnswer: 0", 1 / 2),  # division by zero: a false equation
+        ("total = 5\nAnswer: 5", 0.0),  # a name is not a number: no equation
         ("x = 4 * (", 0.0),
         ("1" * 400 + " + 1 = 2", 0.0),  # not worked arithmetic: skipped, no overflow
         ("3 + 4 = " + "7" * 30, 0.0),

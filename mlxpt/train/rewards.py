@@ -77,6 +77,7 @@ def length(prompt, completion: str, completion_tokens: int = 0, max_completion_l
 # `a op b = c` with + - * / x × ÷ and parentheses: the left side is the longest run of
 # expression characters before an `=` on its line, the right side one number.
 _EQUATION = re.compile(r"([\d. \t()+\-*/x×÷]+)=[ \t]*(-?\d+(?:\.\d+)?)(?!\.?\d)")
+_OPERATORS = "+-*/x×÷"
 _TOKEN = re.compile(r"\s*(\d+(?:\.\d+)?|[-+*/x×÷()])")
 _MAX_DIGITS = 15  # longer numbers are not worked arithmetic; floats would round them
 
@@ -141,22 +142,37 @@ def _evaluate(expr: str) -> tuple[float, int] | None:
     return (value, ops) if i == len(tokens) else None
 
 
+def _holds(value: float, shown: str) -> bool:
+    """`value` written as `shown`: exact for an integer, to the decimals shown otherwise."""
+    decimals = len(shown.partition(".")[2])
+    tolerance = 0.5 * 10.0**-decimals if decimals else 1e-9 * max(1.0, abs(value))
+    return math.isfinite(value) and abs(value - float(shown)) <= tolerance + 1e-12
+
+
 def arithmetic(prompt, completion: str, **_) -> float:
-    """Share of the worked equations (`left = number`, at least one operator on the left) that are
-    true; a number with decimals only has to match to the decimals shown (`10 / 3 = 3.33`).
-    0.0 when the completion shows no equation."""
+    """Share of the completion's worked steps that are true, 0.0 when it shows no equation.
+
+    Steps: every `left = number` with an operator on the left (`6 * 5 = 30`; a chain `2 * 7 = 14
+    + 1 = 15` is two); a bare `38 = 51` only when it is false (a true one says nothing); and the
+    final answer, when there is one, holds when it equals the last step's result. So leaving the
+    operator out of a slip, or answering something other than what was worked out, cannot hide
+    it. A number with decimals only has to match to the decimals shown (`10 / 3 = 3.33`)."""
     right = total = 0
+    last, last_end = None, -1
     for m in _EQUATION.finditer(completion):
-        parsed = _evaluate(m.group(1))
-        if parsed is None or parsed[1] == 0:
-            continue  # prose, a lone number (`total = 5`) or a malformed expression
-        value, shown = parsed[0], m.group(2)
-        if len(shown.replace(".", "").lstrip("-")) > _MAX_DIGITS:
+        left, shown = m.group(1), m.group(2)
+        if m.start() == last_end and left.strip()[:1] in _OPERATORS:
+            left = last + left  # `14 + 1 = 15` continuing `2 * 7 = 14`
+        parsed = _evaluate(left)
+        if parsed is None or len(shown.replace(".", "").lstrip("-")) > _MAX_DIGITS:
+            continue  # prose, a name (`total = 5`) or a malformed expression
+        holds = _holds(parsed[0], shown)
+        if parsed[1] == 0 and holds:
             continue
-        decimals = len(shown.partition(".")[2])
-        tolerance = 0.5 * 10.0**-decimals if decimals else 1e-9 * max(1.0, abs(value))
-        total += 1
-        right += math.isfinite(value) and abs(value - float(shown)) <= tolerance + 1e-12
+        total, right = total + 1, right + holds
+        last, last_end = shown, m.end()
+    if last is not None and (answer := extract(completion, "auto")) is not None:
+        total, right = total + 1, right + same_answer(answer, last)
     return right / total if total else 0.0
 
 
