@@ -6,10 +6,11 @@
   prompts) of the starting model, then `--steps` of GRPO, then the tuned model; the answer
   format rate (`Answer: n` last line) before and after, so a format collapse shows.
   `--model` may be an SFT'd (fused) model: say which in BENCHMARKS.md.
+- `--part score`: the same held-out accuracy for each of `--model a,b@checkpoint,...`.
 - `--part step`: mean GRPO step time and peak memory over `--steps` (for the peer comparison
   in bench/grpo_peer.py, which runs mlx-lm-lora's GRPO on the same settings).
 
-Usage: python bench/grpo.py --part sampling|accuracy|step [--model smollm2-135m] [--steps 40]
+Usage: python bench/grpo.py --part sampling|accuracy|step|score [--model smollm2-135m] [--steps 40]
        [--test 100] [--G 8] [--max-tokens 96] [--lr 2e-5] [--out result.json] [--keep DIR]
 """
 
@@ -176,10 +177,23 @@ def part_accuracy(args) -> dict:
             "reward_last5": statistics.mean(e["reward_mean"] for e in steps[-5:])}  # fmt: skip
 
 
+def part_score(args) -> dict:
+    """Held-out greedy accuracy of each `--model` (`path` or `path@adapter-or-checkpoint`)."""
+    from mlxpt.models.loader import load
+
+    out = {}
+    for spec in args.model.split(","):
+        path, _, adapter = spec.partition("@")
+        model, tok = load(path, adapter=adapter or None)
+        out[spec] = greedy_accuracy(model, tok, test_examples(tok, args.test, 512, args.max_tokens), args.max_tokens)
+        print(f"{spec}: {_brief(out[spec])}", flush=True)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--part", choices=("sampling", "accuracy", "step"), required=True)
-    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--part", choices=("sampling", "accuracy", "step", "score"), required=True)
+    ap.add_argument("--model", default="smollm2-135m", help="score: comma-separated, each path[@adapter]")
     ap.add_argument(
         "--data",
         default=str(ROOT / "assets" / "grpo"),
@@ -204,7 +218,8 @@ def main() -> int:
     ap.add_argument("--save-every", type=int, default=0, help="accuracy: also score the checkpoint every N steps")
     ap.add_argument("--keep", default=None, metavar="DIR", help="accuracy: keep the GRPO run under DIR/runs")
     args = ap.parse_args()
-    result = {"sampling": part_sampling, "accuracy": part_accuracy, "step": part_step}[args.part](args)
+    parts = {"sampling": part_sampling, "accuracy": part_accuracy, "step": part_step, "score": part_score}
+    result = parts[args.part](args)
     result["args"] = vars(args)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=2))
