@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlxpt.data.synth import make_split, question_of  # noqa: E402
+from mlxpt.data.synth import extract_answer, make_split, question_of  # noqa: E402
 from mlxpt.runs.atomic import atomic_write_text  # noqa: E402
 
 SFT_SPLITS = (("train", 2000, 1), ("valid", 200, 2), ("test", 200, 3))  # as in make_datasets.py
@@ -25,11 +25,14 @@ SPLITS = (("train", 1000, 11), ("test", 200, 12))
 
 
 def as_prompt(row: dict) -> dict:
+    """The row's first question with the answer of its first reply. A row with a follow-up turn
+    has the follow-up's answer in row["answer"], which is not the first question's."""
     out = {}
     system = next((m["content"] for m in row["messages"] if m["role"] == "system"), None)
     if system:
         out["system"] = system
-    return {**out, "prompt": question_of(row), "answer": row["answer"]}
+    first_reply = next(m["content"] for m in row["messages"] if m["role"] == "assistant")
+    return {**out, "prompt": question_of(row), "answer": extract_answer(first_reply)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -124,3 +124,42 @@ def test_dataset_files_valid_disjoint_and_reproducible(tmp_path):
         new = (tmp_path / "a" / f"{s}.jsonl").read_bytes()
         assert new == (tmp_path / "b" / f"{s}.jsonl").read_bytes()
         assert new == (SFT / f"{s}.jsonl").read_bytes(), "assets/sft is stale: rerun the script"
+
+
+# The seven question templates of mlxpt/data/synth.py, solved from the question text alone.
+_SOLVERS = [
+    (r"has (\d+) \w+\. \w+ gets (\d+) more and then gives (\d+) to", lambda a, b, c: a + b - c),
+    (r"buys (\d+) \w+ of \w+ with (\d+) \w+ in each \w+\. \w+ already had (\d+)", lambda a, b, c: a * b + c),
+    (r"A \w+ holds (\d+) \w+\. \w+ fills (\d+) \w+ and then uses (\d+)", lambda b, a, c: a * b - c),
+    (r"shares (\d+) \w+ equally among (\d+) friends\. Then each friend finds (\d+)", lambda a, b, c: a // b + c),
+    (r"has (\d+) \w+\. \w+ buys (\d+) \w+ with (\d+) \w+ in each and then gives away (\d+)", lambda a, b, c, d: a + b * c - d),
+    (r"(\d+) friends each collect (\d+) \w+\. \w+ adds (\d+) more .* among (\d+) \w+\.", lambda n, a, b, m: (n * a + b) // m),
+    (r"had (\d+) \w+ and gave away (\d+)\. \w+ has (\d+) times as many", lambda a, b, k: (a - b) * k),
+]  # fmt: skip
+
+
+def _solve(question: str) -> int:
+    import re
+
+    found = [(p, f) for p, f in _SOLVERS if re.search(p, question)]
+    assert len(found) == 1, question
+    pattern, fn = found[0]
+    return fn(*map(int, re.search(pattern, question).groups()))
+
+
+def test_grpo_prompt_files_answer_their_question_and_are_reproducible(tmp_path):
+    """Each bundled GRPO prompt's answer is the answer to that question, solved independently.
+    (A generator row with a follow-up turn carries the follow-up's answer: 12 % of the prompts
+    once had it.) Regenerating gives the same bytes."""
+    for split, n in (("train", 1000), ("test", 200)):
+        rows = [json.loads(line) for line in (ROOT / "assets" / "grpo" / f"{split}.jsonl").read_text().splitlines()]
+        assert len(rows) == n
+        for r in rows:
+            assert r["answer"] == str(_solve(r["prompt"])), r
+    subprocess.run(
+        [sys.executable, str(ROOT / "assets" / "make_prompts.py"), "--out", str(tmp_path)],
+        check=True,
+        capture_output=True,
+    )
+    for split in ("train", "test"):
+        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / "assets" / "grpo" / f"{split}.jsonl").read_bytes()
