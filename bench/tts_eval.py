@@ -2,7 +2,10 @@
 re-run adaptive stopping offline on the stored sample answers, for several thresholds and batch
 sizes, against fixed-N self-consistency on the same samples.
 
-    .venv/bin/python bench/tts_eval.py eval_p0.json eval_p1.json ... [--png chart.png]
+    .venv/bin/python bench/tts_eval.py eval_p0.json eval_p1.json ... [--png chart.png] [--gold prompts.jsonl]
+
+`--gold` re-scores every stored answer against that prompt file's `answer` field (row = the
+record's `line`): for a result file made before its labels were corrected.
 """
 
 from __future__ import annotations
@@ -18,15 +21,34 @@ from mlxpt.decode.extract import same_answer  # noqa: E402
 from mlxpt.decode.votes import adaptive_schedule, vote  # noqa: E402
 
 
+def regrade(doc: dict, gold: list[str]) -> None:
+    """Score `doc`'s stored answers against `gold` (by line) and recount its results in place."""
+    correct: dict[tuple[str, str], int] = {}
+    for label, recs in doc.get("details", {}).items():
+        for r in recs:
+            r["gold"] = gold[r["line"] - 1]
+            for key, (answer, _) in r["answers"].items():
+                r["answers"][key][1] = same_answer(answer, r["gold"])
+                correct[label, key] = correct.get((label, key), 0) + r["answers"][key][1]
+    for r in doc["results"]:
+        if (r["label"], f"{r['strategy']}@{r['n']}") in correct:
+            r["correct"] = correct[r["label"], f"{r['strategy']}@{r['n']}"]
+            r["accuracy"] = r["correct"] / r["total"]
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("files", nargs="+")
     p.add_argument("--png", default=None)
+    p.add_argument("--gold", default=None, help="prompt JSONL whose answers replace the stored gold answers")
     a = p.parse_args()
+    gold = [json.loads(line)["answer"] for line in Path(a.gold).read_text().splitlines()] if a.gold else None
     totals: dict[tuple[str, str, int], list] = {}  # (label, strategy, n) -> [correct, total, tokens, seconds, samples]
     records: dict[str, list] = {}
     for f in a.files:
         doc = json.loads(Path(f).read_text())
+        if gold is not None:
+            regrade(doc, gold)
         for r in doc["results"]:
             t = totals.setdefault((r["label"], r["strategy"], r["n"]), [0, 0, 0, 0.0, 0.0])
             t[0] += r["correct"]
