@@ -11,8 +11,9 @@ Built-ins (`REWARDS`): `accuracy` (final answer == row["answer"], robust extract
 decode/extract.py), `format` (the completion ends with an `Answer: <number>` line, or matches the
 row's/config's `format_regex`), `tags` (`<think>...</think>` then `<answer>...</answer>`),
 `length` (DAPO's soft over-length penalty), `arithmetic` (the share of the completion's worked
-equations such as `6 * 5 = 30` that are true: a dense signal on the arithmetic slips that make
-most wrong answers of a small model). User functions: `--reward path/to/file.py:function`.
+steps such as `6 * 5 = 30` that are true, the final answer included: a dense signal on the slips
+that make most wrong answers of a small model; in the measured GRPO run it raised that share and
+lowered accuracy, see BENCHMARKS.md). User functions: `--reward path/to/file.py:function`.
 
 `RewardGuard` calls them: exceptions, NaN/inf, values beyond float32's range, non-numbers and
 calls slower than a timeout are caught, counted per function and logged (with the offending
@@ -162,7 +163,7 @@ def arithmetic(prompt, completion: str, **_) -> float:
     for m in _EQUATION.finditer(completion):
         left, shown = m.group(1), m.group(2)
         if m.start() == last_end and left.strip()[:1] in _OPERATORS:
-            left = last + left  # `14 + 1 = 15` continuing `2 * 7 = 14`
+            left = last + left  # `14 + 1 = 15` continuing `2 * 7 = 14` (a blank left: `14 = 15`)
         parsed = _evaluate(left)
         if parsed is None or len(shown.replace(".", "").lstrip("-")) > _MAX_DIGITS:
             continue  # prose, a name (`total = 5`) or a malformed expression
