@@ -31,8 +31,9 @@ def regrade(doc: dict, gold: list[str]) -> None:
                 r["answers"][key][1] = same_answer(answer, r["gold"])
                 correct[label, key] = correct.get((label, key), 0) + r["answers"][key][1]
     for r in doc["results"]:
-        if (r["label"], f"{r['strategy']}@{r['n']}") in correct:
-            r["correct"] = correct[r["label"], f"{r['strategy']}@{r['n']}"]
+        key = (r["label"], f"{r['strategy']}@{r['n']}")
+        if key in correct:
+            r["correct"] = correct[key]
             r["accuracy"] = r["correct"] / r["total"]
 
 

@@ -1,6 +1,7 @@
 """Format detection, normalisation, splits, and the synthetic arithmetic dataset."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -139,8 +140,6 @@ _SOLVERS = [
 
 
 def _solve(question: str) -> int:
-    import re
-
     found = [(p, f) for p, f in _SOLVERS if re.search(p, question)]
     assert len(found) == 1, question
     pattern, fn = found[0]

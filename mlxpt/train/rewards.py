@@ -78,7 +78,8 @@ def length(prompt, completion: str, completion_tokens: int = 0, max_completion_l
 # `a op b = c` with + - * / x × ÷ and parentheses: the left side is the longest run of
 # expression characters before an `=` on its line, the right side one number.
 _EQUATION = re.compile(r"([\d. \t()+\-*/x×÷]+)=[ \t]*(-?\d+(?:\.\d+)?)(?!\.?\d)")
-_OPERATORS = "+-*/x×÷"
+_TIMES, _DIVIDE = ("*", "x", "×"), ("/", "÷")
+_OPERATORS = ("+", "-", *_TIMES, *_DIVIDE)
 _TOKEN = re.compile(r"\s*(\d+(?:\.\d+)?|[-+*/x×÷()])")
 _MAX_DIGITS = 15  # longer numbers are not worked arithmetic; floats would round them
 
@@ -121,10 +122,10 @@ def _evaluate(expr: str) -> tuple[float, int] | None:
     def product():
         nonlocal i, ops
         v = factor()
-        while peek() in ("*", "x", "×", "/", "÷"):
+        while peek() in (*_TIMES, *_DIVIDE):
             op, i, ops = peek(), i + 1, ops + 1
             rhs = factor()
-            v = v * rhs if op in ("*", "x", "×") else (v / rhs if rhs else math.nan)
+            v = v * rhs if op in _TIMES else (v / rhs if rhs else math.nan)
         return v
 
     def sum_():
@@ -162,7 +163,7 @@ def arithmetic(prompt, completion: str, **_) -> float:
     last, last_end = None, -1
     for m in _EQUATION.finditer(completion):
         left, shown = m.group(1), m.group(2)
-        if m.start() == last_end and left.strip()[:1] in _OPERATORS:
+        if m.start() == last_end and (not left.strip() or left.strip()[0] in _OPERATORS):
             left = last + left  # `14 + 1 = 15` continuing `2 * 7 = 14` (a blank left: `14 = 15`)
         parsed = _evaluate(left)
         if parsed is None or len(shown.replace(".", "").lstrip("-")) > _MAX_DIGITS:
