@@ -493,7 +493,8 @@ def drive_child(proc: subprocess.Popen, delay: float | None) -> tuple[int, list[
         proc.kill()
         raise
     assert proc.returncode == -9, err
-    return int(ready[1]), [int(line.split()[1]) for line in out.splitlines()]
+    # the kill can cut the last report short ("saved" without its step): only whole lines count
+    return int(ready[1]), [int(f[1]) for f in map(str.split, out.splitlines()) if len(f) == 2 and f[1].isdigit()]
 
 
 def check_after_kill(run: Path, known: set[int], keep: int, newest_saved: int | None) -> int:
