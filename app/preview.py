@@ -133,7 +133,7 @@ def check_data(kind: str, cfg) -> DataPreview:
     return out
 
 
-def estimate_memory(cfg, batch_rows: int, seq_len: int) -> dict:
+def estimate_memory(cfg, shape) -> dict:
     """Peak training memory (bytes by part) for the model and adapter in `cfg`: the same
     estimate `mlxpt train` checks before step 1. Loads the model once per model/adapter choice."""
     from mlxpt.train.memory import available_bytes, estimate_bytes
@@ -150,6 +150,6 @@ def estimate_memory(cfg, batch_rows: int, seq_len: int) -> dict:
             apply_adapters(model, a, seed=0)
             _estimate_model.clear()  # one model at a time: it can be hundreds of MB
             _estimate_model[key] = model
-    est = estimate_bytes(model, batch_rows, seq_len)
+    est = estimate_bytes(model, shape)
     est["available"] = available_bytes()
     return est

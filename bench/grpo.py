@@ -114,6 +114,7 @@ def grpo_config(args, tmp: Path) -> GRPOConfig:
             "warmup_steps": 2, "beta": args.beta,
             "rewards": args.rewards, "reward_weights": args.reward_weights, "loss_type": args.loss_type, "temperature": args.temperature,
             "num_layers": args.num_layers, "rank": args.rank, "seed": args.seed,
+            "skip_zero_std_groups": args.skip_zero_std,
         },
         source="bench",
     )  # fmt: skip
@@ -211,6 +212,7 @@ def main() -> int:
     ap.add_argument("--loss-type", default="grpo")
     ap.add_argument("--rewards", default="accuracy,format")
     ap.add_argument("--reward-weights", default=None, help="comma-separated, one per reward (default: 1 each)")
+    ap.add_argument("--skip-zero-std", action="store_true", help="train only on groups whose rewards differ")
     ap.add_argument("--num-layers", type=int, default=16)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)

@@ -514,3 +514,30 @@ def test_cli_grpo_with_a_user_reward_file_and_bad_settings(tiny_dir, prompt_dir,
         rc = main([*common, *extra])
         err = capsys.readouterr().err
         assert rc != 0 and code in err, (extra, err)
+
+
+def test_memory_estimate_counts_each_prompt_once(tiny_dir, prompt_dir, tmp_path, reward_file, monkeypatch):
+    """GRPO's pass is estimated as it runs: each prompt once per group and the vocabulary head
+    on completion positions only, unless plain scoring runs G whole rows a prompt."""
+    from mlxpt.errors import ResourceError
+    from mlxpt.models.loader import load_tokenizer
+    from mlxpt.train import memory
+    from mlxpt.train.grpo import memory_shape, prepare_data, read_rows, run_grpo
+
+    s = memory.Shape.shared_prompts(2, 4, 30, 10)
+    assert (s.tokens, s.head_tokens, s.attn_pairs) == (2 * (30 + 40), 80, 2 * (30 * 30 + 40 * 40))
+    r = memory.Shape.rows(8, 40)
+    assert (r.tokens, r.head_tokens, r.attn_pairs) == (320, 320, 320 * 40)
+
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file)
+    train, valid, _ = prepare_data(cfg, load_tokenizer(str(tiny_dir)), read_rows(cfg))
+    prompt = max(len(e.tokens) for e in train + valid)
+    assert memory_shape(cfg, prompt) == memory.Shape.shared_prompts(2, 4, prompt, 10)
+    cfg.grpo.plain_scoring = True
+    assert memory_shape(cfg, prompt) == memory.Shape.rows(8, prompt + 10)
+
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10_000)  # a 10 kB machine
+    for plain, label in ((False, "2 prompts x 4 completions of up to 10 tokens"), (True, "batch 8 x")):
+        with pytest.raises(ResourceError) as e:
+            run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path / str(plain), reward_file, plain_scoring=plain))
+        assert label in e.value.line() and "--batch-size" in e.value.line()

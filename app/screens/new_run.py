@@ -15,6 +15,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 from app import form
 from app.preview import DataPreview, check_data, estimate_memory
 from app.widgets.histogram import LengthHistogram
+from mlxpt.train.memory import Shape
 
 DEBOUNCE_S = 0.4
 DATA_KEYS = ("data", "valid", "model", "mask", "trust_remote_code")
@@ -32,10 +33,10 @@ def example_text(segments: list[tuple[str, bool]], limit: int = 1200) -> Text:
     return text
 
 
-def memory_text(est: dict, batch: int, seq: int) -> str:
+def memory_text(est: dict, shape: Shape) -> str:
     gb = 1e9
     line = (
-        f"memory estimate: {est['total'] / gb:.2f} GB at batch {batch} x {seq} tokens "
+        f"memory estimate: {est['total'] / gb:.2f} GB at {shape.label} "
         f"(weights {est['weights'] / gb:.2f}, optimizer {est['optimizer'] / gb:.2f}, "
         f"activations {est['activations'] / gb:.2f})"
     )
@@ -190,14 +191,14 @@ class NewRunScreen(Screen):
             return "pref"
         return "prompts" if self.cfg is not None and hasattr(self.cfg, "grpo") else None
 
-    def _batch_shape(self, cfg, longest: int) -> tuple[int, int]:
-        """(sequences per micro-batch, their length) as training will see them."""
+    def _batch_shape(self, cfg, longest: int) -> Shape:
+        """One training pass as `mlxpt train` estimates it before step 1 (runner.py)."""
         kind = self._kind()
         if kind == "prompts":
-            grpo = cfg.grpo
-            rows = cfg.data.batch_size * int(getattr(grpo, "num_generations", 1))
-            return rows, min(longest + int(getattr(grpo, "max_completion_length", 0)), cfg.data.max_seq_len)
-        return cfg.data.batch_size * (2 if kind == "pref" else 1), min(longest, cfg.data.max_seq_len)
+            from mlxpt.train.grpo import memory_shape
+
+            return memory_shape(cfg, longest)
+        return Shape.rows(cfg.data.batch_size * (2 if kind == "pref" else 1), min(longest, cfg.data.max_seq_len))
 
     @work(thread=True, exclusive=True, group="check")
     def _check(self, key: tuple, cfg) -> None:
@@ -232,24 +233,23 @@ class NewRunScreen(Screen):
         cfg, p = self.cfg, self.preview
         if cfg is None or p is None or p.errors or not p.lengths:
             return
-        rows, seq = self._batch_shape(cfg, p.longest)
+        shape = self._batch_shape(cfg, p.longest)
         key = (
             cfg.model.model,
             cfg.model.quantize,
             *(str(getattr(cfg.adapter, k)) for k in vars(cfg.adapter)),
-            rows,
-            seq,
+            shape,
         )
         if key == self._last_memory:
             return
         self._last_memory = key
-        self.query_one("#memory", Static).update(f"estimating memory for batch {rows} x {seq} tokens...")
-        self._memory(key, cfg, rows, seq)
+        self.query_one("#memory", Static).update(f"estimating memory for {shape.label}...")
+        self._memory(key, cfg, shape)
 
     @work(thread=True, exclusive=True, group="memory")
-    def _memory(self, key: tuple, cfg, rows: int, seq: int) -> None:
+    def _memory(self, key: tuple, cfg, shape: Shape) -> None:
         try:
-            text = memory_text(estimate_memory(cfg, rows, seq), rows, seq)
+            text = memory_text(estimate_memory(cfg, shape), shape)
         except Exception as e:  # noqa: BLE001 - a model that will not load is shown, not raised
             line = getattr(e, "line", None)
             text = f"memory estimate unavailable: {line() if callable(line) else f'{type(e).__name__}: {e}'}"

@@ -51,8 +51,9 @@ class TrainBackend(Protocol):
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""
 
-    def check_memory(self, batch_size: int, seq_len: int) -> dict:
-        """Estimate peak training memory; raise ResourceError (exit 3) if it cannot fit."""
+    def check_memory(self, shape) -> dict:
+        """Estimate peak training memory of one pass (a train.memory.Shape); raise
+        ResourceError (exit 3) if it cannot fit."""
 
     def save_adapter(self, folder) -> None:
         """Write the trainable weights and their config (mlx-lm's adapter format) atomically."""

@@ -214,10 +214,10 @@ class MLXBackend:
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))
         return int(trainable), int(sum(v.size for _, v in tree_flatten(self.model.parameters())))
 
-    def check_memory(self, batch_size: int, seq_len: int) -> dict:
+    def check_memory(self, shape) -> dict:
         from mlxpt.train.memory import check_fits
 
-        return check_fits(self.model, batch_size, seq_len)
+        return check_fits(self.model, shape)
 
     def save_adapter(self, folder) -> None:
         if self.output == "reward":

@@ -191,17 +191,17 @@ class NumpyBackend:
         trainable = sum(v.size for v in self.model.params.values())
         return int(trainable), int(trainable + sum(v.size for v in self.model.w.values()))
 
-    def check_memory(self, batch_size: int, seq_len: int) -> dict:
+    def check_memory(self, shape) -> dict:
         """Weights + Adam state + the layer inputs kept for the backward + one recomputed layer."""
         a, m = self.model.args, self.model
         item = m.dtype.itemsize
-        tokens = batch_size * seq_len
+        tokens = shape.tokens
         weights = sum(v.nbytes for v in m.w.values()) + sum(v.nbytes for v in m.params.values())
         optimizer = 3 * sum(v.nbytes for v in m.params.values())
         kept = (a.num_hidden_layers - m.first_trainable + 1) * tokens * a.hidden_size * item
         layer = tokens * (16 * a.hidden_size + 5 * a.intermediate_size) * item
-        layer += 3 * batch_size * a.num_attention_heads * seq_len * seq_len * item
-        head = 3 * min(tokens, 512) * a.vocab_size * item
+        layer += 3 * a.num_attention_heads * shape.attn_pairs * item
+        head = 3 * min(shape.head_tokens, 512) * a.vocab_size * item
         est = {"weights": weights, "optimizer": optimizer, "activations": kept + layer + head}
         est["total"] = sum(est.values())
         avail = est["available"] = linux_available_bytes()
@@ -210,7 +210,7 @@ class NumpyBackend:
             raise ResourceError(
                 "E310",
                 f"estimated peak memory {est['total'] / gb:.1f} GB exceeds the {avail / gb:.1f} GB available",
-                f"batch {batch_size} x {seq_len} tokens",
+                shape.label,
                 "lower --batch-size (use --grad-accum to keep the effective batch) or --max-seq-len; "
                 "MLXPT_SKIP_MEMORY_CHECK=1 overrides",
             )

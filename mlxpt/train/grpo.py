@@ -392,6 +392,18 @@ class GRPOTask:
         return out
 
 
+def memory_shape(cfg: GRPOConfig, prompt: int):
+    """One training pass on prompts of up to `prompt` tokens: with shared-prompt scoring (the
+    default) each prompt runs once per group and the vocabulary head only on completion
+    positions; else G whole rows a prompt. (The runner and the TUI's estimate both use this.)"""
+    from mlxpt.train.memory import Shape
+
+    g = cfg.grpo
+    if g.plain_scoring:
+        return Shape.rows(cfg.data.batch_size * g.num_generations, prompt + g.max_completion_length)
+    return Shape.shared_prompts(cfg.data.batch_size, g.num_generations, prompt, g.max_completion_length)
+
+
 def make_method(cfg: GRPOConfig) -> Method:
     holder: dict = {}
 
@@ -409,6 +421,7 @@ def make_method(cfg: GRPOConfig) -> Method:
     return Method(
         name="grpo", read=read_rows, encode=prepare_data, objective=make_objective(cfg), task=task,
         before_train=before_train, rows_per_example=cfg.grpo.num_generations,
+        memory_shape=lambda c, examples: memory_shape(c, max(len(e.tokens) for e in examples)),
     )  # fmt: skip
 
 

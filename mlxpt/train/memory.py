@@ -5,17 +5,49 @@ activations autodiff keeps for the backward pass (per layer: projections, MLP, a
 plus the float32 logits and their gradient. It is deliberately coarse (within ~1.5x of measured
 peaks here) and errs high; its job is to refuse the hopeless configuration with numbers and a
 suggestion instead of driving a laptop into swap.
+
+A method describes its pass as a `Shape`. Most pass whole rows (`Shape.rows`); GRPO with
+shared-prompt scoring runs each prompt once per group and the vocabulary head only where a
+completion token is predicted (`Shape.shared_prompts`), several times less than its rows.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
 from mlxpt.errors import ResourceError
 
 
-def estimate_bytes(model, batch_size: int, seq_len: int) -> dict:
+@dataclass(frozen=True)
+class Shape:
+    """What one training pass holds: positions through the layers, positions through the
+    vocabulary head, attention (query, key) pairs per head, and how to say it in an error."""
+
+    tokens: int
+    head_tokens: int
+    attn_pairs: int
+    label: str
+
+    @classmethod
+    def rows(cls, batch_size: int, seq_len: int) -> Shape:
+        n = batch_size * seq_len
+        return cls(n, n, n * seq_len, f"batch {batch_size} x {seq_len} tokens")
+
+    @classmethod
+    def shared_prompts(cls, prompts: int, group: int, prompt_len: int, completion_len: int) -> Shape:
+        """Each of `prompts` prompts once, its `group` completions attending to it."""
+        p, c = prompt_len, completion_len
+        return cls(
+            prompts * (p + group * c),
+            prompts * group * c,
+            prompts * (p * p + group * c * (p + c)),
+            f"{prompts} prompts x {group} completions of up to {c} tokens after a {p}-token prompt",
+        )
+
+
+def estimate_bytes(model, shape: Shape) -> dict:
     from mlx.utils import tree_flatten
 
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
@@ -26,9 +58,8 @@ def estimate_bytes(model, batch_size: int, seq_len: int) -> dict:
     layers = len(model.layers)
     heads = getattr(args, "num_attention_heads", 8)
     vocab = getattr(args, "vocab_size", 32000)
-    tokens = batch_size * seq_len
-    per_layer = tokens * (14 * hidden + 4 * inter) * 4 + batch_size * heads * seq_len * seq_len * 4 * 2
-    logits = tokens * vocab * 4 * 3
+    per_layer = shape.tokens * (14 * hidden + 4 * inter) * 4 + heads * shape.attn_pairs * 4 * 2
+    logits = shape.head_tokens * vocab * 4 * 3
     acts = layers * per_layer + logits
     return {"weights": weights, "optimizer": 3 * train, "activations": acts, "total": weights + 3 * train + acts}
 
@@ -58,9 +89,9 @@ def available_bytes() -> int | None:
     return linux_available_bytes() if sys.platform.startswith("linux") else None
 
 
-def check_fits(model, batch_size: int, seq_len: int) -> dict:
+def check_fits(model, shape: Shape) -> dict:
     """Raise ResourceError (exit 3) when the estimate exceeds what is available."""
-    est = estimate_bytes(model, batch_size, seq_len)
+    est = estimate_bytes(model, shape)
     avail = available_bytes()
     est["available"] = avail
     if avail and est["total"] > avail and not os.environ.get("MLXPT_SKIP_MEMORY_CHECK"):
@@ -69,7 +100,7 @@ def check_fits(model, batch_size: int, seq_len: int) -> dict:
             "E310",
             f"estimated peak memory {est['total'] / gb:.1f} GB (weights {est['weights'] / gb:.1f}, "
             f"activations {est['activations'] / gb:.1f}) exceeds the {avail / gb:.1f} GB available",
-            f"batch {batch_size} x {seq_len} tokens",
+            shape.label,
             "lower --batch-size (use --grad-accum to keep the effective batch), --max-seq-len, or use --quantize 4; "
             "MLXPT_SKIP_MEMORY_CHECK=1 overrides",
         )

@@ -42,6 +42,7 @@ class Method:
     before_train: Callable | None = None  # (backend, train, valid, run_dir, emit) e.g. reference log-probs
     rows_per_example: int = 1  # sequences one example puts in a batch (2 for a preference pair)
     output: str = "logp"  # what the backend hands the objective: per-token log-probs, or "reward" per row
+    memory_shape: Callable | None = None  # (cfg, examples) -> memory.Shape of one pass (default: whole rows)
 
 
 def _trim_logs(run_dir: Path, step: int) -> None:
@@ -76,12 +77,16 @@ def run_training(
     from mlxpt import _blas
     from mlxpt.backends import create_backend
     from mlxpt.train.loop import LoopState, train_loop
+    from mlxpt.train.memory import Shape
 
     t_load = time.perf_counter()
     backend = create_backend(cfg.train.backend, cfg.model, cfg.adapter, cfg.train, method.objective, method.output)
-    longest = max(task.length(e) for e in train + valid)
-    batch_rows = cfg.data.batch_size * method.rows_per_example
-    memory = backend.check_memory(batch_rows, min(longest, cfg.data.max_seq_len))
+    if method.memory_shape is not None:
+        shape = method.memory_shape(cfg, train + valid)
+    else:
+        longest = max(task.length(e) for e in train + valid)
+        shape = Shape.rows(cfg.data.batch_size * method.rows_per_example, min(longest, cfg.data.max_seq_len))
+    memory = backend.check_memory(shape)
     state = LoopState()
     if resume_dir is not None:
         run_dir = Path(resume_dir)

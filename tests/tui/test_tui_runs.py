@@ -251,12 +251,14 @@ async def test_method_switch_rebuilds_form_and_preview(tmp_path, tiny_dir):
         await pilot.pause()
         screen = app.screen
         await fill(pilot, screen, model=tiny_dir, rank=4)
+        shapes = {"dpo": "at batch 8 x", "grpo": "at 2 prompts x 8 completions of up to 128 tokens"}  # as the runner
         for method, fieldname, summary in (("dpo", "beta", "preference pairs"), ("grpo", "num_generations", "prompts")):
             screen.query_one("#method").value = method
             await wait_for(pilot, lambda m=method: (screen._last_data or ("",))[0] == m, what="the new method's check")
             await fill(pilot, screen)
             assert screen.query(f"#f-{fieldname}"), method  # the method's own section is in the form
             assert summary in str(screen.query_one("#check").render()), method
+            assert shapes[method] in str(screen.query_one("#memory").render()), method
             assert screen.values()["rank"] == "4"  # what the user typed survives the switch
             assert not screen.query_one("#start").disabled
 
