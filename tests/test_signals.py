@@ -24,9 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = textwrap.dedent(
     """
     import signal, sys, time
-    from mlxpt.runs.signals import graceful_signals
+    from mlxpt.runs.signals import exit_on_signal_after_stop, graceful_signals
 
     mode, save_s = sys.argv[1], float(sys.argv[2])
+    if mode == "after":  # the block is left at once; the process then takes `save_s` to end
+        exit_on_signal_after_stop()
     with graceful_signals() as flag:
         print("ready", flush=True)
         deadline = time.monotonic() + 20
@@ -35,7 +37,11 @@ CHILD = textwrap.dedent(
         print("stop", flag.signal_name, flush=True)
         if mode == "stuck":
             signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        time.sleep(save_s)  # writing the checkpoint
+        if mode != "after":
+            time.sleep(save_s)  # writing the checkpoint
+            print("checkpointed", flush=True)
+    if mode == "after":
+        time.sleep(save_s)  # writing the run status, printing the resume command
         print("checkpointed", flush=True)
     sys.exit(130)
     """
@@ -72,8 +78,17 @@ def test_one_signal_sets_flag_then_loop_checkpoints_and_exits_130(sig):
         (signal.SIGTERM, signal.SIGTERM, "loop"),
         (signal.SIGINT, signal.SIGTERM, "loop"),
         (signal.SIGINT, signal.SIGINT, "stuck"),
+        (signal.SIGTERM, signal.SIGTERM, "after"),
+        (signal.SIGINT, signal.SIGTERM, "after"),
     ],
-    ids=["int-int", "term-term", "int-term", "int-int-main-thread-stuck"],
+    ids=[
+        "int-int",
+        "term-term",
+        "int-term",
+        "int-int-main-thread-stuck",
+        "term-term-after-block",
+        "int-term-after-block",
+    ],
 )
 def test_second_signal_exits_130_within_2s(first, second, mode):
     proc = start(mode, 30.0)  # a checkpoint that would take 30 s

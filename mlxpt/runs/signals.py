@@ -8,6 +8,11 @@ Python runs signal handlers only between bytecodes in the main thread, so a main
 one long native call (a big `mx.eval`) would delay the second-signal exit. A watchdog thread woken
 through `signal.set_wakeup_fd` also counts signals and exits on the second one, so "twice" stays
 prompt whenever that native call releases the GIL.
+
+A process that ends once a stopped run returns (`mlxpt train`) calls `exit_on_signal_after_stop()`:
+the handlers left behind then still exit 130 on the next signal, so "twice" also holds in the
+moments between leaving the block and the process exit (with the previous SIGTERM handler, SIG_DFL,
+a second SIGTERM there killed the process by the signal instead).
 """
 
 from __future__ import annotations
@@ -21,6 +26,15 @@ from collections.abc import Iterator
 from mlxpt.errors import EXIT_INTERRUPTED
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_exit_after_stop = False
+
+
+def exit_on_signal_after_stop(enabled: bool = True) -> None:
+    """Process-wide: after a signal-triggered stop, leave handlers that exit 130 at once on any
+    further stop signal instead of restoring the previous ones. For commands that end when the
+    stopped run returns (the CLI); an interactive host (a notebook) keeps the default, restore."""
+    global _exit_after_stop
+    _exit_after_stop = enabled
 
 
 class StopFlag:
@@ -71,8 +85,9 @@ def graceful_signals(announce: bool = True) -> Iterator[StopFlag]:
     """Install SIGINT/SIGTERM handlers for the `with` block and yield a StopFlag.
 
     Outside the main thread it changes nothing (Python allows handlers only there) and yields a
-    flag that only `request()` sets. Previous handlers are restored on exit, so save the final
-    checkpoint inside the block, then `sys.exit(130)` (EXIT_INTERRUPTED) once it is left.
+    flag that only `request()` sets. Previous handlers are restored on exit (unless a signal stopped
+    the run and `exit_on_signal_after_stop()` was called), so save the final checkpoint inside the
+    block, then `sys.exit(130)` (EXIT_INTERRUPTED) once it is left.
     """
     flag = StopFlag()
     if threading.current_thread() is not threading.main_thread():
@@ -99,8 +114,16 @@ def graceful_signals(announce: bool = True) -> Iterator[StopFlag]:
         yield flag
     finally:
         watchdog.stop()
+        leave_exiting = _exit_after_stop and flag.signum is not None
         for s, h in previous.items():
-            signal.signal(s, h if h is not None else signal.SIG_DFL)
+            if leave_exiting:
+                signal.signal(s, _exit_handler)
+            else:
+                signal.signal(s, h if h is not None else signal.SIG_DFL)
+
+
+def _exit_handler(signum: int, frame: object) -> None:
+    _exit_now(signum)
 
 
 class _Watchdog:
