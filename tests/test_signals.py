@@ -20,28 +20,27 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # A fake training loop: steps until asked to stop, then "checkpoints" for `save_s` and exits 130.
 # With `stuck`, the main thread then blocks signals and sleeps: a stand-in for a long native call
-# that the Python-level handler cannot interrupt.
+# that the Python-level handler cannot interrupt. With `after`, the block is left at once and the
+# `save_s` is spent after it (writing the run status), as `mlxpt train` does inside
+# `exit_on_signal_after_stop`.
 CHILD = textwrap.dedent(
     """
-    import signal, sys, time
+    import contextlib, signal, sys, time
     from mlxpt.runs.signals import exit_on_signal_after_stop, graceful_signals
 
     mode, save_s = sys.argv[1], float(sys.argv[2])
-    if mode == "after":  # the block is left at once; the process then takes `save_s` to end
-        exit_on_signal_after_stop()
-    with graceful_signals() as flag:
-        print("ready", flush=True)
-        deadline = time.monotonic() + 20
-        while not flag.requested and time.monotonic() < deadline:
-            time.sleep(0.005)  # one training step
-        print("stop", flag.signal_name, flush=True)
-        if mode == "stuck":
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-        if mode != "after":
-            time.sleep(save_s)  # writing the checkpoint
-            print("checkpointed", flush=True)
-    if mode == "after":
-        time.sleep(save_s)  # writing the run status, printing the resume command
+    with exit_on_signal_after_stop() if mode == "after" else contextlib.nullcontext():
+        with graceful_signals() as flag:
+            print("ready", flush=True)
+            deadline = time.monotonic() + 20
+            while not flag.requested and time.monotonic() < deadline:
+                time.sleep(0.005)  # one training step
+            print("stop", flag.signal_name, flush=True)
+            if mode == "stuck":
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+            if mode != "after":
+                time.sleep(save_s)  # writing the checkpoint
+        time.sleep(save_s if mode == "after" else 0)
         print("checkpointed", flush=True)
     sys.exit(130)
     """
@@ -116,6 +115,19 @@ def test_handlers_restored_and_flag_set_in_process():
         assert flag.requested and flag.signal_name == "SIGTERM"
     assert {s: signal.getsignal(s) for s in before} == before
     assert signal.set_wakeup_fd(-1) == -1  # the watchdog gave the wakeup fd back
+
+
+def test_exit_on_signal_after_stop_is_scoped():
+    """Only a signal-stopped block inside `exit_on_signal_after_stop` leaves exiting handlers; the
+    setting itself ends with its block, so a later run in the same process restores as usual."""
+    from mlxpt.runs import signals
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with signals.exit_on_signal_after_stop():
+        with graceful_signals(announce=False) as flag:
+            flag.request()  # a stop button, not a signal: nothing is on its way out
+        assert {s: signal.getsignal(s) for s in before} == before
+    assert signals._exit_after_stop is False
 
 
 def test_noop_outside_main_thread():

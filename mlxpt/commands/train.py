@@ -148,7 +148,11 @@ def _printer(mode: str, steps: int):
 def run(args) -> int:
     from mlxpt.runs.signals import exit_on_signal_after_stop
 
-    exit_on_signal_after_stop()  # this process ends when a stopped run returns: a second signal exits 130
+    with exit_on_signal_after_stop():  # the process ends when a stopped run returns: a second signal exits 130
+        return _run(args)
+
+
+def _run(args) -> int:
     cfg = build_config(args)
     method = resolve_method(args)
     from mlxpt.train.sft import resume_command, run_sft

@@ -9,7 +9,7 @@ one long native call (a big `mx.eval`) would delay the second-signal exit. A wat
 through `signal.set_wakeup_fd` also counts signals and exits on the second one, so "twice" stays
 prompt whenever that native call releases the GIL.
 
-A process that ends once a stopped run returns (`mlxpt train`) calls `exit_on_signal_after_stop()`:
+A process that ends once a stopped run returns (`mlxpt train`) runs inside `exit_on_signal_after_stop()`:
 the handlers left behind then still exit 130 on the next signal, so "twice" also holds in the
 moments between leaving the block and the process exit (with the previous SIGTERM handler, SIG_DFL,
 a second SIGTERM there killed the process by the signal instead).
@@ -29,12 +29,18 @@ _SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _exit_after_stop = False
 
 
-def exit_on_signal_after_stop(enabled: bool = True) -> None:
-    """Process-wide: after a signal-triggered stop, leave handlers that exit 130 at once on any
-    further stop signal instead of restoring the previous ones. For commands that end when the
-    stopped run returns (the CLI); an interactive host (a notebook) keeps the default, restore."""
+@contextlib.contextmanager
+def exit_on_signal_after_stop() -> Iterator[None]:
+    """Inside this block, a signal-stopped `graceful_signals` block leaves handlers that exit 130 at
+    once on any further stop signal instead of restoring the previous ones; they stay after this
+    block too. For commands that end when the stopped run returns (`mlxpt train`); an interactive
+    host (a notebook) keeps the default, restore."""
     global _exit_after_stop
-    _exit_after_stop = enabled
+    before, _exit_after_stop = _exit_after_stop, True
+    try:
+        yield
+    finally:
+        _exit_after_stop = before
 
 
 class StopFlag:
@@ -86,7 +92,7 @@ def graceful_signals(announce: bool = True) -> Iterator[StopFlag]:
 
     Outside the main thread it changes nothing (Python allows handlers only there) and yields a
     flag that only `request()` sets. Previous handlers are restored on exit (unless a signal stopped
-    the run and `exit_on_signal_after_stop()` was called), so save the final checkpoint inside the
+    the run inside `exit_on_signal_after_stop()`), so save the final checkpoint inside the
     block, then `sys.exit(130)` (EXIT_INTERRUPTED) once it is left.
     """
     flag = StopFlag()
