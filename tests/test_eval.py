@@ -121,6 +121,13 @@ def test_eval_cli_compare_writes_table_json_and_png(base, adapter_run, tmp_path,
         assert {"strategy", "n", "accuracy", "generated_tokens", "seconds", "model", "adapter"} <= set(r)
     assert "self-consistency" in cap.out and "accuracy" in cap.out and "%" in cap.out
     assert (tmp_path / "res.png").read_bytes().startswith(b"\x89PNG")
+    progress = [line for line in cap.err.splitlines() if "prompts, " in line]  # not a terminal: lines, no \r
+    assert "\r" not in cap.err and [p.split(" prompts")[0] for p in progress] == [
+        "[base] 1/2",
+        "[base] 2/2",
+        "[adapter] 1/2",
+        "[adapter] 2/2",
+    ], cap.err
 
 
 @pytest.mark.parametrize(

@@ -135,13 +135,20 @@ def run(args) -> int:
         model, tokenizer = load_for(args)
         t0 = time.perf_counter()
 
-        def progress(done, total, label=label, t0=t0):
-            print(f"\r[{label}] {done}/{total} prompts, {time.perf_counter() - t0:.0f} s", end="", file=sys.stderr)
+        live = sys.stderr.isatty()  # a log file gets a line per 10 %, not one line of \r updates
+
+        def progress(done, total, label=label, t0=t0, live=live):
+            line = f"[{label}] {done}/{total} prompts, {time.perf_counter() - t0:.0f} s"
+            if live:
+                print(f"\r{line}", end="", file=sys.stderr)
+            elif done == total or done * 10 // total != (done - 1) * 10 // total:
+                print(line, file=sys.stderr)
 
         details[label] = []
         for r in evaluate(model, tokenizer, rows, cfg, progress, details[label]):
             results.append({**r, "label": label, "model": args.model or "default", "adapter": adapter})
-        print(file=sys.stderr)
+        if live:
+            print(file=sys.stderr)
         del model, tokenizer
     print(table(results))
     series = series_of(results)
