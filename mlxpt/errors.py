@@ -19,6 +19,7 @@ class MlxptError(Exception):
     """An error meant for the user: `code: what (where) - hint`, with an exit code."""
 
     exit_code = EXIT_INPUT
+    saved_step: int | None = None  # set when a checkpoint of this step was saved just before the raise
 
     def __init__(self, code: str, what: str, where: str | None = None, hint: str | None = None):
         self.code, self.what, self.where, self.hint = code, what, where, hint

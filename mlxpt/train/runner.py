@@ -160,7 +160,7 @@ def run_training(
                 stop=stop or flag,
             )  # fmt: skip
     except MlxptError as e:
-        if getattr(e, "saved_step", None) is not None:
+        if e.saved_step is not None:
             e.hint = f"{e.hint + '; ' if e.hint else ''}step {e.saved_step} is saved: {resume_command(run_dir)}"
         write_status(run_dir, "failed", step=state.step, error=e.line())
         raise
