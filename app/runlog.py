@@ -80,6 +80,8 @@ class RunLog:
             del self.samples[:-MAX_SAMPLES]
         elif kind == "checkpoint":
             self.say(f"checkpoint at step {e.get('step')}")
+        elif kind == "reference" and e.get("status") == "computing":
+            self.say(f"reference log-probs: {e.get('done')}/{e.get('pairs')} pairs, {e.get('elapsed_s', 0):.0f} s")
         elif kind == "reference":
             self.say(f"reference log-probs {e.get('status')} for {e.get('pairs')} pairs")
         elif kind == "warning":

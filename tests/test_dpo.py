@@ -171,7 +171,12 @@ def test_dpo_run_layout_reference_cache_and_metrics(tiny_dir, pref_dir, tmp_path
     assert outcome == "finished" and read_status(run_dir)["status"] == "finished"
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.json", "status.json", "metrics.jsonl", "adapters.safetensors", REFERENCE_FILE} <= names
-    assert [e["status"] for e in events if e["event"] == "reference"] == ["computed"]
+    ref = [e for e in events if e["event"] == "reference"]
+    assert [e["status"] for e in ref] == ["computing"] * (len(ref) - 1) + ["computed"]
+    done = [e["done"] for e in ref[:-1]]  # progress: rising, every 10 % at most, ending at every pair
+    assert len(done) >= 2 and done == sorted(set(done)) and done[-1] == ref[-1]["pairs"] == ref[0]["pairs"]
+    kinds = [e["event"] for e in events]
+    assert kinds.index("start") < kinds.index("reference")  # the run is announced before the long pass
     steps = [e for e in events if e["event"] == "step"]
     keys = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy", "logp_chosen", "logp_rejected")
     assert all(all(math.isfinite(e[k]) for k in keys) for e in steps)
@@ -179,6 +184,35 @@ def test_dpo_run_layout_reference_cache_and_metrics(tiny_dir, pref_dir, tmp_path
     evals = [e for e in events if e["event"] == "eval"]
     assert [e["step"] for e in evals] == [0, 3, 6] and all(0 <= e["val_accuracy"] <= 1 for e in evals)
     assert json.loads((run_dir / "config.json").read_text())["pref"]["loss_type"] == "sigmoid"
+
+
+def test_signal_during_the_reference_pass_stops_before_step_1_and_resume_recomputes(
+    tiny_dir, pref_dir, tmp_path, capfd
+):
+    import os
+    import signal
+
+    from mlxpt.runs import latest_checkpoint, read_status
+    from mlxpt.train.dpo import REFERENCE_FILE, run_dpo
+
+    cfg = make_cfg(tiny_dir, pref_dir, tmp_path, steps=2)
+    events = []
+
+    def emit(e):  # a Ctrl-C while the first batches are scored
+        events.append(e)
+        if e["event"] == "reference" and e["status"] == "computing" and len(events) < 10:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    run_dir, outcome = run_dpo(cfg, emit=emit)
+    assert outcome == "interrupted" and read_status(run_dir)["status"] == "interrupted"
+    assert not (run_dir / REFERENCE_FILE).exists() and latest_checkpoint(run_dir) is None
+    assert [e["event"] for e in events if e["event"] in ("step", "done")] == ["done"]
+    assert "SIGINT received" in capfd.readouterr().err  # written with os.write: capfd, not capsys
+    events.clear()
+    resumed, outcome = run_dpo(cfg, resume_dir=run_dir, emit=events.append)
+    assert outcome == "finished" and resumed == run_dir
+    assert [e["status"] for e in events if e["event"] == "reference"][-1] == "computed"
+    assert (run_dir / REFERENCE_FILE).exists()
 
 
 def test_dpo_resume_equals_uninterrupted_and_reuses_the_cache(tiny_dir, pref_dir, tmp_path):
@@ -242,8 +276,9 @@ def test_cli_train_dpo_json_events_and_run_layout(tiny_dir, pref_dir, tmp_path, 
     assert main(["train", "dpo", *args]) == 0
     events = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     kinds = [e["event"] for e in events]
-    assert kinds[:2] == ["reference", "start"] and kinds[-1] == "done"  # the reference pass runs before step 1
-    assert events[1]["method"] == "dpo" and {"accuracy", "margin"} <= set(events[kinds.index("step")])
+    assert kinds[0] == "start" and kinds[-1] == "done"  # the reference pass runs after "start", before step 1
+    assert kinds.index("reference") < kinds.index("step")
+    assert events[0]["method"] == "dpo" and {"accuracy", "margin"} <= set(events[kinds.index("step")])
     run_dir = Path(events[-1]["run_dir"])
     names = {p.name for p in run_dir.iterdir()}
     assert {"config.json", "status.json", "metrics.jsonl", "adapters.safetensors", "adapter_config.json"} <= names

@@ -133,6 +133,10 @@ def _printer(mode: str, steps: int):
                 print(
                     f"step {e['step']:>5}/{steps}  val_reward {e['val_reward']:.3f}{acc}  ({e['val_prompts']} prompts, greedy)"
                 )
+        elif kind == "reference" and e["status"] == "computing":
+            print(
+                f"reference log-probs (the untrained model, once per run): {e['done']}/{e['pairs']} pairs, {e['elapsed_s']:.0f} s"
+            )
         elif kind == "reference":
             print(f"reference log-probs {e['status']} for {e['pairs']} pairs: {e['path']}")
         elif kind == "warning":
@@ -173,7 +177,13 @@ def _run(args) -> int:
 
         run_dir, outcome = run_dpo(cfg, resume_dir=args.resume, emit=emit, name=method)
     if outcome == "interrupted":
-        print(f"interrupted: checkpoint saved. Resume with: {resume_command(run_dir)}", file=sys.stderr)
+        from mlxpt.runs import latest_checkpoint
+
+        if latest_checkpoint(run_dir) is None:
+            what = "interrupted before the first step, nothing to save; the resume starts at step 0"
+            print(f"{what}. Resume with: {resume_command(run_dir)}", file=sys.stderr)
+        else:
+            print(f"interrupted: checkpoint saved. Resume with: {resume_command(run_dir)}", file=sys.stderr)
         return EXIT_INTERRUPTED
     if args.events == "text" and method == "rm":
         print(f"done: reward model saved in {run_dir}")

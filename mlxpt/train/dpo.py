@@ -19,6 +19,7 @@ Deviations and simplifications:
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -94,15 +95,36 @@ def fingerprint(pairs: list[PrefExample]) -> str:
     return h.hexdigest()
 
 
-def reference_logps(backend, pairs: list[PrefExample], batch_size: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
-    """Summed response log-probs of each pair under the model as it is now (no gradient)."""
+def reference_logps(
+    backend, pairs: list[PrefExample], batch_size: int, pad_id: int, stop=None, progress=None
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Summed response log-probs of each pair under the model as it is now (no gradient).
+
+    `progress(pairs done)` after each batch; None once `stop.requested` (checked per batch)."""
     chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
     for i in range(0, len(pairs), batch_size):
+        if stop is not None and stop.requested:
+            return None
         part = pairs[i : i + batch_size]
         inputs, targets, mask, _, _ = collate_pairs(part, pad_id)
         seq = (backend.token_logps(inputs, targets).astype(np.float32) * mask).sum(axis=1)
         chosen[i : i + len(part)], rejected[i : i + len(part)] = seq[: len(part)], seq[len(part) :]
+        if progress is not None:
+            progress(i + len(part))
     return chosen, rejected
+
+
+def _progress_events(emit, total: int, every: float = 0.1) -> Callable[[int], None]:
+    """`emit` a "reference" event with status "computing" each `every` of `total` pairs."""
+    t0, shown = time.perf_counter(), [0]
+
+    def progress(done: int) -> None:
+        if done >= total or done - shown[0] >= every * total:
+            shown[0] = done
+            elapsed = time.perf_counter() - t0
+            emit({"event": "reference", "status": "computing", "done": done, "pairs": total, "elapsed_s": elapsed})
+
+    return progress
 
 
 def _adapter_is_initial(backend) -> bool:
@@ -114,7 +136,7 @@ def _adapter_is_initial(backend) -> bool:
 def make_before_train(cfg: DPOConfig, pad_id: int) -> Callable:
     """Load the cached reference log-probs, or compute and cache them on a fresh run."""
 
-    def before_train(backend, train, valid, run_dir: Path, emit) -> None:
+    def before_train(backend, train, valid, run_dir: Path, emit, stop=None) -> None:
         if cfg.pref.loss_type in REFERENCE_FREE:
             return
         from mlxpt.runs import latest_checkpoint, save_safetensors_atomic
@@ -144,9 +166,14 @@ def make_before_train(cfg: DPOConfig, pad_id: int) -> Callable:
                     "the reference is the untrained model: start a new run",
                 )
             arrays = {}
-            for split, pairs in (("train", train), ("valid", valid)):
-                c, r = reference_logps(backend, pairs, cfg.data.batch_size, pad_id)
-                arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = c, r
+            progress = _progress_events(emit, len(train) + len(valid))
+            for split, pairs, before in (("train", train, 0), ("valid", valid, len(train))):
+                done = reference_logps(
+                    backend, pairs, cfg.data.batch_size, pad_id, stop, lambda n, before=before: progress(before + n)
+                )
+                if done is None:  # stopped: nothing is cached, and a resume computes it again
+                    return
+                arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = done
             meta = {f"fingerprint_{s}": v for s, v in keys.items()}
             save_safetensors_atomic(path, arrays, {**meta, "model": cfg.model.model})
             how = "computed"

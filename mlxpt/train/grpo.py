@@ -411,7 +411,7 @@ def make_method(cfg: GRPOConfig) -> Method:
         holder["task"] = GRPOTask(cfg_, tokenizer)
         return holder["task"].task()
 
-    def before_train(backend, train, valid, run_dir, emit) -> None:
+    def before_train(backend, train, valid, run_dir, emit, stop) -> None:
         if not hasattr(backend, "model"):
             raise ConfigError(
                 "E551", "GRPO needs the mlx backend to sample completions", "backend", "use --backend mlx"

@@ -39,7 +39,9 @@ class Method:
     encode: Callable  # (cfg, tokenizer, rows) -> (train, valid, report)
     objective: Callable  # (logp, *batch[2:]) -> (loss_sum, weight, aux); see objectives.py
     task: Callable  # (cfg, tokenizer) -> loop.Task
-    before_train: Callable | None = None  # (backend, train, valid, run_dir, emit) e.g. reference log-probs
+    # (backend, train, valid, run_dir, emit, stop) e.g. reference log-probs; it returns early once
+    # `stop.requested` (a signal), and the run then ends "interrupted" before its first step
+    before_train: Callable | None = None
     rows_per_example: int = 1  # sequences one example puts in a batch (2 for a preference pair)
     output: str = "logp"  # what the backend hands the objective: per-token log-probs, or "reward" per row
     memory_shape: Callable | None = None  # (cfg, examples) -> memory.Shape of one pass (default: whole rows)
@@ -114,8 +116,6 @@ def run_training(
         },
     )
     write_status(run_dir, "running", step=state.step, steps=cfg.train.steps)
-    if method.before_train is not None:
-        method.before_train(backend, train, valid, run_dir, emit)
 
     def emit_and_log(event: dict) -> None:
         if event["event"] in ("step", "eval"):
@@ -155,10 +155,15 @@ def run_training(
     )
     try:
         with graceful_signals() as flag:
-            outcome = train_loop(
-                backend, train, valid, cfg.train, cfg.data.batch_size, task, state, emit_and_log, checkpoint,
-                stop=stop or flag,
-            )  # fmt: skip
+            if method.before_train is not None:  # after "start", so a long reference pass is visible
+                method.before_train(backend, train, valid, run_dir, emit, flag)
+            if flag.requested:  # stopped before step 1 of this session: nothing new to save
+                outcome = "interrupted"
+            else:
+                outcome = train_loop(
+                    backend, train, valid, cfg.train, cfg.data.batch_size, task, state, emit_and_log, checkpoint,
+                    stop=flag if stop is None else _Either(stop, flag),
+                )  # fmt: skip
     except MlxptError as e:
         if e.saved_step is not None:
             e.hint = f"{e.hint + '; ' if e.hint else ''}step {e.saved_step} is saved: {resume_command(run_dir)}"
@@ -179,6 +184,18 @@ def run_training(
         }
     )
     return run_dir, outcome
+
+
+class _Either:
+    """Requested when the caller's stop or the signal flag is (`stop or flag` would drop a caller's
+    StopFlag that is not yet requested: its truth value is `requested`)."""
+
+    def __init__(self, first, second):
+        self.first, self.second = first, second
+
+    @property
+    def requested(self) -> bool:
+        return self.first.requested or self.second.requested
 
 
 def pad_id_of(tokenizer) -> int:
