@@ -251,6 +251,9 @@ class PreferenceConfig:
     label_smoothing: float = opt(0.0, "conservative DPO/SimPO: assumed fraction of flipped labels")
     simpo_gamma: float = opt(0.5, "SimPO target reward margin")
     orpo_lambda: float = opt(0.1, "ORPO weight of the odds-ratio term beside the SFT loss on chosen")
+    plain_scoring: bool = opt(
+        False, "run each pair's prompt through the model twice, with each response (default: once per pair)"
+    )
 
 
 PREF_METHODS = {"dpo": {}, "simpo": {"loss_type": "simpo", "beta": 2.0}, "orpo": {"loss_type": "orpo"}}

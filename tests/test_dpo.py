@@ -186,6 +186,63 @@ def test_dpo_run_layout_reference_cache_and_metrics(tiny_dir, pref_dir, tmp_path
     assert json.loads((run_dir / "config.json").read_text())["pref"]["loss_type"] == "sigmoid"
 
 
+@pytest.mark.parametrize("loss_type", ["sigmoid", "orpo"])
+def test_shared_prompt_and_plain_scoring_train_the_same(tiny_dir, pref_dir, tmp_path, loss_type):
+    """Each prompt once per pair (responses interleaved, reordered for the loss) trains like
+    whole rows: same reference log-probs, losses and adapters after a few steps with dropout."""
+    from safetensors.numpy import load_file
+
+    from mlxpt.train.dpo import REFERENCE_FILE, run_dpo
+
+    # SGD: Adam turns a gradient that is ~0 into a step of about +-lr, so float noise would show
+    kw = {"steps": 4, "optimizer": "sgd", "learning_rate": 0.5, "eval_every": 2, "loss_type": loss_type}
+    runs = []
+    for name, plain in (("shared", False), ("plain", True)):
+        events = []
+        run_dir, _ = run_dpo(
+            make_cfg(tiny_dir, pref_dir, tmp_path / name, plain_scoring=plain, **kw), emit=events.append
+        )
+        assert not [e for e in events if e["event"] == "warning" and "scoring" in e["message"]]
+        losses = [e["loss"] for e in events if e["event"] == "step"] + [
+            e["val_loss"] for e in events if e["event"] == "eval"
+        ]
+        ref = load_file(str(run_dir / REFERENCE_FILE)) if (run_dir / REFERENCE_FILE).exists() else {}
+        runs.append((_load_state(run_dir)[0]["adapters"], losses, ref))
+    (a, la, ra), (b, lb, rb) = runs
+    np.testing.assert_allclose(la, lb, atol=2e-5)
+    assert ra.keys() == rb.keys() and (loss_type == "orpo") == (not ra)
+    for k in ra:
+        np.testing.assert_allclose(ra[k], rb[k], atol=2e-4, err_msg=k)
+    assert max(np.abs(v).max() for k, v in a.items() if k.endswith("lora_b")) > 1e-4  # they trained
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=2e-5, err_msg=k)
+
+
+def test_shared_prompt_layout_and_interleaved_objective():
+    from mlxpt.data.preference import PrefExample
+    from mlxpt.train import dpo
+
+    pairs = [PrefExample([5, 6, 7], [8, 9], [10], "a"), PrefExample([5], [11, 12, 13], [14, 15], "b")]
+    prompts, left_pad, comps, mask, _, _ = dpo.collate_pairs(pairs, 0, grouped=True)
+    assert prompts.tolist()[0][-3:] == [5, 6, 7] and left_pad.tolist() == [prompts.shape[1] - 3, prompts.shape[1] - 1]
+    assert [row[: int(m.sum())] for row, m in zip(comps.tolist(), mask, strict=True)] == [
+        [8, 9],
+        [10],
+        [11, 12, 13],
+        [14, 15],
+    ]
+    seen = {}
+
+    def objective(logp, mask, *rest):
+        seen["logp"], seen["mask"] = logp, mask
+        return 0.0
+
+    logp = np.arange(4 * 3, dtype=np.float32).reshape(4, 3)
+    dpo.interleaved(objective)(logp, mask)
+    assert seen["logp"][:, 0].tolist() == [0, 6, 3, 9]  # c0, c1, r0, r1
+    assert seen["mask"].sum(axis=1).tolist() == [2, 3, 1, 2]
+
+
 def test_signal_during_the_reference_pass_stops_before_step_1_and_resume_recomputes(
     tiny_dir, pref_dir, tmp_path, capfd
 ):

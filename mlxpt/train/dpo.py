@@ -58,13 +58,41 @@ def prepare_data(cfg: DPOConfig, tokenizer, rows=None):
     return train, valid, {"train": train_report, "valid": valid_report}
 
 
-def collate_pairs(pairs: list[PrefExample], pad_id: int):
-    """(inputs, targets, mask, ref_chosen, ref_rejected): 2B rows, B chosen then B rejected."""
-    rows = [p.rows()[0] for p in pairs] + [p.rows()[1] for p in pairs]
-    inputs, targets, mask = collate(rows, pad_id)
+def collate_pairs(pairs: list[PrefExample], pad_id: int, grouped: bool = False):
+    """(inputs, targets, mask, ref_chosen, ref_rejected): 2B rows, B chosen then B rejected.
+
+    grouped: (prompts, left_pad, responses, mask, ref_chosen, ref_rejected) for the backend's
+    shared-prompt pass (each prompt once, its two responses attending to it; shared_prefix.py):
+    B left-padded prompts, 2B right-padded responses interleaved (pair i: rows 2i chosen, 2i + 1
+    rejected), and `mask` over the responses in that order (`interleaved` restores the order)."""
     ref_c = np.array([p.ref_chosen for p in pairs], dtype=np.float32)
     ref_r = np.array([p.ref_rejected for p in pairs], dtype=np.float32)
+    if grouped:
+        from mlxpt.backends.shared_prefix import layout  # imports MLX (after the BLAS is chosen)
+
+        responses = [r for p in pairs for r in (p.chosen, p.rejected)]
+        prompts, left_pad, completions = layout([p.prompt for p in pairs], responses, pad_id, pad_to=8)
+        mask = np.zeros(completions.shape, np.float32)
+        for i, r in enumerate(responses):
+            mask[i, : len(r)] = 1.0
+        return prompts, left_pad, completions, mask, ref_c, ref_r
+    rows = [p.rows()[0] for p in pairs] + [p.rows()[1] for p in pairs]
+    inputs, targets, mask = collate(rows, pad_id)
     return inputs, targets, mask, ref_c, ref_r
+
+
+def interleaved(objective: Callable) -> Callable:
+    """`objective` on the grouped layout: rows (c0, r0, c1, r1, ...) reordered to (c0, c1, ...,
+    r0, r1, ...), the order the preference losses read (NumPy or MLX arrays)."""
+
+    def wrapped(logp, mask, *rest):
+        def order(a):
+            xp = objectives._xp(a)
+            return xp.concatenate([a[0::2], a[1::2]], axis=0)
+
+        return objective(order(logp), order(mask), *rest)
+
+    return wrapped
 
 
 def pair_task(cfg: DPOConfig, tokenizer) -> Task:
@@ -96,9 +124,10 @@ def fingerprint(pairs: list[PrefExample]) -> str:
 
 
 def reference_logps(
-    backend, pairs: list[PrefExample], batch_size: int, pad_id: int, stop=None, progress=None
+    backend, pairs: list[PrefExample], batch_size: int, pad_id: int, stop=None, progress=None, grouped: bool = False
 ) -> tuple[np.ndarray, np.ndarray] | None:
-    """Summed response log-probs of each pair under the model as it is now (no gradient).
+    """Summed response log-probs of each pair under the model as it is now (no gradient), in
+    the backend's layout (`grouped`: each prompt once, see collate_pairs).
 
     `progress(pairs done)` after each batch; None once `stop.requested` (checked per batch)."""
     chosen, rejected = np.zeros(len(pairs), np.float32), np.zeros(len(pairs), np.float32)
@@ -106,9 +135,10 @@ def reference_logps(
         if stop is not None and stop.requested:
             return None
         part = pairs[i : i + batch_size]
-        inputs, targets, mask, _, _ = collate_pairs(part, pad_id)
-        seq = (backend.token_logps(inputs, targets).astype(np.float32) * mask).sum(axis=1)
-        chosen[i : i + len(part)], rejected[i : i + len(part)] = seq[: len(part)], seq[len(part) :]
+        *arrays, mask, _, _ = collate_pairs(part, pad_id, grouped)
+        seq = (backend.token_logps(*arrays).astype(np.float32) * mask).sum(axis=1)
+        c, r = (seq[0::2], seq[1::2]) if grouped else (seq[: len(part)], seq[len(part) :])
+        chosen[i : i + len(part)], rejected[i : i + len(part)] = c, r
         if progress is not None:
             progress(i + len(part))
     return chosen, rejected
@@ -133,8 +163,23 @@ def _adapter_is_initial(backend) -> bool:
     return all(not np.any(v) for k, v in adapters.items() if k.endswith("lora_b"))
 
 
-def make_before_train(cfg: DPOConfig, pad_id: int) -> Callable:
-    """Load the cached reference log-probs, or compute and cache them on a fresh run."""
+def share_prompts(cfg: DPOConfig, backend, emit) -> bool:
+    """Switch the backend to the shared-prompt pass where it reproduces this model's plain
+    log-probs (MLX backend; checked on load) and `plain_scoring` is off. Returns whether it did."""
+    if cfg.pref.plain_scoring or not hasattr(backend, "share_prompts"):
+        return False
+    ok, found = backend.share_prompts()
+    if ok:
+        backend.objective = interleaved(backend.objective)
+    else:
+        emit({"event": "warning", "message": f"scoring each response with its prompt (slower): running "
+              f"each prompt once per pair does not reproduce this model's log-probs ({found})"})  # fmt: skip
+    return ok
+
+
+def make_before_train(cfg: DPOConfig, pad_id: int, grouped: Callable[[], bool] = lambda: False) -> Callable:
+    """Load the cached reference log-probs, or compute and cache them on a fresh run (in the
+    layout `grouped()` says the backend uses)."""
 
     def before_train(backend, train, valid, run_dir: Path, emit, stop=None) -> None:
         if cfg.pref.loss_type in REFERENCE_FREE:
@@ -169,8 +214,9 @@ def make_before_train(cfg: DPOConfig, pad_id: int) -> Callable:
             progress = _progress_events(emit, len(train) + len(valid))
             for split, pairs, before in (("train", train, 0), ("valid", valid, len(train))):
                 done = reference_logps(
-                    backend, pairs, cfg.data.batch_size, pad_id, stop, lambda n, before=before: progress(before + n)
-                )
+                    backend, pairs, cfg.data.batch_size, pad_id, stop,
+                    lambda n, before=before: progress(before + n), grouped(),
+                )  # fmt: skip
                 if done is None:  # stopped: nothing is cached, and a resume computes it again
                     return
                 arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = done
@@ -190,11 +236,14 @@ def make_method(cfg: DPOConfig, name: str = "dpo") -> Method:
     holder: dict = {}
 
     def task(cfg_, tokenizer) -> Task:
-        holder["pad"] = pad_id_of(tokenizer)
-        return pair_task(cfg_, tokenizer)
+        holder["pad"], holder["grouped"] = pad_id_of(tokenizer), False
+        task = pair_task(cfg_, tokenizer)
+        task.collate = lambda pairs: collate_pairs(pairs, holder["pad"], holder["grouped"])
+        return task
 
-    def before_train(*args) -> None:
-        make_before_train(cfg, holder["pad"])(*args)
+    def before_train(backend, train, valid, run_dir, emit, stop=None) -> None:
+        holder["grouped"] = share_prompts(cfg, backend, emit)  # before the reference pass: it uses it too
+        make_before_train(cfg, holder["pad"], lambda: holder["grouped"])(backend, train, valid, run_dir, emit, stop)
 
     return Method(
         name=name, read=read_rows, encode=prepare_data, objective=make_objective(cfg), task=task,
