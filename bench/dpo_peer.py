@@ -14,7 +14,10 @@ mlx-lm-lora 5.10.2 calls a Metal-only `mx.device_info()` field in DPO; the child
 What differs by design: mlx-lm-lora runs a second model copy as the reference, with two extra
 forward passes per step, and separate chosen and rejected passes; mlxpt computes the reference
 log-probs once before step 1 (reported separately as part of `load_s`) and runs chosen and
-rejected as one concatenated pass. Step time excludes the first `--warmup` steps of each run.
+rejected as one concatenated pass, each prompt run once per pair (shared-prompt scoring);
+`mlxpt-plain` is mlxpt with `--plain-scoring` (each prompt twice, whole rows), run beside them
+to show what the shared prompt gives. Step time excludes the first `--warmup` steps of each run;
+`reference_s` is mlxpt's one-off reference pass (its last progress event).
 
     .venv/bin/python bench/dpo_peer.py [--repeats 2] [--steps 12] [--pairs 48] [--json out.json]
 """
@@ -85,28 +88,30 @@ def peer_cmd(a, f32: Path, data: Path, tmp: Path, tag: str) -> list[str]:
             "--save-every", "100000", "--adapter-path", str(tmp / f"peer-{tag}"), "--seed", "0"]  # fmt: skip
 
 
-def mlxpt_cmd(a, f32: Path, data: Path, tmp: Path, tag: str) -> list[str]:
+def mlxpt_cmd(a, f32: Path, data: Path, tmp: Path, tag: str, plain: bool = False) -> list[str]:
     return [PY, "-m", "mlxpt.cli", "train", "dpo", "--events", "json", "--model", str(f32), "--quantize", "none",
             "--data", str(data), "--batch-size", str(a.batch_size), "--max-seq-len", str(a.max_seq_len),
             "--num-layers", str(a.num_layers), "--rank", "8", "--alpha", "16", "--targets", "all",
             "--steps", str(a.steps), "--learning-rate", str(a.learning_rate), "--optimizer", "adam",
             "--clip-grad-norm", "0", "--schedule", "constant", "--warmup-steps", "0", "--beta", str(a.beta),
             "--eval-every", "0", "--eval-batches", "0", "--save-every", "100000",
-            "--runs-dir", str(tmp / "runs"), "--name", tag, "--seed", "0"]  # fmt: skip
+            "--runs-dir", str(tmp / "runs"), "--name", tag, "--seed", "0"] + ["--plain-scoring"] * plain  # fmt: skip
 
 
 def summarise(tool: str, lines: list[str], warmup: int) -> dict:
     times, peaks, losses, extra = [], [], [], {}
     for line in lines:
         s = line[6:] if line.startswith("BENCH ") else line
-        if tool == "mlxpt" and s.startswith("{"):
+        if tool.startswith("mlxpt") and s.startswith("{"):
             e = json.loads(s)
             if e["event"] == "step":
                 times.append(e["step_time_s"])
                 peaks.append(e["peak_memory_mb"])
                 losses.append(e["loss"])
             elif e["event"] == "start":
-                extra = {"load_s (incl. reference pass)": e["load_time_s"], "blas": e["blas"]}
+                extra = {**extra, "load_s": e["load_time_s"], "blas": e["blas"]}
+            elif e["event"] == "reference" and e["status"] == "computing":
+                extra = {**extra, "reference_s": e["elapsed_s"]}
         elif tool == "mlx-lm-lora":
             if s.startswith("{"):
                 e = json.loads(s)
@@ -157,9 +162,13 @@ def main() -> int:
     env.pop("MLXPT_BLAS", None)
     results = []
     for rep in range(a.repeats):
-        for tool in ("mlx-lm-lora", "mlxpt") if rep % 2 == 0 else ("mlxpt", "mlx-lm-lora"):  # interleaved
+        tools = ("mlx-lm-lora", "mlxpt", "mlxpt-plain")
+        for tool in tools if rep % 2 == 0 else tools[::-1]:  # interleaved
             tag = f"{tool}-{rep}"
-            cmd = peer_cmd(a, f32, theirs, tmp, tag) if tool == "mlx-lm-lora" else mlxpt_cmd(a, f32, ours, tmp, tag)
+            if tool == "mlx-lm-lora":
+                cmd = peer_cmd(a, f32, theirs, tmp, tag)
+            else:
+                cmd = mlxpt_cmd(a, f32, ours, tmp, tag, plain=tool == "mlxpt-plain")
             rc, lines, rss, wall = run(cmd, env, a.timeout, tmp / f"{tag}.log")
             r = {
                 "tool": tool,
@@ -175,14 +184,14 @@ def main() -> int:
                 print(f"{tool} failed (exit {rc}); see {tmp / f'{tag}.log'}", file=sys.stderr)
     by = {
         t: [r for r in results if r["tool"] == t and r["rc"] == 0 and r["s_per_step_median"]]
-        for t in ("mlxpt", "mlx-lm-lora")
+        for t in ("mlxpt", "mlxpt-plain", "mlx-lm-lora")
     }
-    if by["mlxpt"] and by["mlx-lm-lora"]:
-        ratios = [
-            m["s_per_step_median"] / p["s_per_step_median"]
-            for m, p in zip(by["mlxpt"], by["mlx-lm-lora"], strict=False)
-        ]
-        print(f"\nmlxpt / mlx-lm-lora step time per repeat: {', '.join(f'{x:.2f}x' for x in ratios)}")
+    for ours_, theirs_ in (("mlxpt", "mlx-lm-lora"), ("mlxpt-plain", "mlx-lm-lora"), ("mlxpt", "mlxpt-plain")):
+        if by[ours_] and by[theirs_]:
+            ratios = [
+                m["s_per_step_median"] / p["s_per_step_median"] for m, p in zip(by[ours_], by[theirs_], strict=False)
+            ]
+            print(f"{ours_} / {theirs_} step time per repeat: {', '.join(f'{x:.2f}x' for x in ratios)}")
     if a.json:
         Path(a.json).write_text(json.dumps({"args": vars(a), "float_model": str(f32), "results": results}, indent=1))
     return 0

@@ -8,7 +8,12 @@ Deviations and simplifications:
   Its summed log-probs are computed once per pair before step 1 and cached in the run folder
   (`reference_logps.safetensors`); resume reuses the cache, and a run with checkpoints but no
   cache is refused, since the reference can no longer be recomputed.
-- Chosen and rejected go through one concatenated forward pass: B chosen rows, then B rejected.
+- On the MLX backend each prompt runs once per pair: its keys/values serve both responses, and
+  the vocabulary head runs only where a response token is predicted (backends/shared_prefix.py;
+  checked against whole rows when the run starts; `plain_scoring` turns it off). The training
+  pass, validation and the reference pass all use it. Otherwise chosen and rejected go through one
+  concatenated pass: B chosen rows, then B rejected. The pre-flight memory estimate stays that of
+  whole rows (an upper bound; the TUI's estimate is the same).
 - Log-probs are summed over response tokens (the end-of-turn token included); IPO uses the sums
   too (TRL averages them per token for IPO). SimPO and ORPO average them per token as in their
   papers; ORPO's SFT term is the per-pair mean NLL of the chosen response (TRL: a token mean
