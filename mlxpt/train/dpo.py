@@ -100,9 +100,11 @@ def interleaved(objective: Callable) -> Callable:
     return wrapped
 
 
-def pair_task(cfg: DPOConfig, tokenizer) -> Task:
+def pair_task(cfg: DPOConfig, tokenizer, grouped: Callable[[], bool] = lambda: False) -> Task:
+    """`grouped()`: whether the backend runs the shared-prompt pass (known once it is loaded)."""
+    pad_id = pad_id_of(tokenizer)
     return Task(
-        collate=partial(collate_pairs, pad_id=pad_id_of(tokenizer)),
+        collate=lambda pairs: collate_pairs(pairs, pad_id, grouped()),
         length=lambda p: len(p.prompt) + max(len(p.chosen), len(p.rejected)),
         tokens=lambda p: 2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2,
     )
@@ -182,9 +184,9 @@ def share_prompts(cfg: DPOConfig, backend, emit) -> bool:
     return ok
 
 
-def make_before_train(cfg: DPOConfig, pad_id: int, grouped: Callable[[], bool] = lambda: False) -> Callable:
+def make_before_train(cfg: DPOConfig, pad_id: int, grouped: bool = False) -> Callable:
     """Load the cached reference log-probs, or compute and cache them on a fresh run (in the
-    layout `grouped()` says the backend uses)."""
+    backend's layout: `grouped`, see collate_pairs)."""
 
     def before_train(backend, train, valid, run_dir: Path, emit, stop=None) -> None:
         if cfg.pref.loss_type in REFERENCE_FREE:
@@ -220,7 +222,7 @@ def make_before_train(cfg: DPOConfig, pad_id: int, grouped: Callable[[], bool] =
             for split, pairs, before in (("train", train, 0), ("valid", valid, len(train))):
                 done = reference_logps(
                     backend, pairs, cfg.data.batch_size, pad_id, stop,
-                    lambda n, before=before: progress(before + n), grouped(),
+                    lambda n, before=before: progress(before + n), grouped,
                 )  # fmt: skip
                 if done is None:  # stopped: nothing is cached, and a resume computes it again
                     return
@@ -242,13 +244,11 @@ def make_method(cfg: DPOConfig, name: str = "dpo") -> Method:
 
     def task(cfg_, tokenizer) -> Task:
         holder["pad"], holder["grouped"] = pad_id_of(tokenizer), False
-        task = pair_task(cfg_, tokenizer)
-        task.collate = lambda pairs: collate_pairs(pairs, holder["pad"], holder["grouped"])
-        return task
+        return pair_task(cfg_, tokenizer, lambda: holder["grouped"])
 
     def before_train(backend, train, valid, run_dir, emit, stop=None) -> None:
         holder["grouped"] = share_prompts(cfg, backend, emit)  # before the reference pass: it uses it too
-        make_before_train(cfg, holder["pad"], lambda: holder["grouped"])(backend, train, valid, run_dir, emit, stop)
+        make_before_train(cfg, holder["pad"], holder["grouped"])(backend, train, valid, run_dir, emit, stop)
 
     return Method(
         name=name, read=read_rows, encode=prepare_data, objective=make_objective(cfg), task=task,
