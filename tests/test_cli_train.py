@@ -131,3 +131,19 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_finishes(tiny_dir, data_dir, tm
     assert done.returncode == 0, done.stderr
     assert f"resuming at step {step}" in done.stdout
     assert json.loads((run_dir / "status.json").read_text())["status"] == "finished"
+
+
+@pytest.mark.parametrize("saved", [False, True])
+def test_interrupted_message_says_whether_a_checkpoint_was_saved(saved, tmp_path, monkeypatch, capsys):
+    """A stop during DPO's reference pass ends before step 1: the CLI must not claim a checkpoint."""
+    from mlxpt.train import dpo
+
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints" / ("step-00000002" if saved else "")).mkdir(parents=True)
+    if saved:
+        monkeypatch.setattr("mlxpt.runs.latest_checkpoint", lambda d: Path(d) / "checkpoints" / "step-00000002")
+    monkeypatch.setattr(dpo, "run_dpo", lambda cfg, **kw: (run_dir, "interrupted"))
+    assert main(["train", "dpo", "--steps", "2"]) == 130
+    err = capsys.readouterr().err
+    assert f"Resume with: mlxpt train --resume {run_dir}" in err
+    assert ("checkpoint saved" in err) == saved and ("nothing to save" in err) == (not saved)
