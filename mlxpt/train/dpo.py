@@ -86,16 +86,17 @@ def collate_pairs(pairs: list[PrefExample], pad_id: int, grouped: bool = False):
     return inputs, targets, mask, ref_c, ref_r
 
 
+def chosen_first(a):
+    """Rows of the grouped layout (c0, r0, c1, r1, ...) reordered to (c0, c1, ..., r0, r1, ...),
+    the order the preference losses read (NumPy or MLX arrays)."""
+    return objectives._xp(a).concatenate([a[0::2], a[1::2]], axis=0)
+
+
 def interleaved(objective: Callable) -> Callable:
-    """`objective` on the grouped layout: rows (c0, r0, c1, r1, ...) reordered to (c0, c1, ...,
-    r0, r1, ...), the order the preference losses read (NumPy or MLX arrays)."""
+    """`objective` on the grouped layout (see chosen_first)."""
 
     def wrapped(logp, mask, *rest):
-        def order(a):
-            xp = objectives._xp(a)
-            return xp.concatenate([a[0::2], a[1::2]], axis=0)
-
-        return objective(order(logp), order(mask), *rest)
+        return objective(chosen_first(logp), chosen_first(mask), *rest)
 
     return wrapped
 
@@ -144,8 +145,8 @@ def reference_logps(
         part = pairs[i : i + batch_size]
         *arrays, mask, _, _ = collate_pairs(part, pad_id, grouped)
         seq = (backend.token_logps(*arrays).astype(np.float32) * mask).sum(axis=1)
-        c, r = (seq[0::2], seq[1::2]) if grouped else (seq[: len(part)], seq[len(part) :])
-        chosen[i : i + len(part)], rejected[i : i + len(part)] = c, r
+        seq = chosen_first(seq) if grouped else seq
+        chosen[i : i + len(part)], rejected[i : i + len(part)] = seq[: len(part)], seq[len(part) :]
         if progress is not None:
             progress(i + len(part))
     return chosen, rejected
