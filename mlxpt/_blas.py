@@ -5,14 +5,24 @@ Loading an OpenBLAS with RTLD_GLOBAL before `import mlx` makes libmlx bind `cbla
 (10-30x faster). Sources, in order: a system libopenblas, then the `cmeel-openblas` wheel (its
 libgfortran dependency is satisfied by a copy of the one bundled in the mlx wheel, renamed).
 Opt out with MLXPT_BLAS=off (or choose MLXPT_BLAS=system|wheel). No-op on macOS (Accelerate).
+
+Safety: a library is used only after a child process has run `cblas_sgemm` from it on small and
+large shapes (all four transposes, beta 0 and 1) and matched NumPy. Builds exist whose kernels
+use instructions this CPU lacks (cmeel-openblas 0.3.31's `sgemm_small_kernel_b0_nn` issues
+AVX-512 on AVX2-only CPUs: SIGILL on the first small matmul); those are skipped, not crashed on.
+The verdict is cached per library file and CPU.
 """
 
 from __future__ import annotations
 
 import ctypes
 import glob
+import hashlib
 import importlib.util
+import json
 import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -73,9 +83,92 @@ def _gfortran_for_wheel(libs: Path) -> Path | None:
     return out
 
 
-def _try_system() -> str | None:
+# Run in a child: load `preload` then `lib` (argv), check cblas_sgemm against NumPy on shapes that
+# reach both the small-matrix and the blocked kernels. Exit 0 only if every result matches.
+_PROBE = r"""
+import ctypes, sys
+import numpy as np
+for p in sys.argv[2:]:
+    ctypes.CDLL(p, mode=ctypes.RTLD_GLOBAL)
+lib = ctypes.CDLL(sys.argv[1], mode=ctypes.RTLD_GLOBAL)
+f = lib.cblas_sgemm
+P = ctypes.POINTER(ctypes.c_float)
+I, F = ctypes.c_int, ctypes.c_float
+f.argtypes = [I, I, I, I, I, I, F, P, I, P, I, F, P, I]
+rng = np.random.default_rng(0)
+for m, n, k in ((2, 3, 4), (8, 8, 8), (17, 5, 33), (64, 48, 80), (300, 200, 100)):
+    for ta in (False, True):
+        for tb in (False, True):
+            for beta in (0.0, 1.0):
+                a = rng.standard_normal((k, m) if ta else (m, k), dtype=np.float32)
+                b = rng.standard_normal((n, k) if tb else (k, n), dtype=np.float32)
+                c = rng.standard_normal((m, n), dtype=np.float32)
+                want = (a.T if ta else a).astype(np.float64) @ (b.T if tb else b) + beta * c
+                ptr = lambda x: x.ctypes.data_as(P)
+                f(101, 112 if ta else 111, 112 if tb else 111, m, n, k, 1.0, ptr(a), a.shape[1],
+                  ptr(b), b.shape[1], beta, ptr(c), n)
+                if not np.allclose(c, want, rtol=1e-3, atol=1e-3 * k):
+                    sys.exit(3)
+"""
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith(("flags", "Features"))), "")
+    except OSError:
+        flags = ""
+    return f"{platform.machine()} {flags.strip()}"
+
+
+def probe(lib: str, preload: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """Whether `lib`'s cblas_sgemm runs correctly on this CPU, tried in a child process (cached per
+    file and CPU). (ok, what the check found)."""
+    try:
+        st = os.stat(lib)
+    except OSError as e:
+        return False, str(e)
+    key = json.dumps([os.path.realpath(lib), st.st_size, st.st_mtime_ns, list(preload), _cpu_id()])
+    cache = _cache_dir() / f"probe-{hashlib.sha256(key.encode()).hexdigest()[:24]}.json"
+    try:
+        saved = json.loads(cache.read_text())
+        return bool(saved["ok"]), str(saved["found"])
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", _PROBE, lib, *preload], capture_output=True, timeout=120,
+            env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
+        )  # fmt: skip
+        code = out.returncode
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return False, f"probe failed: {e}"
+    ok = code == 0
+    if ok:
+        found = "sgemm checked"
+    elif code < 0:
+        found = f"sgemm killed by signal {-code} (a kernel this CPU cannot run)"
+    elif code == 3:
+        found = "sgemm gave wrong results"
+    else:
+        found = f"probe exited {code}"
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".tmp-{os.getpid()}-{cache.name}")
+        tmp.write_text(json.dumps({"ok": ok, "found": found, "lib": lib}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # an unwritable cache only costs the probe again
+    return ok, found
+
+
+def _try_system(refused: list[str]) -> str | None:
     for cand in _SYSTEM_CANDIDATES:
         if os.path.exists(cand):
+            ok, found = probe(cand)
+            if not ok:
+                refused.append(f"{cand}: {found}")
+                continue
             try:
                 ctypes.CDLL(cand, mode=ctypes.RTLD_GLOBAL)
                 return f"openblas (system, {cand})"
@@ -84,7 +177,7 @@ def _try_system() -> str | None:
     return None
 
 
-def _try_wheel(libs: Path) -> str | None:
+def _try_wheel(libs: Path, refused: list[str]) -> str | None:
     roots = [str(p) for p in _site_dirs("cmeel")]
     roots += [p for p in sys.path if p and os.path.isdir(os.path.join(p, "cmeel.prefix"))]
     for root in dict.fromkeys(roots):
@@ -93,6 +186,11 @@ def _try_wheel(libs: Path) -> str | None:
             continue
         try:
             gf = _gfortran_for_wheel(libs)
+            quad = tuple(sorted(glob.glob(str(libs / "libquadmath-*.so*"))))
+            ok, found = probe(str(lib), (*quad, str(gf)) if gf is not None else quad)
+            if not ok:
+                refused.append(f"{lib}: {found}")
+                continue
             if gf is not None:
                 ctypes.CDLL(str(gf), mode=ctypes.RTLD_GLOBAL)
             ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
@@ -117,11 +215,13 @@ def activate() -> str:
     elif "mlx.core" in sys.modules:
         _status = "reference (mlx was imported before mlxpt could load OpenBLAS)"
     else:
-        got = None
+        got, refused = None, []
         if choice in ("auto", "system"):
-            got = _try_system()
+            got = _try_system(refused)
         if got is None and choice in ("auto", "wheel"):
-            got = _try_wheel(libs)
+            got = _try_wheel(libs, refused)
+        if got is None and refused:
+            got = f"reference (OpenBLAS refused, {'; '.join(refused)})"
         _status = got or "reference (no OpenBLAS found: pip install cmeel-openblas)"
     return _status
 

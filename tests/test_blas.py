@@ -52,3 +52,32 @@ def test_too_late_is_reported_not_hidden(tmp_path):
 def test_version_names_the_blas():
     out = subprocess.run([sys.executable, "-m", "mlxpt.cli", "--version"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0 and "BLAS:" in out.stdout
+
+
+FAKE_BLAS = {
+    # an illegal instruction on the first call, as a kernel built for a newer CPU does
+    "trap": "void cblas_sgemm(void) { __builtin_trap(); }",
+    # runs, but leaves C untouched: wrong results
+    "wrong": "void cblas_sgemm(void) { }",
+}
+
+
+@pytest.mark.parametrize("kind", sorted(FAKE_BLAS))
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the swap only happens on Linux")
+def test_a_blas_that_crashes_or_is_wrong_is_refused_not_loaded(kind, tmp_path, monkeypatch):
+    import shutil
+
+    if shutil.which("cc") is None:
+        pytest.skip("no C compiler")
+    src = tmp_path / f"{kind}.c"
+    src.write_text(FAKE_BLAS[kind] + "\n")
+    lib = tmp_path / f"lib{kind}.so"
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(lib), str(src)], check=True)
+    monkeypatch.setenv("MLXPT_HOME", str(tmp_path / "home"))
+    from mlxpt import _blas
+
+    ok, found = _blas.probe(str(lib))
+    assert not ok
+    assert ("signal" in found) if kind == "trap" else ("wrong" in found)
+    assert _blas.probe(str(lib)) == (ok, found)  # cached verdict, same answer
+    assert list((tmp_path / "home" / "blas").glob("probe-*.json"))
