@@ -32,6 +32,7 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
+	$(BIN)/python tests/layers.py
 	$(BIN)/ruff check mlxpt app tests bench assets
 	$(BIN)/ruff format --check mlxpt app tests bench assets
 

@@ -136,15 +136,15 @@ def check_data(kind: str, cfg) -> DataPreview:
 def estimate_memory(cfg, shape) -> dict:
     """Peak training memory (bytes by part) for the model and adapter in `cfg`: the same
     estimate `mlxpt train` checks before step 1. Loads the model once per model/adapter choice."""
-    from mlxpt.train.memory import available_bytes, estimate_bytes
+    from mlxpt.models.memory import available_bytes, estimate_bytes
 
     a = cfg.adapter
     key = (cfg.model.model, cfg.model.quantize, a.fine_tune_type, a.rank, a.num_layers, a.targets)
     with _lock:
         model = _estimate_model.get(key)
         if model is None:
+            from mlxpt.models.adapters import apply_adapters
             from mlxpt.models.loader import load
-            from mlxpt.train.adapters import apply_adapters
 
             model, _ = load(cfg.model.model, quantize=cfg.model.quantize, trust_remote_code=cfg.model.trust_remote_code)
             apply_adapters(model, a, seed=0)

@@ -140,7 +140,7 @@ def generation_check(run_dir: Path, model_ref: str, n: int, max_tokens: int) -> 
 
 def rm_check(run_dir: Path, n: int) -> dict:
     """Held-out pairwise accuracy of the saved reward model through the public scorer."""
-    from mlxpt.train.rm import load_reward_model
+    from mlxpt.decode.reward_model import load_reward_model
 
     rows = pref_rows("valid", n)
     rm = load_reward_model(run_dir)

@@ -49,7 +49,7 @@ def greedy_accuracy(model, tok, examples, max_tokens: int) -> dict:
     completions, the accuracy on the first 100 prompts (the set of the earlier runs), which
     prompts were right, and the time it took."""
     from mlxpt.decode.batch import generate_many
-    from mlxpt.train.rewards import REWARDS
+    from mlxpt.rewards import REWARDS
 
     t0 = time.perf_counter()
     right: list[int] = []

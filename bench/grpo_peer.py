@@ -105,7 +105,7 @@ print("BENCH " + json.dumps({"event": "done", "t": time.time()}), flush=True)
 _REWARDS = r"""
 import sys
 sys.path.insert(0, {root!r})
-from mlxpt.train.rewards import accuracy, format_reward
+from mlxpt.rewards import accuracy, format_reward
 from mlx_lm_lora.trainer.grpo_reward_functions import register_reward_function
 
 @register_reward_function()

@@ -17,8 +17,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlxpt.decode.extract import same_answer  # noqa: E402
 from mlxpt.decode.votes import adaptive_schedule, vote  # noqa: E402
+from mlxpt.rewards.extract import same_answer  # noqa: E402
 
 
 def regrade(doc: dict, gold: list[str]) -> None:

@@ -144,9 +144,9 @@ def fuse(
     """Fuse the adapter of `run` into its base model and write the verified result to `out`."""
     import numpy as np
 
+    from mlxpt.models.adapters import find_adapter, read_adapter_config
     from mlxpt.models.loader import check_folder, load, resolve
     from mlxpt.runs.atomic import disk_full_error, is_disk_full
-    from mlxpt.train.adapters import find_adapter, read_adapter_config
 
     out = Path(out)
     check_out(out, force)

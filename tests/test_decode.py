@@ -22,7 +22,7 @@ def make_adapter_run(folder, base, fine_tune_type="lora", quantize="none", seed=
     from mlx.utils import tree_flatten, tree_unflatten
 
     from mlxpt.config import AdapterConfig
-    from mlxpt.train.adapters import apply_adapters, save_adapter
+    from mlxpt.models.adapters import apply_adapters, save_adapter
 
     model, _ = load(str(base), quantize=quantize)
     cfg = apply_adapters(model, AdapterConfig(fine_tune_type=fine_tune_type, rank=4, num_layers=-1))

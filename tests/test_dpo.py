@@ -12,8 +12,8 @@ import tiny
 from test_train import StopAfter, _load_state
 from tiny import run_config
 
+from mlxpt import objectives as O
 from mlxpt.config import DPOConfig
-from mlxpt.train import objectives as O
 
 
 @pytest.fixture(scope="module")
@@ -132,8 +132,8 @@ def test_every_trainable_parameter_changes_and_no_frozen_one(kind, tiny_dir, pre
 
     from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer
     from mlxpt.models import load
+    from mlxpt.models.adapters import apply_adapters
     from mlxpt.train import dpo
-    from mlxpt.train.adapters import apply_adapters
 
     cfg = make_cfg(tiny_dir, pref_dir, tmp_path, fine_tune_type=kind, num_layers=1)
     model, tok = load(str(tiny_dir))

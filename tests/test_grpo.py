@@ -15,8 +15,8 @@ from test_train import StopAfter, _load_state
 
 from mlxpt.config import GRPOConfig
 from mlxpt.errors import ConfigError, DataError
+from mlxpt.objectives import GRADS, grpo_grad, grpo_objective
 from mlxpt.train.grpo import group_advantages
-from mlxpt.train.objectives import GRADS, grpo_grad, grpo_objective
 
 EMPTY = np.zeros((0,), np.float32)
 
@@ -520,8 +520,8 @@ def test_memory_estimate_counts_each_prompt_once(tiny_dir, prompt_dir, tmp_path,
     """GRPO's pass is estimated as it runs: each prompt once per group and the vocabulary head
     on completion positions only, unless plain scoring runs G whole rows a prompt."""
     from mlxpt.errors import ResourceError
+    from mlxpt.models import memory
     from mlxpt.models.loader import load_tokenizer
-    from mlxpt.train import memory
     from mlxpt.train.grpo import memory_shape, prepare_data, read_rows, run_grpo
 
     s = memory.Shape.shared_prompts(2, 4, 30, 10)

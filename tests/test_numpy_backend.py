@@ -20,7 +20,7 @@ from tiny import StopAfter
 
 from mlxpt.backends.numpy_backend import AdamW, NumpyBackend
 from mlxpt.backends.numpy_model import Model
-from mlxpt.train.objectives import sft_grad, sft_objective
+from mlxpt.objectives import sft_grad, sft_objective
 
 VARIANTS = {
     "llama": {},
@@ -132,7 +132,7 @@ def paired_backends(path, kind, targets="all", clip=1.0, num_layers=1):
     from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer
     from mlxpt.backends.numpy_backend import resolve_keys
     from mlxpt.config import AdapterConfig
-    from mlxpt.train.adapters import apply_adapters
+    from mlxpt.models.adapters import apply_adapters
 
     cfg = AdapterConfig(fine_tune_type=kind, num_layers=num_layers, targets=targets, rank=4, alpha=8.0)
     ref = mlx_model(path)
@@ -191,7 +191,7 @@ def test_same_seed_gives_the_mlx_initial_adapter(kind, targets, seed, tmp_path):
     from mlxpt.backends.numpy_backend import resolve_keys
     from mlxpt.config import AdapterConfig
     from mlxpt.models import load
-    from mlxpt.train.adapters import apply_adapters, trainable
+    from mlxpt.models.adapters import apply_adapters, trainable
 
     path = make_variant(tmp_path / "m", "qwen3")
     ref, _ = load(str(path))
@@ -258,7 +258,7 @@ import sys
 import numpy as np
 import mlxpt.backends.numpy_backend as nbk
 from mlxpt.config import SFTConfig
-from mlxpt.train.objectives import sft_objective
+from mlxpt.objectives import sft_objective
 cfg = SFTConfig()
 cfg.model.model = {str(path)!r}
 cfg.train.backend = "numpy"

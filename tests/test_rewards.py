@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from mlxpt.decode.extract import extract, normalize, same_answer
 from mlxpt.errors import ConfigError
-from mlxpt.train.rewards import REWARDS, RewardGuard, RewardStop, load_reward, parse_rewards
+from mlxpt.rewards import REWARDS, RewardGuard, RewardStop, load_reward, parse_rewards
+from mlxpt.rewards.extract import extract, normalize, same_answer
 
 
 @pytest.mark.parametrize(

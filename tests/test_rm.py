@@ -12,9 +12,9 @@ import tiny
 from test_train import StopAfter, _load_state
 from tiny import run_config
 
+from mlxpt import objectives as O
 from mlxpt.config import DPOConfig, RMConfig
 from mlxpt.errors import MlxptError
-from mlxpt.train import objectives as O
 
 VALID = tiny.pref_rows(32)[24:]  # the valid split of conftest's pref_dir
 
@@ -84,8 +84,8 @@ def test_every_trainable_parameter_changes_and_no_frozen_one(kind, tiny_dir, pre
 
     from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer
     from mlxpt.models import load
+    from mlxpt.models.adapters import apply_adapters
     from mlxpt.train import rm
-    from mlxpt.train.adapters import apply_adapters
     from mlxpt.train.dpo import prepare_data
 
     cfg = make_cfg(tiny_dir, pref_dir, tmp_path, fine_tune_type=kind, num_layers=1)
@@ -113,7 +113,8 @@ def test_every_trainable_parameter_changes_and_no_frozen_one(kind, tiny_dir, pre
 def test_rm_run_layout_metrics_and_scores_agree_with_validation(rm_run):
     from safetensors.numpy import load_file
 
-    from mlxpt.train.rm import HEAD_FILE, load_reward_model
+    from mlxpt.decode.reward_model import load_reward_model
+    from mlxpt.models.heads import HEAD_FILE
 
     run_dir, events = rm_run
     names = {p.name for p in run_dir.iterdir()}
@@ -220,7 +221,8 @@ def test_numpy_backend_refuses_rm_before_loading(tmp_path, pref_dir):
 def test_loading_a_reward_model_from_a_bad_run_is_one_line(rm_run, dpo_run, tmp_path):
     import shutil
 
-    from mlxpt.train.rm import HEAD_FILE, load_reward_model
+    from mlxpt.decode.reward_model import load_reward_model
+    from mlxpt.models.heads import HEAD_FILE
 
     def code(path):
         with pytest.raises(MlxptError) as e:
@@ -242,7 +244,7 @@ def test_loading_a_reward_model_from_a_bad_run_is_one_line(rm_run, dpo_run, tmp_
 
 
 def test_bad_scoring_inputs_are_one_line_errors(rm_run):
-    from mlxpt.train.rm import load_reward_model
+    from mlxpt.decode.reward_model import load_reward_model
 
     model = load_reward_model(rm_run[0])
     cases = [

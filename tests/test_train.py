@@ -47,7 +47,7 @@ def test_every_trainable_parameter_changes_and_no_frozen_one(kind, tiny_dir, dat
     from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer
     from mlxpt.data import collate, encode_all, load_splits
     from mlxpt.models import load
-    from mlxpt.train.adapters import apply_adapters
+    from mlxpt.models.adapters import apply_adapters
 
     cfg = make_cfg(tiny_dir, data_dir, tmp_path, fine_tune_type=kind, num_layers=1)
     model, tok = load(str(tiny_dir))
@@ -79,7 +79,7 @@ def test_loss_on_one_repeated_batch_falls(tiny_dir, data_dir, tmp_path):
     from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer
     from mlxpt.data import collate, encode_all, load_splits
     from mlxpt.models import load
-    from mlxpt.train.adapters import apply_adapters
+    from mlxpt.models.adapters import apply_adapters
 
     cfg = make_cfg(tiny_dir, data_dir, tmp_path)
     model, tok = load(str(tiny_dir))
@@ -101,7 +101,7 @@ def test_accumulation_equals_one_big_batch(tiny_dir, data_dir, tmp_path):
     from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer
     from mlxpt.data import collate, encode_all, load_splits
     from mlxpt.models import load
-    from mlxpt.train.adapters import apply_adapters, trainable
+    from mlxpt.models.adapters import apply_adapters, trainable
 
     cfg = make_cfg(tiny_dir, data_dir, tmp_path)
     results = []
@@ -215,7 +215,7 @@ def test_non_finite_steps_are_skipped_then_stop(tiny_dir, data_dir, tmp_path, mo
 
 def test_memory_estimate_refuses_what_cannot_fit(tiny_dir, data_dir, tmp_path, monkeypatch):
     from mlxpt.errors import ResourceError
-    from mlxpt.train import memory
+    from mlxpt.models import memory
     from mlxpt.train.sft import run_sft
 
     monkeypatch.setattr(memory, "available_bytes", lambda: 10_000)  # a 10 kB machine

@@ -10,7 +10,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mlxpt.decode.extract import extract, same_answer
 from mlxpt.decode.votes import (
     adaptive_schedule,
     beta_confidence,
@@ -21,6 +20,7 @@ from mlxpt.decode.votes import (
     should_stop,
     vote,
 )
+from mlxpt.rewards.extract import extract, same_answer
 
 
 def test_majority_vote_counts_and_abstentions():

@@ -15,7 +15,7 @@ from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 from app import form
 from app.preview import DataPreview, check_data, estimate_memory
 from app.widgets.histogram import LengthHistogram
-from mlxpt.train.memory import Shape
+from mlxpt.models.memory import Shape
 
 DEBOUNCE_S = 0.4
 DATA_KEYS = ("data", "valid", "model", "mask", "trust_remote_code")

@@ -4,30 +4,43 @@ the returned object."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from mlxpt.errors import ConfigError
 
 BACKENDS = ("mlx", "numpy")
 
 
-def create_backend(name: str, model_cfg, adapter_cfg, train_cfg, objective, output: str = "logp"):
+def create_backend(
+    name: str,
+    model_cfg,
+    adapter_cfg,
+    train_cfg,
+    objective=None,
+    output: str = "logp",
+    extend_model: Callable | None = None,
+    save: Callable | None = None,
+):
     """A ready-to-train backend: base weights loaded, adapters added, optimiser made.
 
-    output="reward" trains a reward model (a scalar head on the final hidden state); MLX only."""
-    if output == "reward" and name != "mlx":
+    Backends know nothing of methods; a method shapes them through plain values and hooks:
+    `objective` (may be set later with `set_objective`), `output` ("logp" per token, "reward" per
+    row: see MLXBackend), `extend_model(model, seed)` after the adapters are added (e.g. a reward
+    head) and `save(folder, model, adapter_config)` in place of the adapter save. MLX only for
+    the hooks and "reward"."""
+    if (output == "reward" or extend_model or save) and name != "mlx":
         raise ConfigError("E516", f"the {name} backend cannot train a reward model", "backend", "use --backend mlx")
     if name == "mlx":
         from mlxpt.backends.mlx_backend import MLXBackend, make_optimizer
+        from mlxpt.models.adapters import apply_adapters
         from mlxpt.models.loader import load
-        from mlxpt.train.adapters import apply_adapters
 
         model, _ = load(model_cfg.model, quantize=model_cfg.quantize, trust_remote_code=model_cfg.trust_remote_code)
         adapter_config = apply_adapters(model, adapter_cfg, seed=train_cfg.seed)
-        if output == "reward":
-            from mlxpt.train.rm import add_reward_head
-
-            add_reward_head(model, seed=train_cfg.seed)
+        if extend_model is not None:
+            extend_model(model, seed=train_cfg.seed)
         optimizer = make_optimizer(train_cfg.optimizer, train_cfg.weight_decay)
-        return MLXBackend(model, optimizer, objective, adapter_config=adapter_config, output=output)
+        return MLXBackend(model, optimizer, objective, adapter_config=adapter_config, output=output, save=save)
     if name == "numpy":
         from mlxpt.backends.numpy_backend import create_numpy_backend
 

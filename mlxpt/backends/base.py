@@ -2,7 +2,7 @@
 
 A backend owns the model, its trainable parameters and the optimiser. The loop hands it
 micro-batches as NumPy arrays `(inputs, targets, *rest)`; the backend computes per-token
-log-probs of `targets` and hands them with `rest` to the objective (train/objectives.py). Losses
+log-probs of `targets` and hands them with `rest` to the objective (mlxpt/objectives.py). Losses
 are *sums* so that gradient accumulation over micro-batches equals one large batch exactly.
 """
 

@@ -17,21 +17,16 @@ import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map  # noqa: E402
 
 from mlxpt.backends.shared_prefix import grouped_token_logp, self_check  # noqa: E402
-from mlxpt.train.objectives import sft_objective  # noqa: E402
+from mlxpt.models.adapters import save_adapter  # noqa: E402
+from mlxpt.models.heads import head_rewards  # noqa: E402
+from mlxpt.models.memory import check_fits  # noqa: E402
+from mlxpt.objectives import sft_objective  # noqa: E402
 
 
 def token_logp(model, inputs, targets):
     """(B, L) float32 log-probability of each target token."""
     logits = model(inputs).astype(mx.float32)
     return -nn.losses.cross_entropy(logits, targets, reduction="none")
-
-
-def row_rewards(model, inputs, last):
-    """(B,) float32 scalar reward per row: `model.reward_head` on the final (normed) hidden state
-    at index `last` of each row. Skips the vocabulary head entirely."""
-    h = model.model(inputs)  # (B, L, D)
-    h = h[mx.arange(h.shape[0]), last]  # (B, D)
-    return model.reward_head(h.astype(mx.float32)).squeeze(-1)
 
 
 def make_optimizer(name: str, weight_decay: float = 0.0):
@@ -50,14 +45,18 @@ class MLXBackend:
     name = "mlx"
 
     def __init__(
-        self, model, optimizer, objective=sft_objective, compile: bool = True, adapter_config=None, output="logp"
-    ):
-        """`objective(logp, *batch[2:]) -> (loss_sum, weight, aux)`; see train/objectives.py.
+        self, model, optimizer, objective=sft_objective, compile: bool = True, adapter_config=None, output="logp",
+        save=None,
+    ):  # fmt: skip
+        """`objective(logp, *batch[2:]) -> (loss_sum, weight, aux)`; see mlxpt/objectives.py.
 
         output="reward" (a reward model): batches are `(inputs, last index per row, *rest)` and the
-        objective gets `row_rewards` (B,) instead of per-token log-probs; the model carries a
-        trainable `reward_head`, saved beside the adapter (train/rm.py)."""
-        self.model, self.optimizer, self.objective = model, optimizer, objective
+        objective gets `head_rewards` (B,) instead of per-token log-probs; the model carries a
+        trainable `reward_head` (models/heads.py). `save(folder, model, adapter_config)` replaces
+        the adapter save (a reward model saves its head too)."""
+        self.model, self.optimizer = model, optimizer
+        self.objective = sft_objective if objective is None else objective
+        self._save = save or save_adapter
         self.output = output
         self.adapter_config = adapter_config or {}
         optimizer.init(model.trainable_parameters())
@@ -74,7 +73,7 @@ class MLXBackend:
         output="grouped" log-probs of completions from `(prompts, left_pad, completions, ...)`,
         each prompt run once per group (shared_prefix.py)."""
         if self.output == "reward":
-            return row_rewards(model, batch[0], batch[1]), batch[2:]
+            return head_rewards(model, batch[0], batch[1]), batch[2:]
         if self.output == "grouped":
             return grouped_token_logp(model, *batch[:3]), batch[3:]
         return token_logp(model, batch[0], batch[1]), batch[2:]
@@ -215,19 +214,10 @@ class MLXBackend:
         return int(trainable), int(sum(v.size for _, v in tree_flatten(self.model.parameters())))
 
     def check_memory(self, shape) -> dict:
-        from mlxpt.train.memory import check_fits
-
         return check_fits(self.model, shape)
 
     def save_adapter(self, folder) -> None:
-        if self.output == "reward":
-            from mlxpt.train.rm import save_reward_model
-
-            save_reward_model(folder, self.model, self.adapter_config)
-            return
-        from mlxpt.train.adapters import save_adapter
-
-        save_adapter(folder, self.model, self.adapter_config)
+        self._save(folder, self.model, self.adapter_config)
 
 
 def _set_path(tree, key: str, value) -> None:

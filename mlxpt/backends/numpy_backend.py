@@ -3,7 +3,7 @@
 It needs only NumPy (and the safetensors format, read by hand): this module never imports mlx,
 so every algorithm also runs, slowly, on machines without it, and it is the oracle the MLX path
 is tested against. Gradients are analytic (numpy_model.py): the objective's closed-form
-dL/d(logp) (`GRADS` in train/objectives.py) is pushed back through the model by hand.
+dL/d(logp) (`GRADS` in mlxpt/objectives.py) is pushed back through the model by hand.
 
 The initial adapter is the MLX path's for the same seed: LoRA A replays MLX's Threefry key
 sequence bit for bit (numpy_model.MLXKeys); DoRA's magnitude m agrees to float32 rounding.
@@ -29,7 +29,7 @@ import numpy as np
 
 from mlxpt.backends.numpy_model import LINEARS, Model
 from mlxpt.errors import ConfigError, ResourceError
-from mlxpt.train.memory import linux_available_bytes
+from mlxpt.models.memory import linux_available_bytes
 
 
 class AdamW:
@@ -174,7 +174,7 @@ class NumpyBackend:
     def load_adapter_weights(self, folder: str | Path) -> None:
         """Start from the adapters in `folder`'s adapters.safetensors (e.g. the MLX path's initial ones)."""
         from mlxpt.backends.numpy_model import read_safetensors
-        from mlxpt.train.adapters import ADAPTER_FILE
+        from mlxpt.models.adapters import ADAPTER_FILE
 
         self._set_params(read_safetensors(Path(folder) / ADAPTER_FILE))
 
@@ -217,8 +217,8 @@ class NumpyBackend:
         return est
 
     def save_adapter(self, folder) -> None:
+        from mlxpt.models.adapters import ADAPTER_FILE, CONFIG_FILE
         from mlxpt.runs import atomic_write_json, save_safetensors_atomic
-        from mlxpt.train.adapters import ADAPTER_FILE, CONFIG_FILE
 
         folder = Path(folder)
         arrays = {k: np.asarray(v, np.float32) for k, v in self.model.params.items()}
@@ -238,7 +238,7 @@ def peak_rss() -> int:
 
 def grad_of(objective):
     """The closed-form dL/dlogp of an objective (the GRADS registry; functools.partial is followed)."""
-    from mlxpt.train import objectives
+    from mlxpt import objectives
 
     registry = getattr(objectives, "GRADS", {})
     if isinstance(objective, functools.partial):

@@ -119,7 +119,7 @@ def run(args) -> int:
             raise ConfigError(
                 "E621", "--compare and --adapter together", "--compare", "give the tuned run to --compare only"
             )
-        from mlxpt.train.adapters import find_adapter, read_adapter_config
+        from mlxpt.models.adapters import find_adapter, read_adapter_config
 
         read_adapter_config(find_adapter(args.compare))
         if args.model is None:  # the base is the run's own base model

@@ -131,9 +131,9 @@ def default_temperature(args) -> float:
 def check_strategy_args(args) -> None:
     """Validate the strategy flags (E620+) before any weights load."""
     from mlxpt.decode.beam import check_beam
-    from mlxpt.decode.extract import check_method
     from mlxpt.decode.scorers import check_spec
     from mlxpt.decode.strategies import check_strategy
+    from mlxpt.rewards.extract import check_method
 
     if args.strategy is None:
         return
@@ -188,7 +188,7 @@ def check_common(args) -> None:
             "use a value > 0",
         )
     if args.adapter is not None:
-        from mlxpt.train.adapters import find_adapter, read_adapter_config
+        from mlxpt.models.adapters import find_adapter, read_adapter_config
 
         read_adapter_config(find_adapter(args.adapter))
 

@@ -188,7 +188,7 @@ def _run(args) -> int:
     if args.events == "text" and method == "rm":
         print(f"done: reward model saved in {run_dir}")
         print(
-            f"use it: from mlxpt.train.rm import load_reward_model; load_reward_model('{run_dir}').score(prompt, response)"
+            f"use it: from mlxpt.decode.reward_model import load_reward_model; load_reward_model('{run_dir}').score(prompt, response)"
         )
     elif args.events == "text":
         print(f"done: adapter saved in {run_dir}")

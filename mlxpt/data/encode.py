@@ -208,3 +208,12 @@ def encode_all(
         report["trained_tokens"] += sum(ex.mask)
     raise_if_errors(errors, "the dataset")
     return out, report
+
+
+def pad_id_of(tokenizer) -> int:
+    """The padding id: the tokenizer's pad token, else its EOS, else 0 (padding is never trained)."""
+    pad = getattr(tokenizer, "pad_token_id", None)
+    if pad is None:
+        eos = getattr(tokenizer, "eos_token_id", None)
+        pad = eos if eos is not None else 0
+    return int(pad)

@@ -134,10 +134,10 @@ def parse_ns(text: str) -> tuple[int, ...]:
 
 def check_config(cfg: EvalConfig) -> None:
     """Everything that can be checked before a model loads."""
-    from mlxpt.decode.extract import check_method
     from mlxpt.decode.sampling import validate_sampling
     from mlxpt.decode.scorers import check_spec
     from mlxpt.decode.strategies import check_strategy
+    from mlxpt.rewards.extract import check_method
 
     if not cfg.strategies:
         raise ConfigError("E620", "no strategy given", "--strategies", f"use {','.join(EVAL_STRATEGIES)}")
@@ -245,8 +245,8 @@ def evaluate(
 def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer, record: dict) -> Iterator:
     """(cell, (correct, tokens, seconds, samples used, seconds estimated?)) for one prompt;
     each cell's answer is left in record["_answer"], the pool in record["pool"]."""
-    from mlxpt.decode.extract import extract, same_answer
     from mlxpt.decode.strategies import run_strategy
+    from mlxpt.rewards.extract import extract, same_answer
 
     def ok(text_answer):
         return same_answer(text_answer, row.answer)

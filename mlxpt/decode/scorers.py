@@ -6,7 +6,7 @@ Specs (the `--scorer` flag):
   completion must end in an extractable answer (no gold answer needed);
 - `verifier:file.py:fn`: a user check `fn(prompt, completion, **row) -> bool | float`;
 - `reward:NAME` / `reward:file.py:fn`: a reward function of the GRPO registry
-  (`mlxpt.train.rewards`), called through its guard (errors and None score -inf, never crash);
+  (`mlxpt.rewards`), called through its guard (errors and None score -inf, never crash);
   `reward:accuracy` needs the row's gold `answer` (an oracle: useful in `mlxpt eval`, not in chat);
 - `rm:RUN`: a trained reward-model run (`mlxpt train rm`), scored in batches.
 
@@ -109,7 +109,7 @@ def _evaluate(expr: str) -> float | None:
 def arithmetic_verifier(prompt, completion: str, extract_how: str = "auto", **_) -> float:
     """Built-in verifier: 1.0 when every arithmetic step is right and an answer is given, less for
     each wrong step; 0.0 with no extractable answer. No gold answer needed."""
-    from mlxpt.decode.extract import extract
+    from mlxpt.rewards.extract import extract
 
     if extract(completion, extract_how) is None:
         return 0.0
@@ -140,7 +140,7 @@ def _text(c) -> str:
 
 def _guarded(name: str, fn: Callable) -> Callable:
     """Call `fn` per completion through the reward guard: failures and None score -inf."""
-    from mlxpt.train.rewards import RewardGuard
+    from mlxpt.rewards import RewardGuard
 
     guard = RewardGuard([(name, fn, 1.0)], policy="abstain", max_failure_rate=1.0, timeout_s=10.0)
 
@@ -157,10 +157,10 @@ def _guarded(name: str, fn: Callable) -> Callable:
 
 def _load_user_fn(kind: str, rest: str, spec: str) -> tuple[str, Callable]:
     try:
-        from mlxpt.train.rewards import load_reward
+        from mlxpt.rewards import load_reward
     except ImportError:
         raise ConfigError(
-            "E622", "the reward registry (mlxpt.train.rewards) is not available", spec, "use logprob or verifier"
+            "E622", "the reward registry (mlxpt.rewards) is not available", spec, "use logprob or verifier"
         ) from None
     return load_reward(rest)
 
@@ -181,7 +181,7 @@ def make_scorer(spec: str | None, model=None, tokenizer=None) -> Scorer:
         return Scorer(spec, _guarded_or_plain("verifier", arithmetic_verifier))
     kind, _, rest = spec.partition(":")
     if kind == "rm":
-        from mlxpt.train.rm import load_reward_model
+        from mlxpt.decode.reward_model import load_reward_model
 
         rm = load_reward_model(rest)
 
@@ -191,10 +191,10 @@ def make_scorer(spec: str | None, model=None, tokenizer=None) -> Scorer:
         return Scorer(spec, by_rm)
     if kind == "reward" and ":" not in rest and not rest.endswith(".py"):
         try:
-            from mlxpt.train.rewards import REWARDS
+            from mlxpt.rewards import REWARDS
         except ImportError:
             raise ConfigError(
-                "E622", "the reward registry (mlxpt.train.rewards) is not available", spec, "use logprob or verifier"
+                "E622", "the reward registry (mlxpt.rewards) is not available", spec, "use logprob or verifier"
             ) from None
         if rest not in REWARDS:
             raise ConfigError(

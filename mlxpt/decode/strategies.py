@@ -141,8 +141,8 @@ def run_strategy(
     `scorers.Scorer` (default `logprob`; with weighting="reward" it weights the vote); `prompt`
     and `row` are what scorers see (default: the decoded prompt, no row fields);
     `on_samples(completions)` is called after each drawn batch (live progress for a UI)."""
-    from mlxpt.decode.extract import check_method
-    from mlxpt.decode.extract import extract as extract_answer
+    from mlxpt.rewards.extract import check_method
+    from mlxpt.rewards.extract import extract as extract_answer
 
     check_strategy(strategy, n, weighting, batch, confidence)
     check_method(extract)

@@ -196,7 +196,7 @@ def load(ref: str, adapter: str | None = None, quantize: str | None = "auto", tr
             nn.quantize(model, group_size=64 if bits == 4 else 64, bits=bits)
     mx.eval(model.parameters())
     if adapter is not None:
-        from mlxpt.train.adapters import load_adapter
+        from mlxpt.models.adapters import load_adapter
 
         load_adapter(model, adapter)
     model.eval()

@@ -31,13 +31,14 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxpt import objectives
 from mlxpt.config import DPOConfig
 from mlxpt.data.batching import collate
+from mlxpt.data.encode import pad_id_of
 from mlxpt.data.preference import PrefExample, encode_preference, load_preference
 from mlxpt.errors import MlxptError
-from mlxpt.train import objectives
 from mlxpt.train.loop import Task
-from mlxpt.train.runner import Method, pad_id_of, run_training
+from mlxpt.train.runner import Method, run_training
 
 REFERENCE_FILE = "reference_logps.safetensors"
 REFERENCE_FREE = ("simpo", "orpo")

@@ -37,16 +37,16 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxpt import objectives
 from mlxpt.config import GRPOConfig
 from mlxpt.data.batching import collate
-from mlxpt.data.encode import Example
+from mlxpt.data.encode import Example, pad_id_of
 from mlxpt.data.prompts import PromptExample, encode_prompts, load_prompts
 from mlxpt.errors import ConfigError, MlxptError
+from mlxpt.rewards import RewardGuard, parse_rewards
 from mlxpt.runs.atomic import append_jsonl
-from mlxpt.train import objectives
 from mlxpt.train.loop import Task
-from mlxpt.train.rewards import RewardGuard, parse_rewards
-from mlxpt.train.runner import Method, pad_id_of, run_training
+from mlxpt.train.runner import Method, run_training
 
 SAMPLES_FILE = "samples.jsonl"
 FAILURES_FILE = "reward_failures.jsonl"
@@ -87,7 +87,7 @@ def check_config(cfg: GRPOConfig) -> None:
             "beta",
             "use lora/dora or --beta 0",
         )
-    from mlxpt.decode.extract import check_method, compile_regex
+    from mlxpt.rewards.extract import check_method, compile_regex
 
     check_method(g.extract)
     if g.extract.startswith("re:"):
@@ -396,7 +396,7 @@ def memory_shape(cfg: GRPOConfig, prompt: int):
     """One training pass on prompts of up to `prompt` tokens: with shared-prompt scoring (the
     default) each prompt runs once per group and the vocabulary head only on completion
     positions; else G whole rows a prompt. (The runner and the TUI's estimate both use this.)"""
-    from mlxpt.train.memory import Shape
+    from mlxpt.models.memory import Shape
 
     g = cfg.grpo
     if g.plain_scoring:

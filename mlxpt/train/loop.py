@@ -21,7 +21,7 @@ from mlxpt.backends.base import TrainBackend
 from mlxpt.config import TrainConfig
 from mlxpt.data.batching import batch_plan
 from mlxpt.errors import MlxptError, NumericsError, ResourceError
-from mlxpt.train.memory import low_memory
+from mlxpt.models.memory import low_memory
 
 
 @dataclass

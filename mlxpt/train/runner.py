@@ -45,6 +45,8 @@ class Method:
     rows_per_example: int = 1  # sequences one example puts in a batch (2 for a preference pair)
     output: str = "logp"  # what the backend hands the objective: per-token log-probs, or "reward" per row
     memory_shape: Callable | None = None  # (cfg, examples) -> memory.Shape of one pass (default: whole rows)
+    extend_model: Callable | None = None  # backend hook: (model, seed) after the adapters (a reward head)
+    save: Callable | None = None  # backend hook: (folder, model, adapter_config) instead of the adapter save
 
 
 def _trim_logs(run_dir: Path, step: int) -> None:
@@ -78,11 +80,14 @@ def run_training(
 
     from mlxpt import _blas
     from mlxpt.backends import create_backend
+    from mlxpt.models.memory import Shape
     from mlxpt.train.loop import LoopState, train_loop
-    from mlxpt.train.memory import Shape
 
     t_load = time.perf_counter()
-    backend = create_backend(cfg.train.backend, cfg.model, cfg.adapter, cfg.train, method.objective, method.output)
+    backend = create_backend(
+        cfg.train.backend, cfg.model, cfg.adapter, cfg.train, method.objective, method.output,
+        extend_model=method.extend_model, save=method.save,
+    )  # fmt: skip
     if method.memory_shape is not None:
         shape = method.memory_shape(cfg, train + valid)
     else:
@@ -196,14 +201,6 @@ class _Either:
     @property
     def requested(self) -> bool:
         return self.first.requested or self.second.requested
-
-
-def pad_id_of(tokenizer) -> int:
-    pad = getattr(tokenizer, "pad_token_id", None)
-    if pad is None:
-        eos = getattr(tokenizer, "eos_token_id", None)
-        pad = eos if eos is not None else 0
-    return int(pad)
 
 
 def resume_command(run_dir: Path) -> str:

@@ -13,12 +13,12 @@ from pathlib import Path
 
 from mlxpt.config import SFTConfig
 from mlxpt.data.batching import collate
-from mlxpt.data.encode import encode_all
+from mlxpt.data.encode import encode_all, pad_id_of
 from mlxpt.data.formats import load_splits
 from mlxpt.errors import MlxptError
+from mlxpt.objectives import sft_objective
 from mlxpt.train.loop import Task
-from mlxpt.train.objectives import sft_objective
-from mlxpt.train.runner import Method, pad_id_of, resume_command, run_training
+from mlxpt.train.runner import Method, resume_command, run_training
 
 __all__ = ["SFT", "prepare_data", "resume_command", "run_sft"]
 

@@ -19,8 +19,8 @@ import pytest
 import tiny
 
 from mlxpt.config import GRPOConfig
+from mlxpt.rewards import FLOAT32_MAX, RewardGuard, RewardStop
 from mlxpt.runs import latest_checkpoint, load_checkpoint, read_status
-from mlxpt.train.rewards import FLOAT32_MAX, RewardGuard, RewardStop
 
 pytestmark = pytest.mark.reliability
 

@@ -34,7 +34,7 @@ def workdir(tmp_path, monkeypatch, tiny_dir, data_dir):
     import shutil
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr("mlxpt.train.memory.available_bytes", lambda: 16 * 10**9)
+    monkeypatch.setattr("mlxpt.models.memory.available_bytes", lambda: 16 * 10**9)
     make_runs(tmp_path / "runs")
     shutil.copytree(tiny_dir, tmp_path / "tiny")
     shutil.copytree(data_dir, tmp_path / "data")

@@ -8,7 +8,7 @@ completion, answer)` works as well as `def f(prompt, completion, **row)`. None m
 (this function has no opinion on this completion).
 
 Built-ins (`REWARDS`): `accuracy` (final answer == row["answer"], robust extraction from
-decode/extract.py), `format` (the completion ends with an `Answer: <number>` line, or matches the
+rewards/extract.py), `format` (the completion ends with an `Answer: <number>` line, or matches the
 row's/config's `format_regex`), `tags` (`<think>...</think>` then `<answer>...</answer>`),
 `length` (DAPO's soft over-length penalty), `arithmetic` (the share of the completion's worked
 steps such as `6 * 5 = 30` that are true, the final answer included: a dense signal on the slips
@@ -37,8 +37,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from mlxpt.decode.extract import extract, same_answer
 from mlxpt.errors import ConfigError
+from mlxpt.rewards.extract import extract, same_answer
 from mlxpt.runs.atomic import append_jsonl
 
 FLOAT32_MAX = 3.4028234663852886e38
