@@ -1,14 +1,14 @@
 """The New run form's model: fields from the config dataclasses, values -> a validated config
-and the `mlxpt train` argv that reproduces it. The CLI's own `build_config` checks the values,
-so the form and the command line accept exactly the same settings. No Textual here."""
+and the `mlxpt train` argv that reproduces it. `mlxpt.config.build_config` checks the values, as
+it does for `mlxpt train`, so the form and the command line accept exactly the same settings.
+No Textual here."""
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass
 
-from mlxpt.config import section_names
+from mlxpt.config import METHODS, PREF_METHODS, build_config, section_names
 from mlxpt.errors import MlxptError
 
 
@@ -23,17 +23,22 @@ class FormField:
 
 
 def methods() -> tuple[str, ...]:
-    """The methods `mlxpt train` knows, read at run time (teammates add grpo, rm, ...)."""
-    from mlxpt.commands import train
+    """The methods `mlxpt train` knows."""
+    return tuple(METHODS)
 
-    return tuple(train.METHODS)
+
+def data_kind(method: str) -> str | None:
+    """What a method's training data holds: sft rows, preference pairs or prompts (None: unknown)."""
+    if method == "sft":
+        return "sft"
+    if method in PREF_METHODS or method == "rm":
+        return "pref"
+    return "prompts" if method == "grpo" else None
 
 
 def default_config(method: str):
     """The config `mlxpt train <method>` starts from (method presets applied)."""
-    from mlxpt.commands import train
-
-    return train.build_config(_namespace(method, {}))
+    return build_config(method, {})
 
 
 def form_fields(method: str) -> list[FormField]:
@@ -58,13 +63,6 @@ def form_fields(method: str) -> list[FormField]:
     return out
 
 
-def _namespace(method: str, flags: dict, resume: str | None = None) -> argparse.Namespace:
-    ns = argparse.Namespace(method=method, resume=resume, config=None, events="json")
-    for k, v in flags.items():
-        setattr(ns, f"cfg_{k}", v)
-    return ns
-
-
 def changed_flags(method: str, values: dict[str, object]) -> dict[str, object]:
     """The values that differ from the method's defaults (what the argv must carry)."""
     defaults = {f.name: f.default for f in form_fields(method)}
@@ -86,11 +84,9 @@ def changed_flags(method: str, values: dict[str, object]) -> dict[str, object]:
 
 def validate(method: str, values: dict[str, object]):
     """(config, None) or (None, one-line error) for the form's values."""
-    from mlxpt.commands import train
-
     flags = {k: v for k, v in changed_flags(method, values).items() if v is not None}
     try:
-        return train.build_config(_namespace(method, flags)), None
+        return build_config(method, flags), None
     except MlxptError as e:
         return None, e.line()
 

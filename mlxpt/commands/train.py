@@ -6,12 +6,9 @@ from __future__ import annotations
 import json
 import sys
 
-from mlxpt.config import PREF_METHODS, DPOConfig, GRPOConfig, RMConfig, SFTConfig, all_fields, apply_flat, load_yaml
-from mlxpt.errors import EXIT_INTERRUPTED, ConfigError
-
-METHODS = ("sft", *PREF_METHODS, "rm", "grpo")
-SECTIONS = ("model", "data", "adapter", "train", "pref", "rm", "grpo")
-RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps"}
+from mlxpt import config
+from mlxpt.config import METHODS, AnyConfig, DPOConfig, GRPOConfig, RMConfig, all_fields
+from mlxpt.errors import EXIT_INTERRUPTED
 
 
 def register(sub) -> None:
@@ -43,57 +40,23 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def config_class(method: str):
-    return {"sft": SFTConfig, "rm": RMConfig, "grpo": GRPOConfig}.get(method, DPOConfig)
+def flags_from_args(args) -> dict:
+    """The settings given on the command line (`--rank 16` -> {"rank": "16"}); flags not given are left out."""
+    return {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
 
 
-def resolve_method(args) -> str:
-    """The method named on the command line, or the resumed run's; `sft` by default."""
+def config_from_args(args) -> tuple[str, AnyConfig]:
+    """(method, config) of a `mlxpt train` command line: argparse -> flags dict at this boundary;
+    the rules (presets, YAML, resume) live in `mlxpt.config.build_config`, which the TUI calls too."""
+    resume_config = None
     if args.resume:
         from mlxpt.runs import read_config
 
-        saved = read_config(args.resume).get("method", "sft")
-        if args.method not in (None, saved):
-            raise ConfigError("E510", f"this is a {saved} run, not {args.method}", args.resume, f"drop {args.method!r}")
-        return saved
-    return args.method or "sft"
-
-
-def build_config(args) -> SFTConfig | DPOConfig:
-    flags = {k[4:]: v for k, v in vars(args).items() if k.startswith("cfg_") and v is not None}
-    method = resolve_method(args)
-    cls = config_class(method)
-    if args.resume:
-        from mlxpt.runs import read_config
-
-        cfg = cls.from_dict({k: v for k, v in read_config(args.resume).items() if k in SECTIONS})
-        fixed = sorted(set(flags) - RESUME_MUTABLE)
-        if fixed:
-            raise ConfigError(
-                "E510",
-                f"cannot change {', '.join(fixed)} when resuming",
-                args.resume,
-                f"only {', '.join(sorted(RESUME_MUTABLE))} may change; start a new run for the rest",
-            )
-        apply_flat(cfg, flags, source="command line")
-        return cfg
-    cfg = cls()
-    if method != "sft":
-        apply_flat(cfg, PREF_METHODS.get(method, {}), source=method)
-    if args.config:
-        apply_flat(cfg, _flatten(load_yaml(args.config)), source=args.config)
-    apply_flat(cfg, flags, source="command line")
-    return cfg
-
-
-def _flatten(d: dict) -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in SECTIONS:
-            out.update(v)
-        else:
-            out[k] = v
-    return out
+        resume_config = read_config(args.resume)
+    resume = args.resume or None
+    method = config.resolve_method(args.method, resume, resume_config)
+    cfg = config.build_config(method, flags_from_args(args), args.config, resume=resume, resume_config=resume_config)
+    return method, cfg
 
 
 def _printer(mode: str, steps: int):
@@ -157,25 +120,12 @@ def run(args) -> int:
 
 
 def _run(args) -> int:
-    cfg = build_config(args)
-    method = resolve_method(args)
-    from mlxpt.train.sft import resume_command, run_sft
+    method, cfg = config_from_args(args)
+    from mlxpt.train.methods import run_method
+    from mlxpt.train.runner import resume_command
 
     emit = _printer(args.events, cfg.train.steps)
-    if method == "sft":
-        run_dir, outcome = run_sft(cfg, resume_dir=args.resume, emit=emit)
-    elif method == "grpo":
-        from mlxpt.train.grpo import run_grpo
-
-        run_dir, outcome = run_grpo(cfg, resume_dir=args.resume, emit=emit)
-    elif method == "rm":
-        from mlxpt.train.rm import run_rm
-
-        run_dir, outcome = run_rm(cfg, resume_dir=args.resume, emit=emit)
-    else:
-        from mlxpt.train.dpo import run_dpo
-
-        run_dir, outcome = run_dpo(cfg, resume_dir=args.resume, emit=emit, name=method)
+    run_dir, outcome = run_method(method, cfg, resume_dir=args.resume, emit=emit)
     if outcome == "interrupted":
         from mlxpt.runs import latest_checkpoint
 
