@@ -1,16 +1,18 @@
 """Model work for the Chat and Compare screens, run in thread workers: load (cached), then
-answer with a decoding strategy. Text arrives through an `on_text` callback as plain strings;
-the caller decides how it reaches the UI. No Textual here."""
+answer with a decoding strategy through the library's `run_strategy` (the function the CLI's
+generate and chat call), on a `DecodeConfig` with the library's defaults (`decode_config`).
+Text arrives through an `on_text` callback as plain strings; the caller decides how it reaches
+the UI. No Textual here."""
 
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-BASIC = ("greedy", "sample")
-SAMPLE_TEMPERATURE = 0.8
+from mlxpt.decode.options import DecodeConfig
+
+CHAT_N = 4  # the Chat screen's n for best-of-N, self-consistency and beam until the user sets one
 
 _lock = threading.Lock()
 _models: dict[tuple[str, str | None], tuple] = {}
@@ -18,12 +20,16 @@ MAX_MODELS = 2  # Compare holds the base model and one adapted copy
 
 
 def strategies() -> tuple[str, ...]:
-    """greedy and sample always; the test-time scaling strategies once mlxpt.decode.strategies exists."""
-    try:
-        from mlxpt.decode.strategies import STRATEGIES
-    except ImportError:
-        return BASIC
+    """The names of the library's decoding strategies, in its order (greedy first)."""
+    from mlxpt.decode.strategies import STRATEGIES
+
     return tuple(STRATEGIES)
+
+
+def decode_config(strategy: str = "greedy", n: int = CHAT_N, max_tokens: int = 256) -> DecodeConfig:
+    """The DecodeConfig of a chat choice: the library's defaults (temperature included) with `n` for
+    best-of-N, self-consistency and beam; greedy and sample are one streamed answer (n 1)."""
+    return DecodeConfig(strategy, 1 if strategy in ("greedy", "sample") else n, max_tokens)
 
 
 def base_model_for(adapter: str | None, model: str | None) -> str:
@@ -69,35 +75,21 @@ def answer(
     model,
     tokenizer,
     messages: list[dict],
-    strategy: str = "greedy",
-    n: int = 4,
-    max_tokens: int = 256,
+    cfg: DecodeConfig,
     on_text: Callable[[str], None] = lambda s: None,
     cancelled: Callable[[], bool] = lambda: False,
 ) -> Answer:
-    """Answer the last user turn of `messages`; greedy and sample stream through `on_text`."""
+    """Answer the last user turn of `messages` with `run_strategy`; greedy and sample stream through
+    `on_text` (and stop early once `cancelled()`), the other strategies send their chosen answer."""
     from mlxpt.decode.generate import chat_prompt
-
-    prompt = chat_prompt(tokenizer, messages)
-    t0 = time.perf_counter()
-    if strategy in BASIC:
-        from mlxpt.decode.generate import iter_generate
-        from mlxpt.decode.sampling import make_sampler
-
-        sampler = make_sampler(temperature=0.0 if strategy == "greedy" else SAMPLE_TEMPERATURE)
-        parts, tokens = [], 0
-        for chunk in iter_generate(model, tokenizer, prompt, max_tokens, sampler):
-            parts.append(chunk.text)
-            on_text(chunk.text)
-            tokens = chunk.generation_tokens or tokens + (chunk.token is not None)
-            if cancelled():
-                break
-        return Answer("".join(parts), strategy, tokens, time.perf_counter() - t0)
     from mlxpt.decode.strategies import run_strategy
 
-    r = run_strategy(model, tokenizer, prompt, strategy, n=n, max_tokens=max_tokens)
+    prompt = chat_prompt(tokenizer, messages)
+    r = run_strategy(model, tokenizer, prompt, cfg, on_chunk=lambda c: on_text(c.text), cancelled=cancelled)
+    if cfg.streamed:
+        return Answer(r.text, cfg.strategy, r.generated_tokens, r.seconds)
     on_text(r.text)
-    return Answer(r.text, strategy, r.generated_tokens, r.seconds, describe(r))
+    return Answer(r.text, cfg.strategy, r.generated_tokens, r.seconds, describe(r))
 
 
 def describe(result) -> str:

@@ -11,9 +11,10 @@ from test_tts_fakes import FakeLM, byte_tokenizer, scripted, uniform
 
 from mlxpt.decode.batch import generate_group
 from mlxpt.decode.beam import beam_search
+from mlxpt.decode.options import STRATEGY_NAMES, DecodeConfig, check_strategy
 from mlxpt.decode.sampling import SamplingConfig, filter_logprobs, make_sampler
 from mlxpt.decode.scorers import arithmetic_steps, arithmetic_verifier, check_spec, make_scorer
-from mlxpt.decode.strategies import STRATEGIES, check_strategy, run_strategy
+from mlxpt.decode.strategies import STRATEGIES, DecodeContext, StrategyResult, run_strategy
 from mlxpt.errors import ConfigError
 
 
@@ -131,7 +132,7 @@ def test_prompt_is_prefilled_once_for_the_whole_group(tok, V):
 
 
 def test_strategy_names_and_bad_settings():
-    assert STRATEGIES == ("greedy", "sample", "best-of-n", "self-consistency", "beam")
+    assert tuple(STRATEGIES) == STRATEGY_NAMES == ("greedy", "sample", "best-of-n", "self-consistency", "beam")
     for kw, code in [
         ({"strategy": "vote"}, "E620"),
         ({"n": 0}, "E621"),
@@ -144,6 +145,33 @@ def test_strategy_names_and_bad_settings():
         with pytest.raises(ConfigError) as e:
             check_strategy(**args)
         assert e.value.code == code and "\n" not in e.value.line()
+
+
+@pytest.mark.parametrize("name", list(STRATEGIES))
+def test_every_strategy_runs_from_one_decode_config(scripted_lm, tok, name):
+    from mlxpt.rewards.extract import extract
+
+    lm, ids = scripted_lm
+    cfg = DecodeConfig(name, n=3, max_tokens=40, sampling=SamplingConfig(temperature=1.0, seed=0))
+    r = run_strategy(lm, tok, ids, cfg)
+    assert isinstance(r, StrategyResult) and r.strategy == name
+    assert r.text in r.samples and set(r.samples) <= {t for t, _ in SCRIPT}
+    assert r.n_used == (1 if name == "greedy" else 3) and r.generated_tokens > 0
+    assert r.answer == extract(r.text)
+    direct = STRATEGIES[name](lm, tok, ids, cfg, DecodeContext(prompt="Q: how many?"))
+    assert direct.samples == r.samples and direct.text == r.text  # run_strategy only dispatches
+
+
+def test_streamed_chunks_batches_and_cancel_reach_the_hooks(scripted_lm, tok):
+    lm, ids = scripted_lm
+    chunks, batches = [], []
+    r = run_strategy(lm, tok, ids, DecodeConfig("greedy", max_tokens=40), on_chunk=chunks.append)
+    assert "".join(c.text for c in chunks) == r.text == "Answer: 7" and chunks[-1].finish_reason == "stop"
+    cut = run_strategy(lm, tok, ids, DecodeConfig("greedy", max_tokens=40), cancelled=lambda: True)
+    assert cut.text == "A" and cut.generated_tokens == 1  # stopped after the first chunk
+    cfg = DecodeConfig("self-consistency", n=6, max_tokens=40, sampling=SamplingConfig(1.0, seed=0), adaptive=True)
+    r = run_strategy(lm, tok, ids, cfg, on_samples=batches.append, batch=2)  # keywords override the config
+    assert [len(b) for b in batches] == [2] * (r.n_used // 2)
 
 
 def test_greedy_is_deterministic_and_takes_the_likeliest_script(scripted_lm, tok):

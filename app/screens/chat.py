@@ -75,7 +75,7 @@ class ModelPicker(Vertical):
                 compact=True,
             )
             yield Label("n (best-of-N, self-consistency)")
-            yield Input("4", id="pick-n", compact=True, restrict=r"[0-9]*")
+            yield Input(str(engine.CHAT_N), id="pick-n", compact=True, restrict=r"[0-9]*")
 
     def choice(self) -> tuple[str | None, str | None]:
         model = self.query_one("#pick-model", Input).value.strip() or None
@@ -127,7 +127,8 @@ class ChatScreen(Screen):
         picker = self.query_one(ModelPicker)
         model, adapter = picker.choice()
         strategy = str(self.query_one("#pick-strategy", Select).value)
-        n = int(self.query_one("#pick-n", Input).value or 4)
+        n = int(self.query_one("#pick-n", Input).value or engine.CHAT_N)
+        cfg = engine.decode_config(strategy, max(1, n), self.max_tokens)
         log = self.query_one("#chat-log", VerticalScroll)
         log.mount(Static(f"you: {text}", classes="user"))
         self.reply = Static("…", classes="assistant")
@@ -136,25 +137,23 @@ class ChatScreen(Screen):
         log.scroll_end(animate=False)
         self.history.append({"role": "user", "content": text})
         self.busy = True
-        self._answer(self.turn, model, adapter, list(self.history), strategy, max(1, n))
+        self._answer(self.turn, model, adapter, list(self.history), cfg)
 
     @work(thread=True, exclusive=True, group="chat")
-    def _answer(
-        self, turn: int, model: str | None, adapter: str | None, messages: list[dict], strategy: str, n: int
-    ) -> None:
+    def _answer(self, turn: int, model: str | None, adapter: str | None, messages: list[dict], cfg) -> None:
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
         self.app.call_from_thread(self._stats, "loading the model...")
         try:
             m, tok = engine.load_model(model, adapter)
-            self.app.call_from_thread(self._stats, f"answering ({strategy})...")
+            self.app.call_from_thread(self._stats, f"answering ({cfg.strategy})...")
 
             def on_text(t: str) -> None:
                 self.buffer.add(t)
                 self.post_message(TextArrived("chat"))
 
-            result = engine.answer(m, tok, messages, strategy, n, self.max_tokens, on_text, lambda: worker.is_cancelled)
+            result = engine.answer(m, tok, messages, cfg, on_text, lambda: worker.is_cancelled)
         except Exception as e:  # noqa: BLE001 - a failed load or answer is shown, the app lives on
             line = getattr(e, "line", None)
             self.app.call_from_thread(self._failed, turn, line() if callable(line) else f"{type(e).__name__}: {e}")

@@ -73,9 +73,8 @@ class CompareScreen(Screen):
                     self.buffers[side].add(t)
                     self.post_message(TextArrived(side))
 
-                result = engine.answer(
-                    m, tok, messages, "greedy", 1, self.max_tokens, on_text, lambda: worker.is_cancelled
-                )
+                cfg = engine.decode_config("greedy", 1, self.max_tokens)
+                result = engine.answer(m, tok, messages, cfg, on_text, lambda: worker.is_cancelled)
                 title = f"[b]{side}[/b]  {result.tokens} tokens, {result.tokens_per_s:.1f} tok/s"
             except Exception as e:  # noqa: BLE001 - shown in the pane, the app lives on
                 line = getattr(e, "line", None)

@@ -5,12 +5,14 @@ Reads lines from stdin (so a pipe can drive it); `> ` is shown only on a termina
 EOF and Ctrl-C at the prompt). Ctrl-C while an answer streams stops that answer only.
 /strategy NAME switches the decoding strategy (greedy, sample, best-of-n, self-consistency, beam),
 /n N sets the samples or beam width, /scorer SPEC the best-of-N scorer; votes or scores are
-shown on stderr after each answer, and only the chosen answer enters the history.
+shown on stderr after each answer, and only the chosen answer enters the history. Every answer
+runs `run_strategy` on the DecodeConfig of the current flags (streamed: greedy or one sample).
 """
 
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 
 from mlxpt.commands.generate import (
     add_model_args,
@@ -18,10 +20,11 @@ from mlxpt.commands.generate import (
     add_strategy_args,
     check_common,
     check_strategy_args,
+    decode_config,
     load_for,
     run_with_strategy,
-    sampler_for,
     stats_line,
+    stream,
 )
 from mlxpt.errors import MlxptError
 
@@ -49,23 +52,18 @@ def _read(marker: str) -> str | None:
         return None
 
 
-def _answer(model, tokenizer, tokens, args, sampler) -> str:
-    from mlxpt.decode.generate import iter_generate
-
-    parts, last = [], None
+def _answer(model, tokenizer, tokens, args, cfg, history) -> str:
+    """One streamed answer (cfg.streamed); Ctrl-C stops it and keeps what was written."""
+    seen: list = []
     try:
-        for chunk in iter_generate(model, tokenizer, tokens, args.max_tokens, sampler, args.repetition_penalty):
-            sys.stdout.write(chunk.text)
-            sys.stdout.flush()
-            parts.append(chunk.text)
-            last = chunk
+        stream(model, tokenizer, tokens, cfg, history, seen)
     except KeyboardInterrupt:
         print("\n[stopped]", file=sys.stderr)
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if args.stats and last is not None and last.finish_reason:
-        print(stats_line(last), file=sys.stderr)
-    return "".join(parts)
+    if args.stats and seen and seen[-1].finish_reason:
+        print(stats_line(seen[-1]), file=sys.stderr)
+    return "".join(c.text for c in seen)
 
 
 def _set(args, cmd: str, rest: str) -> None:
@@ -101,7 +99,9 @@ def run(args) -> int:
     check_common(args)
     check_strategy_args(args)
     model, tokenizer = load_for(args)
-    sampler = sampler_for(args)
+    # A streamed answer seeds MLX's generator (--seed) only as its sampler did before: once at the
+    # start and after each /strategy, /n, /scorer; later turns continue the same random stream.
+    reseed = True
     tty = sys.stdin.isatty()
     marker = "> " if tty else ""
     system, history = args.system, []
@@ -131,14 +131,17 @@ def run(args) -> int:
                 )
             elif cmd in ("/strategy", "/n", "/scorer"):
                 _set(args, cmd, rest.strip())
-                sampler = sampler_for(args)
+                reseed = True
             else:
                 print(f"[unknown command {cmd}] {HELP}", file=sys.stderr)
             continue
         history.append({"role": "user", "content": line})
         tokens = chat_prompt(tokenizer, history, system)
-        if args.strategy in (None, "greedy") or (args.strategy == "sample" and args.n == 1):
-            reply = _answer(model, tokenizer, tokens, args, sampler)
+        cfg = decode_config(args)
+        if cfg.streamed:
+            if not reseed:
+                cfg = replace(cfg, sampling=replace(cfg.sampling, seed=None))
+            reply = _answer(model, tokenizer, tokens, args, cfg, history)
         else:
             try:
                 reply = run_with_strategy(args, model, tokenizer, tokens, history)
@@ -148,4 +151,5 @@ def run(args) -> int:
             except MlxptError as e:  # e.g. a reward-model scorer that fails to load: keep chatting
                 print(f"[{e.line()}]", file=sys.stderr)
                 reply = ""
+        reseed = False
         history.append({"role": "assistant", "content": reply})

@@ -2,6 +2,7 @@
 
 `--strategy best-of-n|self-consistency|beam|sample --n N` runs a test-time scaling strategy
 instead (decode/strategies.py): the chosen answer goes to stdout, the scores or votes to stderr.
+Both paths run `run_strategy` on the DecodeConfig of the flags (`decode_config`).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from mlxpt.decode.options import DEFAULT_TEMPERATURE
 from mlxpt.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
@@ -47,7 +49,7 @@ def add_sampling_args(p) -> None:
         "--temperature",
         type=float,
         default=None,
-        help="sampling temperature (0: greedy; default 0, or 0.7 for sampled strategies)",
+        help=f"sampling temperature (0: greedy; default 0, or {DEFAULT_TEMPERATURE} for sampled strategies)",
     )
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument(
@@ -93,11 +95,13 @@ def register(subparsers) -> None:
 
 
 def add_strategy_args(p) -> None:
-    from mlxpt.decode.strategies import STRATEGIES
+    from mlxpt.decode.options import STRATEGY_NAMES
 
     g = p.add_argument_group("test-time scaling")
     g.add_argument(
-        "--strategy", default=None, help=f"decoding strategy: {', '.join(STRATEGIES)} (default: one streamed decode)"
+        "--strategy",
+        default=None,
+        help=f"decoding strategy: {', '.join(STRATEGY_NAMES)} (default: one streamed decode)",
     )
     g.add_argument("--n", type=int, default=8, help="samples (best-of-n, self-consistency, sample) or beam width")
     g.add_argument(
@@ -121,9 +125,7 @@ def add_strategy_args(p) -> None:
 
 
 def default_temperature(args) -> float:
-    """0 for greedy decoding; 0.7 for strategies that draw several samples."""
-    from mlxpt.decode.strategies import DEFAULT_TEMPERATURE
-
+    """0 for one plain decode, greedy and beam; the library's DEFAULT_TEMPERATURE for the rest."""
     strategy = getattr(args, "strategy", None)
     return 0.0 if strategy in (None, "greedy", "beam") else DEFAULT_TEMPERATURE
 
@@ -131,8 +133,8 @@ def default_temperature(args) -> float:
 def check_strategy_args(args) -> None:
     """Validate the strategy flags (E620+) before any weights load."""
     from mlxpt.decode.beam import check_beam
+    from mlxpt.decode.options import check_strategy
     from mlxpt.decode.scorers import check_spec
-    from mlxpt.decode.strategies import check_strategy
     from mlxpt.rewards.extract import check_method
 
     if args.strategy is None:
@@ -164,6 +166,20 @@ def sampling_config(args):
     from mlxpt.decode.sampling import SamplingConfig
 
     return SamplingConfig(args.temperature, args.top_p, args.top_k, args.min_p, args.seed, args.repetition_penalty)
+
+
+def decode_config(args):
+    """The DecodeConfig of the flags (after check_common set the temperature). Without --strategy:
+    one streamed decode with the sampling flags (`greedy` at temperature 0, else one `sample`)."""
+    from mlxpt.decode.options import DecodeConfig
+
+    if args.strategy is None:
+        return DecodeConfig("greedy" if args.temperature == 0 else "sample", 1, args.max_tokens, sampling_config(args))
+    confidence = None if args.confidence >= 1 else args.confidence
+    return DecodeConfig(
+        args.strategy, args.n, args.max_tokens, sampling_config(args), args.scorer, args.extract, args.weighting,
+        args.adaptive, args.batch, confidence, args.length_penalty,
+    )  # fmt: skip
 
 
 def check_common(args) -> None:
@@ -207,12 +223,6 @@ def load_for(args):
         quantize=args.quantize,
         trust_remote_code=args.trust_remote_code,
     )
-
-
-def sampler_for(args):
-    from mlxpt.decode.sampling import make_sampler
-
-    return make_sampler(args.temperature, args.top_p, args.top_k, args.min_p, args.seed)
 
 
 def stats_line(last) -> str:
@@ -267,12 +277,7 @@ def run_with_strategy(args, model, tokenizer, tokens, prompt) -> str:
     """Run args.strategy on `tokens`, print the answer (stdout) and its votes/scores (stderr)."""
     from mlxpt.decode.strategies import run_strategy
 
-    confidence = None if args.confidence >= 1 else args.confidence
-    result = run_strategy(
-        model, tokenizer, tokens, args.strategy, args.n, args.max_tokens, sampling_config(args), args.scorer,
-        args.extract, adaptive=args.adaptive, batch=args.batch, confidence=confidence, weighting=args.weighting,
-        length_penalty=args.length_penalty, prompt=prompt,
-    )  # fmt: skip
+    result = run_strategy(model, tokenizer, tokens, decode_config(args), prompt=prompt)
     print(result.text)
     sys.stdout.flush()
     if args.show_samples:
@@ -284,8 +289,21 @@ def run_with_strategy(args, model, tokenizer, tokens, prompt) -> str:
     return result.text
 
 
+def stream(model, tokenizer, tokens, cfg, prompt, seen: list) -> None:
+    """One streamed decode of `cfg` (cfg.streamed): its text goes to stdout as it comes, and every
+    chunk into `seen` (kept when Ctrl-C stops the decode; the last one has the speeds)."""
+    from mlxpt.decode.strategies import run_strategy
+
+    def show(chunk) -> None:
+        sys.stdout.write(chunk.text)
+        sys.stdout.flush()
+        seen.append(chunk)
+
+    run_strategy(model, tokenizer, tokens, cfg, prompt=prompt, on_chunk=show)
+
+
 def run(args) -> int:
-    from mlxpt.decode.generate import chat_prompt, iter_generate
+    from mlxpt.decode.generate import chat_prompt
 
     text = _read_prompt(args)
     check_common(args)
@@ -295,17 +313,14 @@ def run(args) -> int:
         tokens = list(tokenizer.encode(text))
     else:
         tokens = chat_prompt(tokenizer, [{"role": "user", "content": text}], system=args.system)
-    if args.strategy not in (None, "greedy", "sample") or (args.strategy == "sample" and args.n > 1):
+    cfg = decode_config(args)
+    if not cfg.streamed:
         run_with_strategy(args, model, tokenizer, tokens, text)
         return 0
-    sampler = sampler_for(args)  # one streamed decode: no strategy, greedy, or one sample
-    last = None
-    for chunk in iter_generate(model, tokenizer, tokens, args.max_tokens, sampler, args.repetition_penalty):
-        sys.stdout.write(chunk.text)
-        sys.stdout.flush()
-        last = chunk
+    seen: list = []
+    stream(model, tokenizer, tokens, cfg, text, seen)  # no strategy, greedy, or one sample
     sys.stdout.write("\n")
     sys.stdout.flush()
-    if last is not None:
-        print(stats_line(last), file=sys.stderr)
+    if seen:
+        print(stats_line(seen[-1]), file=sys.stderr)
     return 0

@@ -1,4 +1,4 @@
-"""Generation: samplers, chat prompts and streaming decode (mlx imported lazily)."""
+"""Generation: samplers, chat prompts, streaming decode and the decoding strategies (mlx imported lazily)."""
 
 from mlxpt.decode.generate import (
     GenerationChunk,
@@ -7,15 +7,21 @@ from mlxpt.decode.generate import (
     generate_text,
     iter_generate,
 )
+from mlxpt.decode.options import DecodeConfig
 from mlxpt.decode.sampling import SamplingConfig, make_sampler, validate_sampling
+from mlxpt.decode.strategies import STRATEGIES, StrategyResult, run_strategy
 
 __all__ = [
+    "STRATEGIES",
+    "DecodeConfig",
     "GenerationChunk",
     "SamplingConfig",
+    "StrategyResult",
     "add_stop_tokens",
     "chat_prompt",
     "generate_text",
     "iter_generate",
     "make_sampler",
+    "run_strategy",
     "validate_sampling",
 ]

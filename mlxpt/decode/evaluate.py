@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlxpt.decode.options import DEFAULT_TEMPERATURE, DecodeConfig
 from mlxpt.errors import ConfigError, DataError
 
 EVAL_STRATEGIES = ("greedy", "sample", "best-of-n", "self-consistency", "adaptive", "beam")
@@ -36,7 +37,7 @@ class EvalConfig:
     strategies: tuple[str, ...] = ("greedy", "best-of-n", "self-consistency")  # also sample, adaptive, beam
     ns: tuple[int, ...] = (1, 2, 4, 8, 16)  # sample budgets (beam: widths; adaptive: the budget is max N)
     max_tokens: int = 96  # per sample
-    temperature: float = 0.7  # for sampled strategies
+    temperature: float = DEFAULT_TEMPERATURE  # for sampled strategies
     top_p: float = 1.0
     top_k: int = 0
     min_p: float = 0.0
@@ -134,9 +135,9 @@ def parse_ns(text: str) -> tuple[int, ...]:
 
 def check_config(cfg: EvalConfig) -> None:
     """Everything that can be checked before a model loads."""
+    from mlxpt.decode.options import check_strategy
     from mlxpt.decode.sampling import validate_sampling
     from mlxpt.decode.scorers import check_spec
-    from mlxpt.decode.strategies import check_strategy
     from mlxpt.rewards.extract import check_method
 
     if not cfg.strategies:
@@ -242,37 +243,38 @@ def evaluate(
     return out
 
 
+def decode_config(cfg: EvalConfig, strategy: str, n: int, sampling, scorer=None) -> DecodeConfig:
+    """The DecodeConfig of one (strategy, N) cell; `adaptive` is self-consistency with early stopping."""
+    return DecodeConfig(
+        "self-consistency" if strategy == "adaptive" else strategy, n, cfg.max_tokens, sampling, scorer, cfg.extract,
+        cfg.weighting, strategy == "adaptive", cfg.batch, cfg.confidence,
+    )  # fmt: skip
+
+
 def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer, record: dict) -> Iterator:
     """(cell, (correct, tokens, seconds, samples used, seconds estimated?)) for one prompt;
     each cell's answer is left in record["_answer"], the pool in record["pool"]."""
-    from mlxpt.decode.strategies import run_strategy
+    from mlxpt.decode.strategies import DecodeContext, drawer, run_strategy
     from mlxpt.rewards.extract import extract, same_answer
 
     def ok(text_answer):
         return same_answer(text_answer, row.answer)
 
-    common = dict(max_tokens=cfg.max_tokens, extract=cfg.extract, prompt=row.prompt, row=fields)
     for s, n in cells:
         if s == "greedy" or s == "beam" or (cfg.independent and s in POOLED):
-            name = "self-consistency" if s == "adaptive" else s
             r = run_strategy(
-                model, tokenizer, ids, name, n, sampling=sampling, scorer=scorer, adaptive=s == "adaptive",
-                batch=cfg.batch, confidence=cfg.confidence, weighting=cfg.weighting, **common,
-            )  # fmt: skip
+                model, tokenizer, ids, decode_config(cfg, s, n, sampling, scorer), prompt=row.prompt, row=fields
+            )
             record["_answer"] = r.answer
             yield (s, n), (ok(r.answer), r.generated_tokens, r.seconds, r.n_used, False)
     pooled = [c for c in cells if c[0] in POOLED]
     if cfg.independent or not pooled:
         return
-    from mlxpt.decode.sampling import processors_from, sampler_from
-    from mlxpt.decode.strategies import _group_fn, _weights
-    from mlxpt.decode.votes import adaptive_schedule, vote
+    from mlxpt.decode.votes import adaptive_schedule, vote, vote_weights
 
     size = max(n for _, n in pooled)
     t0 = time.perf_counter()
-    pool = _group_fn()(
-        model, tokenizer, ids, size, cfg.max_tokens, sampler_from(sampling), (), processors_from(sampling)
-    )
+    pool = drawer(model, tokenizer, ids, decode_config(cfg, "sample", size, sampling), DecodeContext())(size)
     pool_s = time.perf_counter() - t0
     answers = [extract(c.text, cfg.extract) for c in pool]
     lengths = [len(c.tokens) for c in pool]
@@ -284,7 +286,7 @@ def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer, r
         scores = scorer(row.prompt, pool, fields)
         score_s = time.perf_counter() - t1
         record["pool"]["scores"] = [s if math.isfinite(s) else None for s in scores]
-    weights = _weights(cfg.weighting, pool, scores)
+    weights = vote_weights(cfg.weighting, pool, scores)
 
     def cost(k: int, scored: bool = False) -> tuple[int, float]:
         tokens = sum(lengths[:k])

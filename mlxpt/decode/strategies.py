@@ -1,29 +1,26 @@
-"""Test-time scaling strategies behind one call: `run_strategy(model, tokenizer, prompt, name, n)`.
+"""Test-time scaling strategies: one function per strategy in `STRATEGIES`, all run with one
+`DecodeConfig` (options.py) through `run_strategy(model, tokenizer, prompt_tokens, cfg)`.
 
 - `greedy`: one argmax decode (mlx-lm's streaming path, the fastest single stream);
 - `sample`: n samples (one streamed decode for n = 1, else one batched group); the first is the answer;
 - `best-of-n`: n samples in one batch (prompt prefilled once), ranked by a scorer (scorers.py);
-- `self-consistency`: n samples, final answers extracted (extract.py) and voted (votes.py),
+- `self-consistency`: n samples, final answers extracted (rewards/extract.py) and voted (votes.py),
   optionally weighted by mean log-prob or a reward; `adaptive=True` draws `batch` samples at a
   time and stops as soon as the leader is safe or confident, reporting the samples used;
 - `beam`: beam search of width n (beam.py).
 
-Sampling strategies default to temperature 0.7 when no SamplingConfig is given (temperature 0
-would make every sample the same).
+Every strategy function takes (model, tokenizer, prompt_tokens, cfg, ctx) and returns a
+StrategyResult; `ctx` (DecodeContext) carries what one call adds: the prompt and row scorers see,
+and the live hooks of a UI (streamed chunks, drawn batches, cancellation).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
-from mlxpt.decode.sampling import SamplingConfig
-from mlxpt.errors import ConfigError
-
-STRATEGIES = ("greedy", "sample", "best-of-n", "self-consistency", "beam")
-WEIGHTINGS = ("none", "logprob", "reward")
-DEFAULT_TEMPERATURE = 0.7
+from mlxpt.decode.options import DecodeConfig, check_decode
 
 
 @dataclass
@@ -42,51 +39,13 @@ class StrategyResult:
     finish_reasons: list[str] = field(default_factory=list)
 
 
-def check_strategy(strategy: str, n: int, weighting: str = "none", batch: int = 4, confidence: float | None = 0.95):
-    """ConfigError E620/E621/E626 for an unknown strategy or out-of-range settings."""
-    if strategy not in STRATEGIES:
-        raise ConfigError("E620", f"unknown strategy {strategy!r}", "--strategy", f"use one of {', '.join(STRATEGIES)}")
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ConfigError("E621", f"n={n!r} is out of range", "--n", "use a whole number >= 1")
-    if weighting not in WEIGHTINGS:
-        raise ConfigError(
-            "E626", f"unknown vote weighting {weighting!r}", "--weighting", f"use {', '.join(WEIGHTINGS)}"
-        )
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ConfigError("E626", f"adaptive batch={batch!r} is out of range", "--batch", "use a whole number >= 1")
-    if confidence is not None and not (isinstance(confidence, (int, float)) and 0.5 < confidence <= 1):
-        raise ConfigError(
-            "E626",
-            f"confidence={confidence!r} is out of range",
-            "--confidence",
-            "use a value in (0.5, 1]; 1: safe-only",
-        )
-
-
-def sampling_for(strategy: str, sampling: SamplingConfig | None) -> SamplingConfig:
-    """The sampling settings a strategy runs with (greedy always uses temperature 0)."""
-    if strategy == "greedy":
-        base = sampling or SamplingConfig()
-        return SamplingConfig(0.0, 1.0, 0, 0.0, base.seed, base.repetition_penalty)
-    return sampling or SamplingConfig(temperature=DEFAULT_TEMPERATURE)
-
-
-def _group_fn() -> Callable:
-    from mlxpt.decode.batch import generate_group
-
-    return generate_group
-
-
-def _stream(model, tokenizer, prompt_tokens, max_tokens, cfg: SamplingConfig) -> tuple[str, int, str]:
-    """(text, generated tokens, finish reason) of one streamed decode."""
-    from mlxpt.decode.generate import iter_generate
-    from mlxpt.decode.sampling import sampler_from
-
-    parts, last = [], None
-    for chunk in iter_generate(model, tokenizer, prompt_tokens, max_tokens, sampler_from(cfg), cfg.repetition_penalty):
-        parts.append(chunk.text)
-        last = chunk
-    return "".join(parts), last.generation_tokens, last.finish_reason
+@dataclass
+class DecodeContext:
+    prompt: object = None  # what scorers see (run_strategy's default: the decoded prompt tokens)
+    row: dict | None = None  # row fields scorers see (e.g. the gold `answer` in `mlxpt eval`)
+    on_samples: Callable[[list], None] | None = None  # called with each drawn batch of completions
+    on_chunk: Callable | None = None  # called with each GenerationChunk of a streamed decode
+    cancelled: Callable[[], bool] | None = None  # a streamed decode stops once this returns True
 
 
 def _result(strategy: str, texts: list[str], pick: int, answers: list, tokens: int, t0: float, **kw) -> StrategyResult:
@@ -106,126 +65,169 @@ def _result(strategy: str, texts: list[str], pick: int, answers: list, tokens: i
     )
 
 
-def _weights(weighting: str, completions: Sequence, rewards: list[float] | None) -> list[float] | None:
-    from mlxpt.decode.votes import logprob_weight, reward_weight
-
-    if weighting == "logprob":
-        return [logprob_weight(c.mean_logprob) if c.logprobs else 0.0 for c in completions]
-    if weighting == "reward":
-        return [reward_weight(r) for r in rewards or []]
-    return None
-
-
-def run_strategy(
-    model,
-    tokenizer,
-    prompt_tokens: Sequence[int],
-    strategy: str,
-    n: int = 8,
-    max_tokens: int = 256,
-    sampling: SamplingConfig | None = None,
-    scorer=None,
-    extract: str = "auto",
-    *,
-    adaptive: bool = False,
-    batch: int = 4,
-    confidence: float | None = 0.95,
-    weighting: str = "none",
-    length_penalty: float = 1.0,
-    prompt=None,
-    row: dict | None = None,
-    stop_strings: Sequence[str] = (),
-    on_samples: Callable[[list], None] | None = None,
-) -> StrategyResult:
-    """Run one strategy on one prompt (see the module doc). `scorer` is a spec string or a
-    `scorers.Scorer` (default `logprob`; with weighting="reward" it weights the vote); `prompt`
-    and `row` are what scorers see (default: the decoded prompt, no row fields);
-    `on_samples(completions)` is called after each drawn batch (live progress for a UI)."""
-    from mlxpt.rewards.extract import check_method
-    from mlxpt.rewards.extract import extract as extract_answer
-
-    check_strategy(strategy, n, weighting, batch, confidence)
-    check_method(extract)
-    cfg = sampling_for(strategy, sampling)
-    from mlxpt.decode.sampling import processors_from, validate_sampling
-
-    validate_sampling(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.seed)
-    if prompt is None:
-        prompt = tokenizer.decode(list(prompt_tokens))
-    t0 = time.perf_counter()
-
-    if strategy == "greedy" or (strategy == "sample" and n == 1):
-        text, ntok, reason = _stream(model, tokenizer, prompt_tokens, max_tokens, cfg)
-        return _result(strategy, [text], 0, [extract_answer(text, extract)], ntok, t0, finish_reasons=[reason])
-
-    if strategy == "beam":
-        from mlxpt.decode.beam import beam_search
-
-        stats: dict = {}
-        beams = beam_search(model, tokenizer, prompt_tokens, n, max_tokens, length_penalty, stats)
-        texts = [b.text for b in beams]
-        answers = [extract_answer(t, extract) for t in texts]
-        return _result(
-            strategy, texts, 0, answers, stats["generated_tokens"], t0,
-            scores=[b.score for b in beams], n_used=n, finish_reasons=[b.finish_reason for b in beams],
-        )  # fmt: skip
-
+def _stream(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """One streamed decode; each chunk goes to ctx.on_chunk as it comes."""
+    from mlxpt.decode.generate import iter_generate
     from mlxpt.decode.sampling import sampler_from
+    from mlxpt.rewards.extract import extract
 
-    sampler = sampler_from(cfg)
-    processors = processors_from(cfg)
-    generate_group = _group_fn()
-    score_fn = None
-    if strategy == "best-of-n" or weighting == "reward":
-        from mlxpt.decode.scorers import Scorer, make_scorer
+    t0 = time.perf_counter()
+    s = cfg.sampling_settings()
+    parts, ntok, reason = [], 0, None
+    for chunk in iter_generate(model, tokenizer, prompt_tokens, cfg.max_tokens, sampler_from(s), s.repetition_penalty):
+        parts.append(chunk.text)
+        ntok, reason = chunk.generation_tokens or ntok + (chunk.token is not None), chunk.finish_reason
+        if ctx.on_chunk is not None:
+            ctx.on_chunk(chunk)
+        if ctx.cancelled is not None and ctx.cancelled():
+            break
+    text = "".join(parts)
+    return _result(cfg.strategy, [text], 0, [extract(text, cfg.extract)], ntok, t0, finish_reasons=[reason])
 
-        score_fn = scorer if isinstance(scorer, Scorer) else make_scorer(scorer, model, tokenizer)
+
+def drawer(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> Callable[[int], list]:
+    """`draw(k)`: k more completions in one batch. The sampler (and so the seed) is set up once,
+    here, so successive draws continue one random stream."""
+    from mlxpt.decode.batch import generate_group
+    from mlxpt.decode.sampling import processors_from, sampler_from
+
+    s = cfg.sampling_settings()
+    sampler, processors = sampler_from(s), processors_from(s)
 
     def draw(k: int) -> list:
         got = generate_group(
-            model, tokenizer, list(prompt_tokens), k, max_tokens, sampler, tuple(stop_strings), processors
+            model, tokenizer, list(prompt_tokens), k, cfg.max_tokens, sampler, tuple(cfg.stop_strings), processors
         )
-        if on_samples is not None:
-            on_samples(got)
+        if ctx.on_samples is not None:
+            ctx.on_samples(got)
         return got
 
-    if strategy == "self-consistency" and adaptive:
-        from mlxpt.decode.votes import should_stop
+    return draw
 
-        completions: list = []
-        counts: dict[str, int] = {}
-        while True:
-            got = draw(min(batch, n - len(completions)))
-            completions += got
-            for c in got:
-                a = extract_answer(c.text, extract)
-                if a is not None:
-                    counts[a] = counts.get(a, 0) + 1
-            if should_stop(counts, len(completions), n, confidence):
-                break
-    else:
-        completions = draw(n)
+
+def scorer_for(cfg: DecodeConfig, model, tokenizer):
+    """cfg.scorer as a `scorers.Scorer` (a spec is built with the model for `logprob`/`rm:`)."""
+    from mlxpt.decode.scorers import Scorer, make_scorer
+
+    return cfg.scorer if isinstance(cfg.scorer, Scorer) else make_scorer(cfg.scorer, model, tokenizer)
+
+
+def _read(completions: Sequence, how: str) -> tuple[list[str], list[str | None], int, list[str]]:
+    """(texts, extracted answers, generated tokens, finish reasons) of drawn completions."""
+    from mlxpt.rewards.extract import extract
 
     texts = [c.text for c in completions]
-    answers = [extract_answer(t, extract) for t in texts]
-    ntok = sum(len(c.tokens) for c in completions)
-    reasons = [c.finish_reason for c in completions]
-    scores = score_fn(prompt, completions, row) if score_fn is not None else None
+    answers = [extract(t, how) for t in texts]
+    return texts, answers, sum(len(c.tokens) for c in completions), [c.finish_reason for c in completions]
 
-    if strategy == "sample":
-        return _result(strategy, texts, 0, answers, ntok, t0, finish_reasons=reasons)
-    if strategy == "best-of-n":
-        best = max(range(len(texts)), key=lambda i: (scores[i], -i))  # ties: the earliest sample
-        return _result(strategy, texts, best, answers, ntok, t0, scores=scores, finish_reasons=reasons)
 
-    from mlxpt.decode.votes import vote
+def greedy(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """One argmax decode, streamed."""
+    return _stream(model, tokenizer, prompt_tokens, cfg, ctx)
 
-    v = vote(answers, _weights(weighting, completions, scores))
+
+def sample(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """n samples, the first is the answer: one streamed decode for n = 1, else one batched group."""
+    if cfg.n == 1:
+        return _stream(model, tokenizer, prompt_tokens, cfg, ctx)
+    t0 = time.perf_counter()
+    texts, answers, ntok, reasons = _read(drawer(model, tokenizer, prompt_tokens, cfg, ctx)(cfg.n), cfg.extract)
+    return _result(cfg.strategy, texts, 0, answers, ntok, t0, finish_reasons=reasons)
+
+
+def best_of_n(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """n samples in one batch, the best by cfg.scorer is the answer (ties: the earliest sample)."""
+    t0 = time.perf_counter()
+    draw = drawer(model, tokenizer, prompt_tokens, cfg, ctx)
+    score = scorer_for(cfg, model, tokenizer)
+    completions = draw(cfg.n)
+    texts, answers, ntok, reasons = _read(completions, cfg.extract)
+    scores = score(ctx.prompt, completions, ctx.row)
+    best = max(range(len(texts)), key=lambda i: (scores[i], -i))
+    return _result(cfg.strategy, texts, best, answers, ntok, t0, scores=scores, finish_reasons=reasons)
+
+
+def _draw_adaptive(draw: Callable[[int], list], cfg: DecodeConfig) -> list:
+    """Batches of cfg.batch samples until the vote is decided (votes.should_stop) or n are drawn."""
+    from mlxpt.decode.votes import should_stop
+    from mlxpt.rewards.extract import extract
+
+    completions: list = []
+    counts: dict[str, int] = {}
+    while True:
+        got = draw(min(cfg.batch, cfg.n - len(completions)))
+        completions += got
+        for c in got:
+            a = extract(c.text, cfg.extract)
+            if a is not None:
+                counts[a] = counts.get(a, 0) + 1
+        if should_stop(counts, len(completions), cfg.n, cfg.confidence):
+            return completions
+
+
+def self_consistency(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """n samples (fewer when adaptive stopping ends early), final answers voted; the answer text is
+    the most confident sample (mean log-prob) among those that gave the winning answer."""
+    from mlxpt.decode.votes import vote, vote_weights
+
+    t0 = time.perf_counter()
+    draw = drawer(model, tokenizer, prompt_tokens, cfg, ctx)
+    score = scorer_for(cfg, model, tokenizer) if cfg.weighting == "reward" else None
+    completions = _draw_adaptive(draw, cfg) if cfg.adaptive else draw(cfg.n)
+    texts, answers, ntok, reasons = _read(completions, cfg.extract)
+    scores = score(ctx.prompt, completions, ctx.row) if score is not None else None
+    v = vote(answers, vote_weights(cfg.weighting, completions, scores))
     if v.answer is None:
         pick = 0
-    else:  # the most confident sample among those that gave the winning answer
+    else:
         pick = max((i for i, a in enumerate(answers) if a == v.answer), key=lambda i: completions[i].mean_logprob)
     return _result(
-        strategy, texts, pick, answers, ntok, t0, scores=scores, votes=v.counts, answer=v.answer,
-        weights=v.weights if weighting != "none" else None, finish_reasons=reasons,
+        cfg.strategy, texts, pick, answers, ntok, t0, scores=scores, votes=v.counts, answer=v.answer,
+        weights=v.weights if cfg.weighting != "none" else None, finish_reasons=reasons,
     )  # fmt: skip
+
+
+def beam(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """Beam search of width n; the best beam is the answer, every beam a sample."""
+    from mlxpt.decode.beam import beam_search
+    from mlxpt.rewards.extract import extract
+
+    t0 = time.perf_counter()
+    stats: dict = {}
+    beams = beam_search(model, tokenizer, prompt_tokens, cfg.n, cfg.max_tokens, cfg.length_penalty, stats)
+    texts = [b.text for b in beams]
+    answers = [extract(t, cfg.extract) for t in texts]
+    return _result(
+        cfg.strategy, texts, 0, answers, stats["generated_tokens"], t0,
+        scores=[b.score for b in beams], n_used=cfg.n, finish_reasons=[b.finish_reason for b in beams],
+    )  # fmt: skip
+
+
+Strategy = Callable[..., StrategyResult]  # (model, tokenizer, prompt_tokens, cfg, ctx) -> StrategyResult
+
+STRATEGIES: dict[str, Strategy] = {
+    "greedy": greedy,
+    "sample": sample,
+    "best-of-n": best_of_n,
+    "self-consistency": self_consistency,
+    "beam": beam,
+}
+
+
+def run_strategy(
+    model, tokenizer, prompt_tokens: Sequence[int], cfg: DecodeConfig | str, *, prompt=None, row: dict | None = None,
+    on_samples=None, on_chunk=None, cancelled=None, **settings,
+) -> StrategyResult:  # fmt: skip
+    """Run cfg.strategy on one prompt (see the module doc and DecodeContext for the hooks).
+
+    `cfg` is a DecodeConfig, or a strategy name with DecodeConfig fields as keywords
+    (`run_strategy(model, tok, ids, "beam", n=4)`); keywords also override a config's fields."""
+    if isinstance(cfg, str):
+        cfg = DecodeConfig(cfg, **settings)
+    elif settings:
+        cfg = replace(cfg, **settings)
+    check_decode(cfg)
+    if prompt is None:
+        prompt = tokenizer.decode(list(prompt_tokens))
+    ctx = DecodeContext(prompt, row, on_samples, on_chunk, cancelled)
+    return STRATEGIES[cfg.strategy](model, tokenizer, prompt_tokens, cfg, ctx)

@@ -64,6 +64,16 @@ def reward_weight(reward: float | None) -> float:
     return max(0.0, float(reward))
 
 
+def vote_weights(weighting: str, completions: Sequence, rewards: Sequence[float | None] | None) -> list[float] | None:
+    """Per-sample weights of a vote: `logprob` weighs each completion by `logprob_weight` of its mean
+    log-prob (0 without log-probs), `reward` by `reward_weight` of its reward; `none` gives None."""
+    if weighting == "logprob":
+        return [logprob_weight(c.mean_logprob) if c.logprobs else 0.0 for c in completions]
+    if weighting == "reward":
+        return [reward_weight(r) for r in rewards or []]
+    return None
+
+
 def top_two(counts: dict[str, int]) -> tuple[int, int]:
     """Counts of the leader and the runner-up (0 when absent)."""
     c = sorted(counts.values(), reverse=True) + [0, 0]
