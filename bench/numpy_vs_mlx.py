@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from mlxpt.config import SFTConfig, apply_flat
 
@@ -20,14 +21,15 @@ from mlxpt.config import SFTConfig, apply_flat
 def sft_steps(backend_name: str, steps: int, batch_size: int) -> dict:
     from mlxpt.backends import create_backend
     from mlxpt.models.loader import load_tokenizer
-    from mlxpt.train.sft import SFT, sft_task
+    from mlxpt.train.runner import TaskContext
+    from mlxpt.train.sft import SFT
 
     cfg = SFTConfig()
     apply_flat(cfg, {"quantize": "none", "batch_size": batch_size, "backend": backend_name}, source="bench")
     tok = load_tokenizer(cfg.model.model)
     train, _, _ = SFT.encode(cfg, tok, SFT.read(cfg))
-    task = sft_task(cfg, tok)
-    backend = create_backend(backend_name, cfg.model, cfg.adapter, cfg.train, SFT.objective)
+    backend = create_backend(backend_name, cfg.model, cfg.adapter, cfg.train, SFT.objective(cfg, "rows"))
+    task = SFT.task(TaskContext(cfg, tok, "rows", backend, Path("."), lambda e: None))
     times, tokens = [], []
     for i in range(steps + 1):
         batch = [train[(i * batch_size + j) % len(train)] for j in range(batch_size)]

@@ -16,7 +16,7 @@ from test_train import StopAfter, _load_state
 from mlxpt.config import GRPOConfig
 from mlxpt.errors import ConfigError, DataError
 from mlxpt.objectives import GRADS, grpo_grad, grpo_objective
-from mlxpt.train.grpo import group_advantages
+from mlxpt.train.rollouts import group_advantages
 
 EMPTY = np.zeros((0,), np.float32)
 

@@ -95,7 +95,7 @@ def test_every_trainable_parameter_changes_and_no_frozen_one(kind, tiny_dir, pre
     before = {k: np.array(v) for k, v in tree_flatten(model.parameters())}
     trainable = {k for k, _ in tree_flatten(model.trainable_parameters())}
     assert "reward_head.weight" in trainable
-    backend = MLXBackend(model, make_optimizer("adamw"), rm.make_method(cfg).objective, output="reward")
+    backend = MLXBackend(model, make_optimizer("adamw"), rm.make_objective(cfg), output="reward")
     train, _, _ = prepare_data(cfg, tok)
     batch = rm.collate_pairs(train[:4], 0)
     for _ in range(3):

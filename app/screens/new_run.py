@@ -185,20 +185,13 @@ class NewRunScreen(Screen):
 
     def _kind(self) -> str | None:
         """What the data holds: sft rows, preference pairs or prompts; None: no preview."""
-        if self.method == "sft":
-            return "sft"
-        if self.cfg is not None and (hasattr(self.cfg, "pref") or self.method == "rm"):
-            return "pref"
-        return "prompts" if self.cfg is not None and hasattr(self.cfg, "grpo") else None
+        return form.data_kind(self.method)
 
     def _batch_shape(self, cfg, longest: int) -> Shape:
-        """One training pass as `mlxpt train` estimates it before step 1 (runner.py)."""
-        kind = self._kind()
-        if kind == "prompts":
-            from mlxpt.train.grpo import memory_shape
+        """One training pass as `mlxpt train` estimates it before step 1 (the method's own shape)."""
+        from mlxpt.train.methods import METHODS
 
-            return memory_shape(cfg, longest)
-        return Shape.rows(cfg.data.batch_size * (2 if kind == "pref" else 1), min(longest, cfg.data.max_seq_len))
+        return METHODS[self.method].memory_shape(cfg, longest)
 
     @work(thread=True, exclusive=True, group="check")
     def _check(self, key: tuple, cfg) -> None:

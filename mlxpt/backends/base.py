@@ -19,6 +19,9 @@ class TrainBackend(Protocol):
     name: str
     adapter_config: dict
 
+    def set_objective(self, objective) -> None:
+        """The loss to train: `objective(outputs, *batch rest) -> (loss_sum, weight, aux)`."""
+
     def begin_window(self) -> None:
         """Mark the start of an accumulation window: `discard(rewind=True)` restores the RNG to here."""
 

@@ -65,7 +65,13 @@ class MLXBackend:
         # the adapter as created: the reference policy of DPO/GRPO (LoRA/DoRA start as a no-op)
         full = self.adapter_config.get("fine_tune_type") == "full"
         self._initial = None if full else tree_flatten(model.trainable_parameters())
+        self._compile = compile
         self._build(compile)
+
+    def set_objective(self, objective) -> None:
+        """The loss to train: a method's, built once the runner knows its layout."""
+        self.objective = objective
+        self._build(self._compile)
 
     def outputs(self, model, batch) -> tuple:
         """(what the objective gets, the rest of the batch): per-token log-probs from

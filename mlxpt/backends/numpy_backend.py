@@ -100,6 +100,10 @@ class NumpyBackend:
         self._peak = 0
         self.discard()
 
+    def set_objective(self, objective) -> None:
+        """The loss to train and its closed-form dL/dlogp (E512 where there is none)."""
+        self.objective, self.grad_fn = objective, grad_of(objective)
+
     def begin_window(self) -> None:
         self._rng_at_start = _rng_to_array(self.rng)
 
@@ -283,7 +287,7 @@ def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective) -> NumpyB
             "--quantize",
             "use --quantize auto or none",
         )
-    grad_fn = grad_of(objective)
+    grad_fn = None if objective is None else grad_of(objective)
     path = resolve(model_cfg.model)
     check_folder(path, model_cfg.trust_remote_code)
     model = Model.load(path)

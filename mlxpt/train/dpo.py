@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -37,8 +38,9 @@ from mlxpt.data.batching import collate
 from mlxpt.data.encode import pad_id_of
 from mlxpt.data.preference import PrefExample, encode_preference, load_preference
 from mlxpt.errors import MlxptError
+from mlxpt.runs import latest_checkpoint, save_safetensors_atomic
 from mlxpt.train.loop import Task
-from mlxpt.train.runner import Method, run_training
+from mlxpt.train.runner import Method, TaskContext, rows_shape, run_training
 
 REFERENCE_FILE = "reference_logps.safetensors"
 REFERENCE_FREE = ("simpo", "orpo")
@@ -102,24 +104,30 @@ def interleaved(objective: Callable) -> Callable:
     return wrapped
 
 
-def pair_task(cfg: DPOConfig, tokenizer, grouped: Callable[[], bool] = lambda: False) -> Task:
-    """`grouped()`: whether the backend runs the shared-prompt pass (known once it is loaded)."""
-    pad_id = pad_id_of(tokenizer)
+def pair_length(p: PrefExample) -> int:
+    return len(p.prompt) + max(len(p.chosen), len(p.rejected))
+
+
+def pair_task(ctx: TaskContext) -> Task:
+    pad_id, grouped = pad_id_of(ctx.tokenizer), ctx.layout == "grouped"
     return Task(
-        collate=lambda pairs: collate_pairs(pairs, pad_id, grouped()),
-        length=lambda p: len(p.prompt) + max(len(p.chosen), len(p.rejected)),
+        collate=lambda pairs: collate_pairs(pairs, pad_id, grouped),
+        length=pair_length,
         tokens=lambda p: 2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2,
     )
 
 
-def make_objective(cfg: DPOConfig) -> Callable:
-    """The configured loss as `objective(logp, mask, ref_chosen, ref_rejected)`."""
+def make_objective(cfg: DPOConfig, layout: str = "rows") -> Callable:
+    """The configured loss as `objective(logp, mask, ref_chosen, ref_rejected)`; on the grouped
+    layout its rows are put back in chosen-then-rejected order first."""
     p = cfg.pref
     if p.loss_type == "simpo":
-        return partial(objectives.simpo_objective, beta=p.beta, gamma=p.simpo_gamma, label_smoothing=p.label_smoothing)
-    if p.loss_type == "orpo":
-        return partial(objectives.orpo_objective, orpo_lambda=p.orpo_lambda)
-    return partial(objectives.dpo_objective, loss_type=p.loss_type, beta=p.beta, label_smoothing=p.label_smoothing)
+        loss = partial(objectives.simpo_objective, beta=p.beta, gamma=p.simpo_gamma, label_smoothing=p.label_smoothing)
+    elif p.loss_type == "orpo":
+        loss = partial(objectives.orpo_objective, orpo_lambda=p.orpo_lambda)
+    else:
+        loss = partial(objectives.dpo_objective, loss_type=p.loss_type, beta=p.beta, label_smoothing=p.label_smoothing)
+    return interleaved(loss) if layout == "grouped" else loss
 
 
 def fingerprint(pairs: list[PrefExample]) -> str:
@@ -172,90 +180,80 @@ def _adapter_is_initial(backend) -> bool:
     return all(not np.any(v) for k, v in adapters.items() if k.endswith("lora_b"))
 
 
-def share_prompts(cfg: DPOConfig, backend, emit) -> bool:
-    """Switch the backend to the shared-prompt pass where it reproduces this model's plain
-    log-probs (MLX backend; checked on load) and `plain_scoring` is off. Returns whether it did."""
-    if cfg.pref.plain_scoring or not hasattr(backend, "share_prompts"):
-        return False
-    ok, found = backend.share_prompts()
-    if ok:
-        backend.objective = interleaved(backend.objective)
-    else:
-        emit({"event": "warning", "message": f"scoring each response with its prompt (slower): running "
-              f"each prompt once per pair does not reproduce this model's log-probs ({found})"})  # fmt: skip
-    return ok
-
-
-def make_before_train(cfg: DPOConfig, pad_id: int, grouped: bool = False) -> Callable:
+def before_train(ctx: TaskContext, train, valid, stop=None) -> None:
     """Load the cached reference log-probs, or compute and cache them on a fresh run (in the
-    backend's layout: `grouped`, see collate_pairs)."""
-
-    def before_train(backend, train, valid, run_dir: Path, emit, stop=None) -> None:
-        if cfg.pref.loss_type in REFERENCE_FREE:
+    run's layout, see collate_pairs)."""
+    cfg, backend, run_dir, emit = ctx.cfg, ctx.backend, Path(ctx.run_dir), ctx.emit
+    if cfg.pref.loss_type in REFERENCE_FREE:
+        return
+    path = run_dir / REFERENCE_FILE
+    keys = {"train": fingerprint(train), "valid": fingerprint(valid)}
+    if path.exists():
+        arrays = _read_reference(path, keys)
+        how = "loaded"
+    else:
+        if latest_checkpoint(run_dir) is not None or not _adapter_is_initial(backend):
+            raise MlxptError(
+                "E196",
+                "no cached reference log-probs, and the adapter is no longer at its initial state",
+                str(run_dir),
+                "the reference is the untrained model: start a new run",
+            )
+        arrays = _compute_reference(ctx, train, valid, stop)
+        if arrays is None:  # stopped: nothing is cached, and a resume computes it again
             return
-        from mlxpt.runs import latest_checkpoint, save_safetensors_atomic
-
-        path = Path(run_dir) / REFERENCE_FILE
-        keys = {"train": fingerprint(train), "valid": fingerprint(valid)}
-        if path.exists():
-            from safetensors import safe_open
-
-            with safe_open(str(path), framework="numpy") as f:
-                meta = f.metadata() or {}
-                arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
-            if any(meta.get(f"fingerprint_{s}") != keys[s] for s in keys):
-                raise MlxptError(
-                    "E195",
-                    "cached reference log-probs do not match the encoded data (data, tokenizer or max_seq_len changed)",
-                    str(path),
-                    "resume with the same data and model, or start a new run",
-                )
-            how = "loaded"
-        else:
-            if latest_checkpoint(run_dir) is not None or not _adapter_is_initial(backend):
-                raise MlxptError(
-                    "E196",
-                    "no cached reference log-probs, and the adapter is no longer at its initial state",
-                    str(run_dir),
-                    "the reference is the untrained model: start a new run",
-                )
-            arrays = {}
-            progress = _progress_events(emit, len(train) + len(valid))
-            for split, pairs, before in (("train", train, 0), ("valid", valid, len(train))):
-                done = reference_logps(
-                    backend, pairs, cfg.data.batch_size, pad_id, stop,
-                    lambda n, before=before: progress(before + n), grouped,
-                )  # fmt: skip
-                if done is None:  # stopped: nothing is cached, and a resume computes it again
-                    return
-                arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = done
-            meta = {f"fingerprint_{s}": v for s, v in keys.items()}
-            save_safetensors_atomic(path, arrays, {**meta, "model": cfg.model.model})
-            how = "computed"
-        for split, pairs in (("train", train), ("valid", valid)):
-            for p, c, r in zip(pairs, arrays[f"{split}_chosen"], arrays[f"{split}_rejected"], strict=True):
-                p.ref_chosen, p.ref_rejected = float(c), float(r)
-        emit({"event": "reference", "status": how, "path": str(path), "pairs": len(train) + len(valid)})
-
-    return before_train
+        meta = {f"fingerprint_{s}": v for s, v in keys.items()}
+        save_safetensors_atomic(path, arrays, {**meta, "model": cfg.model.model})
+        how = "computed"
+    for split, pairs in (("train", train), ("valid", valid)):
+        for p, c, r in zip(pairs, arrays[f"{split}_chosen"], arrays[f"{split}_rejected"], strict=True):
+            p.ref_chosen, p.ref_rejected = float(c), float(r)
+    emit({"event": "reference", "status": how, "path": str(path), "pairs": len(train) + len(valid)})
 
 
-def make_method(cfg: DPOConfig, name: str = "dpo") -> Method:
-    """A `Method` for the runner with the configured preference loss."""
-    holder: dict = {}
+def _read_reference(path: Path, keys: dict) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
 
-    def task(cfg_, tokenizer) -> Task:
-        holder["pad"], holder["grouped"] = pad_id_of(tokenizer), False
-        return pair_task(cfg_, tokenizer, lambda: holder["grouped"])
+    with safe_open(str(path), framework="numpy") as f:
+        meta = f.metadata() or {}
+        arrays = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no iterator
+    if any(meta.get(f"fingerprint_{s}") != keys[s] for s in keys):
+        raise MlxptError(
+            "E195",
+            "cached reference log-probs do not match the encoded data (data, tokenizer or max_seq_len changed)",
+            str(path),
+            "resume with the same data and model, or start a new run",
+        )
+    return arrays
 
-    def before_train(backend, train, valid, run_dir, emit, stop=None) -> None:
-        holder["grouped"] = share_prompts(cfg, backend, emit)  # before the reference pass: it uses it too
-        make_before_train(cfg, holder["pad"], holder["grouped"])(backend, train, valid, run_dir, emit, stop)
 
-    return Method(
-        name=name, read=read_rows, encode=prepare_data, objective=make_objective(cfg), task=task,
-        before_train=before_train, rows_per_example=2,
-    )  # fmt: skip
+def _compute_reference(ctx: TaskContext, train, valid, stop) -> dict[str, np.ndarray] | None:
+    """Reference log-probs of both splits with progress events; None once stopped."""
+    pad_id, grouped = pad_id_of(ctx.tokenizer), ctx.layout == "grouped"
+    arrays = {}
+    progress = _progress_events(ctx.emit, len(train) + len(valid))
+    for split, pairs, before in (("train", train, 0), ("valid", valid, len(train))):
+        done = reference_logps(
+            ctx.backend, pairs, ctx.cfg.data.batch_size, pad_id, stop,
+            lambda n, before=before: progress(before + n), grouped,
+        )  # fmt: skip
+        if done is None:
+            return None
+        arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = done
+    return arrays
+
+
+DPO = Method(
+    name="dpo",
+    read=read_rows,
+    encode=prepare_data,
+    objective=make_objective,
+    task=pair_task,
+    length=pair_length,
+    memory_shape=rows_shape(2),  # whole rows: an upper bound of the shared-prompt pass
+    shares_prompts=lambda cfg: not cfg.pref.plain_scoring,
+    before_train=before_train,
+)
 
 
 def run_dpo(
@@ -266,4 +264,4 @@ def run_dpo(
     name: str = "dpo",
 ) -> tuple[Path, str]:
     """Train (or resume) one preference run; return (run folder, "finished" | "interrupted")."""
-    return run_training(make_method(cfg, name), cfg, resume_dir=resume_dir, emit=emit, stop=stop)
+    return run_training(replace(DPO, name=name), cfg, resume_dir=resume_dir, emit=emit, stop=stop)

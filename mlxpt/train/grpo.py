@@ -30,7 +30,6 @@ Deviations and simplifications:
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -39,35 +38,18 @@ import numpy as np
 
 from mlxpt import objectives
 from mlxpt.config import GRPOConfig
-from mlxpt.data.batching import collate
-from mlxpt.data.encode import Example, pad_id_of
+from mlxpt.data.encode import pad_id_of
 from mlxpt.data.prompts import PromptExample, encode_prompts, load_prompts
 from mlxpt.errors import ConfigError, MlxptError
 from mlxpt.rewards import RewardGuard, parse_rewards
 from mlxpt.runs.atomic import append_jsonl
 from mlxpt.train.loop import Task
-from mlxpt.train.runner import Method, run_training
+from mlxpt.train.rollouts import RolloutSpec, sample_rollout, score
+from mlxpt.train.runner import Method, TaskContext, run_training
 
 SAMPLES_FILE = "samples.jsonl"
 FAILURES_FILE = "reward_failures.jsonl"
 EVAL_BATCH = 16  # held-out prompts decoded together
-
-
-def group_advantages(rewards: np.ndarray, scale: str = "group", eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
-    """(advantages, zero-std flag per group) for rewards of shape (prompts, G)."""
-    r = np.asarray(rewards, dtype=np.float64)
-    mean = r.mean(axis=1, keepdims=True)
-    std = r.std(axis=1, ddof=1, keepdims=True) if r.shape[1] > 1 else np.zeros_like(mean)
-    zero = std[:, 0] < 1e-6
-    if scale == "group":
-        adv = (r - mean) / (std + eps)
-    elif scale == "batch":
-        adv = (r - mean) / ((r.std(ddof=1) if r.size > 1 else 0.0) + eps)
-    elif scale == "none":
-        adv = r - mean
-    else:
-        raise ValueError(f"unknown scale_rewards {scale!r}")
-    return adv.astype(np.float32), zero
 
 
 def check_config(cfg: GRPOConfig) -> None:
@@ -131,28 +113,12 @@ def make_objective(cfg: GRPOConfig) -> Callable:
 
 
 class GRPOTask:
-    """Turns prompt examples into training batches by sampling and scoring completions."""
+    """The loop's view of GRPO: a window's rollouts (sampled once, reused for its mu updates and
+    kept in checkpoints between them), the step report and greedy validation."""
 
-    def __init__(self, cfg: GRPOConfig, tokenizer):
-        self.cfg, self.g, self.tokenizer = cfg, cfg.grpo, tokenizer
-        self.pad = pad_id_of(tokenizer)
-        self.backend = None
-        self.run_dir: Path | None = None
-        self.emit: Callable[[dict], None] = lambda e: None
-        self.guard: RewardGuard | None = None
-        self._cache: dict[tuple, tuple] = {}  # the window's rollouts, kept for its mu updates
-        self._seq_tokens: dict[int, int] = {}
-        self._window: list[dict] = []  # per micro-batch rollout stats of the current window
-        self._window_open = False  # a window is being sampled; `report` closes it
-        self._resumed: list[tuple] = []  # rollouts a checkpoint saved mid-window (see `state`)
-        self._sampler = None
-        self.shared_prompts = False
-
-    # -- wiring ----------------------------------------------------------------------------
-    def attach(self, backend, run_dir: Path, emit) -> None:
-        from mlxpt.decode.sampling import make_sampler
-
-        self.backend, self.run_dir, self.emit = backend, Path(run_dir), emit
+    def __init__(self, ctx: TaskContext):
+        self.cfg, self.g, self.tokenizer = ctx.cfg, ctx.cfg.grpo, ctx.tokenizer
+        self.run_dir, self.emit = Path(ctx.run_dir), ctx.emit
         self.guard = RewardGuard(
             parse_rewards(self.g.rewards, self.g.reward_weights),
             policy=self.g.reward_on_error,
@@ -160,14 +126,17 @@ class GRPOTask:
             timeout_s=self.g.reward_timeout,
             log_path=self.run_dir / FAILURES_FILE,
         )
-        # each prompt once per group when scoring, where this model gives the plain pass's log-probs
-        if not self.g.plain_scoring:
-            self.shared_prompts, found = backend.share_prompts()
-            if not self.shared_prompts:
-                emit({"event": "warning", "message": f"scoring every completion with its prompt (slower): "
-                      f"running each prompt once per group does not reproduce this model's log-probs ({found})"})  # fmt: skip
+        from mlxpt.decode.sampling import make_sampler  # imports MLX (after the BLAS is chosen)
+
         # no seed here: the sampling RNG is the backend's, saved in every checkpoint
-        self._sampler = make_sampler(self.g.temperature, self.g.top_p, self.g.top_k, self.g.min_p)
+        sampler = make_sampler(self.g.temperature, self.g.top_p, self.g.top_k, self.g.min_p)
+        pad = pad_id_of(ctx.tokenizer)
+        self.spec = RolloutSpec(ctx.cfg, ctx.tokenizer, ctx.backend, self.guard, sampler, pad, ctx.layout == "grouped")
+        self._cache: dict[tuple, tuple] = {}  # the window's rollouts, kept for its mu updates
+        self._seq_tokens: dict[int, int] = {}
+        self._window: list[dict] = []  # per micro-batch rollout stats of the current window
+        self._window_open = False  # a window is being sampled; `report` closes it
+        self._resumed: list[tuple] = []  # rollouts a checkpoint saved mid-window (see `state`)
 
     def task(self) -> Task:
         return Task(
@@ -181,100 +150,6 @@ class GRPOTask:
             load_state=self.load_state,
         )
 
-    # -- rollouts --------------------------------------------------------------------------
-    def _row_kwargs(self, e: PromptExample, completion_tokens: int) -> dict:
-        return {
-            **e.row.fields,
-            "completion_tokens": completion_tokens,
-            "max_completion_length": self.g.max_completion_length,
-            "extract_method": self.g.extract,
-            "format_regex": self.g.format_regex,
-        }
-
-    def _score(self, e: PromptExample, text: str, n_tokens: int) -> tuple[float, dict]:
-        scores = self.guard.score(e.row.prompt, text, self._row_kwargs(e, n_tokens))
-        return self.guard.total(scores), scores
-
-    def _rollout(self, examples: list[PromptExample]):
-        """Sample, score and batch: (arrays for the objective, stats of this micro-batch)."""
-        from mlxpt.decode.batch import GroupStats, generate_groups
-
-        G = self.g.num_generations
-        model = self.backend.model
-        model.eval()
-        gs = GroupStats()
-        t0 = time.perf_counter()
-        seqs, totals, per_fn, samples = [], [], [], []
-        groups = generate_groups(
-            model,
-            self.tokenizer,
-            [e.tokens for e in examples],
-            G,
-            self.g.max_completion_length,
-            self._sampler,
-            stats=gs,
-        )
-        for e, comps in zip(examples, groups, strict=True):
-            for c in comps:
-                ids = c.tokens + ([c.stop_token] if c.stop_token is not None else [])
-                total, scores = self._score(e, c.text, len(c.tokens))
-                seqs.append((e, ids, c.finish_reason == "length"))
-                totals.append(total)
-                per_fn.append(scores)
-                samples.append({"prompt": e.row.prompt, "completion": c.text, "reward": total, "rewards": scores})
-        t_gen = time.perf_counter() - t0
-        rewards = np.array(totals, dtype=np.float64).reshape(len(examples), G)  # a float32 cast could overflow
-        adv, zero = group_advantages(rewards, self.g.scale_rewards)
-        keep = np.ones(len(seqs), bool)
-        if self.g.skip_zero_std_groups and zero.any() and not zero.all():
-            keep = ~np.repeat(zero, G)
-        rows = []
-        for i, (e, ids, truncated) in enumerate(seqs):
-            if not keep[i]:
-                continue
-            train = not (truncated and self.g.mask_truncated_completions) and not (
-                zero.all() and self.g.skip_zero_std_groups
-            )
-            rows.append(Example(list(e.tokens) + ids, [0] * len(e.tokens) + [int(train)] * len(ids), e.row.where))
-        arrays, mask = self._arrays(examples, seqs, rows, keep)
-        empty = np.zeros((0,), np.float32)
-        old = self.backend.token_logps(*arrays).astype(np.float32) if self.g.num_iterations > 1 else empty
-        ref = self.backend.token_logps(*arrays, reference=True).astype(np.float32) if self.g.beta > 0 else empty
-        batch = (*arrays, mask, adv.reshape(-1)[keep], old, ref)
-        lengths = [len(ids) for _, ids, _ in seqs]
-        stats = {
-            "rewards": totals,
-            "per_fn": per_fn,
-            "zero_std": int(zero.sum()),
-            "groups": len(examples),
-            "lengths": lengths,
-            "truncated": sum(t for _, _, t in seqs),
-            "gen_s": t_gen,
-            "gen_tokens": gs.generated_tokens,
-            "seq_tokens": int(sum(len(r.tokens) for r in rows)),
-            "samples": samples[:G],
-            "prompt_tokens": [list(e.tokens) for e in examples],
-        }
-        return batch, stats
-
-    def _arrays(self, examples, seqs, rows, keep) -> tuple[tuple, np.ndarray]:
-        """(the arrays the backend scores, the loss mask): `(inputs, targets)` of whole rows, or
-        with shared prompts `(prompts, left_pad, completions)` (one prompt per kept group)."""
-        if not self.shared_prompts:
-            inputs, targets, mask = collate(rows, self.pad)
-            return (inputs, targets), mask
-        from mlxpt.backends.shared_prefix import layout  # imports MLX (after the BLAS is chosen)
-
-        G = self.g.num_generations
-        kept = [i for i in range(len(seqs)) if keep[i]]
-        prompts = [examples[i // G].tokens for i in kept[::G]]  # keep drops whole groups
-        comps = [seqs[i][1] for i in kept]
-        pr, lp, co = layout(prompts, comps, self.pad, pad_to=8)
-        mask = np.zeros(co.shape, np.float32)
-        for j, (row, ids) in enumerate(zip(rows, comps, strict=True)):
-            mask[j, : len(ids)] = row.mask[-1] if ids else 0.0  # the row's train flag
-        return (pr, lp, co), mask
-
     def collate(self, examples: list[PromptExample], repeat_index: int = 0) -> tuple:
         key = tuple(id(e) for e in examples)
         if repeat_index > 0 and key not in self._cache and self._resumed:
@@ -283,7 +158,8 @@ class GRPOTask:
             self._cache[key] = self._resumed.pop(0)
             self._check_saved_prompts(examples, self._cache[key][1])
         if repeat_index == 0 or key not in self._cache:
-            batch, stats = self._rollout(examples)
+            rollout = sample_rollout(self.spec, examples)
+            batch, stats = rollout.batch, rollout.stats
             if not self._window_open:  # the first micro-batch of a window
                 self._window, self._resumed = [], []
                 self._cache.clear()
@@ -377,7 +253,7 @@ class GRPOTask:
                 generate_many(backend.model, self.tokenizer, [e.tokens for e in part], self.g.max_completion_length),
                 strict=True,
             ):
-                total, scores = self._score(e, c.text, len(c.tokens))
+                total, scores = score(self.spec, e, c.text, len(c.tokens))
                 totals.append(total)
                 lengths.append(len(c.tokens))
                 for name, v in scores.items():
@@ -404,25 +280,16 @@ def memory_shape(cfg: GRPOConfig, prompt: int):
     return Shape.shared_prompts(cfg.data.batch_size, g.num_generations, prompt, g.max_completion_length)
 
 
-def make_method(cfg: GRPOConfig) -> Method:
-    holder: dict = {}
-
-    def task(cfg_, tokenizer) -> Task:
-        holder["task"] = GRPOTask(cfg_, tokenizer)
-        return holder["task"].task()
-
-    def before_train(backend, train, valid, run_dir, emit, stop) -> None:
-        if not hasattr(backend, "model"):
-            raise ConfigError(
-                "E551", "GRPO needs the mlx backend to sample completions", "backend", "use --backend mlx"
-            )
-        holder["task"].attach(backend, run_dir, emit)
-
-    return Method(
-        name="grpo", read=read_rows, encode=prepare_data, objective=make_objective(cfg), task=task,
-        before_train=before_train, rows_per_example=cfg.grpo.num_generations,
-        memory_shape=lambda c, examples: memory_shape(c, max(len(e.tokens) for e in examples)),
-    )  # fmt: skip
+GRPO = Method(
+    name="grpo",
+    read=read_rows,
+    encode=prepare_data,
+    objective=lambda cfg, layout: make_objective(cfg),
+    task=lambda ctx: GRPOTask(ctx).task(),
+    length=lambda e: len(e.tokens),
+    memory_shape=memory_shape,
+    shares_prompts=lambda cfg: not cfg.grpo.plain_scoring,
+)
 
 
 def run_grpo(
@@ -432,4 +299,4 @@ def run_grpo(
     stop=None,
 ) -> tuple[Path, str]:
     """Train (or resume) one GRPO run; return (run folder, "finished" | "interrupted")."""
-    return run_training(make_method(cfg), cfg, resume_dir=resume_dir, emit=emit, stop=stop)
+    return run_training(GRPO, cfg, resume_dir=resume_dir, emit=emit, stop=stop)

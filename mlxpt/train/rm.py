@@ -32,9 +32,10 @@ from mlxpt.data.preference import PrefExample
 from mlxpt.decode.reward_model import collate_rm
 from mlxpt.errors import ConfigError
 from mlxpt.models.heads import add_reward_head, save_reward_model
-from mlxpt.train.dpo import prepare_data, read_rows
+from mlxpt.runs import read_config
+from mlxpt.train.dpo import pair_length, prepare_data, read_rows
 from mlxpt.train.loop import Task
-from mlxpt.train.runner import Method, run_training
+from mlxpt.train.runner import Method, TaskContext, rows_shape, run_training
 
 
 def collate_pairs(pairs: list[PrefExample], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,19 +43,48 @@ def collate_pairs(pairs: list[PrefExample], pad_id: int) -> tuple[np.ndarray, np
     return collate_rm([p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs], pad_id)
 
 
-def make_method(cfg: RMConfig) -> Method:
-    def task(cfg_, tokenizer) -> Task:
-        return Task(
-            collate=partial(collate_pairs, pad_id=pad_id_of(tokenizer)),
-            length=lambda p: len(p.prompt) + max(len(p.chosen), len(p.rejected)),
-            tokens=lambda p: 2 * len(p.prompt) + len(p.chosen) + len(p.rejected),
-        )
+def rm_task(ctx: TaskContext) -> Task:
+    return Task(
+        collate=partial(collate_pairs, pad_id=pad_id_of(ctx.tokenizer)),
+        length=pair_length,
+        tokens=lambda p: 2 * len(p.prompt) + len(p.chosen) + len(p.rejected),
+    )
 
-    objective = partial(objectives.bt_objective, center_coef=cfg.rm.center_rewards_coefficient)
-    return Method(
-        name="rm", read=read_rows, encode=prepare_data, objective=objective, task=task, rows_per_example=2,
-        output="reward", extend_model=add_reward_head, save=save_reward_model,
-    )  # fmt: skip
+
+def make_objective(cfg: RMConfig, layout: str = "rows"):
+    return partial(objectives.bt_objective, center_coef=cfg.rm.center_rewards_coefficient)
+
+
+def check(cfg: RMConfig, resume_dir) -> None:
+    """MLX only, and a resume must be of an rm run (before anything is read)."""
+    if cfg.train.backend != "mlx":
+        raise ConfigError(
+            "E516", f"the {cfg.train.backend} backend cannot train a reward model", "backend", "use --backend mlx"
+        )
+    if resume_dir is not None:
+        method = read_config(resume_dir).get("method", "sft")
+        if method != "rm":
+            raise ConfigError(
+                "E517",
+                f"this is a {method} run, not a reward model",
+                str(resume_dir),
+                f"resume it with `mlxpt train --resume {resume_dir}`, or start a new rm run",
+            )
+
+
+RM = Method(
+    name="rm",
+    read=read_rows,
+    encode=prepare_data,
+    objective=make_objective,
+    task=rm_task,
+    length=pair_length,
+    memory_shape=rows_shape(2),
+    check=check,
+    output="reward",
+    extend_model=add_reward_head,
+    save=save_reward_model,
+)
 
 
 def run_rm(
@@ -64,19 +94,4 @@ def run_rm(
     stop=None,
 ) -> tuple[Path, str]:
     """Train (or resume) a reward model; return (run folder, "finished" | "interrupted")."""
-    if cfg.train.backend != "mlx":
-        raise ConfigError(
-            "E516", f"the {cfg.train.backend} backend cannot train a reward model", "backend", "use --backend mlx"
-        )
-    if resume_dir is not None:
-        from mlxpt.runs import read_config
-
-        method = read_config(resume_dir).get("method", "sft")
-        if method != "rm":
-            raise ConfigError(
-                "E517",
-                f"this is a {method} run, not a reward model",
-                str(resume_dir),
-                f"resume it with `mlxpt train --resume {resume_dir}`, or start a new rm run",
-            )
-    return run_training(make_method(cfg), cfg, resume_dir=resume_dir, emit=emit, stop=stop)
+    return run_training(RM, cfg, resume_dir=resume_dir, emit=emit, stop=stop)

@@ -14,8 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from mlxpt import __version__
+from mlxpt import __version__, _blas
+from mlxpt.backends import create_backend
 from mlxpt.errors import MlxptError
+from mlxpt.models.loader import load_tokenizer, resolve
+from mlxpt.models.memory import Shape
 from mlxpt.runs import (
     append_jsonl,
     atomic_write_text,
@@ -30,23 +33,62 @@ from mlxpt.runs import (
     write_config,
     write_status,
 )
+from mlxpt.train.loop import LoopState, train_loop
 
 
-@dataclass
+@dataclass(frozen=True)
 class Method:
+    """A training method as plain values: how to read and encode its data, its scoring layout,
+    objective, batches and memory shape. Every callable takes the method's config; none mutates
+    the backend or the task after they are built."""
+
     name: str
     read: Callable  # (cfg) -> rows; JSON-level validation, before any tokenizer or weights
     encode: Callable  # (cfg, tokenizer, rows) -> (train, valid, report)
-    objective: Callable  # (logp, *batch[2:]) -> (loss_sum, weight, aux); see objectives.py
-    task: Callable  # (cfg, tokenizer) -> loop.Task
-    # (backend, train, valid, run_dir, emit, stop) e.g. reference log-probs; it returns early once
-    # `stop.requested` (a signal), and the run then ends "interrupted" before its first step
+    objective: Callable  # (cfg, layout) -> objective(outputs, *batch rest) -> (loss_sum, weight, aux)
+    task: Callable  # (TaskContext) -> loop.Task
+    length: Callable  # (example) -> tokens that size its pass (a row; GRPO: the prompt)
+    memory_shape: Callable  # (cfg, longest length) -> models.memory.Shape of one training pass
+    # whether the method wants the shared-prompt layout ("grouped": each prompt once per group of
+    # responses); the runner asks the backend once, and it falls back to "rows" where it cannot
+    shares_prompts: Callable = lambda cfg: False
+    check: Callable | None = None  # (cfg, resume_dir) -> None: refusals before anything is read
+    # (TaskContext, train, valid, stop) after "start", e.g. reference log-probs; it returns early
+    # once `stop.requested` (a signal), and the run then ends "interrupted" before its first step
     before_train: Callable | None = None
-    rows_per_example: int = 1  # sequences one example puts in a batch (2 for a preference pair)
     output: str = "logp"  # what the backend hands the objective: per-token log-probs, or "reward" per row
-    memory_shape: Callable | None = None  # (cfg, examples) -> memory.Shape of one pass (default: whole rows)
     extend_model: Callable | None = None  # backend hook: (model, seed) after the adapters (a reward head)
     save: Callable | None = None  # backend hook: (folder, model, adapter_config) instead of the adapter save
+
+
+@dataclass(frozen=True)
+class TaskContext:
+    """What a method's task and before_train may use, settled before either is built."""
+
+    cfg: object
+    tokenizer: object
+    layout: str  # "rows" (whole rows) or "grouped" (each prompt once, backends/shared_prefix.py)
+    backend: object
+    run_dir: Path
+    emit: Callable[[dict], None]
+
+
+def rows_shape(rows_per_example: int) -> Callable:
+    """A memory_shape for methods that pass whole rows: `rows_per_example` rows a batch example,
+    each as long as the longest example (capped at max_seq_len)."""
+    return lambda cfg, longest: Shape.rows(cfg.data.batch_size * rows_per_example, min(longest, cfg.data.max_seq_len))
+
+
+def choose_layout(backend, wanted: bool, emit: Callable[[dict], None]) -> str:
+    """ "grouped" where the method wants it and the backend reproduces this model's plain
+    log-probs that way (checked once, on load); else "rows", with a warning if it was wanted."""
+    if not wanted or not hasattr(backend, "share_prompts"):
+        return "rows"
+    ok, found = backend.share_prompts()
+    if not ok:
+        emit({"event": "warning", "message": f"scoring each response with its prompt (slower): running each "
+              f"prompt once per group does not reproduce this model's log-probs ({found})"})  # fmt: skip
+    return "grouped" if ok else "rows"
 
 
 def _trim_logs(run_dir: Path, step: int) -> None:
@@ -67,8 +109,8 @@ def run_training(
     stop=None,
 ) -> tuple[Path, str]:
     """Train (or resume) one run; return (run folder, "finished" | "interrupted")."""
-    from mlxpt.models.loader import load_tokenizer, resolve
-
+    if method.check is not None:
+        method.check(cfg, resume_dir)
     if resume_dir is None:
         check_run_name(cfg.train.name or method.name)  # before anything slow happens
     rows = method.read(cfg)
@@ -76,38 +118,30 @@ def run_training(
     train, valid, data_report = method.encode(cfg, tokenizer, rows)
     if not valid:
         emit({"event": "warning", "message": "no validation split: validation loss is not reported"})
-    task = method.task(cfg, tokenizer)
-
-    from mlxpt import _blas
-    from mlxpt.backends import create_backend
-    from mlxpt.models.memory import Shape
-    from mlxpt.train.loop import LoopState, train_loop
 
     t_load = time.perf_counter()
     backend = create_backend(
-        cfg.train.backend, cfg.model, cfg.adapter, cfg.train, method.objective, method.output,
+        cfg.train.backend, cfg.model, cfg.adapter, cfg.train, output=method.output,
         extend_model=method.extend_model, save=method.save,
     )  # fmt: skip
-    if method.memory_shape is not None:
-        shape = method.memory_shape(cfg, train + valid)
-    else:
-        longest = max(task.length(e) for e in train + valid)
-        shape = Shape.rows(cfg.data.batch_size * method.rows_per_example, min(longest, cfg.data.max_seq_len))
-    memory = backend.check_memory(shape)
+    memory = backend.check_memory(method.memory_shape(cfg, max(method.length(e) for e in train + valid)))
+    layout = choose_layout(backend, method.shares_prompts(cfg), emit)
+    backend.set_objective(method.objective(cfg, layout))
     state = LoopState()
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         clean_temp(run_dir)
-        ck = latest_checkpoint(run_dir)
-        if ck is not None:
-            arrays, saved = load_checkpoint(ck)
-            backend.set_state(arrays)
-            state = LoopState.from_dict(saved["loop"])
-            if task.load_state is not None:
-                task.load_state(arrays.get("task", {}), saved.get("task", {}))
-            _trim_logs(run_dir, state.step)
     else:
         run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
+    ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
+    task = method.task(ctx)
+    if resume_dir is not None and (ck := latest_checkpoint(run_dir)) is not None:
+        arrays, saved = load_checkpoint(ck)
+        backend.set_state(arrays)
+        state = LoopState.from_dict(saved["loop"])
+        if task.load_state is not None:
+            task.load_state(arrays.get("task", {}), saved.get("task", {}))
+        _trim_logs(run_dir, state.step)
     n_train, n_total = backend.param_counts()
     write_config(
         run_dir,
@@ -161,7 +195,7 @@ def run_training(
     try:
         with graceful_signals() as flag:
             if method.before_train is not None:  # after "start", so a long reference pass is visible
-                method.before_train(backend, train, valid, run_dir, emit, flag)
+                method.before_train(ctx, train, valid, flag)
             if flag.requested:  # stopped before step 1 of this session: nothing new to save
                 outcome = "interrupted"
             else:

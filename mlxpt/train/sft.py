@@ -18,7 +18,7 @@ from mlxpt.data.formats import load_splits
 from mlxpt.errors import MlxptError
 from mlxpt.objectives import sft_objective
 from mlxpt.train.loop import Task
-from mlxpt.train.runner import Method, resume_command, run_training
+from mlxpt.train.runner import Method, TaskContext, resume_command, rows_shape, run_training
 
 __all__ = ["SFT", "prepare_data", "resume_command", "run_sft"]
 
@@ -39,15 +39,23 @@ def prepare_data(cfg: SFTConfig, tokenizer, rows=None):
     return train, valid, {"train": train_report, "valid": valid_report}
 
 
-def sft_task(cfg: SFTConfig, tokenizer) -> Task:
+def sft_task(ctx: TaskContext) -> Task:
     return Task(
-        collate=partial(collate, pad_id=pad_id_of(tokenizer)),
+        collate=partial(collate, pad_id=pad_id_of(ctx.tokenizer)),
         length=lambda e: len(e.tokens),
         tokens=lambda e: len(e.tokens) - 1,
     )
 
 
-SFT = Method(name="sft", read=read_rows, encode=prepare_data, objective=sft_objective, task=sft_task)
+SFT = Method(
+    name="sft",
+    read=read_rows,
+    encode=prepare_data,
+    objective=lambda cfg, layout: sft_objective,
+    task=sft_task,
+    length=lambda e: len(e.tokens),
+    memory_shape=rows_shape(1),
+)
 
 
 def run_sft(

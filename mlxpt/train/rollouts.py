@@ -1,0 +1,154 @@
+"""GRPO rollouts: sample a group of completions per prompt, score them with the guarded rewards,
+and turn them into one batch for the objective (group-relative advantages, the loss mask, and
+the old/reference log-probs the clipped surrogate and the KL need).
+
+`sample_rollout` is a function of its inputs (the policy's sampling RNG is the backend's, saved
+in every checkpoint); what a window keeps for its `num_iterations` updates, and what a step
+reports, is grpo.py's.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from mlxpt.config import GRPOConfig
+from mlxpt.data.batching import collate
+from mlxpt.data.encode import Example
+from mlxpt.data.prompts import PromptExample
+from mlxpt.rewards import RewardGuard
+
+
+def group_advantages(rewards: np.ndarray, scale: str = "group", eps: float = 1e-4) -> tuple[np.ndarray, np.ndarray]:
+    """(advantages, zero-std flag per group) for rewards of shape (prompts, G)."""
+    r = np.asarray(rewards, dtype=np.float64)
+    mean = r.mean(axis=1, keepdims=True)
+    std = r.std(axis=1, ddof=1, keepdims=True) if r.shape[1] > 1 else np.zeros_like(mean)
+    zero = std[:, 0] < 1e-6
+    if scale == "group":
+        adv = (r - mean) / (std + eps)
+    elif scale == "batch":
+        adv = (r - mean) / ((r.std(ddof=1) if r.size > 1 else 0.0) + eps)
+    elif scale == "none":
+        adv = r - mean
+    else:
+        raise ValueError(f"unknown scale_rewards {scale!r}")
+    return adv.astype(np.float32), zero
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """One micro-batch of scored completions: the arrays the objective trains on, in the run's
+    layout, and plain-number stats for the step report."""
+
+    batch: tuple
+    stats: dict
+
+
+@dataclass(frozen=True)
+class RolloutSpec:
+    """Everything sampling and scoring need besides the prompts."""
+
+    cfg: GRPOConfig
+    tokenizer: object
+    backend: object
+    guard: RewardGuard
+    sampler: Callable
+    pad: int
+    grouped: bool  # the shared-prompt layout (each prompt once per group)
+
+
+def score(spec: RolloutSpec, e: PromptExample, text: str, n_tokens: int) -> tuple[float, dict]:
+    """(total reward, reward per function) of one completion of `e`."""
+    g = spec.cfg.grpo
+    row = {
+        **e.row.fields,
+        "completion_tokens": n_tokens,
+        "max_completion_length": g.max_completion_length,
+        "extract_method": g.extract,
+        "format_regex": g.format_regex,
+    }
+    scores = spec.guard.score(e.row.prompt, text, row)
+    return spec.guard.total(scores), scores
+
+
+def _sample(spec: RolloutSpec, examples: list[PromptExample]):
+    """G completions of each prompt in one batched generation, each scored."""
+    from mlxpt.decode.batch import GroupStats, generate_groups  # imports MLX (after the BLAS is chosen)
+
+    G = spec.cfg.grpo.num_generations
+    model = spec.backend.model
+    model.eval()
+    gs = GroupStats()
+    t0 = time.perf_counter()
+    groups = generate_groups(
+        model, spec.tokenizer, [e.tokens for e in examples], G, spec.cfg.grpo.max_completion_length, spec.sampler,
+        stats=gs,
+    )  # fmt: skip
+    seqs, totals, per_fn, samples = [], [], [], []
+    for e, comps in zip(examples, groups, strict=True):
+        for c in comps:
+            ids = c.tokens + ([c.stop_token] if c.stop_token is not None else [])
+            total, scores = score(spec, e, c.text, len(c.tokens))
+            seqs.append((e, ids, c.finish_reason == "length"))
+            totals.append(total)
+            per_fn.append(scores)
+            samples.append({"prompt": e.row.prompt, "completion": c.text, "reward": total, "rewards": scores})
+    return seqs, totals, per_fn, samples, gs, time.perf_counter() - t0
+
+
+def sample_rollout(spec: RolloutSpec, examples: list[PromptExample]) -> Rollout:
+    """Sample, score and batch one micro-batch of prompts."""
+    g, G = spec.cfg.grpo, spec.cfg.grpo.num_generations
+    seqs, totals, per_fn, samples, gs, t_gen = _sample(spec, examples)
+    rewards = np.array(totals, dtype=np.float64).reshape(len(examples), G)  # a float32 cast could overflow
+    adv, zero = group_advantages(rewards, g.scale_rewards)
+    keep = np.ones(len(seqs), bool)
+    if g.skip_zero_std_groups and zero.any() and not zero.all():
+        keep = ~np.repeat(zero, G)
+    rows = []
+    for i, (e, ids, truncated) in enumerate(seqs):
+        if not keep[i]:
+            continue
+        train = not (truncated and g.mask_truncated_completions) and not (zero.all() and g.skip_zero_std_groups)
+        rows.append(Example(list(e.tokens) + ids, [0] * len(e.tokens) + [int(train)] * len(ids), e.row.where))
+    arrays, mask = _arrays(spec, examples, seqs, rows, keep)
+    empty = np.zeros((0,), np.float32)
+    old = spec.backend.token_logps(*arrays).astype(np.float32) if g.num_iterations > 1 else empty
+    ref = spec.backend.token_logps(*arrays, reference=True).astype(np.float32) if g.beta > 0 else empty
+    stats = {
+        "rewards": totals,
+        "per_fn": per_fn,
+        "zero_std": int(zero.sum()),
+        "groups": len(examples),
+        "lengths": [len(ids) for _, ids, _ in seqs],
+        "truncated": sum(t for _, _, t in seqs),
+        "gen_s": t_gen,
+        "gen_tokens": gs.generated_tokens,
+        "seq_tokens": int(sum(len(r.tokens) for r in rows)),
+        "samples": samples[:G],
+        "prompt_tokens": [list(e.tokens) for e in examples],
+    }
+    return Rollout((*arrays, mask, adv.reshape(-1)[keep], old, ref), stats)
+
+
+def _arrays(spec: RolloutSpec, examples, seqs, rows, keep) -> tuple[tuple, np.ndarray]:
+    """(the arrays the backend scores, the loss mask): `(inputs, targets)` of whole rows, or
+    with shared prompts `(prompts, left_pad, completions)` (one prompt per kept group)."""
+    if not spec.grouped:
+        inputs, targets, mask = collate(rows, spec.pad)
+        return (inputs, targets), mask
+    from mlxpt.backends.shared_prefix import layout  # imports MLX (after the BLAS is chosen)
+
+    G = spec.cfg.grpo.num_generations
+    kept = [i for i in range(len(seqs)) if keep[i]]
+    prompts = [examples[i // G].tokens for i in kept[::G]]  # keep drops whole groups
+    comps = [seqs[i][1] for i in kept]
+    pr, lp, co = layout(prompts, comps, spec.pad, pad_to=8)
+    mask = np.zeros(co.shape, np.float32)
+    for j, (row, ids) in enumerate(zip(rows, comps, strict=True)):
+        mask[j, : len(ids)] = row.mask[-1] if ids else 0.0  # the row's train flag
+    return (pr, lp, co), mask
