@@ -28,19 +28,8 @@ from mlxpt.runs.atomic import (
     save_safetensors_atomic,
     sha256_file,
 )
-from mlxpt.runs.store import (
-    clean_temp,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    new_run_dir,
-    read_config,
-    read_status,
-    save_checkpoint,
-    verify_checkpoint,
-    write_config,
-    write_status,
-)
+from mlxpt.runs.folder import clean_temp, new_run_dir, read_config, read_status, write_config, write_status
+from mlxpt.runs.store import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -395,7 +384,7 @@ def test_runs_layer_imports_neither_mlx_nor_textual():
 CHILD_BODY = textwrap.dedent(
     """
     import os, signal, shutil, sys
-    from mlxpt.runs import store
+    from mlxpt.runs import folder, store
 
     run, keep, point = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 
@@ -442,7 +431,7 @@ CHILD_BODY = textwrap.dedent(
         shutil.rmtree = rmtree
 
     sys.stdin.readline()  # imported; wait until the previous writer is dead
-    store.clean_temp(run)
+    folder.clean_temp(run)
     ck = store.latest_checkpoint(run)
     step = store.load_checkpoint(ck)[1]["step"] if ck else 0
     print("ready", step, flush=True)

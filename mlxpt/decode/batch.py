@@ -143,6 +143,8 @@ def generate_groups(
     """`n` completions of each prompt, all decoded as one batch: each prompt is prefilled once,
     its cache copied to `n` rows, the rows of different prompts left-padded into one batch cache
     (models whose caches cannot be merged decode one prompt group at a time). See generate_group."""
+    # One function on purpose (~110 lines): prefill, cache copy and the decode loop share the
+    # per-row caches, stop state and timing; split, each piece would need all of them passed back.
     for p in prompts:
         _check(n, max_tokens, p)
     from mlxpt import _blas

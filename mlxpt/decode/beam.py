@@ -58,6 +58,8 @@ def beam_search(
     stats: dict | None = None,
 ) -> list[Beam]:
     """The `width` best finished beams for `prompt_tokens`, best first (see the module doc)."""
+    # One loop on purpose (~80 lines): the beams, their caches and the finished heap change
+    # together at every step; split, each piece would need all of them passed back.
     check_beam(width, alpha)
     if max_tokens < 1:
         raise ConfigError("E604", f"max-tokens={max_tokens} is out of range", "--max-tokens", "use a whole number >= 1")

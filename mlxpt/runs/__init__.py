@@ -9,21 +9,17 @@ from mlxpt.runs.atomic import (
     save_safetensors_atomic,
     sha256_file,
 )
-from mlxpt.runs.signals import StopFlag, graceful_signals
-from mlxpt.runs.store import (
+from mlxpt.runs.folder import (
     check_run_name,
     clean_temp,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
     new_run_dir,
     read_config,
     read_status,
-    save_checkpoint,
-    verify_checkpoint,
     write_config,
     write_status,
 )
+from mlxpt.runs.signals import StopFlag, graceful_signals
+from mlxpt.runs.store import latest_checkpoint, list_checkpoints, load_checkpoint, save_checkpoint, verify_checkpoint
 
 __all__ = [
     "StopFlag",

@@ -1,7 +1,7 @@
 """Atomic file writes: temp file in the same directory, fsync, `os.replace`, fsync the directory.
 
 A reader (or a crash) sees either the old file or the new one, never a torn one. Temp names
-start with `.tmp-` so `store.clean_temp` can sweep what a killed process left behind.
+start with `.tmp-` so `folder.clean_temp` can sweep what a killed process left behind.
 """
 
 from __future__ import annotations

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-from mlxpt.runs.store import list_checkpoints, read_status
+from mlxpt.runs.folder import read_status
+from mlxpt.runs.store import list_checkpoints
 
 SHOWN_STATUSES = ("running", "finished", "failed", "interrupted", "crashed", "unknown")
 

@@ -106,6 +106,91 @@ def validate(backend: TrainBackend, examples: list, batch_size: int, task: Task,
     return {"val_loss": total / w, **{f"val_{k}": v / w for k, v in sums.items()}}
 
 
+def _accumulate(backend, train, window, task: Task, state: LoopState, repeat: int, checkpoint, stop) -> int | None:
+    """Gradients of one window's micro-batches; its input tokens, or None once a stop is requested.
+    A user error while a batch is built abandons the window and saves the last completed step."""
+    tokens = 0
+    backend.begin_window()  # an abandoned window rewinds the RNG to here (sampling included)
+    for _, _, idx in window:
+        examples = [train[i] for i in idx]
+        try:
+            batch = task.collate(examples, **({} if repeat == 1 else {"repeat_index": state.repeat_index}))
+        except MlxptError as e:
+            backend.discard(rewind=True)
+            checkpoint(state)
+            e.saved_step = state.step  # the runner adds the resume command to the hint
+            raise
+        backend.accumulate(batch)
+        tokens += sum(task.tokens(e) for e in examples)
+        if stop is not None and stop.requested:
+            return None
+    return tokens
+
+
+def _stop_if_unsafe(state: LoopState, cfg: TrainConfig, loss: float, gnorm: float, checkpoint) -> None:
+    """Too many non-finite steps in a row (exit 4) or a machine about to swap (exit 3): save, stop."""
+    if state.bad_in_row >= cfg.max_bad_steps:
+        checkpoint(state)
+        raise NumericsError(
+            "E402",
+            f"{state.bad_in_row} non-finite steps in a row (loss {loss}, grad norm {gnorm})",
+            f"step {state.step}",
+            "lower the learning rate or check the data; the last finite state is saved",
+        )
+    if low_memory():
+        checkpoint(state)
+        raise ResourceError(
+            "E311",
+            "the machine is about to swap (under 3% of memory available)",
+            f"step {state.step}",
+            "a checkpoint is saved; close other programs or lower --batch-size, then resume",
+        )
+
+
+def _update(backend, task: Task, state: LoopState, cfg: TrainConfig, tokens: int, t0: float, emit) -> tuple:
+    """Check the window's loss and gradient norm, update if finite (else skip and count), and
+    emit the step report; (loss, grad norm)."""
+    loss_sum, ntok, gnorm, aux = backend.reduce()
+    loss = loss_sum / max(ntok, 1.0)
+    metrics = {k: v / max(ntok, 1.0) for k, v in aux.items()}
+    lr = lr_at(state.step, cfg)
+    # the weight too: a NaN in an input's loss weights makes ntok NaN (and int(ntok) raise)
+    finite = math.isfinite(loss) and math.isfinite(gnorm) and math.isfinite(ntok)
+    trained = int(ntok) if finite else 0
+    if finite:
+        backend.apply(lr, cfg.clip_grad_norm)
+        state.bad_in_row = 0
+    else:
+        backend.discard()
+        state.bad_in_row += 1
+        state.bad_total += 1
+    state.step += 1
+    dt = time.perf_counter() - t0
+    state.elapsed += dt
+    state.tokens_seen += tokens
+    state.trained_tokens_seen += trained
+    emit(
+        {
+            "event": "step",
+            "step": state.step,
+            "loss": loss if finite else None,
+            "lr": lr,
+            "grad_norm": gnorm if finite else None,
+            "tokens": tokens,
+            "trained_tokens": trained,  # the objective's weight: tokens for SFT, pairs for DPO
+            "tokens_per_s": tokens / dt if dt > 0 else 0.0,
+            "step_time_s": dt,
+            "peak_memory_mb": backend.peak_memory() / 1e6,
+            "epoch": state.epoch,
+            "skipped": not finite,
+            "bad_steps": state.bad_total,
+            **(metrics if finite else {}),
+            **(task.report(state.step) if task.report else {}),
+        }
+    )
+    return loss, gnorm
+
+
 def train_loop(
     backend: TrainBackend,
     train: list,
@@ -133,24 +218,8 @@ def train_loop(
         t0 = time.perf_counter()
         if window is None:
             window = [next(batches) for _ in range(cfg.grad_accum)]
-        tokens = 0
-        interrupted = False
-        backend.begin_window()  # an abandoned window rewinds the RNG to here (sampling included)
-        for _, _, idx in window:
-            examples = [train[i] for i in idx]
-            try:
-                batch = task.collate(examples, **({} if repeat == 1 else {"repeat_index": state.repeat_index}))
-            except MlxptError as e:
-                backend.discard(rewind=True)
-                checkpoint(state)
-                e.saved_step = state.step  # the runner adds the resume command to the hint
-                raise
-            backend.accumulate(batch)
-            tokens += sum(task.tokens(e) for e in examples)
-            if stop is not None and stop.requested:
-                interrupted = True
-                break
-        if interrupted:  # the data position moves only when a window is done: nothing to undo
+        tokens = _accumulate(backend, train, window, task, state, repeat, checkpoint, stop)
+        if tokens is None:  # interrupted; the data position moves only when a window is done
             backend.discard(rewind=True)
             break
         state.repeat_index += 1
@@ -158,60 +227,8 @@ def train_loop(
             epoch, index, _ = window[-1]
             state.epoch, state.batch_index, state.repeat_index = epoch, index + 1, 0
             window = None
-        loss_sum, ntok, gnorm, aux = backend.reduce()
-        loss = loss_sum / max(ntok, 1.0)
-        metrics = {k: v / max(ntok, 1.0) for k, v in aux.items()}
-        lr = lr_at(state.step, cfg)
-        # the weight too: a NaN in an input's loss weights makes ntok NaN (and int(ntok) raise)
-        finite = math.isfinite(loss) and math.isfinite(gnorm) and math.isfinite(ntok)
-        trained = int(ntok) if finite else 0
-        if finite:
-            backend.apply(lr, cfg.clip_grad_norm)
-            state.bad_in_row = 0
-        else:
-            backend.discard()
-            state.bad_in_row += 1
-            state.bad_total += 1
-        state.step += 1
-        dt = time.perf_counter() - t0
-        state.elapsed += dt
-        state.tokens_seen += tokens
-        state.trained_tokens_seen += trained
-        emit(
-            {
-                "event": "step",
-                "step": state.step,
-                "loss": loss if finite else None,
-                "lr": lr,
-                "grad_norm": gnorm if finite else None,
-                "tokens": tokens,
-                "trained_tokens": trained,  # the objective's weight: tokens for SFT, pairs for DPO
-                "tokens_per_s": tokens / dt if dt > 0 else 0.0,
-                "step_time_s": dt,
-                "peak_memory_mb": backend.peak_memory() / 1e6,
-                "epoch": state.epoch,
-                "skipped": not finite,
-                "bad_steps": state.bad_total,
-                **(metrics if finite else {}),
-                **(task.report(state.step) if task.report else {}),
-            }
-        )
-        if state.bad_in_row >= cfg.max_bad_steps:
-            checkpoint(state)
-            raise NumericsError(
-                "E402",
-                f"{state.bad_in_row} non-finite steps in a row (loss {loss}, grad norm {gnorm})",
-                f"step {state.step}",
-                "lower the learning rate or check the data; the last finite state is saved",
-            )
-        if low_memory():
-            checkpoint(state)
-            raise ResourceError(
-                "E311",
-                "the machine is about to swap (under 3% of memory available)",
-                f"step {state.step}",
-                "a checkpoint is saved; close other programs or lower --batch-size, then resume",
-            )
+        loss, gnorm = _update(backend, task, state, cfg, tokens, t0, emit)
+        _stop_if_unsafe(state, cfg, loss, gnorm, checkpoint)
         do_eval = valid and cfg.eval_every > 0 and state.step % cfg.eval_every == 0
         if do_eval or (valid and state.step == cfg.steps):
             result = evaluate(backend, valid, batch_size, cfg.eval_batches)

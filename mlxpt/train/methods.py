@@ -1,7 +1,7 @@
 """The training methods by name: what `mlxpt train METHOD`, the TUI and the Python API run.
 
 Each entry is a `runner.Method` (plain values: reader, encoder, layout wish, objective, task,
-memory shape); its config class and presets live in `config.py` under the same name.
+memory shape); its config class and presets live in the `config` package under the same name.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from mlxpt.train.sft import SFT
 METHODS: dict[str, Method] = {
     "sft": SFT,
     "dpo": DPO,
-    "simpo": replace(DPO, name="simpo"),  # DPOConfig with the simpo preset (config.py)
+    "simpo": replace(DPO, name="simpo"),  # DPOConfig with the simpo preset (config/sections.py)
     "orpo": replace(DPO, name="orpo"),
     "rm": RM,
     "grpo": GRPO,

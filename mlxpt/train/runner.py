@@ -33,7 +33,7 @@ from mlxpt.runs import (
     write_config,
     write_status,
 )
-from mlxpt.train.loop import LoopState, train_loop
+from mlxpt.train.loop import LoopState, Task, train_loop
 
 
 @dataclass(frozen=True)
@@ -109,6 +109,41 @@ def run_training(
     stop=None,
 ) -> tuple[Path, str]:
     """Train (or resume) one run; return (run folder, "finished" | "interrupted")."""
+    tokenizer, train, valid, data_report = _read_data(method, cfg, resume_dir, emit)
+    t_load = time.perf_counter()
+    backend, layout, memory = _load_backend(method, cfg, train + valid, emit)
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        clean_temp(run_dir)
+    else:  # only now: rejected data, settings or memory leave no run folder behind
+        run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
+    ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
+    task = method.task(ctx)
+    state = _restore(run_dir, backend, task) if resume_dir is not None else LoopState()
+    write_config(run_dir, {
+        **cfg.to_dict(), "method": method.name, "mlxpt_version": __version__,
+        "model_path": str(resolve(cfg.model.model)), "data_report": data_report,
+        "adapter_config": backend.adapter_config,
+    })  # fmt: skip
+    write_status(run_dir, "running", step=state.step, steps=cfg.train.steps)
+    n_train, n_total = backend.param_counts()
+    emit({
+        "event": "start", "method": method.name, "run_dir": str(run_dir), "model": cfg.model.model,
+        "backend": cfg.train.backend, "resumed_from_step": state.step, "steps": cfg.train.steps,
+        "train_rows": len(train), "valid_rows": len(valid), "trainable_params": n_train, "total_params": n_total,
+        "load_time_s": time.perf_counter() - t_load, "blas": _blas.status(),
+        "memory_estimate_mb": memory["total"] / 1e6, "data": data_report,
+    })  # fmt: skip
+    outcome = _train(method, ctx, task, state, train, valid, stop)
+    status = "finished" if outcome == "finished" else "interrupted"
+    write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss)
+    emit({"event": "done", "status": status, "run_dir": str(run_dir), "step": state.step,
+          "best_val_loss": state.best_val_loss})  # fmt: skip
+    return run_dir, outcome
+
+
+def _read_data(method: Method, cfg, resume_dir, emit) -> tuple:
+    """(tokenizer, train, valid, data report): every row validated before any weights are read."""
     if method.check is not None:
         method.check(cfg, resume_dir)
     if resume_dir is None:
@@ -118,48 +153,37 @@ def run_training(
     train, valid, data_report = method.encode(cfg, tokenizer, rows)
     if not valid:
         emit({"event": "warning", "message": "no validation split: validation loss is not reported"})
+    return tokenizer, train, valid, data_report
 
-    t_load = time.perf_counter()
+
+def _load_backend(method: Method, cfg, examples: list, emit) -> tuple:
+    """(backend with the method's objective, layout, memory estimate); refuses what cannot fit."""
     backend = create_backend(
         cfg.train.backend, cfg.model, cfg.adapter, cfg.train, output=method.output,
         extend_model=method.extend_model, save=method.save,
     )  # fmt: skip
-    memory = backend.check_memory(method.memory_shape(cfg, max(method.length(e) for e in train + valid)))
+    memory = backend.check_memory(method.memory_shape(cfg, max(method.length(e) for e in examples)))
     layout = choose_layout(backend, method.shares_prompts(cfg), emit)
     backend.set_objective(method.objective(cfg, layout))
-    state = LoopState()
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        clean_temp(run_dir)
-    else:
-        run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
-    ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
-    task = method.task(ctx)
-    if resume_dir is not None and (ck := latest_checkpoint(run_dir)) is not None:
-        arrays, saved = load_checkpoint(ck)
-        backend.set_state(arrays)
-        state = LoopState.from_dict(saved["loop"])
-        if task.load_state is not None:
-            task.load_state(arrays.get("task", {}), saved.get("task", {}))
-        _trim_logs(run_dir, state.step)
-    n_train, n_total = backend.param_counts()
-    write_config(
-        run_dir,
-        {
-            **cfg.to_dict(),
-            "method": method.name,
-            "mlxpt_version": __version__,
-            "model_path": str(resolve(cfg.model.model)),
-            "data_report": data_report,
-            "adapter_config": backend.adapter_config,
-        },
-    )
-    write_status(run_dir, "running", step=state.step, steps=cfg.train.steps)
+    return backend, layout, memory
 
-    def emit_and_log(event: dict) -> None:
-        if event["event"] in ("step", "eval"):
-            append_jsonl(run_dir / "metrics.jsonl", {**event, "time": time.time()})
-        emit(event)
+
+def _restore(run_dir: Path, backend, task: Task) -> LoopState:
+    """The latest complete checkpoint into the backend and the task (a fresh state if none)."""
+    ck = latest_checkpoint(run_dir)
+    if ck is None:
+        return LoopState()
+    arrays, saved = load_checkpoint(ck)
+    backend.set_state(arrays)
+    state = LoopState.from_dict(saved["loop"])
+    if task.load_state is not None:
+        task.load_state(arrays.get("task", {}), saved.get("task", {}))
+    _trim_logs(run_dir, state.step)
+    return state
+
+
+def _checkpointer(ctx: TaskContext, task: Task) -> Callable[[LoopState], None]:
+    backend, run_dir, cfg = ctx.backend, ctx.run_dir, ctx.cfg
 
     def checkpoint(st: LoopState) -> None:
         saved = {"loop": st.to_dict(), "adapter_config": backend.adapter_config}
@@ -171,38 +195,30 @@ def run_training(
         path = save_checkpoint(run_dir, st.step, arrays, saved, keep=cfg.train.keep)
         backend.save_adapter(run_dir)
         write_status(run_dir, "running", step=st.step, steps=cfg.train.steps)
-        emit({"event": "checkpoint", "step": st.step, "path": str(path)})
+        ctx.emit({"event": "checkpoint", "step": st.step, "path": str(path)})
 
-    emit(
-        {
-            "event": "start",
-            "method": method.name,
-            "run_dir": str(run_dir),
-            "model": cfg.model.model,
-            "backend": cfg.train.backend,
-            "resumed_from_step": state.step,
-            "steps": cfg.train.steps,
-            "train_rows": len(train),
-            "valid_rows": len(valid),
-            "trainable_params": n_train,
-            "total_params": n_total,
-            "load_time_s": time.perf_counter() - t_load,
-            "blas": _blas.status(),
-            "memory_estimate_mb": memory["total"] / 1e6,
-            "data": data_report,
-        }
-    )
+    return checkpoint
+
+
+def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train, valid, stop) -> str:
+    """before_train, then the loop, under signal handling; a failure is written to the status."""
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+
+    def emit_and_log(event: dict) -> None:
+        if event["event"] in ("step", "eval"):
+            append_jsonl(run_dir / "metrics.jsonl", {**event, "time": time.time()})
+        ctx.emit(event)
+
     try:
         with graceful_signals() as flag:
             if method.before_train is not None:  # after "start", so a long reference pass is visible
                 method.before_train(ctx, train, valid, flag)
             if flag.requested:  # stopped before step 1 of this session: nothing new to save
-                outcome = "interrupted"
-            else:
-                outcome = train_loop(
-                    backend, train, valid, cfg.train, cfg.data.batch_size, task, state, emit_and_log, checkpoint,
-                    stop=flag if stop is None else _Either(stop, flag),
-                )  # fmt: skip
+                return "interrupted"
+            return train_loop(
+                ctx.backend, train, valid, cfg.train, cfg.data.batch_size, task, state, emit_and_log,
+                _checkpointer(ctx, task), stop=flag if stop is None else _Either(stop, flag),
+            )  # fmt: skip
     except MlxptError as e:
         if e.saved_step is not None:
             e.hint = f"{e.hint + '; ' if e.hint else ''}step {e.saved_step} is saved: {resume_command(run_dir)}"
@@ -211,18 +227,6 @@ def run_training(
     except BaseException as e:
         write_status(run_dir, "failed", step=state.step, error=f"{type(e).__name__}: {e}")
         raise
-    status = "finished" if outcome == "finished" else "interrupted"
-    write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss)
-    emit(
-        {
-            "event": "done",
-            "status": status,
-            "run_dir": str(run_dir),
-            "step": state.step,
-            "best_val_loss": state.best_val_loss,
-        }
-    )
-    return run_dir, outcome
 
 
 class _Either:

@@ -12,7 +12,7 @@ from typing import Any
 from mlxpt.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
-ASSETS = Path(__file__).resolve().parent.parent / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 
 def opt(default, help: str, choices: tuple | None = None, **kw):
@@ -345,85 +345,3 @@ class GRPOConfig(Sections):
         )
     )
     grpo: GRPOSection = field(default_factory=GRPOSection)
-
-
-# --- one builder for the CLI and the TUI -------------------------------------------------------
-
-METHODS = ("sft", *PREF_METHODS, "rm", "grpo")
-SECTIONS = ("model", "data", "adapter", "train", "pref", "rm", "grpo")  # every method's section names
-RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps"}
-
-AnyConfig = SFTConfig | DPOConfig | RMConfig | GRPOConfig
-
-
-def config_class(method: str) -> type[AnyConfig]:
-    """The config dataclass of a method: simpo and orpo (and dpo) are DPOConfig with a preset."""
-    return {"sft": SFTConfig, "rm": RMConfig, "grpo": GRPOConfig}.get(method, DPOConfig)
-
-
-def flatten(d: dict) -> dict:
-    """A YAML/saved mapping grouped by section (`train: {steps: 3}`) as flat `name: value`."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict) and k in SECTIONS:
-            out.update(v)
-        else:
-            out[k] = v
-    return out
-
-
-def resolve_method(method: str | None, resume: str | None = None, resume_config: dict | None = None) -> str:
-    """The method asked for, or the resumed run's (naming another one is E510); `sft` by default."""
-    if resume:
-        saved = _saved(resume, resume_config).get("method", "sft")
-        if method not in (None, saved):
-            raise ConfigError("E510", f"this is a {saved} run, not {method}", resume, f"drop {method!r}")
-        return saved
-    return method or "sft"
-
-
-def build_config(
-    method: str | None,
-    flags: dict[str, Any] | None = None,
-    yaml_path: str | None = None,
-    resume: str | None = None,
-    resume_config: dict | None = None,
-) -> AnyConfig:
-    """The validated config of a run: the one path from settings to a config, for the CLI and the TUI.
-
-    `flags` holds the explicitly set options (`name: value`, values as typed or as strings; None
-    counts as not set). A new run is the method's defaults, then its preset (simpo, orpo), then
-    the YAML file at `yaml_path`, then `flags`: command line > YAML > defaults. A resumed run
-    (`resume`: its folder, `resume_config`: its saved config.json, read by the caller) is the saved
-    config with only RESUME_MUTABLE settings changed by `flags`; the YAML file is not read.
-    Bad values raise ConfigError (one line with its code)."""
-    flags = {k: v for k, v in (flags or {}).items() if v is not None}
-    method = resolve_method(method, resume, resume_config)
-    cls = config_class(method)
-    if resume:
-        cfg = cls.from_dict({k: v for k, v in _saved(resume, resume_config).items() if k in SECTIONS})
-        fixed = sorted(set(flags) - RESUME_MUTABLE)
-        if fixed:
-            raise ConfigError(
-                "E510",
-                f"cannot change {', '.join(fixed)} when resuming",
-                resume,
-                f"only {', '.join(sorted(RESUME_MUTABLE))} may change; start a new run for the rest",
-            )
-        apply_flat(cfg, flags, source="command line")
-        return cfg
-    if method not in METHODS:
-        raise ConfigError("E503", f"method={method!r} is not one of {', '.join(METHODS)}", "method")
-    cfg = cls()
-    if method != "sft":
-        apply_flat(cfg, PREF_METHODS.get(method, {}), source=method)
-    if yaml_path:
-        apply_flat(cfg, flatten(load_yaml(yaml_path)), source=yaml_path)
-    apply_flat(cfg, flags, source="command line")
-    return cfg
-
-
-def _saved(resume: str, resume_config: dict | None) -> dict:
-    if resume_config is None:
-        raise TypeError("build_config: resuming needs the run's saved config (resume_config)")
-    return resume_config

@@ -1,0 +1,48 @@
+"""Settings as small dataclasses (sections.py: each field carries the one-line help text the CLI
+and the TUI form reuse) and the one builder both call (build.py): command line > YAML > defaults,
+method presets, resume rules. Only `mlxpt.errors` below it."""
+
+from mlxpt.config.build import (
+    METHODS,
+    RESUME_MUTABLE,
+    SECTIONS,
+    AnyConfig,
+    build_config,
+    config_class,
+    flatten,
+    resolve_method,
+)
+from mlxpt.config.sections import (
+    ASSETS,
+    DEFAULT_MODEL,
+    PREF_METHODS,
+    AdapterConfig,
+    DataConfig,
+    DPOConfig,
+    GRPOConfig,
+    GRPOSection,
+    ModelConfig,
+    PreferenceConfig,
+    RewardConfig,
+    RMConfig,
+    Sections,
+    SFTConfig,
+    TrainConfig,
+    all_fields,
+    apply_flat,
+    default_data,
+    default_pref_data,
+    default_prompt_data,
+    load_yaml,
+    opt,
+    section_names,
+    validate,
+)
+
+__all__ = [
+    "ASSETS", "DEFAULT_MODEL", "METHODS", "PREF_METHODS", "RESUME_MUTABLE", "SECTIONS", "AdapterConfig",
+    "AnyConfig", "DPOConfig", "DataConfig", "GRPOConfig", "GRPOSection", "ModelConfig", "PreferenceConfig",
+    "RMConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "all_fields", "apply_flat", "build_config",
+    "config_class", "default_data", "default_pref_data", "default_prompt_data", "flatten", "load_yaml", "opt",
+    "resolve_method", "section_names", "validate",
+]  # fmt: skip
