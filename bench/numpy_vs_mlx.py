@@ -13,15 +13,15 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 from mlxpt.config import SFTConfig, apply_flat
 
 
 def sft_steps(backend_name: str, steps: int, batch_size: int) -> dict:
     from mlxpt.backends import create_backend
+    from mlxpt.data.batching import collate
+    from mlxpt.data.encode import pad_id_of
     from mlxpt.models.loader import load_tokenizer
-    from mlxpt.train.runner import TaskContext
     from mlxpt.train.sft import SFT
 
     cfg = SFTConfig()
@@ -29,17 +29,17 @@ def sft_steps(backend_name: str, steps: int, batch_size: int) -> dict:
     tok = load_tokenizer(cfg.model.model)
     train, _, _ = SFT.encode(cfg, tok, SFT.read(cfg))
     backend = create_backend(backend_name, cfg.model, cfg.adapter, cfg.train, SFT.objective(cfg, "rows"))
-    task = SFT.task(TaskContext(cfg, tok, "rows", backend, Path("."), lambda e: None))
+    pad = pad_id_of(tok)
     times, tokens = [], []
     for i in range(steps + 1):
         batch = [train[(i * batch_size + j) % len(train)] for j in range(batch_size)]
         t0 = time.perf_counter()
-        backend.accumulate(task.collate(batch))
+        backend.accumulate(collate(batch, pad))
         loss, n, _, _ = backend.reduce()
         backend.apply(1e-4, 1.0)
         if i:  # step 0 is warm-up
             times.append(time.perf_counter() - t0)
-            tokens.append(sum(task.tokens(e) for e in batch))
+            tokens.append(sum(len(e.tokens) - 1 for e in batch))
     return {"s_per_step": sum(times) / len(times), "tok_per_s": sum(tokens) / sum(times), "last_loss": loss / n}
 
 

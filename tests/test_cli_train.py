@@ -136,13 +136,13 @@ def test_ctrl_c_checkpoints_exits_130_and_resume_finishes(tiny_dir, data_dir, tm
 @pytest.mark.parametrize("saved", [False, True])
 def test_interrupted_message_says_whether_a_checkpoint_was_saved(saved, tmp_path, monkeypatch, capsys):
     """A stop during DPO's reference pass ends before step 1: the CLI must not claim a checkpoint."""
-    from mlxpt.train import dpo
+    from mlxpt.train import methods
 
     run_dir = tmp_path / "run"
     (run_dir / "checkpoints" / ("step-00000002" if saved else "")).mkdir(parents=True)
     if saved:
         monkeypatch.setattr("mlxpt.runs.latest_checkpoint", lambda d: Path(d) / "checkpoints" / "step-00000002")
-    monkeypatch.setattr(dpo, "run_dpo", lambda cfg, **kw: (run_dir, "interrupted"))
+    monkeypatch.setattr(methods, "run_method", lambda name, cfg, **kw: (run_dir, "interrupted"))
     assert main(["train", "dpo", "--steps", "2"]) == 130
     err = capsys.readouterr().err
     assert f"Resume with: mlxpt train --resume {run_dir}" in err

@@ -39,7 +39,7 @@ from mlxpt.data.encode import pad_id_of
 from mlxpt.data.preference import PrefExample, encode_preference, load_preference
 from mlxpt.errors import MlxptError
 from mlxpt.runs import latest_checkpoint, save_safetensors_atomic
-from mlxpt.train.loop import Task
+from mlxpt.train.loop import Task, rows_task
 from mlxpt.train.runner import Method, TaskContext, rows_shape, run_training
 
 REFERENCE_FILE = "reference_logps.safetensors"
@@ -110,7 +110,7 @@ def pair_length(p: PrefExample) -> int:
 
 def pair_task(ctx: TaskContext) -> Task:
     pad_id, grouped = pad_id_of(ctx.tokenizer), ctx.layout == "grouped"
-    return Task(
+    return rows_task(
         collate=lambda pairs: collate_pairs(pairs, pad_id, grouped),
         length=pair_length,
         tokens=lambda p: 2 * len(p.prompt) + len(p.chosen) + len(p.rejected) - 2,

@@ -43,8 +43,8 @@ from mlxpt.data.prompts import PromptExample, encode_prompts, load_prompts
 from mlxpt.errors import ConfigError, MlxptError
 from mlxpt.rewards import RewardGuard, parse_rewards
 from mlxpt.runs.atomic import append_jsonl
-from mlxpt.train.loop import Task
-from mlxpt.train.rollouts import RolloutSpec, sample_rollout, score
+from mlxpt.train.loop import MicroBatch, Task, iter_windows
+from mlxpt.train.rollouts import Rollout, RolloutSpec, sample_rollout, score
 from mlxpt.train.runner import Method, TaskContext, run_training
 
 SAMPLES_FILE = "samples.jsonl"
@@ -132,82 +132,42 @@ class GRPOTask:
         sampler = make_sampler(self.g.temperature, self.g.top_p, self.g.top_k, self.g.min_p)
         pad = pad_id_of(ctx.tokenizer)
         self.spec = RolloutSpec(ctx.cfg, ctx.tokenizer, ctx.backend, self.guard, sampler, pad, ctx.layout == "grouped")
-        self._cache: dict[tuple, tuple] = {}  # the window's rollouts, kept for its mu updates
-        self._seq_tokens: dict[int, int] = {}
-        self._window: list[dict] = []  # per micro-batch rollout stats of the current window
-        self._window_open = False  # a window is being sampled; `report` closes it
-        self._resumed: list[tuple] = []  # rollouts a checkpoint saved mid-window (see `state`)
+        # the current window's rollouts, in micro-batch order: reused for its mu updates, saved
+        # in checkpoints between them, read by the step report
+        self.window: list[Rollout] = []
 
     def task(self) -> Task:
         return Task(
-            collate=self.collate,
-            length=lambda e: len(e.tokens) + self.g.max_completion_length,
-            tokens=lambda e: self._seq_tokens.get(id(e), 0),
-            repeat=self.g.num_iterations,
+            batches=lambda train, state, cfg: iter_rollouts(self.spec, train, state, self.window, str(self.run_dir)),
             evaluate=self.evaluate,
             report=self.report,
             state=self.state,
             load_state=self.load_state,
         )
 
-    def collate(self, examples: list[PromptExample], repeat_index: int = 0) -> tuple:
-        key = tuple(id(e) for e in examples)
-        if repeat_index > 0 and key not in self._cache and self._resumed:
-            # a window's rollouts, saved mid-window; cached before the check so a refused
-            # resume still saves them
-            self._cache[key] = self._resumed.pop(0)
-            self._check_saved_prompts(examples, self._cache[key][1])
-        if repeat_index == 0 or key not in self._cache:
-            rollout = sample_rollout(self.spec, examples)
-            batch, stats = rollout.batch, rollout.stats
-            if not self._window_open:  # the first micro-batch of a window
-                self._window, self._resumed = [], []
-                self._cache.clear()
-            self._window_open = True
-            self._window.append(stats)
-            if self.g.num_iterations > 1:
-                self._cache[key] = (batch, stats)
-        else:
-            batch, stats = self._cache[key]
-        for e in examples:
-            self._seq_tokens[id(e)] = stats["seq_tokens"] // max(1, len(examples))
-        return batch
-
     # -- checkpoint state --------------------------------------------------------------------
     def state(self, loop) -> tuple[dict[str, np.ndarray], dict]:
         """Between the mu updates of one window, the window's rollouts (arrays, stats, in
-        micro-batch order) and its step report: resume then reuses them instead of sampling
-        again from a policy that has moved, and equals the uninterrupted run."""
-        entries = [*self._cache.values(), *self._resumed]  # resumed ones not reused yet stay saved
-        if loop.repeat_index == 0 or not entries:
+        micro-batch order): resume then reuses them instead of sampling again from a policy
+        that has moved, and equals the uninterrupted run."""
+        if loop.repeat_index == 0 or not self.window:
             return {}, {}
         arrays, meta = {}, []
-        for i, (batch, stats) in enumerate(entries):
-            arrays.update({f"b{i}_{j}": np.asarray(a) for j, a in enumerate(batch)})
-            meta.append({"n": len(batch), "stats": stats})
-        return arrays, {"rollouts": meta, "window": self._window}
+        for i, r in enumerate(self.window):
+            arrays.update({f"b{i}_{j}": np.asarray(a) for j, a in enumerate(r.batch)})
+            meta.append({"n": len(r.batch), "stats": r.stats})
+        return arrays, {"rollouts": meta}
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        self._resumed = [
-            (tuple(arrays[f"b{i}_{j}"] for j in range(m["n"])), m["stats"])
+        self.window[:] = [
+            Rollout(tuple(arrays[f"b{i}_{j}"] for j in range(m["n"])), m["stats"])
             for i, m in enumerate(meta.get("rollouts", []))
         ]
-        self._window = meta.get("window", [])
-
-    def _check_saved_prompts(self, examples: list[PromptExample], stats: dict) -> None:
-        if stats.get("prompt_tokens") != [list(e.tokens) for e in examples]:
-            raise ConfigError(
-                "E552",
-                "the checkpoint's saved rollouts are for other prompts than the resumed window",
-                str(self.run_dir),
-                "resume with the run's own data and settings",
-            )
 
     # -- reporting -------------------------------------------------------------------------
     def report(self, step: int) -> dict:
         """Step-event fields from the rollouts of this step's window (TRL's metric names)."""
-        self._window_open = False
-        w = self._window
+        w = [r.stats for r in self.window]
         if not w:
             return {}
         rewards = np.array([r for s in w for r in s["rewards"]], dtype=np.float64)
@@ -266,6 +226,44 @@ class GRPOTask:
         if per_fn.get("accuracy"):
             out["val_accuracy"] = float(np.mean(per_fn["accuracy"]))
         return out
+
+
+def iter_rollouts(spec: RolloutSpec, train: list, state, window: list[Rollout], where: str = "checkpoint"):
+    """The loop's micro-batches for GRPO, from the state's data position on: each window's
+    prompts are sampled and scored once (`window` holds its rollouts, in micro-batch order) and
+    yielded again for each of its `num_iterations` updates. A run resumed between those updates
+    starts at the saved repeat with the checkpoint's rollouts (E552 if they are for other prompts)."""
+    cfg = spec.cfg
+    g, t = cfg.grpo, cfg.train
+    mu = max(1, g.num_iterations)
+    lengths = [len(e.tokens) + g.max_completion_length for e in train]
+    start, repeat = (state.epoch, state.batch_index), state.repeat_index
+    for after, idxs in iter_windows(lengths, cfg.data.batch_size, t.grad_accum, t.seed, *start):
+        groups = [[train[i] for i in idx] for idx in idxs]
+        if repeat == 0:
+            window.clear()
+        else:
+            _check_saved_prompts(window, groups, where)
+        for r in range(repeat, mu):
+            for k, examples in enumerate(groups):
+                if r == 0:
+                    window.append(sample_rollout(spec, examples))
+                rollout = window[k]
+                tokens = rollout.stats["seq_tokens"] // max(1, len(examples)) * len(examples)
+                position = (*after, 0) if r == mu - 1 else (*start, r + 1)
+                yield MicroBatch(rollout.batch, tokens, k == len(groups) - 1, position)
+        start, repeat = after, 0
+
+
+def _check_saved_prompts(window: list[Rollout], groups: list[list[PromptExample]], where) -> None:
+    saved = [r.stats.get("prompt_tokens") for r in window]
+    if saved != [[list(e.tokens) for e in examples] for examples in groups]:
+        raise ConfigError(
+            "E552",
+            "the checkpoint's saved rollouts are for other prompts than the resumed window",
+            str(where),
+            "resume with the run's own data and settings",
+        )
 
 
 def memory_shape(cfg: GRPOConfig, prompt: int):

@@ -1,5 +1,11 @@
 """The one training loop. SFT, DPO and GRPO differ in batch builder and loss, nothing else.
 
+The loop takes an iterator of micro-batches (as mlx-lm's trainer takes `iterate_batches`): each
+says whether it closes its accumulation window and where the data stands once that window is
+done. `rows_task` makes it for methods that train on their examples as given; GRPO's yields
+its rollouts (train/grpo.py). Both draw their windows from `iter_windows`, a seeded length-
+bucketed plan that resumes from any data position.
+
 Per optimiser step: `grad_accum` micro-batches are accumulated (losses are token sums, so the
 window equals one big batch), the loss and global gradient norm are checked for finiteness
 *before* the update (a bad step is skipped and counted; `max_bad_steps` in a row stop the run
@@ -24,19 +30,27 @@ from mlxpt.errors import MlxptError, NumericsError, ResourceError
 from mlxpt.models.memory import low_memory
 
 
+@dataclass(frozen=True)
+class MicroBatch:
+    """One micro-batch as the loop consumes it."""
+
+    arrays: tuple  # what backend.accumulate takes: (inputs, targets, *objective arrays) or a layout's
+    tokens: int  # input tokens, for tokens/s
+    last: bool  # it closes its window: the update follows
+    position: tuple[int, int, int]  # (epoch, batch_index, repeat_index) once its window is done
+
+
 @dataclass
 class Task:
-    """What a method gives the loop: how to batch its examples and measure them."""
+    """What a method gives the loop: its micro-batches and its validation; optionally extra
+    step-report fields and what a checkpoint must hold besides the backend's arrays."""
 
-    collate: Callable[..., tuple]  # examples -> (inputs, targets, *objective arrays)
-    length: Callable[[object], int]  # for length bucketing
-    tokens: Callable[[object], int]  # input tokens, for tokens/s
-    # Optional, for methods that make their batches (GRPO samples completions in `collate`):
-    repeat: int = 1  # optimiser steps per window of micro-batches; collate(examples, repeat_index=r)
-    evaluate: Callable | None = None  # (backend, examples, batch_size, max_batches) -> metrics dict
+    # (train examples, LoopState, method cfg) -> Iterator[MicroBatch] from the state's data position on
+    batches: Callable[..., Iterator[MicroBatch]]
+    evaluate: Callable  # (backend, examples, batch_size, max_batches) -> metrics dict
     report: Callable[[int], dict] | None = None  # (step) -> extra step-event fields (may override)
-    # What a checkpoint must hold besides the backend's arrays (GRPO: the rollouts a window's
-    # remaining updates reuse): (loop state) -> ({name: array}, JSON), and its inverse on resume.
+    # (loop state) -> ({name: array}, JSON), and its inverse on resume (GRPO: the rollouts a
+    # window's remaining updates reuse)
     state: Callable[[LoopState], tuple[dict, dict]] | None = None
     load_state: Callable[[dict, dict], None] | None = None
 
@@ -48,7 +62,7 @@ class LoopState:
     step: int = 0  # optimiser steps done (skipped non-finite steps included)
     epoch: int = 0  # data position: epoch and next micro-batch index in its plan
     batch_index: int = 0
-    repeat_index: int = 0  # which of `task.repeat` steps on the current window comes next
+    repeat_index: int = 0  # which of a window's repeated updates comes next (GRPO's num_iterations)
     bad_in_row: int = 0
     bad_total: int = 0
     tokens_seen: int = 0
@@ -90,15 +104,27 @@ def iter_batches(
         epoch, index = epoch + 1, 0
 
 
-def validate(backend: TrainBackend, examples: list, batch_size: int, task: Task, max_batches: int) -> dict:
+def iter_windows(
+    lengths: list[int], batch_size: int, grad_accum: int, seed: int, epoch: int, index: int
+) -> Iterator[tuple[tuple[int, int], list[list[int]]]]:
+    """((epoch, index) after the window, example indices of its `grad_accum` micro-batches), from
+    a data position on, forever."""
+    batches = iter_batches(lengths, batch_size, seed, epoch, index)
+    while True:
+        window = [next(batches) for _ in range(grad_accum)]
+        e, i, _ = window[-1]
+        yield (e, i + 1), [idx for _, _, idx in window]
+
+
+def validate(backend: TrainBackend, examples: list, batch_size: int, collate, length, max_batches: int) -> dict:
     """Mean loss (and metrics) over the first `max_batches` of a fixed plan of the validation split."""
-    plan = batch_plan([task.length(e) for e in examples], batch_size, seed=0, epoch=0)
+    plan = batch_plan([length(e) for e in examples], batch_size, seed=0, epoch=0)
     if max_batches >= 0:
         plan = plan[:max_batches]
     total = weight = 0.0
     sums: dict[str, float] = {}
     for idx in plan:
-        loss, n, aux = backend.evaluate(task.collate([examples[i] for i in idx]))
+        loss, n, aux = backend.evaluate(collate([examples[i] for i in idx]))
         total, weight = total + loss, weight + n
         for k, v in aux.items():
             sums[k] = sums.get(k, 0.0) + v
@@ -106,25 +132,43 @@ def validate(backend: TrainBackend, examples: list, batch_size: int, task: Task,
     return {"val_loss": total / w, **{f"val_{k}": v / w for k, v in sums.items()}}
 
 
-def _accumulate(backend, train, window, task: Task, state: LoopState, repeat: int, checkpoint, stop) -> int | None:
-    """Gradients of one window's micro-batches; its input tokens, or None once a stop is requested.
-    A user error while a batch is built abandons the window and saves the last completed step."""
+def rows_task(collate: Callable, length: Callable, tokens: Callable) -> Task:
+    """The Task of a method that trains on its examples as given: `collate(examples) -> arrays`,
+    `length(example)` for bucketing, `tokens(example)` input tokens for tokens/s."""
+
+    def batches(train: list, state: LoopState, cfg) -> Iterator[MicroBatch]:
+        lengths = [length(e) for e in train]
+        t = cfg.train
+        for after, window in iter_windows(
+            lengths, cfg.data.batch_size, t.grad_accum, t.seed, state.epoch, state.batch_index
+        ):
+            for k, idx in enumerate(window):
+                examples = [train[i] for i in idx]
+                yield MicroBatch(collate(examples), sum(tokens(e) for e in examples), k == len(window) - 1, (*after, 0))
+
+    return Task(batches=batches, evaluate=lambda b, ex, bs, mb: validate(b, ex, bs, collate, length, mb))
+
+
+def _accumulate(backend, batches: Iterator[MicroBatch], state: LoopState, checkpoint, stop) -> tuple | None:
+    """Gradients of one window's micro-batches: (input tokens, data position after it), or None
+    once a stop is requested. A user error while a batch is made (GRPO: a reward function above
+    its failure rate) abandons the window and saves the last completed step."""
     tokens = 0
     backend.begin_window()  # an abandoned window rewinds the RNG to here (sampling included)
-    for _, _, idx in window:
-        examples = [train[i] for i in idx]
+    while True:
         try:
-            batch = task.collate(examples, **({} if repeat == 1 else {"repeat_index": state.repeat_index}))
+            mb = next(batches)
         except MlxptError as e:
             backend.discard(rewind=True)
             checkpoint(state)
             e.saved_step = state.step  # the runner adds the resume command to the hint
             raise
-        backend.accumulate(batch)
-        tokens += sum(task.tokens(e) for e in examples)
+        backend.accumulate(mb.arrays)
+        tokens += mb.tokens
         if stop is not None and stop.requested:
             return None
-    return tokens
+        if mb.last:
+            return tokens, mb.position
 
 
 def _stop_if_unsafe(state: LoopState, cfg: TrainConfig, loss: float, gnorm: float, checkpoint) -> None:
@@ -193,7 +237,7 @@ def _update(backend, task: Task, state: LoopState, cfg: TrainConfig, tokens: int
 
 def train_loop(
     backend: TrainBackend,
-    train: list,
+    batches: Iterator[MicroBatch],
     valid: list,
     cfg: TrainConfig,
     batch_size: int,
@@ -203,35 +247,25 @@ def train_loop(
     checkpoint: Callable[[LoopState], None],
     stop=None,
 ) -> str:
-    """Train until `cfg.steps`; return "finished" or "interrupted". Raises NumericsError (exit 4)."""
-    lengths = [task.length(e) for e in train]
-    batches = iter_batches(lengths, batch_size, cfg.seed, state.epoch, state.batch_index)
-    repeat = max(1, task.repeat)
-    window = None  # the micro-batches of the current window: (epoch, index, example indices)
-    evaluate = task.evaluate or (lambda b, ex, bs, mb: validate(b, ex, bs, task, mb))
+    """Train on `batches` until `cfg.steps`; return "finished" or "interrupted". Raises
+    NumericsError (exit 4) and ResourceError (exit 3) after saving the last completed step."""
     if cfg.eval_batches == 0:
         valid = []  # validation switched off
     if state.step == 0 and valid and cfg.eval_every > 0:
         # the baseline (adapters start as a no-op) so a run shows how far validation moved
-        emit({"event": "eval", "step": 0, **evaluate(backend, valid, batch_size, cfg.eval_batches)})
+        emit({"event": "eval", "step": 0, **task.evaluate(backend, valid, batch_size, cfg.eval_batches)})
     while state.step < cfg.steps:
         t0 = time.perf_counter()
-        if window is None:
-            window = [next(batches) for _ in range(cfg.grad_accum)]
-        tokens = _accumulate(backend, train, window, task, state, repeat, checkpoint, stop)
-        if tokens is None:  # interrupted; the data position moves only when a window is done
+        window = _accumulate(backend, batches, state, checkpoint, stop)
+        if window is None:  # interrupted; the data position moves only when a window is done
             backend.discard(rewind=True)
             break
-        state.repeat_index += 1
-        if state.repeat_index >= repeat:
-            epoch, index, _ = window[-1]
-            state.epoch, state.batch_index, state.repeat_index = epoch, index + 1, 0
-            window = None
+        tokens, (state.epoch, state.batch_index, state.repeat_index) = window
         loss, gnorm = _update(backend, task, state, cfg, tokens, t0, emit)
         _stop_if_unsafe(state, cfg, loss, gnorm, checkpoint)
         do_eval = valid and cfg.eval_every > 0 and state.step % cfg.eval_every == 0
         if do_eval or (valid and state.step == cfg.steps):
-            result = evaluate(backend, valid, batch_size, cfg.eval_batches)
+            result = task.evaluate(backend, valid, batch_size, cfg.eval_batches)
             val = result.get("val_loss", math.nan)
             if math.isfinite(val):
                 state.best_val_loss = val if state.best_val_loss is None else min(state.best_val_loss, val)

@@ -34,7 +34,7 @@ from mlxpt.errors import ConfigError
 from mlxpt.models.heads import add_reward_head, save_reward_model
 from mlxpt.runs import read_config
 from mlxpt.train.dpo import pair_length, prepare_data, read_rows
-from mlxpt.train.loop import Task
+from mlxpt.train.loop import Task, rows_task
 from mlxpt.train.runner import Method, TaskContext, rows_shape, run_training
 
 
@@ -44,7 +44,7 @@ def collate_pairs(pairs: list[PrefExample], pad_id: int) -> tuple[np.ndarray, np
 
 
 def rm_task(ctx: TaskContext) -> Task:
-    return Task(
+    return rows_task(
         collate=partial(collate_pairs, pad_id=pad_id_of(ctx.tokenizer)),
         length=pair_length,
         tokens=lambda p: 2 * len(p.prompt) + len(p.chosen) + len(p.rejected),

@@ -216,8 +216,8 @@ def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train
             if flag.requested:  # stopped before step 1 of this session: nothing new to save
                 return "interrupted"
             return train_loop(
-                ctx.backend, train, valid, cfg.train, cfg.data.batch_size, task, state, emit_and_log,
-                _checkpointer(ctx, task), stop=flag if stop is None else _Either(stop, flag),
+                ctx.backend, task.batches(train, state, cfg), valid, cfg.train, cfg.data.batch_size, task, state,
+                emit_and_log, _checkpointer(ctx, task), stop=flag if stop is None else _Either(stop, flag),
             )  # fmt: skip
     except MlxptError as e:
         if e.saved_step is not None:

@@ -17,7 +17,7 @@ from mlxpt.data.encode import encode_all, pad_id_of
 from mlxpt.data.formats import load_splits
 from mlxpt.errors import MlxptError
 from mlxpt.objectives import sft_objective
-from mlxpt.train.loop import Task
+from mlxpt.train.loop import Task, rows_task
 from mlxpt.train.runner import Method, TaskContext, resume_command, rows_shape, run_training
 
 __all__ = ["SFT", "prepare_data", "resume_command", "run_sft"]
@@ -40,7 +40,7 @@ def prepare_data(cfg: SFTConfig, tokenizer, rows=None):
 
 
 def sft_task(ctx: TaskContext) -> Task:
-    return Task(
+    return rows_task(
         collate=partial(collate, pad_id=pad_id_of(ctx.tokenizer)),
         length=lambda e: len(e.tokens),
         tokens=lambda e: len(e.tokens) - 1,
