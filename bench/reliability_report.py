@@ -34,6 +34,19 @@ def lines(report: dict) -> list[str]:
             f"checkpoints lost, {get('kills', 'resumes_ok')}/{get('kills', 'resumes')} resumes succeed, "
             f"{get('kills', 'final_equal')}/{get('kills', 'chains')} final results equal to an uninterrupted run"
         )
+    if "outputs" in s:
+        out.append(
+            f"{get('outputs', 'tried')} inputs given as an output (run, runs folder, inside the run, base model, "
+            f"a symlink to the run; with --force) → {get('outputs', 'refused')} refused, "
+            f"{get('outputs', 'intact')} left byte-identical"
+        )
+    if "writers" in s:
+        out.append(
+            f"{get('writers', 'resumes_tried')} resumes with no valid checkpoint → {get('writers', 'resumes_refused')} "
+            f"refused with nothing touched; {get('writers', 'second_tried')} second writers → "
+            f"{get('writers', 'second_refused')} refused with the pid; {get('writers', 'trust_tried')} run configs "
+            f"asking for remote code → {get('writers', 'trust_refused')} not trusted"
+        )
     if "resume" in s:
         out.append(
             f"{get('resume', 'positions')} interruption positions → {get('resume', 'equal')} resumed runs equal to "

@@ -56,9 +56,64 @@ def main(argv: list[str] | None = None) -> int:
     return run_command(args)
 
 
+class _QuietWhenClosed:
+    """stdout that survives its reader going away (`mlxpt train ... | head`): the first write to a
+    closed pipe sends the rest to /dev/null, so training goes on and `generate | head` ends quietly."""
+
+    def __init__(self, stream):
+        self._stream, self._closed = stream, False
+
+    def write(self, text):
+        if not self._closed:
+            try:
+                return self._stream.write(text)
+            except BrokenPipeError:
+                self._close()
+        return len(text)
+
+    def flush(self):
+        if not self._closed:
+            try:
+                self._stream.flush()
+            except BrokenPipeError:
+                self._close()
+
+    def _close(self):
+        import os
+
+        self._closed = True
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self._stream.fileno())  # the interpreter's final flush must not fail either
+        except (OSError, ValueError):
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+def _bug_line(e: BaseException) -> str:
+    """One line for an exception mlxpt did not expect, with the traceback saved to a file."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(e))
+    try:
+        fd, path = tempfile.mkstemp(prefix="mlxpt-traceback-", suffix=".txt")
+        with open(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        where = f"traceback in {path}"
+    except OSError:
+        where = "rerun with --debug for the traceback"
+    what = f"{type(e).__name__}: {e}".splitlines()[0][:200] if str(e) else type(e).__name__
+    return f"error E001: unexpected {what} - this is a bug in mlxpt; {where}"
+
+
 def run_command(args) -> int:
     from mlxpt.errors import MlxptError
 
+    if args.command != "tui" and not isinstance(sys.stdout, _QuietWhenClosed):  # the TUI owns its terminal
+        sys.stdout = _QuietWhenClosed(sys.stdout)
     try:
         return int(args.func(args) or 0)
     except MlxptError as e:
@@ -73,6 +128,11 @@ def run_command(args) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
+        if getattr(args, "debug", False):
+            raise
+        print(_bug_line(e), file=sys.stderr)
+        return 1
 
 
 def entry() -> None:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlxpt.errors import ConfigError, MlxptError, NumericsError
+from mlxpt.runs.guards import check_output, write_marker
 
 FLOAT_TOL = 1e-4  # max |Δlogit| / max(1, max |logit|) for a float fused model
 # Re-quantising W + ΔW moves weights to new grid points. Measured on the tiny test model with a
@@ -47,24 +48,6 @@ def base_model_of(run: str | Path) -> dict | None:
         if isinstance(section, dict) and isinstance(section.get("model"), str):
             return section
     return None
-
-
-def check_out(out: Path, force: bool) -> None:
-    """Refuse an existing non-empty output unless forced (before anything is loaded)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(
-            "E611",
-            "the output path exists and is not a folder",
-            str(out),
-            "choose another --out",
-        )
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise ConfigError(
-            "E611",
-            "the output folder exists and is not empty",
-            str(out),
-            "choose another --out or pass --force",
-        )
 
 
 def probe_tokens(tokenizer) -> list[int]:
@@ -149,7 +132,7 @@ def fuse(
     from mlxpt.runs.atomic import disk_full_error, is_disk_full
 
     out = Path(out)
-    check_out(out, force)
+    check_output(out, {"run": run}, "fused model", force, existing=False)  # before anything is read
     read_adapter_config(find_adapter(run))
     section = base_model_of(run) or {}
     ref = model or section.get("model")
@@ -158,6 +141,7 @@ def fuse(
     quantize = quantize or section.get("quantize") or "auto"
 
     src = resolve(ref)
+    check_output(out, {"run": run, "base model": src}, "fused model", force)
     config = check_folder(src, trust_remote_code)
     net, tokenizer = load(ref, adapter=str(run), quantize=quantize, trust_remote_code=trust_remote_code)
     probe = probe_tokens(tokenizer)
@@ -178,6 +162,7 @@ def fuse(
     tmp = out.with_name(f".tmp-fuse-{out.name}-{secrets.token_hex(4)}")
     try:
         _save(tmp, net, tokenizer, config, src)
+        write_marker(tmp, "fused model")  # a later --force may replace this folder, and only this kind
         reloaded, _ = load(str(tmp), quantize="none")
         got = logits_of(reloaded, probe)
         scale = max(1.0, float(np.max(np.abs(want))))

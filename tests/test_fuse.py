@@ -65,8 +65,15 @@ def test_fuse_refuses_non_empty_out_unless_forced(base, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "E611" in err[0] and "--force" in err[0]
     assert (out / "keep.txt").read_text() == "mine"
-    assert main(["fuse", str(run), "--out", str(out), "--force"]) == 0
-    assert (out / "config.json").is_file() and not (out / "keep.txt").exists()
+    # --force replaces only a folder mlxpt wrote as a fused model, never the person's own files
+    assert main(["fuse", str(run), "--out", str(out), "--force"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "E618" in err[0]
+    assert (out / "keep.txt").read_text() == "mine"
+    fused = tmp_path / "fused"
+    assert main(["fuse", str(run), "--out", str(fused)]) == 0
+    assert main(["fuse", str(run), "--out", str(fused), "--force"]) == 0
+    assert (fused / "config.json").is_file()
 
 
 def test_fuse_needs_a_model_without_run_config(base, tmp_path, capsys):

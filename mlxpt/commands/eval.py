@@ -106,9 +106,14 @@ def run(args) -> int:
     from mlxpt.decode.evaluate import check_config, evaluate, read_rows
     from mlxpt.decode.plot import terminal_chart, write_png
     from mlxpt.runs.atomic import atomic_write_json
+    from mlxpt.runs.guards import check_writable
 
     cfg = config_from(args)
     check_config(cfg)
+    out = Path(args.out)
+    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
+    check_writable(out, "--out")  # before the evaluation: a result is never lost to a bad path
+    check_writable(plot, "--plot")
     rows = read_rows(cfg.data, cfg.limit)  # every row checked before any weights load
     args.max_tokens, args.repetition_penalty = cfg.max_tokens, None
     args.temperature, args.top_p, args.top_k, args.min_p = cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p
@@ -154,8 +159,6 @@ def run(args) -> int:
     series = series_of(results)
     print()
     print(terminal_chart(series, title=f"accuracy vs samples ({len(rows)} prompts)"))
-    out = Path(args.out)
-    plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     from dataclasses import asdict
 
     atomic_write_json(

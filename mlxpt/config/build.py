@@ -62,14 +62,17 @@ def build_config(
     counts as not set). A new run is the method's defaults, then its preset (simpo, orpo), then
     the YAML file at `yaml_path`, then `flags`: command line > YAML > defaults. A resumed run
     (`resume`: its folder, `resume_config`: its saved config.json, read by the caller) is the saved
-    config with only RESUME_MUTABLE settings changed by `flags`; the YAML file is not read.
+    config with only RESUME_MUTABLE settings changed by `flags`; the YAML file is not read, and
+    `trust_remote_code` is off unless `flags` turns it on (the saved value is never trusted).
     Bad values raise ConfigError (one line with its code)."""
     flags = {k: v for k, v in (flags or {}).items() if v is not None}
     method = resolve_method(method, resume, resume_config)
     cls = config_class(method)
     if resume:
         cfg = cls.from_dict({k: v for k, v in _saved(resume, resume_config).items() if k in SECTIONS})
-        fixed = sorted(set(flags) - RESUME_MUTABLE)
+        # trust comes from the person, never from a file: a run folder may come from anyone
+        cfg.model.trust_remote_code = False
+        fixed = sorted(set(flags) - RESUME_MUTABLE - {"trust_remote_code"})
         if fixed:
             raise ConfigError(
                 "E510",

@@ -143,7 +143,9 @@ def _coerce(value, f: dataclasses.Field, source: str):
                     return False
                 raise ValueError(value)
             return bool(value)
-        if kind.startswith("int") and not isinstance(value, bool):
+        if isinstance(value, bool) and kind.startswith(("int", "float")):
+            raise ValueError(value)  # YAML's `true` is not the number 1
+        if kind.startswith("int"):
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError(value)
             return int(value)
@@ -178,55 +180,75 @@ def apply_flat(cfg, flat: dict, source: str) -> None:
 
 def validate(cfg, source: str = "config") -> None:
     """Range checks that no type system gives us."""
-    checks = {
-        "batch_size": lambda v: v >= 1,
-        "max_seq_len": lambda v: v >= 8,
-        "rank": lambda v: v >= 1,
-        "steps": lambda v: v >= 1,
-        "learning_rate": lambda v: v > 0,
-        "grad_accum": lambda v: v >= 1,
-        "clip_grad_norm": lambda v: v >= 0,
-        "warmup_steps": lambda v: v >= 0,
-        "keep": lambda v: v >= 1,
-        "save_every": lambda v: v >= 1,
-        "eval_every": lambda v: v >= 0,
-        "dropout": lambda v: 0 <= v < 1,
-        "min_lr_ratio": lambda v: 0 <= v <= 1,
-        "max_bad_steps": lambda v: v >= 1,
-        "beta": lambda v: v >= 0,  # > 0 for preference losses: checked below
-        "label_smoothing": lambda v: 0 <= v < 0.5,
-        "orpo_lambda": lambda v: v >= 0,
-        "num_generations": lambda v: v >= 2,
-        "max_completion_length": lambda v: v >= 1,
-        "temperature": lambda v: v > 0,
-        "top_p": lambda v: 0 < v <= 1,
-        "top_k": lambda v: v >= 0,
-        "min_p": lambda v: 0 <= v < 1,
-        "epsilon": lambda v: 0 < v < 1,
-        "epsilon_high": lambda v: v is None or v > 0,
-        "num_iterations": lambda v: v >= 1,
-        "max_reward_failure_rate": lambda v: 0 <= v <= 1,
-        "reward_timeout": lambda v: v >= 0,
-        "log_completions_every": lambda v: v >= 0,
-        "center_rewards_coefficient": lambda v: v >= 0,
+    checks = {  # name: (allowed, how the error says it)
+        "batch_size": (lambda v: v >= 1, ">= 1"),
+        "max_seq_len": (lambda v: v >= 8, ">= 8"),
+        "rank": (lambda v: v >= 1, ">= 1"),
+        "alpha": (lambda v: v > 0, "> 0 (0 gives an adapter that can never change the model)"),
+        "num_layers": (lambda v: v >= 1 or v == -1, ">= 1, or -1 for all"),
+        "steps": (lambda v: v >= 1, ">= 1"),
+        "learning_rate": (lambda v: v > 0, "> 0"),
+        "weight_decay": (lambda v: v >= 0, ">= 0"),
+        "seed": (lambda v: 0 <= v < 2**63, "0 to 2**63 - 1"),
+        "grad_accum": (lambda v: v >= 1, ">= 1"),
+        "clip_grad_norm": (lambda v: v >= 0, ">= 0 (0: off)"),
+        "warmup_steps": (lambda v: v >= 0, ">= 0"),
+        "keep": (lambda v: v >= 1, ">= 1"),
+        "save_every": (lambda v: v >= 1, ">= 1"),
+        "eval_every": (lambda v: v >= 0, ">= 0 (0: off)"),
+        "dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "min_lr_ratio": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "max_bad_steps": (lambda v: v >= 1, ">= 1"),
+        "beta": (lambda v: v >= 0, ">= 0"),  # > 0 for preference losses: checked below
+        "label_smoothing": (lambda v: 0 <= v < 0.5, "in [0, 0.5)"),
+        "orpo_lambda": (lambda v: v >= 0, ">= 0"),
+        "num_generations": (lambda v: v >= 2, ">= 2"),
+        "max_completion_length": (lambda v: v >= 1, ">= 1"),
+        "temperature": (lambda v: v > 0, "> 0"),
+        "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"),
+        "top_k": (lambda v: v >= 0, ">= 0"),
+        "min_p": (lambda v: 0 <= v < 1, "in [0, 1)"),
+        "epsilon": (lambda v: 0 < v < 1, "in (0, 1)"),
+        "epsilon_high": (lambda v: v is None or v > 0, "> 0"),
+        "num_iterations": (lambda v: v >= 1, ">= 1"),
+        "max_reward_failure_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+        "reward_timeout": (lambda v: v >= 0, ">= 0"),
+        "log_completions_every": (lambda v: v >= 0, ">= 0"),
+        "center_rewards_coefficient": (lambda v: v >= 0, ">= 0"),
     }
     for name, (obj, f) in all_fields(cfg).items():
         value = getattr(obj, name)
         if isinstance(value, float) and not math.isfinite(value):
             raise ConfigError("E505", f"{name}={value!r} is not a finite number", source, f.metadata.get("help"))
-        bad_pref_beta = name == "beta" and isinstance(obj, PreferenceConfig) and not value > 0
-        if bad_pref_beta or (name in checks and not checks[name](value)):
-            raise ConfigError("E505", f"{name}={getattr(obj, name)!r} is out of range", source, f.metadata.get("help"))
+        if name == "beta" and isinstance(obj, PreferenceConfig) and not value > 0:
+            raise ConfigError("E505", f"beta={value!r} is out of range (> 0)", source, f.metadata.get("help"))
+        if name in checks and not checks[name][0](value):
+            allowed = checks[name][1]
+            raise ConfigError("E505", f"{name}={value!r} is out of range ({allowed})", source, f.metadata.get("help"))
 
 
 def load_yaml(path: str) -> dict:
     import yaml
 
+    class _UniqueKeyLoader(yaml.SafeLoader):
+        """SafeLoader that refuses a key given twice (PyYAML keeps the last one silently)."""
+
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r}", key_node.start_mark
+                    )  # fmt: skip
+                seen.add(key)
+            return super().construct_mapping(node, deep)
+
     p = Path(path)
     if not p.is_file():
         raise ConfigError("E506", "config file not found", path, "check the path given to --config")
     try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        d = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path

@@ -25,7 +25,8 @@ from collections.abc import Iterator
 
 from mlxpt.errors import EXIT_INTERRUPTED
 
-_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+# SIGHUP (a closed SSH session or terminal) is a stop like SIGTERM: checkpoint, then exit
+_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 _exit_after_stop = False
 
 

@@ -246,6 +246,21 @@ def verify_checkpoint(path: str | os.PathLike) -> bool:
         return False
 
 
+def checkpoint_problems(path: str | os.PathLike) -> str | None:
+    """Why a checkpoint does not verify (one short phrase), or None when it does."""
+    path = Path(path)
+    try:
+        for fname, entry in _read_manifest(path).items():
+            _check_file(path, fname, entry)
+            if sha256_file(path / fname) != entry["sha256"]:
+                return f"{fname} does not match its sha256"
+        return None
+    except _Corrupt as e:
+        return str(e) or "unreadable manifest"
+    except Exception as e:  # noqa: BLE001 - garbage on disk must never crash a scan
+        return f"{type(e).__name__}: {e}"[:120]
+
+
 def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
     """The newest checkpoint that verifies, skipping broken ones; None if there is none."""
     for ck in reversed(list_checkpoints(run_dir)):

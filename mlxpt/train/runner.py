@@ -29,10 +29,13 @@ from mlxpt.runs import (
     load_checkpoint,
     new_run_dir,
     read_jsonl,
+    read_status,
     save_checkpoint,
     write_config,
     write_status,
 )
+from mlxpt.runs.guards import RunLock, check_writable
+from mlxpt.runs.store import checkpoint_problems
 from mlxpt.train.loop import LoopState, Task, train_loop
 
 
@@ -109,14 +112,27 @@ def run_training(
     stop=None,
 ) -> tuple[Path, str]:
     """Train (or resume) one run; return (run folder, "finished" | "interrupted")."""
+    locks: list[RunLock] = []  # one writer per run folder, held until this function returns
+    try:
+        return _run(method, cfg, resume_dir, emit, stop, locks)
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path, str]:
+    if resume_dir is not None:  # before anything is read: a second writer, or a silent start over
+        locks.append(RunLock(resume_dir).acquire())
+        check_resumable(Path(resume_dir))
     tokenizer, train, valid, data_report = _read_data(method, cfg, resume_dir, emit)
     t_load = time.perf_counter()
     backend, layout, memory = _load_backend(method, cfg, train + valid, emit)
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        clean_temp(run_dir)
+        clean_temp(run_dir)  # the lock is ours: every temp file left here is a dead writer's
     else:  # only now: rejected data, settings or memory leave no run folder behind
         run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
+        locks.append(RunLock(run_dir).acquire())
     ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
     task = method.task(ctx)
     state = _restore(run_dir, backend, task) if resume_dir is not None else LoopState()
@@ -142,12 +158,34 @@ def run_training(
     return run_dir, outcome
 
 
+def check_resumable(run_dir: Path) -> None:
+    """A resume with no checkpoint that verifies starts at step 0 only where nothing was ever
+    trained; otherwise it is refused, naming each checkpoint and why it fails, touching nothing."""
+    if latest_checkpoint(run_dir) is not None:
+        return
+    folder = run_dir / "checkpoints"
+    found = sorted(p for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
+    broken = [(ck.name, checkpoint_problems(ck)) for ck in found]
+    trained = (run_dir / "metrics.jsonl").is_file() and any(
+        isinstance(r, dict) and r.get("event") == "step" for r in read_jsonl(run_dir / "metrics.jsonl")
+    )
+    if broken or trained or (read_status(run_dir) or {}).get("status") == "finished":
+        why = "; ".join(f"{name}: {reason}" for name, reason in broken) or "no checkpoint left"
+        raise MlxptError(
+            "E522",
+            f"no checkpoint of this run verifies ({why}); resuming would start over at step 0 and overwrite it",
+            str(run_dir),
+            "start a new run (`mlxpt train` without --resume); this folder is left as it is",
+        )
+
+
 def _read_data(method: Method, cfg, resume_dir, emit) -> tuple:
     """(tokenizer, train, valid, data report): every row validated before any weights are read."""
     if method.check is not None:
         method.check(cfg, resume_dir)
     if resume_dir is None:
         check_run_name(cfg.train.name or method.name)  # before anything slow happens
+        check_writable(cfg.train.runs_dir, "--runs-dir", folder=True)
     rows = method.read(cfg)
     tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
     train, valid, data_report = method.encode(cfg, tokenizer, rows)

@@ -309,6 +309,18 @@ CONFIG_CASES = [
     ("\xff\xfe: bad\n", "E507"),
     ("steps: !!python/name:os.system\n", "E507"),
     ("learning_rate: .inf\n", "E505"),
+    # types and ranges (issue 26): a bool is not a number, a key given twice is refused, every
+    # numeric setting has a range
+    ("learning_rate: true\n", "E502"),
+    ("steps: true\n", "E502"),
+    ("adapter: {num_layers: false}\n", "E502"),
+    ("steps: 3\nsteps: 4\n", "E507"),
+    ("train: {steps: 2, steps: 3}\n", "E507"),
+    (["--num-layers", "0"], "E505"),
+    (["--num-layers", "-2"], "E505"),
+    (["--seed", "-1"], "E505"),
+    (["--alpha", "0"], "E505"),
+    (["--weight-decay", "-0.1"], "E505"),
 ]
 
 

@@ -16,7 +16,7 @@ from reliability.harness import resume_args, step_of, train_args
 pytestmark = pytest.mark.reliability
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
 def test_one_signal_checkpoints_exits_130_and_resumes(sig, zygote, tiny_model, small_data, tmp_path, scoreboard):
     child = zygote.spawn(train_args(tiny_model, small_data, tmp_path, 10_000, save_every=3))
     assert child.wait_event("checkpoint"), child.stderr()
