@@ -40,6 +40,12 @@ def lines(report: dict) -> list[str]:
             f"a symlink to the run; with --force) → {get('outputs', 'refused')} refused, "
             f"{get('outputs', 'intact')} left byte-identical"
         )
+    if "broken_files" in s:
+        out.append(
+            f"{get('broken_files', 'tried')} broken model and adapter files (truncated weights, no or bad "
+            f"tokenizer, run or adapter folder as a model, adapter config not an object, truncated or NaN "
+            f"adapter) → {get('broken_files', 'one_line')} one-line errors naming the file, 0 tracebacks"
+        )
     if "writers" in s:
         out.append(
             f"{get('writers', 'resumes_tried')} resumes with no valid checkpoint → {get('writers', 'resumes_refused')} "

@@ -248,7 +248,11 @@ def load_yaml(path: str) -> dict:
     if not p.is_file():
         raise ConfigError("E506", "config file not found", path, "check the path given to --config")
     try:
-        d = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+        loader = _UniqueKeyLoader(p.read_text(encoding="utf-8"))  # a SafeLoader: plain data only
+        try:
+            d = loader.get_single_data() or {}
+        finally:
+            loader.dispose()
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else path

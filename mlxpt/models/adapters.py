@@ -112,9 +112,11 @@ def _config_file(folder: Path) -> Path:
 def read_adapter_config(folder: Path) -> dict:
     try:
         cfg = json.loads(_config_file(folder).read_text())
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
         if cfg.get("fine_tune_type", "lora") not in ("lora", "dora", "full") or "num_layers" not in cfg:
             raise ValueError("missing fine_tune_type/num_layers")
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, UnicodeDecodeError) as e:
         raise ModelError(
             "E222", f"invalid {CONFIG_FILE}: {e}", str(_config_file(folder)), "re-save the adapter"
         ) from None
@@ -138,6 +140,11 @@ def load_adapter(model, path: str | Path) -> dict:
                 linear_to_lora_layers(model, cfg["num_layers"], cfg["lora_parameters"], use_dora=dora)
             model.load_weights(str(folder / ADAPTER_FILE), strict=False)
     except RuntimeError as e:  # mx.load on a file that is not safetensors (never unpickled)
+        if _looks_like_safetensors(folder / ADAPTER_FILE):  # damaged, not hostile: a truncated copy
+            raise ModelError(
+                "E224", f"{ADAPTER_FILE} is damaged or incomplete ({str(e).splitlines()[0][:80]})", str(folder),
+                "use another checkpoint of the run, or re-save the adapter",
+            ) from None  # fmt: skip
         raise SecurityError(
             "E704",
             f"{ADAPTER_FILE} is not a valid safetensors file ({str(e).splitlines()[0]})",
@@ -149,4 +156,27 @@ def load_adapter(model, path: str | Path) -> dict:
         raise ModelError(
             "E223", f"adapter does not fit this model: {first}", str(folder), "load it with the model it was trained on"
         ) from None
+    _check_finite(folder / ADAPTER_FILE)
     return cfg
+
+
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file starts with an 8-byte header length, then its JSON header."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _check_finite(path: Path) -> None:
+    """Refuse an adapter with NaN or inf weights before it generates anything."""
+    import mlx.core as mx
+
+    for name, value in mx.load(str(path)).items():
+        if not bool(mx.all(mx.isfinite(value)).item()):
+            raise ModelError(
+                "E225", f"the adapter has non-finite weights ({name})", str(path),
+                "use an earlier checkpoint of the run; this one was saved from a diverged state",
+            )  # fmt: skip

