@@ -72,7 +72,7 @@ def lines(report: dict) -> list[str]:
         )
     if "signals" in s:
         out.append(
-            f"{get('signals', 'runs')} signal runs (SIGINT/SIGTERM once and twice) → "
+            f"{get('signals', 'runs')} signal runs (SIGINT/SIGTERM/SIGHUP once, SIGINT/SIGTERM twice) → "
             f"{get('signals', 'as_specified')} exited as specified"
         )
     if "rewards" in s:

@@ -24,7 +24,11 @@ def register(subparsers) -> None:
         action="store_true",
         help="write float weights even if the base is quantised",
     )
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an --out folder that an earlier mlxpt fuse wrote (never a run, a model or other files)",
+    )
     add_load_args(p, quantize=None, quantize_help="how to load the base (default: as trained)")
     p.set_defaults(func=run)
 
