@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from mlxpt.config import METHODS, PREF_METHODS, build_config, section_names
+from mlxpt.config import METHODS, build_config, section_names
 from mlxpt.errors import MlxptError
 
 
@@ -29,11 +29,9 @@ def methods() -> tuple[str, ...]:
 
 def data_kind(method: str) -> str | None:
     """What a method's training data holds: sft rows, preference pairs or prompts (None: unknown)."""
-    if method == "sft":
-        return "sft"
-    if method in PREF_METHODS or method == "rm":
-        return "pref"
-    return "prompts" if method == "grpo" else None
+    from mlxpt.data.check import data_kind as kind_of
+
+    return kind_of(method) if method in METHODS else None
 
 
 def default_config(method: str):

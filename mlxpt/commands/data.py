@@ -14,12 +14,16 @@ def register(sub) -> None:
     c.add_argument("--model", help="tokenise with this model's tokenizer (alias, folder, .gguf)")
     c.add_argument("--mask", default="assistant", choices=["assistant", "prompt", "none"], help="trained tokens")
     c.add_argument("--max-seq-len", type=int, default=512, help="longest sequence in tokens")
+    c.add_argument(
+        "--method", default="auto", choices=["auto", "sft", "dpo", "simpo", "orpo", "rm", "grpo"],
+        help="the method the data is for (auto: preference pairs, GRPO prompts or SFT rows, from the first row)",
+    )  # fmt: skip
     c.add_argument("--color", action="store_true", default=None, help="mark trained tokens with colour")
     c.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from mlxpt.data.check import check_report
+    from mlxpt.data.check import check_kind_report, check_report, data_kind, detect_kind
 
     tokenizer = None
     if args.model:
@@ -27,8 +31,13 @@ def run(args) -> int:
 
         tokenizer = load_tokenizer(args.model)
     color = sys.stdout.isatty() if args.color is None else args.color
-    text, n_errors = check_report(
-        args.path, valid=args.valid, tokenizer=tokenizer, mask=args.mask, max_len=args.max_seq_len, color=color
-    )
+    kind = detect_kind(args.path, args.valid) if args.method == "auto" else data_kind(args.method)
+    if kind == "sft":
+        text, n_errors = check_report(
+            args.path, valid=args.valid, tokenizer=tokenizer, mask=args.mask, max_len=args.max_seq_len, color=color
+        )
+    else:
+        text, n_errors = check_kind_report(kind, args.path, args.valid, tokenizer, args.max_seq_len)
+        text = f"data for {'preference methods (dpo, simpo, orpo, rm)' if kind == 'pref' else 'grpo'}\n{text}"
     print(text)
     return 1 if n_errors else 0

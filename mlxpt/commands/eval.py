@@ -6,11 +6,12 @@ Prints a table and a terminal chart, writes a JSON result file and an accuracy-v
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
 
-from mlxpt.errors import ConfigError
+from mlxpt.errors import ConfigError, MlxptError
 
 
 def register(subparsers) -> None:
@@ -161,20 +162,37 @@ def run(args) -> int:
     print(terminal_chart(series, title=f"accuracy vs samples ({len(rows)} prompts)"))
     from dataclasses import asdict
 
-    atomic_write_json(
-        out,
-        {
-            "results": results,
-            "config": asdict(cfg),
-            "model": args.model,
-            "compare": args.compare,
-            "prompts": len(rows),
-            "started": started,
-            "wall_seconds": round(time.time() - started, 1),
-            "plot": str(plot),
-            **({"details": details} if args.save_samples else {}),
-        },
-    )
+    result = {
+        "results": results,
+        "config": asdict(cfg),
+        "model": args.model,
+        "compare": args.compare,
+        "prompts": len(rows),
+        "started": started,
+        "wall_seconds": round(time.time() - started, 1),
+        "plot": str(plot),
+        **({"details": details} if args.save_samples else {}),
+    }
+    _save_results(out, result, atomic_write_json)
     write_png(plot, series, title=f"accuracy vs samples, {len(rows)} prompts")
     print(f"\nresults: {out}  chart: {plot}", file=sys.stderr)
     return 0
+
+
+def _save_results(out: Path, result: dict, write) -> None:
+    """Write the results; if `out` fails after all (the disk, a path changed meanwhile), keep them
+    in a temporary file and say where: a finished evaluation is never lost."""
+    import tempfile
+
+    from mlxpt.errors import ResourceError
+
+    try:
+        write(out, result)
+    except (OSError, MlxptError) as e:
+        fd, spare = tempfile.mkstemp(prefix="mlxpt-eval-", suffix=".json")
+        with open(fd, "w", encoding="utf-8") as f:
+            json.dump(result, f)
+        raise ResourceError(
+            "E312", f"cannot write the results ({str(e).splitlines()[0][:80]}); they are saved in {spare}", str(out),
+            "copy them from there, and check the --out path",
+        ) from None  # fmt: skip

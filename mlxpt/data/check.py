@@ -105,3 +105,74 @@ def _row_text(row: Row) -> str:
     if row.kind == "completions":
         return f"prompt: {row.data['prompt']} | completion: {row.data['completion']}"
     return row.data["text"]
+
+
+PAIR_METHODS = ("dpo", "simpo", "orpo", "rm")
+
+
+def data_kind(method: str) -> str:
+    """What a method trains on: "sft" rows, "pref" (preference pairs) or "prompts" (GRPO)."""
+    return "pref" if method in PAIR_METHODS else ("prompts" if method == "grpo" else "sft")
+
+
+def detect_kind(path: str, valid: str | None = None) -> str:
+    """The kind of a data file from its first JSON object: chosen + rejected are preference pairs,
+    a prompt with no completion is a GRPO prompt, anything else SFT rows (whose check says why)."""
+    import json
+
+    from mlxpt.data.formats import resolve_splits
+
+    try:
+        train, _ = resolve_splits(path, valid)
+        with open(train, encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.strip():
+                    obj = json.loads(line)
+                    break
+            else:
+                return "sft"
+    except (OSError, ValueError, DataError):
+        return "sft"  # the SFT check reports the file's own problem with its line
+    if not isinstance(obj, dict):
+        return "sft"
+    if "chosen" in obj and "rejected" in obj:
+        return "pref"
+    if "prompt" in obj and "completion" not in obj:
+        return "prompts"
+    return "sft"
+
+
+def check_kind_report(kind: str, path: str, valid: str | None = None, tokenizer=None, max_len: int = 2048):
+    """`check_report` for preference pairs ("pref") and GRPO prompts ("prompts")."""
+    from mlxpt.data.formats import resolve_splits
+    from mlxpt.data.preference import encode_preference, scan_preference
+    from mlxpt.data.prompts import encode_prompts, scan_prompts
+
+    train_path, valid_path = resolve_splits(path, valid)
+    lines, errors = [], []
+    for split, p in (("train", train_path), ("valid", valid_path)):
+        if p is None:
+            lines.append("valid: none (the caller decides: split off train or skip eval)")
+            continue
+        if kind == "pref":
+            rows, same, errs = scan_preference(p)
+            lines.append(f"{split}: {len(rows)} preference pairs ({same} identical dropped) {p}")
+        else:
+            rows, errs = scan_prompts(p)
+            lines.append(f"{split}: {len(rows)} prompts (completions are sampled in training) {p}")
+        errors += errs
+        if tokenizer is None or not rows:
+            continue
+        if kind == "pref":
+            examples, report = encode_preference(rows, tokenizer, max_len, "truncate")
+            lengths = [len(e.prompt) + max(len(e.chosen), len(e.rejected)) for e in examples]
+        else:
+            examples, report = encode_prompts(rows, tokenizer, max_len, 0, "drop")
+            lengths = [len(e.tokens) for e in examples]
+        if lengths:
+            lines.append(f"  tokens: {_stats(lengths)}; over max_len {max_len}: {sum(n > max_len for n in lengths)}")
+    lines.append(f"rejected: {len(errors)} row{'s' if len(errors) != 1 else ''}")
+    lines += [f"  {e.line()}" for e in errors[:MAX_LISTED]]
+    if len(errors) > MAX_LISTED:
+        lines.append(f"  ... and {len(errors) - MAX_LISTED} more")
+    return "\n".join(lines), len(errors)

@@ -129,6 +129,7 @@ def load_adapter(model, path: str | Path) -> dict:
 
     folder = find_adapter(path)
     cfg = read_adapter_config(folder)
+    _check_checkpoint(folder)
     try:
         if (folder / CONFIG_FILE).is_file():
             load_adapters(model, str(folder))
@@ -158,6 +159,20 @@ def load_adapter(model, path: str | Path) -> dict:
         ) from None
     _check_finite(folder / ADAPTER_FILE)
     return cfg
+
+
+def _check_checkpoint(folder: Path) -> None:
+    """A checkpoint (runs/<id>/checkpoints/step-N) is used only if it matches its manifest."""
+    if folder.parent.name != "checkpoints" or not (folder / "manifest.json").is_file():
+        return
+    from mlxpt.runs.store import checkpoint_problems
+
+    problem = checkpoint_problems(folder)
+    if problem is not None:
+        raise ModelError(
+            "E224", f"this checkpoint does not verify ({problem})", str(folder),
+            "use another checkpoint of the run (mlxpt lists them in the run folder)",
+        )  # fmt: skip
 
 
 def _looks_like_safetensors(path: Path) -> bool:

@@ -1,7 +1,8 @@
 """Run discovery for listings (the TUI's Runs screen): one `RunInfo` per run folder.
 
-A run that says "running" but whose process is gone (killed, crashed, machine rebooted) is shown
-as "crashed"; it can be resumed from its newest checkpoint like an interrupted one. Nothing here
+A run that says "running" but whose writer is gone (killed, crashed, machine rebooted) is shown
+as "crashed"; it can be resumed from its newest checkpoint like an interrupted one. A live writer
+holds the run folder's lock (guards.RunLock), so a recycled pid cannot pass for one. Nothing here
 imports mlx, and nothing raises on a damaged folder: a listing must always render.
 """
 
@@ -14,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from mlxpt.runs.folder import read_status
+from mlxpt.runs.guards import lock_holder
 from mlxpt.runs.store import list_checkpoints
 
 SHOWN_STATUSES = ("running", "finished", "failed", "interrupted", "crashed", "unknown")
@@ -126,7 +128,7 @@ def run_info(path: str | os.PathLike) -> RunInfo:
     status = read_status(path) or {}
     first, last_step, last_time = _tail_metrics(path / "metrics.jsonl")
     state = status.get("status") if isinstance(status.get("status"), str) else "unknown"
-    if state == "running" and not pid_alive(status.get("pid")):
+    if state == "running" and (not pid_alive(status.get("pid")) or lock_holder(path) is None):
         state = "crashed"
     step = status.get("step")
     if last_step and isinstance(last_step.get("step"), int):

@@ -188,10 +188,22 @@ def _read_data(method: Method, cfg, resume_dir, emit) -> tuple:
         check_writable(cfg.train.runs_dir, "--runs-dir", folder=True)
     rows = method.read(cfg)
     tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
+    _warn_beyond_context(cfg, emit)
     train, valid, data_report = method.encode(cfg, tokenizer, rows)
     if not valid:
         emit({"event": "warning", "message": "no validation split: validation loss is not reported"})
     return tokenizer, train, valid, data_report
+
+
+def _warn_beyond_context(cfg, emit) -> None:
+    """max_seq_len past the model's context: the positions beyond it were never trained."""
+    try:
+        context = json.loads((resolve(cfg.model.model) / "config.json").read_text()).get("max_position_embeddings")
+    except (OSError, ValueError, AttributeError):
+        return
+    if isinstance(context, int) and cfg.data.max_seq_len > context:
+        emit({"event": "warning", "message": f"max_seq_len {cfg.data.max_seq_len} is beyond the model's context "
+              f"({context} positions): rows longer than that train positions the model never saw"})  # fmt: skip
 
 
 def _load_backend(method: Method, cfg, examples: list, emit) -> tuple:

@@ -98,3 +98,22 @@ def test_an_unwritable_output_is_refused_before_any_work(argv, tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error E619"), err
     assert file.read_text() == "x"
+
+
+def test_a_finished_evaluation_is_kept_when_its_output_fails(tmp_path, monkeypatch):
+    from mlxpt.commands import eval as eval_cmd
+    from mlxpt.errors import ResourceError
+
+    def fail(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    with pytest.raises(ResourceError) as e:
+        eval_cmd._save_results(tmp_path / "out.json", {"results": [1, 2]}, fail)
+    import re
+
+    spare = Path(re.search(r"saved in (\S+)", e.value.line()).group(1))
+    assert json.loads(spare.read_text()) == {"results": [1, 2]}

@@ -134,3 +134,25 @@ def test_trust_on_resume_comes_from_the_command_line_not_the_run(tmp_path, score
     assert cfg.model.trust_remote_code is False
     cfg = build_config(None, {"trust_remote_code": True}, resume=str(tmp_path), resume_config=saved)
     assert cfg.model.trust_remote_code is True
+
+
+def test_max_seq_len_beyond_the_models_context_is_warned(tiny_dir, data_dir, tmp_path):
+    from mlxpt.train.sft import run_sft
+
+    events = []
+    cfg = make_cfg(tiny_dir, data_dir, tmp_path, steps=1, max_seq_len=4096)  # the tiny model has 512
+    run_sft(cfg, emit=events.append)
+    warnings = [e["message"] for e in events if e["event"] == "warning"]
+    assert any("beyond the model's context (512" in w for w in warnings), warnings
+
+
+def test_a_checkpoint_used_as_an_adapter_must_match_its_manifest(finished_run, capsys):
+    from mlxpt.cli import main
+
+    _, run_dir = finished_run
+    ck = sorted((run_dir / "checkpoints").iterdir())[-1]
+    state = ck / "state.json"
+    state.write_text(state.read_text() + " ")  # an edit the manifest's sha256 catches
+    code = main(["generate", "--adapter", str(ck), "--prompt", "hi", "--max-tokens", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1 and len(err) == 1 and err[0].startswith("error E224") and "does not verify" in err[0], err

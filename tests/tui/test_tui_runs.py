@@ -288,9 +288,12 @@ async def test_duplicate_opens_the_form_with_the_runs_settings(tmp_path, tiny_di
 async def test_monitor_follows_a_run_started_from_the_cli(tmp_path):
     import os
 
+    from mlxpt.runs.guards import RunLock
+
     root = make_runs(tmp_path / "runs")
     run = root / "20261125-100000-dpo"
     (run / "status.json").write_text(json.dumps({"status": "running", "step": 12, "pid": os.getpid()}))
+    lock = RunLock(run).acquire()  # a live writer holds the run's lock
     app = create_app(root, poll_runs=False)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.press("down", "down", "enter")
@@ -302,3 +305,4 @@ async def test_monitor_follows_a_run_started_from_the_cli(tmp_path):
         await wait_for(pilot, lambda: monitor.log_.last_step == 13, timeout=5, what="the appended step")
         (run / "status.json").write_text(json.dumps({"status": "interrupted", "step": 13, "pid": os.getpid()}))
         await wait_for(pilot, lambda: monitor.log_.status == "interrupted", timeout=5, what="the new status")
+    lock.release()

@@ -38,7 +38,12 @@ def test_listing_reads_runs_and_detects_dead_pids(tmp_path):
     assert runs["20261125-110000-grpo"].last.startswith("reward ")
     assert runs["20261125-100000-dpo"].resumable and runs["20261125-100000-dpo"].step == 12
     (root / "20261125-100000-dpo" / "status.json").write_text(json.dumps({"status": "running", "pid": os.getpid()}))
-    assert {r.name: r.status for r in list_runs(root)}["20261125-100000-dpo"] == "running"
+    from mlxpt.runs.guards import RunLock
+
+    # alive means a live pid that also holds the run's lock; the pid alone may be recycled
+    assert {r.name: r.status for r in list_runs(root)}["20261125-100000-dpo"] == "crashed"
+    with RunLock(root / "20261125-100000-dpo"):
+        assert {r.name: r.status for r in list_runs(root)}["20261125-100000-dpo"] == "running"
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()
     assert pid_alive(os.getpid()) and not pid_alive(child.pid) and not pid_alive(None)
