@@ -306,3 +306,31 @@ async def test_monitor_follows_a_run_started_from_the_cli(tmp_path):
         (run / "status.json").write_text(json.dumps({"status": "interrupted", "step": 13, "pid": os.getpid()}))
         await wait_for(pilot, lambda: monitor.log_.status == "interrupted", timeout=5, what="the new status")
     lock.release()
+
+
+@pytest.mark.parametrize("method", ["grpo"])  # the longest form
+async def test_every_form_field_can_be_reached_and_seen_at_80x24(tmp_path, method):
+    """Tabbing through the New run form scrolls it: every field, down to the last GRPO setting,
+    is on screen while it has focus (the form used to end at `dropout` at 80x24)."""
+    app = create_app(tmp_path / "runs", poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("n")
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#method").value = method
+        await pilot.pause()
+        form = screen.query_one("#form")
+        fields = [w for w in screen.query("#fields Input, #fields Switch, #fields Select")]
+        assert len(fields) > 20
+        seen, scrolled = set(), 0
+        for _ in range(len(fields) + 5):
+            await pilot.press("tab")
+            await pilot.pause()
+            focused = app.focused
+            if focused in fields:
+                region = focused.region
+                assert form.region.contains(region.x, region.y), (focused.id, region, form.region)
+                seen.add(focused.id)
+                scrolled = max(scrolled, form.scroll_offset.y)
+        assert seen == {w.id for w in fields}
+        assert scrolled > 0  # it did scroll
