@@ -199,7 +199,7 @@ def _warn_beyond_context(cfg, emit) -> None:
     """max_seq_len past the model's context: the positions beyond it were never trained."""
     try:
         context = json.loads((resolve(cfg.model.model) / "config.json").read_text()).get("max_position_embeddings")
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, MlxptError):  # only a warning: never stop a run over it
         return
     if isinstance(context, int) and cfg.data.max_seq_len > context:
         emit({"event": "warning", "message": f"max_seq_len {cfg.data.max_seq_len} is beyond the model's context "
