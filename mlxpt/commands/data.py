@@ -23,7 +23,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from mlxpt.data.check import check_kind_report, check_report, data_kind, detect_kind
+    from mlxpt.data.check import check_kind_report, check_report, data_kind, detect_data_kind
 
     tokenizer = None
     if args.model:
@@ -31,7 +31,7 @@ def run(args) -> int:
 
         tokenizer = load_tokenizer(args.model)
     color = sys.stdout.isatty() if args.color is None else args.color
-    kind = detect_kind(args.path, args.valid) if args.method == "auto" else data_kind(args.method)
+    kind = detect_data_kind(args.path, args.valid) if args.method == "auto" else data_kind(args.method)
     if kind == "sft":
         text, n_errors = check_report(
             args.path, valid=args.valid, tokenizer=tokenizer, mask=args.mask, max_len=args.max_seq_len, color=color

@@ -115,7 +115,7 @@ def data_kind(method: str) -> str:
     return "pref" if method in PAIR_METHODS else ("prompts" if method == "grpo" else "sft")
 
 
-def detect_kind(path: str, valid: str | None = None) -> str:
+def detect_data_kind(path: str, valid: str | None = None) -> str:
     """The kind of a data file from its first JSON object: chosen + rejected are preference pairs,
     a prompt with no completion is a GRPO prompt, anything else SFT rows (whose check says why)."""
     import json

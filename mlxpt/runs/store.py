@@ -235,15 +235,7 @@ def _check_file(path: Path, fname: str, entry: dict[str, Any]) -> None:
 
 def verify_checkpoint(path: str | os.PathLike) -> bool:
     """True if the manifest is valid and every listed file matches its size and sha256."""
-    path = Path(path)
-    try:
-        for fname, entry in _read_manifest(path).items():
-            _check_file(path, fname, entry)
-            if sha256_file(path / fname) != entry["sha256"]:
-                return False
-        return True
-    except Exception:  # noqa: BLE001 - garbage on disk must never crash a scan
-        return False
+    return checkpoint_problems(path) is None
 
 
 def checkpoint_problems(path: str | os.PathLike) -> str | None:
