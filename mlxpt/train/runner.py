@@ -123,7 +123,7 @@ def run_training(
 def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path, str]:
     if resume_dir is not None:  # before anything is read: a second writer, or a silent start over
         locks.append(RunLock(resume_dir).acquire())
-        check_resumable(Path(resume_dir))
+        checkpoint = check_resumable(Path(resume_dir))  # verified once: restored below
     tokenizer, train, valid, data_report = _read_data(method, cfg, resume_dir, emit)
     t_load = time.perf_counter()
     backend, layout, memory = _load_backend(method, cfg, train + valid, emit)
@@ -135,7 +135,7 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
         locks.append(RunLock(run_dir).acquire())
     ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
     task = method.task(ctx)
-    state = _restore(run_dir, backend, task) if resume_dir is not None else LoopState()
+    state = _restore(run_dir, checkpoint, backend, task) if resume_dir is not None else LoopState()
     write_config(run_dir, {
         **cfg.to_dict(), "method": method.name, "mlxpt_version": __version__,
         "model_path": str(resolve(cfg.model.model)), "data_report": data_report,
@@ -158,11 +158,12 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
     return run_dir, outcome
 
 
-def check_resumable(run_dir: Path) -> None:
-    """A resume with no checkpoint that verifies starts at step 0 only where nothing was ever
-    trained; otherwise it is refused, naming each checkpoint and why it fails, touching nothing."""
-    if latest_checkpoint(run_dir) is not None:
-        return
+def check_resumable(run_dir: Path) -> Path | None:
+    """The newest checkpoint that verifies. With none, a resume starts at step 0 only where nothing
+    was ever trained; otherwise it is refused, naming each checkpoint and why it fails, touching nothing."""
+    ck = latest_checkpoint(run_dir)
+    if ck is not None:
+        return ck
     folder = run_dir / "checkpoints"
     found = sorted(p for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
     broken = [(ck.name, checkpoint_problems(ck)) for ck in found]
@@ -177,6 +178,7 @@ def check_resumable(run_dir: Path) -> None:
             str(run_dir),
             "start a new run (`mlxpt train` without --resume); this folder is left as it is",
         )
+    return None
 
 
 def _read_data(method: Method, cfg, resume_dir, emit) -> tuple:
@@ -218,9 +220,8 @@ def _load_backend(method: Method, cfg, examples: list, emit) -> tuple:
     return backend, layout, memory
 
 
-def _restore(run_dir: Path, backend, task: Task) -> LoopState:
-    """The latest complete checkpoint into the backend and the task (a fresh state if none)."""
-    ck = latest_checkpoint(run_dir)
+def _restore(run_dir: Path, ck: Path | None, backend, task: Task) -> LoopState:
+    """Checkpoint `ck` (check_resumable's) into the backend and the task (a fresh state if none)."""
     if ck is None:
         return LoopState()
     arrays, saved = load_checkpoint(ck)
