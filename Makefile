@@ -7,6 +7,8 @@ STAMP := $(VENV)/.mlxpt-setup
 # 60 steps at lr 5e-4 (cosine, 20 warm-up): right on ~30 % of the held-out problems, against ~2 %
 # at the library default lr 1e-4 (BENCHMARKS.md, GRPO run D's SFT starts).
 STEPS ?= 60
+# base vs adapter, greedy, on the first rows of the held-out test split and the out-of-distribution split
+EVAL_ROWS ?= 20
 
 .PHONY: setup run test test-fast lint format bench clean
 
@@ -20,8 +22,10 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: setup
-	$(BIN)/mlxpt train --steps $(STEPS) --learning-rate 5e-4 --warmup-steps 20 --eval-every 20 --save-every 20 \
+	$(BIN)/mlxpt train --steps $(STEPS) --learning-rate 5e-4 --warmup-steps 20 --eval-every 30 --save-every 30 \
 	  --name quickstart
+	$(BIN)/mlxpt eval --compare $$(ls -d runs/*-quickstart* | tail -n 1) --strategies greedy --limit $(EVAL_ROWS) \
+	  --data assets/sft/test.jsonl --data assets/ood/test.jsonl --out $$(ls -d runs/*-quickstart* | tail -n 1)/eval.json
 	$(BIN)/mlxpt generate --adapter $$(ls -d runs/*-quickstart* | tail -n 1) --max-tokens 80 \
 	  --prompt "Mia has 12 apples. She buys 7 more and gives 5 to Leo. How many apples does Mia have now?"
 

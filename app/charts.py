@@ -10,18 +10,21 @@ import math
 from dataclasses import dataclass
 
 Series = tuple[str, list[float], list[float]]  # (label, x = steps, y)
+EVAL_KEYS = ("val_", "regression_")  # keys read from eval events
 
 
 @dataclass(frozen=True)
 class ChartSpec:
     title: str
-    keys: tuple[str, ...]  # plotted as lines; "val_*" keys come from eval events
+    keys: tuple[str, ...]  # plotted as lines; "val_*" and "regression_*" keys come from eval events
     band: tuple[str, str] | None = None  # (mean key, std key): draw mean ± std
     prefix: str | None = None  # one line per key with this prefix (reward/<fn>)
 
 
 CHARTS = (
     ChartSpec("loss", ("loss", "val_loss")),
+    ChartSpec("forgetting: regression accuracy %", ("regression_accuracy",)),
+    ChartSpec("forgetting: KL to base (regression set)", ("regression_kl",)),
     ChartSpec("learning rate", ("lr",)),
     ChartSpec("tokens/s", ("tokens_per_s",)),
     ChartSpec("peak memory (MB)", ("peak_memory_mb",)),
@@ -56,7 +59,7 @@ def series_for(spec: ChartSpec, steps: list[dict], evals: list[dict]) -> list[Se
     """The lines of one chart; empty when the run has none of its keys."""
     out: list[Series] = []
     for key in spec.keys:
-        xs, ys = _line(evals if key.startswith("val_") else steps, key)
+        xs, ys = _line(evals if key.startswith(EVAL_KEYS) else steps, key)
         if xs:
             out.append((key, xs, ys))
     if spec.band:

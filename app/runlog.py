@@ -12,6 +12,7 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlxpt.commands.train import eval_summary
 from mlxpt.errors import EXIT_INTERRUPTED
 
 MAX_LOG = 500
@@ -73,7 +74,7 @@ class RunLog:
                 self.say(f"step {e['step']}: non-finite loss or gradient, update skipped")
         elif kind == "eval":
             self.evals.append(e)
-            self.say(f"step {e['step']}: val_loss {e.get('val_loss', float('nan')):.4f}")
+            self.say(f"step {e['step']}: {eval_summary(e)}")
         elif kind == "samples":
             for s in e.get("samples", []):
                 self.samples.append({"step": e.get("step"), **s})

@@ -1,8 +1,9 @@
-"""Write assets/sft/{train,valid,test}.jsonl: deterministic arithmetic word problems.
+"""Write assets/sft/{train,valid,test}.jsonl: deterministic arithmetic word problems of 1-4 steps.
 
 Usage: python assets/make_datasets.py [--out assets/sft]. Running it twice gives identical bytes.
 test.jsonl rows are full chats (so they validate as SFT data) plus an "answer" field; eval drops
-the last assistant turn and checks the model's `Answer:` line against it.
+the last assistant turn and checks the model's answer (an `Answer:` line or a bare number) against
+it. No problem appears in two splits. assets/make_ood.py writes the out-of-distribution test set.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()  # shared, so no question appears in two splits
+    seen: set[str] = set()  # shared, so no problem (`synth.problem_of`) appears in two splits
     for name, n, seed in SPLITS:
         rows = make_split(n, seed, exclude=seen)
         if name != "test":

@@ -1,11 +1,17 @@
 """Write assets/pref/{train,valid}.jsonl: arithmetic preference pairs, chosen verifiably better.
 
 Usage: python assets/make_preference.py [--out assets/pref]. Running it twice gives identical bytes.
-Questions come from `mlxpt.data.synth` with new seeds and none of the SFT questions. Chosen is the
-worked answer ending `Answer: n`; rejected is verifiably worse (`extract_answer` != n):
+Problems come from `mlxpt.data.synth` with new seeds and none of the SFT problems. Chosen is the
+reply the prompt asks for: the worked answer ending `Answer: n`, or the bare number `n` when the
+prompt asks for the number alone. Rejected is verifiably worse. For a worked reply:
 - slip: one step's result is off by a little and the error carries through to a wrong answer;
 - copy: correct steps, but the `Answer:` line does not match the last step;
-- format: correct steps with no `Answer:` line.
+- format: correct steps with no `Answer:` line;
+- terse: only the right number, when the prompt asked for the steps (wrong by format).
+For a bare-number reply:
+- wrong: another number (an intermediate result, or the answer off by a little);
+- ignore: the worked answer, when the prompt asked for the number alone (wrong by format).
+So either `extract_answer(rejected) != n`, or rejected does not follow the prompt's instruction.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from mlxpt.data.synth import extract_answer, make_split  # noqa: E402
+from mlxpt.data.synth import Example, extract_answer, make_examples, make_split  # noqa: E402
 from mlxpt.runs.atomic import atomic_write_text  # noqa: E402
 
 SFT_SPLITS = ((2000, 1), (200, 2), (200, 3))  # assets/make_datasets.py: excluded, never repeated
@@ -54,25 +60,43 @@ def _slip(steps: list[str], rng: random.Random) -> list[str]:
     return [f"{a} {op} {b} = {c}" for a, op, b, c in eqs]
 
 
-def make_pair(row: dict, rng: random.Random) -> dict:
-    """A preference pair from a synth chat row: its first question and worked answer."""
-    msgs = row["messages"]
-    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
-    user = next(i for i, m in enumerate(msgs) if m["role"] == "user")
-    chosen = msgs[user + 1]["content"]
-    *steps, answer_line = chosen.splitlines()
-    answer = int(answer_line.split(":")[1])
-    kind = rng.choices(["slip", "copy", "format"], weights=[4, 3, 3])[0]
+def _deltas(answer: int) -> list[int]:
+    """Small errors that keep the number non-negative."""
+    return [d for d in (-3, -2, -1, 1, 2, 10) if answer + d >= 0]
+
+
+def _rejected(ex: Example, answer: int, rng: random.Random) -> str:
+    steps = ex.steps
+    worked = "\n".join([*steps, f"Answer: {answer}"])
+    no_answer_line = "\n".join([*steps, f"So the result is {answer}."])
+    if ex.bare:
+        if rng.random() < 0.4:
+            return worked  # ignore
+        others = [int(s.split()[-1]) for s in steps[:-1] if int(s.split()[-1]) != answer]
+        if others and rng.random() < 0.5:
+            return str(rng.choice(others))
+        return str(answer + rng.choice(_deltas(answer)))
+    kinds, weights = ["slip", "copy", "format"], [4, 3, 3]
+    if ex.asks_steps:
+        kinds, weights = kinds + ["terse"], weights + [2]
+    kind = rng.choices(kinds, weights=weights)[0]
     if kind == "slip":
         wrong = _slip(steps, rng)
         rejected = "\n".join([*wrong, f"Answer: {wrong[-1].split()[-1]}"])
-    elif kind == "copy":
-        rejected = "\n".join([*steps, f"Answer: {answer + rng.choice([-2, -1, 1, 2, 10])}"])
-    else:
-        rejected = "\n".join([*steps, f"So the result is {answer}."])
-    if extract_answer(rejected) == str(answer):  # a slip that cancelled out: fall back to format
-        rejected = "\n".join([*steps, f"So the result is {answer}."])
-    pair = {"prompt": msgs[user]["content"], "chosen": chosen, "rejected": rejected}
+        return no_answer_line if extract_answer(rejected) == str(answer) else rejected  # a slip that cancelled out
+    if kind == "copy":
+        return "\n".join([*steps, f"Answer: {answer + rng.choice(_deltas(answer))}"])
+    return str(answer) if kind == "terse" else no_answer_line
+
+
+def make_pair(ex: Example, rng: random.Random) -> dict:
+    """A preference pair from a synth example: its first question and the reply it asks for."""
+    msgs = ex.row["messages"]
+    system = msgs[0]["content"] if msgs[0]["role"] == "system" else None
+    user = next(i for i, m in enumerate(msgs) if m["role"] == "user")
+    chosen = msgs[user + 1]["content"]
+    answer = int(extract_answer(chosen))
+    pair = {"prompt": msgs[user]["content"], "chosen": chosen, "rejected": _rejected(ex, answer, rng)}
     if system is not None:
         pair["system"] = system
     return pair
@@ -80,7 +104,7 @@ def make_pair(row: dict, rng: random.Random) -> dict:
 
 def make_pairs(n: int, seed: int, exclude: set[str]) -> list[dict]:
     rng = random.Random(seed + 1000)
-    return [make_pair(row, rng) for row in make_split(n, seed, exclude=exclude)]
+    return [make_pair(ex, rng) for ex in make_examples(n, seed, exclude=exclude)]
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -93,14 +117,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    seen: set[str] = set()
+    seen: set[str] = set()  # problems (`synth.problem_of`) already used
     for n, seed in SFT_SPLITS:
         make_split(n, seed, exclude=seen)
-    sft_questions = set(seen)
     for name, n, seed in SPLITS:
-        pairs = make_pairs(n, seed, seen)
-        assert not {p["prompt"] for p in pairs} & sft_questions
-        write_jsonl(out / f"{name}.jsonl", pairs)
+        write_jsonl(out / f"{name}.jsonl", make_pairs(n, seed, seen))
         print(f"{name}: {n} pairs -> {out / f'{name}.jsonl'}")
     return 0
 

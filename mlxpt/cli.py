@@ -18,7 +18,7 @@ COMMANDS = {
     "chat": "chat with a model in the terminal",
     "eval": "accuracy of decoding strategies vs samples (greedy, best-of-n, self-consistency), base vs adapter",
     "fuse": "merge a run's adapter into the base weights",
-    "data": "check a dataset: counts, lengths, errors, a masked preview",
+    "data": "check a dataset, or write a model's own answers to replay (self-answers)",
     "doctor": "show versions, the BLAS in use and a matmul speed test",
     "tui": "open the terminal UI (also: `mlxpt` with no arguments on a terminal)",
 }

@@ -1,7 +1,8 @@
 """Training objectives as pure functions of per-token log-probs.
 
-Every objective takes `logp` (B, L), the log-probability of each target token under the model,
-plus the batch's other arrays, and returns `(loss_sum, weight, aux)`: the loss summed over its
+Every objective takes `logp` (B, L), the log-probability of each target token under the model
+(SFT with a KL pull: the pair `(logp, kl)`), plus the batch's other arrays, and returns
+`(loss_sum, weight, aux)`: the loss summed over its
 units (tokens for SFT, pairs for preference losses), how many units, and a dict of metric sums.
 Sums, not means, make gradient accumulation over micro-batches equal one big batch. The
 functions use only operators and `.sum()`, so they run on mlx arrays (autodiff) and on NumPy
@@ -19,6 +20,20 @@ def sft_objective(logp, mask):
 def sft_grad(logp, mask):
     """d(loss_sum)/d(logp) for `sft_objective`."""
     return -mask
+
+
+def sft_kl_objective(outputs, mask, beta=0.1):
+    """SFT pulled towards the base: `outputs` = (logp, kl), kl[b, t] = KL(p_tuned || p_base) over the
+    vocabulary at each position; loss = -sum(mask * logp) + beta * sum(mask * kl) over `mask.sum()`
+    tokens. Metric sum "kl": sum(mask * kl) (the report shows its mean per trained token)."""
+    logp, kl = outputs
+    kl_sum = (kl * mask).sum()
+    return -(logp * mask).sum() + beta * kl_sum, mask.sum(), {"kl": kl_sum}
+
+
+def sft_kl_grad(outputs, mask, beta=0.1):
+    """(d(loss_sum)/d(logp), d(loss_sum)/d(kl)) for `sft_kl_objective`."""
+    return -mask, beta * mask
 
 
 # Preference losses. The batch holds B chosen rows then B rejected rows (one forward pass), a
@@ -263,7 +278,7 @@ def grpo_grad(
 
 
 # Objective -> closed-form dL/d(logp) for backends without autodiff (the NumPy backend): every
-# `<name>_objective` above with a `<name>_grad` beside it.
+# `<name>_objective` above with a `<name>_grad` beside it (sft_kl: a pair, one per output).
 GRADS = {
     obj: globals()[name.removesuffix("_objective") + "_grad"]
     for name, obj in list(globals().items())

@@ -6,8 +6,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from mlxpt.data.formats import load_splits, read_jsonl
-from mlxpt.data.synth import extract_answer, make_split, question_of
+from mlxpt.data.synth import extract_answer, make_split, problem_of
 
 ROOT = Path(__file__).resolve().parents[1]
 SFT = ROOT / "assets" / "sft"
@@ -62,17 +64,23 @@ def test_load_splits_folder_file_and_explicit_valid(tmp_path):
 def test_make_split_deterministic_and_distinct():
     a, b = make_split(300, 7), make_split(300, 7)
     assert a == b and a != make_split(300, 8)
-    assert len({question_of(r) for r in a}) == 300
+    assert len({problem_of(r) for r in a}) == 300
 
 
 def test_answers_are_correct():
-    """Every `a op b = c` line is true, steps chain, and Answer equals the last result."""
+    """Every `a op b = c` line is true, steps chain, and Answer equals the last result; a reply to a
+    prompt that asks for the number alone is that number."""
     ops = {"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}
+    n_bare = 0
     for row in make_split(2000, 1):
         for m in row["messages"]:
             if m["role"] != "assistant":
                 continue
+            if re.fullmatch(r"\d+", m["content"]):
+                n_bare += 1
+                continue
             *steps, last = m["content"].split("\n")
+            assert steps, m["content"]
             result = None
             for s in steps:
                 a, op, b, eq, c = s.split()
@@ -84,6 +92,7 @@ def test_answers_are_correct():
             assert last == f"Answer: {result}"
             assert extract_answer(m["content"]) == str(result)
         assert row["answer"] == extract_answer(row["messages"][-1]["content"])
+    assert 400 < n_bare < 900
 
 
 def test_mix_of_system_and_multiturn():
@@ -105,60 +114,49 @@ def test_extract_answer_edge_cases():
     assert extract_answer("The answer is seven") is None
     assert extract_answer("Answer: ") is None
     assert extract_answer("") is None and extract_answer(None) is None
+    # a reply that is only a number (the bare-number rows)
+    assert extract_answer("42") == "42" and extract_answer(" 1,200 ") == "1200"
+    assert extract_answer("7.\n") == "7" and extract_answer("-3") == "-3" and extract_answer("2.5") == "2.5"
+    assert extract_answer("42 apples") is None and extract_answer("1 2") is None
 
 
-def test_dataset_files_valid_disjoint_and_reproducible(tmp_path):
+def test_dataset_files_valid_and_disjoint():
     splits = {s: read_jsonl(SFT / f"{s}.jsonl") for s in ("train", "valid", "test")}
     assert [len(v) for v in splits.values()] == [2000, 200, 200]
-    qs = {s: {question_of(r.data) for r in rows} for s, rows in splits.items()}
-    assert len(qs["train"]) == 2000
+    qs = {s: {problem_of(r.data) for r in rows} for s, rows in splits.items()}
+    assert [len(v) for v in qs.values()] == [2000, 200, 200]
     assert not qs["train"] & qs["valid"] and not qs["train"] & qs["test"]
     assert not qs["valid"] & qs["test"]
     for r in splits["test"]:
         assert r.extra["answer"] == extract_answer(r.data["messages"][-1]["content"])
+    ood = read_jsonl(ROOT / "assets" / "ood" / "test.jsonl")
+    assert len(ood) == 200 and all(r.kind == "chat" for r in ood)
+    for r in ood:
+        assert r.extra["answer"] == extract_answer(r.data["messages"][-1]["content"])
+
+
+# Each bundled data folder and the script that writes it (tests/test_synth_data.py checks the content).
+SCRIPTS = {
+    "sft": ("make_datasets.py", ("train", "valid", "test")),
+    "pref": ("make_preference.py", ("train", "valid")),
+    "grpo": ("make_prompts.py", ("train", "test")),
+    "ood": ("make_ood.py", ("test",)),
+}
+
+
+@pytest.mark.parametrize("folder", SCRIPTS)
+def test_bundled_data_is_reproducible_and_fresh(folder, tmp_path):
+    """Regenerating gives the same bytes twice, and the bytes in assets/: a changed generator
+    without rerun scripts fails here."""
+    script, splits = SCRIPTS[folder]
     for run in ("a", "b"):
         subprocess.run(
-            [sys.executable, str(ROOT / "assets" / "make_datasets.py"), "--out", str(tmp_path / run)],
+            [sys.executable, str(ROOT / "assets" / script), "--out", str(tmp_path / run)],
             check=True, capture_output=True,
         )  # fmt: skip
     for s in splits:
         new = (tmp_path / "a" / f"{s}.jsonl").read_bytes()
         assert new == (tmp_path / "b" / f"{s}.jsonl").read_bytes()
-        assert new == (SFT / f"{s}.jsonl").read_bytes(), "assets/sft is stale: rerun the script"
-
-
-# The seven question templates of mlxpt/data/synth.py, solved from the question text alone.
-_SOLVERS = [
-    (r"has (\d+) \w+\. \w+ gets (\d+) more and then gives (\d+) to", lambda a, b, c: a + b - c),
-    (r"buys (\d+) \w+ of \w+ with (\d+) \w+ in each \w+\. \w+ already had (\d+)", lambda a, b, c: a * b + c),
-    (r"A \w+ holds (\d+) \w+\. \w+ fills (\d+) \w+ and then uses (\d+)", lambda b, a, c: a * b - c),
-    (r"shares (\d+) \w+ equally among (\d+) friends\. Then each friend finds (\d+)", lambda a, b, c: a // b + c),
-    (r"has (\d+) \w+\. \w+ buys (\d+) \w+ with (\d+) \w+ in each and then gives away (\d+)", lambda a, b, c, d: a + b * c - d),
-    (r"(\d+) friends each collect (\d+) \w+\. \w+ adds (\d+) more .* among (\d+) \w+\.", lambda n, a, b, m: (n * a + b) // m),
-    (r"had (\d+) \w+ and gave away (\d+)\. \w+ has (\d+) times as many", lambda a, b, k: (a - b) * k),
-]  # fmt: skip
-
-
-def _solve(question: str) -> int:
-    found = [(p, f) for p, f in _SOLVERS if re.search(p, question)]
-    assert len(found) == 1, question
-    pattern, fn = found[0]
-    return fn(*map(int, re.search(pattern, question).groups()))
-
-
-def test_grpo_prompt_files_answer_their_question_and_are_reproducible(tmp_path):
-    """Each bundled GRPO prompt's answer is the answer to that question, solved independently.
-    (A generator row with a follow-up turn carries the follow-up's answer: 12 % of the prompts
-    once had it.) Regenerating gives the same bytes."""
-    for split, n in (("train", 1000), ("test", 200)):
-        rows = [json.loads(line) for line in (ROOT / "assets" / "grpo" / f"{split}.jsonl").read_text().splitlines()]
-        assert len(rows) == n
-        for r in rows:
-            assert r["answer"] == str(_solve(r["prompt"])), r
-    subprocess.run(
-        [sys.executable, str(ROOT / "assets" / "make_prompts.py"), "--out", str(tmp_path)],
-        check=True,
-        capture_output=True,
-    )
-    for split in ("train", "test"):
-        assert (tmp_path / f"{split}.jsonl").read_bytes() == (ROOT / "assets" / "grpo" / f"{split}.jsonl").read_bytes()
+        assert new == (ROOT / "assets" / folder / f"{s}.jsonl").read_bytes(), (
+            f"assets/{folder} is stale: rerun {script}"
+        )

@@ -211,3 +211,41 @@ def test_independent_mode_times_each_cell_on_its_own(tmp_path):
     assert {(r["strategy"], r["n"]) for r in res} == {("self-consistency", 1), ("self-consistency", 4), ("adaptive", 4)}
     assert not any(r["seconds_estimated"] for r in res)
     assert len(details) == 2 and "pool" not in details[0] and details[0]["answers"]["self-consistency@4"][0] == "8"
+
+
+def test_eval_several_data_sets_side_by_side(base, adapter_run, tmp_path, capsys):
+    """Two --data sets: each model loaded once, scored on both, and a summary with one column per set."""
+    (tmp_path / "ind").mkdir()
+    (tmp_path / "ood").mkdir()
+    a = _write(tmp_path / "ind" / "test.jsonl", [ROW, {"prompt": "1+1?", "answer": "2"}])
+    b = _write(tmp_path / "ood" / "test.jsonl", [{"prompt": "2+2?", "answer": "4"}])
+    out = tmp_path / "res.json"
+    argv = ["eval", "--model", str(base), "--compare", str(adapter_run), "--data", str(a), "--data", str(b),
+            "--strategies", "greedy", "--max-tokens", "4", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    doc = json.loads(out.read_text())
+    got = {(r["label"], r["data"]): r["total"] for r in doc["results"]}
+    assert got == {("base", "ind/test"): 2, ("base", "ood/test"): 1, ("adapter", "ind/test"): 2,
+                   ("adapter", "ood/test"): 1}  # fmt: skip
+    assert doc["data"] == {"ind/test": str(a), "ood/test": str(b)} and doc["prompts"] == 3
+    summary = [line for line in cap.out.splitlines() if line.startswith(("base ", "adapter "))][-2:]
+    head = next(line for line in cap.out.splitlines() if "ind/test" in line and "ood/test" in line)
+    assert head.split()[-2:] == ["ind/test", "ood/test"]
+    assert all(line.count("%") == 2 for line in summary), cap.out
+
+
+def test_batched_greedy_matches_one_by_one(base, tmp_path):
+    """`greedy_batch` > 1 decodes prompts together (left-padded): the same answers as one by one."""
+    from mlxpt.models.loader import load
+
+    rows = read_rows(
+        _write(tmp_path / "t.jsonl", [{"prompt": p, "answer": "1"} for p in ("a", "bb b", "ccc cc c", "d d")])
+    )
+    model, tok = load(str(base))
+    one = EvalConfig(strategies=("greedy",), max_tokens=6, greedy_batch=1)
+    together = EvalConfig(strategies=("greedy",), max_tokens=6, greedy_batch=4)
+    d1, d4 = [], []
+    r1, r4 = evaluate(model, tok, rows, one, details=d1), evaluate(model, tok, rows, together, details=d4)
+    assert [d["answers"]["greedy@1"] for d in d1] == [d["answers"]["greedy@1"] for d in d4]
+    assert r1[0]["total"] == r4[0]["total"] == 4 and r1[0]["generated_tokens"] == r4[0]["generated_tokens"]

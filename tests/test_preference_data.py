@@ -128,16 +128,31 @@ def test_chat_form_without_a_template_is_refused(tmp_path):
 
 
 def test_bundled_preference_data_is_valid_and_verifiably_ordered():
+    """Chosen answers right in the form the prompt asks for; rejected is wrong (another number) or
+    ignores the instruction (the working when asked for a number, the number when asked for steps)."""
+    import re
     from pathlib import Path
 
-    from mlxpt.data.synth import extract_answer, question_of
+    from mlxpt.data.synth import ASK_NUMBER, ASK_STEPS, extract_answer, problem_of
 
     root = Path(__file__).resolve().parent.parent / "assets" / "pref"
     train, valid, counts = load_preference(root)
     assert (len(train), len(valid)) == (1000, 100) and counts == {"train": 0, "valid": 0}
+    kinds = {"wrong number": 0, "ignores the instruction": 0}
     for row in train + valid:
-        good, bad = row.chosen[0]["content"], row.rejected[0]["content"]
-        assert extract_answer(good) is not None and extract_answer(bad) != extract_answer(good)
-    lines = (root.parent / "sft" / "test.jsonl").read_text().splitlines()
-    sft = {question_of(json.loads(x)) for x in lines}
-    assert not sft & {r.prompt[-1]["content"] for r in train + valid}
+        prompt, good, bad = row.prompt[-1]["content"], row.chosen[0]["content"], row.rejected[0]["content"]
+        asks_number, asks_steps = any(a in prompt for a in ASK_NUMBER), any(a in prompt for a in ASK_STEPS)
+        bare = re.compile(r"\d+")
+        assert extract_answer(good) is not None and bool(bare.fullmatch(good)) == asks_number, row
+        if extract_answer(bad) != extract_answer(good):
+            kinds["wrong number"] += 1
+        else:
+            assert (asks_number and not bare.fullmatch(bad)) or (asks_steps and bare.fullmatch(bad)), row
+            kinds["ignores the instruction"] += 1
+    assert kinds["ignores the instruction"] > 100 and kinds["wrong number"] > 700, kinds
+    sft = {
+        problem_of(json.loads(x))
+        for split in ("train", "valid", "test")
+        for x in (root.parent / "sft" / f"{split}.jsonl").read_text().splitlines()
+    }
+    assert not sft & {problem_of(r.prompt[-1]["content"]) for r in train + valid}

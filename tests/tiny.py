@@ -131,6 +131,7 @@ def run_config(cfg_cls, tiny_dir, data_dir, tmp_path, **kw):
         "learning_rate": 1e-2,
         "warmup_steps": 0,
         "num_layers": -1,
+        "regression_data": "none",  # the forgetting monitor has its own tests (test_forgetting.py)
     }
     cfg = cfg_cls()
     apply_flat(cfg, {**base, **kw}, source="test")

@@ -4,6 +4,10 @@ A backend owns the model, its trainable parameters and the optimiser. The loop h
 micro-batches as NumPy arrays `(inputs, targets, *rest)`; the backend computes per-token
 log-probs of `targets` and hands them with `rest` to the objective (mlxpt/objectives.py). Losses
 are *sums* so that gradient accumulation over micro-batches equals one large batch exactly.
+
+With output="logp_kl" it hands the objective `(logp, kl)`: kl[b, t] = KL(p_tuned || p_base) over
+the vocabulary at each position, the base being the adapter as created (LoRA B = 0, DoRA m = ||W||)
+swapped in for one extra pass, not a second copy of the weights. Full fine-tuning has no such base.
 """
 
 from __future__ import annotations
@@ -11,6 +15,8 @@ from __future__ import annotations
 from typing import Protocol
 
 import numpy as np
+
+from mlxpt.errors import ConfigError
 
 Batch = tuple[np.ndarray, ...]  # (inputs, targets, *objective arrays), e.g. (inputs, targets, mask)
 
@@ -51,6 +57,10 @@ class TrainBackend(Protocol):
     def token_logps(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """(B, L) log-probs of `targets`, eval mode, no gradient."""
 
+    def kl_to_reference(self, inputs: np.ndarray) -> np.ndarray:
+        """(B, L) float32 KL(p_tuned || p_base) over the vocabulary after each prefix of `inputs`,
+        eval mode, no gradient; raises `no_base_error()` for full fine-tuning."""
+
     def param_counts(self) -> tuple[int, int]:
         """(trainable, total) parameter counts."""
 
@@ -60,3 +70,10 @@ class TrainBackend(Protocol):
 
     def save_adapter(self, folder) -> None:
         """Write the trainable weights and their config (mlx-lm's adapter format) atomically."""
+
+
+def no_base_error(
+    field: str = "fine_tune_type", hint: str = "use lora or dora", purpose: str = "the KL to the base"
+) -> ConfigError:
+    """E550: full fine-tuning changes the weights themselves, so there is no adapter-off base."""
+    return ConfigError("E550", f"full fine-tuning has no adapter to switch off for {purpose}", field, hint)

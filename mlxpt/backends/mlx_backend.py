@@ -1,5 +1,9 @@
 """MLX backend: mlx-lm model + adapters, `nn.value_and_grad`, compiled steps, bias-corrected
-Adam/AdamW (like torch), one evaluation per accumulation window plus one per update."""
+Adam/AdamW (like torch), one evaluation per accumulation window plus one per update.
+
+The base model of a LoRA/DoRA run is the adapter as created (B = 0, m = ||W||): its small arrays
+are kept and swapped in for reference passes (DPO/GRPO's `token_logps(reference=True)`, the KL
+of output="logp_kl", `kl_to_reference`), so no second copy of the weights is ever held."""
 
 from __future__ import annotations
 
@@ -14,8 +18,9 @@ _blas.activate()
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
-from mlx.utils import tree_flatten, tree_map  # noqa: E402
+from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
+from mlxpt.backends.base import no_base_error  # noqa: E402
 from mlxpt.backends.shared_prefix import grouped_token_logp, self_check  # noqa: E402
 from mlxpt.models.adapters import save_adapter  # noqa: E402
 from mlxpt.models.heads import head_rewards  # noqa: E402
@@ -27,6 +32,27 @@ def token_logp(model, inputs, targets):
     """(B, L) float32 log-probability of each target token."""
     logits = model(inputs).astype(mx.float32)
     return -nn.losses.cross_entropy(logits, targets, reduction="none")
+
+
+def base_logits(model, initial, inputs):
+    """(B, L, V) float32 logits with the trainable arrays `initial` (a tree) swapped in for one
+    pass, in eval mode, no gradient. Works inside `value_and_grad` and `mx.compile`: the traced
+    parameters are put back afterwards, so the model's state leaves the trace unchanged."""
+    tuned, training = model.trainable_parameters(), model.training
+    model.update(initial)
+    model.eval()
+    try:
+        return mx.stop_gradient(model(inputs).astype(mx.float32))
+    finally:
+        model.update(tuned)
+        model.train(training)
+
+
+def kl_per_position(logits, base):
+    """(B, L) KL(softmax(logits) || softmax(base)) over the last axis."""
+    lp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    lq = base - mx.logsumexp(base, axis=-1, keepdims=True)
+    return (mx.exp(lp) * (lp - lq)).sum(-1)
 
 
 def make_optimizer(name: str, weight_decay: float = 0.0):
@@ -50,6 +76,8 @@ class MLXBackend:
     ):  # fmt: skip
         """`objective(logp, *batch[2:]) -> (loss_sum, weight, aux)`; see mlxpt/objectives.py.
 
+        output="logp_kl" (SFT with --kl-to-base): the objective gets `(logp, kl)`, kl per position
+        against the adapter-off pass (`base_logits`); full fine-tuning is refused (E550).
         output="reward" (a reward model): batches are `(inputs, last index per row, *rest)` and the
         objective gets `head_rewards` (B,) instead of per-token log-probs; the model carries a
         trainable `reward_head` (models/heads.py). `save(folder, model, adapter_config)` replaces
@@ -65,6 +93,11 @@ class MLXBackend:
         # the adapter as created: the reference policy of DPO/GRPO (LoRA/DoRA start as a no-op)
         full = self.adapter_config.get("fine_tune_type") == "full"
         self._initial = None if full else tree_flatten(model.trainable_parameters())
+        if self._initial is not None:
+            mx.eval([v for _, v in self._initial])  # constants of the compiled KL step: never lazy
+            self._initial_tree = tree_unflatten(self._initial)
+        elif output == "logp_kl":
+            raise no_base_error("kl_to_base", "use lora/dora or --kl-to-base 0")
         self._compile = compile
         self._build(compile)
 
@@ -77,11 +110,17 @@ class MLXBackend:
         """(what the objective gets, the rest of the batch): per-token log-probs from
         `(inputs, targets, ...)`, rewards per row from `(inputs, last, ...)`, or with
         output="grouped" log-probs of completions from `(prompts, left_pad, completions, ...)`,
-        each prompt run once per group (shared_prefix.py)."""
+        each prompt run once per group (shared_prefix.py), or with output="logp_kl" the pair
+        (log-probs, KL to the base per position) from `(inputs, targets, ...)`."""
         if self.output == "reward":
             return head_rewards(model, batch[0], batch[1]), batch[2:]
         if self.output == "grouped":
             return grouped_token_logp(model, *batch[:3]), batch[3:]
+        if self.output == "logp_kl":
+            base = base_logits(model, self._initial_tree, batch[0])
+            logits = model(batch[0]).astype(mx.float32)
+            logp = -nn.losses.cross_entropy(logits, batch[1], reduction="none")  # as token_logp
+            return (logp, kl_per_position(logits, base)), batch[2:]
         return token_logp(model, batch[0], batch[1]), batch[2:]
 
     def loss_fn(self, model, *batch):
@@ -120,8 +159,10 @@ class MLXBackend:
 
         if compile:
             state = [model.state, mx.random.state]
-            grad_step = partial(mx.compile, inputs=state, outputs=state)(grad_step)
-            loss_only = partial(mx.compile, inputs=state, outputs=state)(loss_only)
+            # the adapter as created is read by the KL's base pass: an input, never written
+            inputs = state + ([self._initial_tree] if self._initial is not None else [])
+            grad_step = partial(mx.compile, inputs=inputs, outputs=state)(grad_step)
+            loss_only = partial(mx.compile, inputs=inputs, outputs=state)(loss_only)
         self._make_update, self._updates = make_update, {}
         self._grad_step, self._loss_only = grad_step, loss_only
 
@@ -196,14 +237,7 @@ class MLXBackend:
         trainable arrays are small, so the reference costs no second copy of the weights."""
         self.model.eval()
         if reference and self._initial is None:
-            from mlxpt.errors import ConfigError
-
-            raise ConfigError(
-                "E550",
-                "full fine-tuning has no adapter to switch off for the reference pass",
-                "fine_tune_type",
-                "use lora or dora, or set beta 0",
-            )
+            raise no_base_error("fine_tune_type", "use lora or dora, or set beta 0", "the reference pass")
         if reference:
             current = tree_flatten(self.model.trainable_parameters())
             self.model.load_weights(self._initial, strict=False)
@@ -214,6 +248,16 @@ class MLXBackend:
             if reference:
                 self.model.load_weights(current, strict=False)
         return np.array(out)
+
+    def kl_to_reference(self, inputs) -> np.ndarray:
+        """(B, L) float32 KL(p_tuned || p_base) after each prefix of `inputs`, eval mode, no gradient."""
+        if self._initial is None:
+            raise no_base_error()
+        self.model.eval()
+        x = mx.array(inputs)
+        kl = kl_per_position(self.model(x).astype(mx.float32), base_logits(self.model, self._initial_tree, x))
+        mx.eval(kl)
+        return np.array(kl, np.float32)
 
     def param_counts(self) -> tuple[int, int]:
         trainable = sum(v.size for _, v in tree_flatten(self.model.trainable_parameters()))

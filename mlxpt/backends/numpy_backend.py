@@ -3,7 +3,9 @@
 It needs only NumPy (and the safetensors format, read by hand): this module never imports mlx,
 so every algorithm also runs, slowly, on machines without it, and it is the oracle the MLX path
 is tested against. Gradients are analytic (numpy_model.py): the objective's closed-form
-dL/d(logp) (`GRADS` in mlxpt/objectives.py) is pushed back through the model by hand.
+dL/d(logp) (`GRADS` in mlxpt/objectives.py) is pushed back through the model by hand. With
+output="logp_kl" the objective gets (logp, kl to the base per position) and its gradient is the
+pair (dL/dlogp, dL/dkl); the base is the adapter as created, a copy kept at construction.
 
 The initial adapter is the MLX path's for the same seed: LoRA A replays MLX's Threefry key
 sequence bit for bit (numpy_model.MLXKeys); DoRA's magnitude m agrees to float32 rounding.
@@ -27,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxpt.backends.base import no_base_error
 from mlxpt.backends.numpy_model import LINEARS, Model
 from mlxpt.errors import ConfigError, ResourceError
 from mlxpt.models.memory import linux_available_bytes
@@ -91,10 +94,19 @@ def _rng_from_array(a: np.ndarray) -> np.random.Generator:
 class NumpyBackend:
     name = "numpy"
 
-    def __init__(self, model: Model, objective, grad_fn, optimizer: AdamW, adapter_config=None, seed: int = 0):
-        """`objective(logp, *rest) -> (loss_sum, weight, aux)`, `grad_fn(logp, *rest) -> dL/dlogp`."""
+    def __init__(
+        self, model: Model, objective, grad_fn, optimizer: AdamW, adapter_config=None, seed: int = 0, output="logp"
+    ):
+        """`objective(logp, *rest) -> (loss_sum, weight, aux)`, `grad_fn(logp, *rest) -> dL/dlogp`;
+        output="logp_kl": `logp` is the pair (logp, kl) and `grad_fn` returns (dL/dlogp, dL/dkl)."""
         self.model, self.objective, self.grad_fn, self.optimizer = model, objective, grad_fn, optimizer
         self.adapter_config = adapter_config or {}
+        self.output = output
+        # the adapter as created: the base of the KL (LoRA/DoRA start as a no-op); full has none
+        full = not model.adapters and bool(model.params)
+        self._initial = None if full else {k: v.copy() for k, v in model.params.items()}
+        if full and output == "logp_kl":
+            raise no_base_error("kl_to_base", "use lora/dora or --kl-to-base 0")
         self.rng = np.random.default_rng([seed, 1])  # dropout masks
         self._dropout = any(a.dropout > 0 for a in model.adapters.values())
         self._peak = 0
@@ -112,9 +124,13 @@ class NumpyBackend:
         if self._rng_at_start is None:  # window start: remember the RNG so an abandoned window can rewind
             self.begin_window()
         keep: dict = {}
-        logp = self.model.token_logp(inputs, targets, keep=keep, drop_rng=self.rng if self._dropout else None)
-        loss, weight, aux = self.objective(logp, *rest)
-        grads = self.model.backward(keep, np.asarray(self.grad_fn(logp, *rest), logp.dtype))
+        out = self._outputs(inputs, targets, keep=keep, drop_rng=self.rng if self._dropout else None)
+        loss, weight, aux = self.objective(out, *rest)
+        grad = self.grad_fn(out, *rest)
+        if self.output == "logp_kl":
+            grads = self.model.backward(keep, *(np.asarray(g, out[0].dtype) for g in grad))
+        else:
+            grads = self.model.backward(keep, np.asarray(grad, out.dtype))
         self._note_memory()
         if self._grads is None:
             self._grads, self._loss, self._weight, self._aux = grads, loss, weight, dict(aux)
@@ -122,6 +138,12 @@ class NumpyBackend:
             self._grads = {k: self._grads[k] + g for k, g in grads.items()}
             self._loss, self._weight = self._loss + loss, self._weight + weight
             self._aux = {k: self._aux[k] + v for k, v in aux.items()}
+
+    def _outputs(self, inputs, targets, keep=None, drop_rng=None):
+        """What the objective gets: log-probs (B, L), or with output="logp_kl" (logp, kl)."""
+        if self.output == "logp_kl":
+            return self.model.token_logp_kl(inputs, targets, self._initial, keep=keep, drop_rng=drop_rng)
+        return self.model.token_logp(inputs, targets, keep=keep, drop_rng=drop_rng)
 
     def reduce(self) -> tuple[float, float, float, dict]:
         weight = np.maximum(np.float32(self._weight), np.float32(1))
@@ -143,7 +165,7 @@ class NumpyBackend:
 
     def evaluate(self, batch) -> tuple[float, float, dict]:
         inputs, targets, *rest = batch
-        loss, weight, aux = self.objective(self.model.token_logp(inputs, targets), *rest)
+        loss, weight, aux = self.objective(self._outputs(inputs, targets), *rest)
         return float(loss), float(weight), {k: float(v) for k, v in aux.items()}
 
     def get_state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -191,6 +213,14 @@ class NumpyBackend:
     def token_logps(self, inputs, targets) -> np.ndarray:
         return self.model.token_logp(np.asarray(inputs), np.asarray(targets))
 
+    def kl_to_reference(self, inputs) -> np.ndarray:
+        """(B, L) float32 KL(p_tuned || p_base) after each prefix of `inputs`, no gradient."""
+        if self._initial is None:
+            raise no_base_error()
+        inputs = np.asarray(inputs)
+        _, kl = self.model.token_logp_kl(inputs, np.zeros_like(inputs), self._initial)  # targets unused
+        return kl.astype(np.float32)
+
     def param_counts(self) -> tuple[int, int]:
         trainable = sum(v.size for v in self.model.params.values())
         return int(trainable), int(trainable + sum(v.size for v in self.model.w.values()))
@@ -202,10 +232,11 @@ class NumpyBackend:
         tokens = shape.tokens
         weights = sum(v.nbytes for v in m.w.values()) + sum(v.nbytes for v in m.params.values())
         optimizer = 3 * sum(v.nbytes for v in m.params.values())
-        kept = (a.num_hidden_layers - m.first_trainable + 1) * tokens * a.hidden_size * item
+        kl = self.output == "logp_kl"  # the base's final hidden states kept, 2 more chunk arrays
+        kept = (a.num_hidden_layers - m.first_trainable + 1 + kl) * tokens * a.hidden_size * item
         layer = tokens * (16 * a.hidden_size + 5 * a.intermediate_size) * item
         layer += 3 * a.num_attention_heads * shape.attn_pairs * item
-        head = 3 * min(shape.head_tokens, 512) * a.vocab_size * item
+        head = (3 + 2 * kl) * min(shape.head_tokens, 512) * a.vocab_size * item
         est = {"weights": weights, "optimizer": optimizer, "activations": kept + layer + head}
         est["total"] = sum(est.values())
         avail = est["available"] = linux_available_bytes()
@@ -276,7 +307,7 @@ def resolve_keys(targets: str) -> list[str] | None:
     return sorted(set(keys))
 
 
-def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective) -> NumpyBackend:
+def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective, output: str = "logp") -> NumpyBackend:
     """Load the folder's safetensors as float32, add adapters as the MLX path does, make the optimiser."""
     from mlxpt.models.loader import check_folder, resolve
 
@@ -306,4 +337,4 @@ def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective) -> NumpyB
             "keys": keys,
         }
     opt = AdamW(train_cfg.optimizer, train_cfg.weight_decay)
-    return NumpyBackend(model, objective, grad_fn, opt, adapter_config=config, seed=train_cfg.seed)
+    return NumpyBackend(model, objective, grad_fn, opt, adapter_config=config, seed=train_cfg.seed, output=output)

@@ -9,7 +9,10 @@ parametrisation: LoRA y = W x + b + scale * (dropout(x) @ A) @ B; DoRA y = m / |
 Backward: the trainable parameters are the adapters (or, for `full`, every weight of the last
 layers). Training keeps only each layer's input; the backward recomputes one layer at a time with
 its activations stored, then runs that layer's analytic backward (activation checkpointing). The
-head is evaluated in token chunks so (tokens, vocab) logits never exist at once. Everything runs
+head is evaluated in token chunks so (tokens, vocab) logits never exist at once. `token_logp_kl`
+adds KL(p || p_base) per position, p_base from a second pass under other trainable arrays (the
+adapter as created); only that pass's final hidden states are kept, its logits are recomputed
+per chunk in the backward. Everything runs
 in the weights' dtype: float32 normally, float64 for finite-difference checks.
 
 Departures from mlx-lm: dropout masks come from NumPy's PCG64, not MLX's generator (the initial
@@ -279,34 +282,65 @@ class Model:
         B, L = inputs.shape
         return (self.hidden(inputs, pad) @ self._head_weight().T).reshape(B, L, -1)
 
-    def _logp_chunks(self, hn, targets, chunk=512):
+    def _logp_chunks(self, hn, targets, base=None, chunk=512):
+        """Per token: the target's log-prob and the log-normaliser lse; with `base` hidden states
+        also KL(p || p_base) and the base's lse (both None without)."""
         W = self._head_weight()
         t = targets.reshape(-1)
         logp, lse = np.empty(len(t), self.dtype), np.empty(len(t), self.dtype)
+        kl = lse_b = None
+        if base is not None:
+            kl, lse_b = np.empty(len(t), self.dtype), np.empty(len(t), self.dtype)
         for s in range(0, len(t), chunk):
             z = hn[s : s + chunk] @ W.T
-            mx = z.max(-1)
-            lse[s : s + chunk] = mx + np.log(np.exp(z - mx[:, None]).sum(-1))
+            lse[s : s + chunk] = _logsumexp(z)
             logp[s : s + chunk] = z[np.arange(len(z)), t[s : s + chunk]] - lse[s : s + chunk]
-        return logp, lse
+            if base is not None:
+                zb = base[s : s + chunk] @ W.T
+                lse_b[s : s + chunk] = _logsumexp(zb)
+                lp, lq = z - lse[s : s + chunk, None], zb - lse_b[s : s + chunk, None]
+                kl[s : s + chunk] = (np.exp(lp) * (lp - lq)).sum(-1)
+        return logp, lse, kl, lse_b
 
     def token_logp(self, inputs, targets, pad=None, keep=None, drop_rng=None):
         """(B, L) log-probabilities of `targets`; pass `keep={}` to allow `backward(keep, ...)`."""
         hn = self.hidden(inputs, pad, keep, drop_rng)
-        logp, lse = self._logp_chunks(hn, targets)
+        logp, lse, _, _ = self._logp_chunks(hn, targets)
         if keep is not None:
             keep.update(lse=lse, targets=targets.reshape(-1))
         return logp.reshape(inputs.shape)
 
-    def backward(self, keep: dict, glogp: np.ndarray, chunk: int = 512) -> dict[str, np.ndarray]:
-        """Gradients of sum(glogp * logp) for every trainable parameter, from `token_logp`'s record."""
+    def token_logp_kl(self, inputs, targets, base_params, pad=None, keep=None, drop_rng=None):
+        """(logp, kl), each (B, L): `token_logp` and KL(p || p_base) over the vocabulary at each
+        position, p_base under the trainable arrays `base_params` (no dropout there); pass
+        `keep={}` to allow `backward(keep, glogp, gkl)`."""
+        own, self.params = self.params, base_params
+        try:
+            base = self.hidden(inputs, pad)
+        finally:
+            self.params = own
+        hn = self.hidden(inputs, pad, keep, drop_rng)
+        logp, lse, kl, lse_b = self._logp_chunks(hn, targets, base)
+        if keep is not None:
+            keep.update(lse=lse, targets=targets.reshape(-1), base=base, lse_base=lse_b, kl=kl)
+        return logp.reshape(inputs.shape), kl.reshape(inputs.shape)
+
+    def backward(self, keep: dict, glogp: np.ndarray, gkl=None, chunk: int = 512) -> dict[str, np.ndarray]:
+        """Gradients of sum(glogp * logp) (+ sum(gkl * kl) after `token_logp_kl`) for every
+        trainable parameter, from the forward's record."""
         B, L = keep["shape"]
         W, t, lse, hn = self._head_weight(), keep["targets"], keep["lse"], keep["hn"]
         g = glogp.reshape(-1).astype(self.dtype)
+        gk = None if gkl is None else gkl.reshape(-1).astype(self.dtype)
         dhn = np.empty_like(hn)
         for s in range(0, len(t), chunk):  # dlogits = g * (onehot - softmax)
             z = hn[s : s + chunk] @ W.T
-            dz = -np.exp(z - lse[s : s + chunk, None]) * g[s : s + chunk, None]
+            p = np.exp(z - lse[s : s + chunk, None])
+            dz = -p * g[s : s + chunk, None]
+            if gk is not None:  # d/dz KL(softmax z || q) = p * (log p - log q - KL)
+                lq = keep["base"][s : s + chunk] @ W.T - keep["lse_base"][s : s + chunk, None]
+                lp = z - lse[s : s + chunk, None]
+                dz += p * (lp - lq - keep["kl"][s : s + chunk, None]) * gk[s : s + chunk, None]
             dz[np.arange(len(z)), t[s : s + chunk]] += g[s : s + chunk]
             dhn[s : s + chunk] = dz @ W
         dx, _ = rms_bwd(dhn, self.w["model.norm.weight"], keep["final"])
@@ -353,6 +387,11 @@ class Model:
                 return
             logits = self.step(np.asarray([[tok]]), cache, pos)
             pos += 1
+
+
+def _logsumexp(z):
+    m = z.max(-1)
+    return m + np.log(np.exp(z - m[:, None]).sum(-1))
 
 
 def _acc(grads, name, g):

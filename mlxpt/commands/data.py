@@ -1,12 +1,20 @@
-"""`mlxpt data check FILE`: counts, token lengths, rejected rows with reasons, masked preview."""
+"""`mlxpt data check FILE`: counts, token lengths, rejected rows with reasons, masked preview.
+`mlxpt data self-answers --prompts FILE --out FILE`: a model's own greedy answers as SFT rows, the
+rows to `--replay` so that fine-tuning keeps the model's general behaviour."""
 
 from __future__ import annotations
 
 import sys
+import time
+from pathlib import Path
+
+from mlxpt.errors import ConfigError
+
+HELP = "check a dataset (counts, lengths, errors, a masked preview), or write a model's own answers for --replay"
 
 
 def register(sub) -> None:
-    p = sub.add_parser("data", help="check a dataset: counts, lengths, errors, a masked preview")
+    p = sub.add_parser("data", help=HELP)
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     c = dsub.add_parser("check", help="validate a JSONL file or a folder with train.jsonl / valid.jsonl")
     c.add_argument("path", help="train JSONL file or data folder")
@@ -20,6 +28,22 @@ def register(sub) -> None:
     )  # fmt: skip
     c.add_argument("--color", action="store_true", default=None, help="mark trained tokens with colour")
     c.set_defaults(func=run)
+    register_self_answers(dsub)
+
+
+def register_self_answers(dsub) -> None:
+    from mlxpt.commands.generate import add_model_args
+
+    s = dsub.add_parser(
+        "self-answers",
+        help="the model's own greedy answers to prompts, written as SFT chat rows (replay them with --replay)",
+    )
+    s.add_argument("--prompts", required=True, metavar="FILE", help='JSONL of {"prompt", "system"?} or {"messages"}')
+    s.add_argument("--out", required=True, metavar="FILE", help="where to write the SFT rows (JSONL)")
+    add_model_args(s)
+    s.add_argument("--max-tokens", type=int, default=256, help="most tokens per answer")
+    s.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    s.set_defaults(func=run_self_answers)
 
 
 def run(args) -> int:
@@ -41,3 +65,103 @@ def run(args) -> int:
         text = f"data for {'preference methods (dpo, simpo, orpo, rm)' if kind == 'pref' else 'grpo'}\n{text}"
     print(text)
     return 1 if n_errors else 0
+
+
+def check_self_answers_out(out: Path, inputs: dict) -> None:
+    """Refuse an --out that is, contains or lies inside an input, lies in a run folder, or cannot
+    be written as a file; nothing is touched."""
+    from mlxpt.runs.guards import check_output, check_writable, is_run_dir
+
+    o = check_output(out, inputs, "self-answers", existing=False)
+    for folder in (o, *o.parents):
+        if folder.is_dir() and is_run_dir(folder):
+            raise ConfigError(
+                "E617", f"the output lies in the run folder {folder}: writing there would change the run", str(out),
+                "write the answers outside every run folder",
+            )  # fmt: skip
+    check_writable(out, "--out")
+
+
+def self_answers(model, tokenizer, rows: list, max_tokens: int, batch_size: int, progress) -> tuple[list[dict], dict]:
+    """(SFT rows, counts): each prompt's greedy answer appended as the assistant turn, in the
+    prompts' order. Empty answers are dropped and counted; answers cut at `max_tokens` are kept
+    and counted. Without a chat template the rows are completions (what the model saw)."""
+    from mlxpt.decode.batch import generate_many
+    from mlxpt.decode.generate import chat_prompt
+
+    chat = bool(getattr(tokenizer, "has_chat_template", False))
+    out: list[dict] = []
+    counts = {"prompts": len(rows), "rows": 0, "empty": 0, "cut": 0}
+    for start in range(0, len(rows), batch_size):
+        part = rows[start : start + batch_size]
+        prompts = [chat_prompt(tokenizer, r.messages) for r in part]
+        for r, c in zip(part, generate_many(model, tokenizer, prompts, max_tokens), strict=True):
+            if not c.text.strip():
+                counts["empty"] += 1
+                continue
+            counts["cut"] += c.finish_reason == "length"
+            if chat:
+                out.append({"messages": [*r.messages, {"role": "assistant", "content": c.text}]})
+            else:
+                out.append({"prompt": r.messages[-1]["content"], "completion": c.text})
+        progress(start + len(part), len(rows))
+    counts["rows"] = len(out)
+    return out, counts
+
+
+def run_self_answers(args) -> int:
+    import json
+
+    from mlxpt.commands.generate import DEFAULT_MODEL, load_for
+    from mlxpt.data.formats import raise_if_errors
+    from mlxpt.data.prompts import scan_prompts
+    from mlxpt.fuse import base_model_of
+    from mlxpt.models.loader import resolve
+    from mlxpt.runs.atomic import atomic_write_text
+
+    out = Path(args.out)
+    inputs = {"prompts file": args.prompts, "adapter run": args.adapter}
+    check_self_answers_out(out, inputs)  # before anything is read
+    if args.max_tokens < 1:
+        raise ConfigError("E604", f"max-tokens={args.max_tokens} is out of range", "--max-tokens", "use 1 or more")
+    if args.batch_size < 1:
+        raise ConfigError("E640", f"batch-size={args.batch_size} is out of range", "--batch-size", "use 1 or more")
+    rows, errors = scan_prompts(args.prompts)
+    raise_if_errors(errors, Path(args.prompts).name)  # every prompt checked before any weights load
+    if args.adapter is not None:
+        from mlxpt.models.adapters import find_adapter, read_adapter_config
+
+        read_adapter_config(find_adapter(args.adapter))
+    if args.model is None:  # load_for's choice: the run's base model, else the default
+        args.model = ((base_model_of(args.adapter) or {}) if args.adapter else {}).get("model") or DEFAULT_MODEL
+    check_self_answers_out(out, {**inputs, "model": resolve(args.model)})
+    model, tokenizer = load_for(args)
+    t0 = time.perf_counter()
+    live = sys.stderr.isatty()
+
+    shown = [0]  # prompts done at the last line
+
+    def progress(done: int, total: int) -> None:  # a log file gets a line per 10 %, not \r updates
+        line = f"self-answers: {done}/{total} prompts, {time.perf_counter() - t0:.0f} s"
+        if live:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif done == total or done * 10 // total > shown[0] * 10 // total:
+            print(line, file=sys.stderr, flush=True)
+        shown[0] = done
+
+    answers, counts = self_answers(model, tokenizer, rows, args.max_tokens, args.batch_size, progress)
+    if live:
+        print(file=sys.stderr)
+    if not answers:
+        raise ConfigError(
+            "E641", f"every one of the {counts['prompts']} answers was empty; nothing written", args.prompts,
+            "check the prompts and the model (an instruct model with a chat template answers best)",
+        )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in answers))
+    print(
+        f"wrote {counts['rows']} rows to {out} ({counts['empty']} empty answers dropped, {counts['cut']} cut at "
+        f"--max-tokens {args.max_tokens}) in {time.perf_counter() - t0:.0f} s",
+        file=sys.stderr,
+    )
+    return 0

@@ -1,7 +1,9 @@
 """`mlxpt eval`: accuracy of decoding strategies per sample budget on a verifiable JSONL set.
 
 Prints a table and a terminal chart, writes a JSON result file and an accuracy-vs-samples PNG.
-`--compare RUN` evaluates the base model and the run's adapter in one command.
+`--compare RUN` evaluates the base model and the run's adapter in one command. `--data` may be
+given several times (e.g. the held-out test split and the out-of-distribution split): each model
+is loaded once and scored on every set, and a summary puts the sets side by side.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 from mlxpt.errors import ConfigError, MlxptError
@@ -22,7 +25,12 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("eval", help="accuracy of decoding strategies vs samples, base vs adapter")
     add_model_args(p)
     p.add_argument("--compare", metavar="RUN", default=None, help="also evaluate this run's adapter (base vs tuned)")
-    p.add_argument("--data", default=d.data, help="JSONL with `answer` and `messages` or `prompt`")
+    p.add_argument(
+        "--data",
+        action="append",
+        default=None,
+        help=f"JSONL with `answer` and `messages` or `prompt`; repeat to compare sets (default: {d.data})",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N rows only")
     p.add_argument(
         "--strategies",
@@ -42,6 +50,12 @@ def register(subparsers) -> None:
     )
     p.add_argument("--weighting", default=d.weighting, help="self-consistency vote weights: none, logprob, reward")
     p.add_argument("--batch", type=int, default=d.batch, help="adaptive: samples drawn between stopping checks")
+    p.add_argument(
+        "--greedy-batch",
+        type=int,
+        default=d.greedy_batch,
+        help="greedy alone: prompts decoded together (1: one by one)",
+    )
     p.add_argument(
         "--confidence",
         type=float,
@@ -66,34 +80,77 @@ def config_from(args):
     confidence = None if args.confidence is not None and args.confidence >= 1 else args.confidence
     if args.limit is not None and args.limit < 1:
         raise ConfigError("E621", f"limit={args.limit} is out of range", "--limit", "use a whole number >= 1")
+    if args.greedy_batch < 1:
+        raise ConfigError(
+            "E621", f"greedy-batch={args.greedy_batch} is out of range", "--greedy-batch", "use a whole number >= 1"
+        )
     return EvalConfig(
-        data=args.data, strategies=strategies, ns=parse_ns(args.n), max_tokens=args.max_tokens,
+        data=data_paths(args)[0], greedy_batch=args.greedy_batch, strategies=strategies, ns=parse_ns(args.n), max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
         scorer=args.scorer, extract=args.extract, weighting=args.weighting, batch=args.batch,
         confidence=confidence, limit=args.limit, independent=args.independent,
     )  # fmt: skip
 
 
+def data_paths(args) -> list[str]:
+    from mlxpt.decode.evaluate import EvalConfig
+
+    return list(args.data) if args.data else [EvalConfig().data]
+
+
+def data_labels(paths: list[str]) -> list[str]:
+    """Short names of the eval sets: `ood/test` for assets/ood/test.jsonl; the path where two clash."""
+    short = [f"{Path(p).parent.name}/{Path(p).stem}" if Path(p).parent.name else Path(p).stem for p in paths]
+    return short if len(set(short)) == len(short) else list(paths)
+
+
 def table(results: list[dict]) -> str:
-    """The terminal table: one line per model, strategy and N."""
-    head = f"{'model':<10} {'strategy':<17} {'N':>4} {'accuracy':>9} {'samples':>8} {'gen tokens':>11} {'seconds':>9}"
+    """The terminal table: one line per model, data set, strategy and N."""
+    several = len({r.get("data") for r in results}) > 1
+    width = max([len(str(r.get("data"))) for r in results] + [4]) if several else 0
+    data = f"{'data':<{width}} " if several else ""
+    head = (
+        f"{'model':<10} {data}{'strategy':<17} {'N':>4} {'accuracy':>9} {'samples':>8} {'gen tokens':>11} "
+        f"{'seconds':>9}"
+    )
     lines = [head, "-" * len(head)]
     for r in results:
         est = "~" if r.get("seconds_estimated") else " "
+        d = f"{r.get('data'):<{width}} " if several else ""
         lines.append(
-            f"{r['label']:<10} {r['strategy']:<17} {r['n']:>4} {r['accuracy'] * 100:>8.1f}% "
+            f"{r['label']:<10} {d}{r['strategy']:<17} {r['n']:>4} {r['accuracy'] * 100:>8.1f}% "
             f"{r['mean_samples']:>8.2f} {r['generated_tokens']:>11} {est}{r['seconds']:>8.1f}"
         )
     return "\n".join(lines)
 
 
+def side_by_side(results: list[dict]) -> str:
+    """One line per model and (strategy, N), one column per data set: in-distribution and
+    out-of-distribution accuracy next to each other."""
+    sets = list(dict.fromkeys(r["data"] for r in results))
+    cells = list(dict.fromkeys((r["label"], r["strategy"], r["n"]) for r in results))
+    acc = {(r["label"], r["strategy"], r["n"], r["data"]): r for r in results}
+    width = max(9, *(len(s) for s in sets))
+    head = f"{'model':<10} {'strategy':<17} {'N':>4} " + " ".join(f"{s:>{width}}" for s in sets)
+    lines = [head, "-" * len(head)]
+    for label, strategy, n in cells:
+        vals = []
+        for s in sets:
+            r = acc.get((label, strategy, n, s))
+            vals.append(f"{r['accuracy'] * 100:>{width - 1}.1f}%" if r else f"{'-':>{width}}")
+        lines.append(f"{label:<10} {strategy:<17} {n:>4} " + " ".join(vals))
+    return "\n".join(lines)
+
+
 def series_of(results: list[dict]) -> dict:
-    """Chart series: label -> [(n, accuracy)]; 'base'/'adapter' appended when comparing; adaptive
-    self-consistency sits at its mean samples used."""
+    """Chart series: label -> [(n, accuracy)]; 'base'/'adapter' (and the data set, with several)
+    appended when comparing; adaptive self-consistency sits at its mean samples used."""
     labels = {r["label"] for r in results}
+    sets = {r.get("data") for r in results}
     out: dict[str, list] = {}
     for r in results:
-        key = r["strategy"] + (f" ({r['label']})" if len(labels) > 1 else "")
+        tags = ([r["label"]] if len(labels) > 1 else []) + ([str(r.get("data"))] if len(sets) > 1 else [])
+        key = r["strategy"] + (f" ({', '.join(tags)})" if tags else "")
         x = r["n"]
         if r["strategy"] == "adaptive":  # drawn at the samples it used on average
             key += f" (max {r['n']})"
@@ -115,7 +172,10 @@ def run(args) -> int:
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     check_writable(out, "--out")  # before the evaluation: a result is never lost to a bad path
     check_writable(plot, "--plot")
-    rows = read_rows(cfg.data, cfg.limit)  # every row checked before any weights load
+    paths = data_paths(args)
+    sets = dict(
+        zip(data_labels(paths), [read_rows(p, cfg.limit) for p in paths], strict=True)
+    )  # checked before any weights load
     args.max_tokens, args.repetition_penalty = cfg.max_tokens, None
     args.temperature, args.top_p, args.top_k, args.min_p = cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p
     check_common(args)
@@ -151,15 +211,23 @@ def run(args) -> int:
                 print(line, file=sys.stderr)
 
         details[label] = []
-        for r in evaluate(model, tokenizer, rows, cfg, progress, details[label]):
-            results.append({**r, "label": label, "model": args.model or "default", "adapter": adapter})
+        for name, rows in sets.items():
+            tag = label if len(sets) == 1 else f"{label} {name}"
+            for r in evaluate(model, tokenizer, rows, cfg, partial(progress, label=tag), details[label]):
+                results.append(
+                    {**r, "label": label, "data": name, "model": args.model or "default", "adapter": adapter}
+                )
         if live:
             print(file=sys.stderr)
         del model, tokenizer
     print(table(results))
+    if len(sets) > 1:
+        print()
+        print(side_by_side(results))
     series = series_of(results)
+    n_rows = sum(len(r) for r in sets.values())
     print()
-    print(terminal_chart(series, title=f"accuracy vs samples ({len(rows)} prompts)"))
+    print(terminal_chart(series, title=f"accuracy vs samples ({n_rows} prompts)"))
     from dataclasses import asdict
 
     result = {
@@ -167,14 +235,15 @@ def run(args) -> int:
         "config": asdict(cfg),
         "model": args.model,
         "compare": args.compare,
-        "prompts": len(rows),
+        "prompts": n_rows,
+        "data": {name: str(path) for name, path in zip(sets, paths, strict=True)},
         "started": started,
         "wall_seconds": round(time.time() - started, 1),
         "plot": str(plot),
         **({"details": details} if args.save_samples else {}),
     }
     _save_results(out, result, atomic_write_json)
-    write_png(plot, series, title=f"accuracy vs samples, {len(rows)} prompts")
+    write_png(plot, series, title=f"accuracy vs samples, {n_rows} prompts")
     print(f"\nresults: {out}  chart: {plot}", file=sys.stderr)
     return 0
 

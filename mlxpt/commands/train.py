@@ -7,7 +7,7 @@ import json
 import sys
 
 from mlxpt import config
-from mlxpt.config import METHODS, AnyConfig, DPOConfig, GRPOConfig, RMConfig, all_fields
+from mlxpt.config import METHODS, AnyConfig, DPOConfig, GRPOConfig, RMConfig, SFTConfig, all_fields
 from mlxpt.errors import EXIT_INTERRUPTED
 
 
@@ -24,12 +24,13 @@ def register(sub) -> None:
         "--events", choices=["text", "json"], default="text", help="progress as text lines or one JSON object per line"
     )
     helps: dict[str, list[str]] = {}
-    for cls in (DPOConfig, RMConfig, GRPOConfig):  # every method's settings; a shared name gets every help
+    classes = (SFTConfig, DPOConfig, RMConfig, GRPOConfig)
+    for cls in classes:  # every method's settings; a shared name gets every help
         for name, (_, f) in all_fields(cls()).items():
             h = f.metadata.get("help")
             if h and h not in helps.setdefault(name, []):
                 helps[name].append(h)
-    for name, (_, f) in {**all_fields(DPOConfig()), **all_fields(RMConfig()), **all_fields(GRPOConfig())}.items():
+    for name, (_, f) in {k: v for cls in classes for k, v in all_fields(cls()).items()}.items():
         kw = {"dest": f"cfg_{name}", "default": None, "help": "; grpo: ".join(helps.get(name, []))}
         if f.metadata.get("choices"):
             kw["choices"] = f.metadata["choices"]
@@ -89,13 +90,7 @@ def _printer(mode: str, steps: int):
                     )
                 )
         elif kind == "eval":
-            acc = f"  val_accuracy {e['val_accuracy']:.3f}" if "val_accuracy" in e else ""
-            if "val_loss" in e:
-                print(f"step {e['step']:>5}/{steps}  val_loss {e['val_loss']:.4f}{acc}")
-            else:
-                print(
-                    f"step {e['step']:>5}/{steps}  val_reward {e['val_reward']:.3f}{acc}  ({e['val_prompts']} prompts, greedy)"
-                )
+            print(f"step {e['step']:>5}/{steps}  {eval_summary(e)}")
         elif kind == "reference" and e["status"] == "computing":
             print(
                 f"reference log-probs (the untrained model, once per run): {e['done']}/{e['pairs']} pairs, {e['elapsed_s']:.0f} s"
@@ -110,6 +105,25 @@ def _printer(mode: str, steps: int):
         print(json.dumps(e), flush=True)
 
     return as_json if mode == "json" else text
+
+
+def eval_summary(e: dict) -> str:
+    """An eval event in one line: validation (loss, or GRPO's greedy reward) and the forgetting
+    monitor's accuracy and KL on the regression data, whichever the event has."""
+    parts = []
+    if "val_loss" in e:
+        parts.append(f"val_loss {e['val_loss']:.4f}")
+    if "val_reward" in e:
+        parts.append(f"val_reward {e['val_reward']:.3f}")
+    if "val_accuracy" in e:
+        parts.append(f"val_accuracy {e['val_accuracy']:.3f}")
+    if "val_prompts" in e:
+        parts.append(f"({e['val_prompts']} prompts, greedy)")
+    if "regression_accuracy" in e:
+        parts.append(f"regression acc {e['regression_accuracy']:.1f}%")
+    if "regression_kl" in e:
+        parts.append(f"KL to base {e['regression_kl']:.4f}")
+    return "  ".join(parts)
 
 
 def run(args) -> int:

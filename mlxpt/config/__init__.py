@@ -23,6 +23,7 @@ from mlxpt.config.sections import (
     GRPOSection,
     ModelConfig,
     PreferenceConfig,
+    RegulariseConfig,
     RewardConfig,
     RMConfig,
     Sections,
@@ -42,7 +43,7 @@ from mlxpt.config.sections import (
 __all__ = [
     "ASSETS", "DEFAULT_MODEL", "METHODS", "PREF_METHODS", "RESUME_MUTABLE", "SECTIONS", "AdapterConfig",
     "AnyConfig", "DPOConfig", "DataConfig", "GRPOConfig", "GRPOSection", "ModelConfig", "PreferenceConfig",
-    "RMConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "all_fields", "apply_flat", "build_config",
+    "RMConfig", "RegulariseConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "all_fields", "apply_flat", "build_config",
     "config_class", "default_data", "default_pref_data", "default_prompt_data", "flatten", "load_yaml", "opt",
     "resolve_method", "section_names", "validate",
 ]  # fmt: skip

@@ -17,8 +17,8 @@ from mlxpt.config.sections import (
 from mlxpt.errors import ConfigError
 
 METHODS = ("sft", *PREF_METHODS, "rm", "grpo")
-SECTIONS = ("model", "data", "adapter", "train", "pref", "rm", "grpo")  # every method's section names
-RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps"}
+SECTIONS = ("model", "data", "adapter", "train", "reg", "pref", "rm", "grpo")  # every method's section names
+RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps", "forgetting_warn"}
 
 AnyConfig = SFTConfig | DPOConfig | RMConfig | GRPOConfig
 

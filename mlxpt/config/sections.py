@@ -84,6 +84,24 @@ class TrainConfig:
     runs_dir: str = opt("runs", "where run folders are created")
     name: str | None = opt(None, "run name (default: method)")
     backend: str = opt("mlx", "compute backend: mlx, or numpy (the reference, CPU only, slow)", ("mlx", "numpy"))
+    regression_data: str = opt(
+        "general",
+        "forgetting monitor: JSONL whose greedy accuracy and KL to the base are logged at each evaluation; "
+        "general (the bundled probe) or none",
+    )
+    regression_rows: int = opt(24, "forgetting monitor: rows of the regression data scored at each evaluation")
+    forgetting_warn: float = opt(5.0, "warn when regression accuracy falls this many points below step 0's (0: never)")
+
+
+@dataclass
+class RegulariseConfig:
+    """SFT's guards against forgetting: a KL pull to the base model and replayed rows."""
+
+    kl_to_base: float = opt(
+        0.0, "weight of KL(tuned || base) per trained token; the base is the adapter-off pass (0: off)"
+    )
+    replay: str | None = opt(None, "JSONL of rows mixed into every batch (e.g. the base model's own answers)")
+    replay_ratio: float = opt(0.0, "fraction of each batch's rows drawn from --replay")
 
 
 class Sections:
@@ -112,6 +130,7 @@ class SFTConfig(Sections):
     data: DataConfig = field(default_factory=DataConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    reg: RegulariseConfig = field(default_factory=RegulariseConfig)
 
 
 def section_names(cfg) -> list[str]:
@@ -170,12 +189,23 @@ def apply_flat(cfg, flat: dict, source: str) -> None:
     for k, v in flat.items():
         key = k.replace("-", "_")
         if key not in known:
+            owners = [m for m, cls in _owners().items() if key in all_fields(cls())]
+            if owners:
+                raise ConfigError(
+                    "E504", f"{k!r} is a setting of {', '.join(owners)}, not of this method", source,
+                    f"drop it, or train {owners[0]}",
+                )  # fmt: skip
             near = [n for n in known if n.startswith(key[:4])][:3]
             hint = f"did you mean {', '.join(near)}?" if near else "see `mlxpt train sft --help`"
             raise ConfigError("E504", f"unknown setting {k!r}", source, hint)
         obj, f = known[key]
         setattr(obj, key, _coerce(v, f, source))
     validate(cfg, source)
+
+
+def _owners() -> dict:
+    """Method family -> config class, for naming where a setting belongs."""
+    return {"sft": SFTConfig, "dpo/simpo/orpo": DPOConfig, "rm": RMConfig, "grpo": GRPOConfig}
 
 
 def validate(cfg, source: str = "config") -> None:
@@ -215,6 +245,10 @@ def validate(cfg, source: str = "config") -> None:
         "reward_timeout": (lambda v: v >= 0, ">= 0"),
         "log_completions_every": (lambda v: v >= 0, ">= 0"),
         "center_rewards_coefficient": (lambda v: v >= 0, ">= 0"),
+        "regression_rows": (lambda v: v >= 1, ">= 1"),
+        "forgetting_warn": (lambda v: v >= 0, ">= 0 (0: never)"),
+        "kl_to_base": (lambda v: v >= 0, ">= 0 (0: off)"),
+        "replay_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     }
     for name, (obj, f) in all_fields(cfg).items():
         value = getattr(obj, name)

@@ -1,9 +1,10 @@
-"""Datasets: read and validate JSONL, encode with loss masks, batch, check, synthesise."""
+"""Datasets: read and validate JSONL, encode with loss masks, batch, mix in replay rows, check, synthesise."""
 
 from mlxpt.data.batching import batch_plan, collate
 from mlxpt.data.check import check_report
 from mlxpt.data.encode import Example, encode, encode_all
 from mlxpt.data.formats import Row, load_splits, read_jsonl, scan_jsonl
+from mlxpt.data.replay import replay_count
 
 __all__ = [
     "Example",
@@ -15,5 +16,6 @@ __all__ = [
     "encode_all",
     "load_splits",
     "read_jsonl",
+    "replay_count",
     "scan_jsonl",
 ]

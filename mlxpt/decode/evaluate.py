@@ -49,6 +49,7 @@ class EvalConfig:
     confidence: float | None = 0.95  # adaptive: Beta-rule threshold (None: stop only when safe)
     limit: int | None = None  # evaluate the first N rows only
     independent: bool = False  # run each (strategy, N) on its own instead of sharing a pool
+    greedy_batch: int = 16  # greedy alone: prompts decoded together (1: one by one, streamed)
 
 
 @dataclass
@@ -205,6 +206,8 @@ def evaluate(
     from mlxpt.decode.sampling import SamplingConfig
 
     cells = _cells(cfg)
+    if cells == [("greedy", 1)] and cfg.greedy_batch > 1:
+        return _greedy_batched(model, tokenizer, rows, cfg, progress, details)
     tallies = {c: _Tally() for c in cells}
     scorer = None
     if "best-of-n" in cfg.strategies or cfg.weighting == "reward":
@@ -225,6 +228,38 @@ def evaluate(
             details.append(record)
         if progress is not None:
             progress(i + 1, len(rows))
+    return _results(tallies)
+
+
+def _greedy_batched(model, tokenizer, rows: list[Row], cfg: EvalConfig, progress, details) -> list[dict]:
+    """Greedy alone: `cfg.greedy_batch` prompts decoded together (decode/batch.generate_many), as
+    the forgetting monitor and `make run` score; the same answers as one by one up to ties that
+    batched float arithmetic may break otherwise."""
+    from mlxpt.decode.batch import generate_many
+    from mlxpt.decode.generate import chat_prompt
+    from mlxpt.rewards.extract import extract, same_answer
+
+    tally = _Tally()
+    for s in range(0, len(rows), cfg.greedy_batch):
+        part = rows[s : s + cfg.greedy_batch]
+        t0 = time.perf_counter()
+        completions = generate_many(
+            model, tokenizer, [chat_prompt(tokenizer, r.messages) for r in part], cfg.max_tokens
+        )
+        seconds = (time.perf_counter() - t0) / max(1, len(part))
+        for row, c in zip(part, completions, strict=True):
+            answer = extract(c.text, cfg.extract)
+            ok = same_answer(answer, row.answer)
+            tally.add(ok, len(c.tokens), seconds, 1)
+            if details is not None:
+                details.append({"line": row.line, "gold": row.answer, "answers": {"greedy@1": [answer, bool(ok)]},
+                                "text": c.text})  # fmt: skip
+        if progress is not None:
+            progress(min(len(rows), s + len(part)), len(rows))
+    return _results({("greedy", 1): tally})
+
+
+def _results(tallies: dict) -> list[dict]:
     out = []
     for (s, n), t in tallies.items():
         out.append(

@@ -246,14 +246,28 @@ def train_loop(
     emit: Callable[[dict], None],
     checkpoint: Callable[[LoopState], None],
     stop=None,
+    monitor: Callable[[TrainBackend, int], dict] | None = None,
 ) -> str:
     """Train on `batches` until `cfg.steps`; return "finished" or "interrupted". Raises
-    NumericsError (exit 4) and ResourceError (exit 3) after saving the last completed step."""
+    NumericsError (exit 4) and ResourceError (exit 3) after saving the last completed step.
+    `monitor(backend, step)` (the forgetting monitor, train/regression.py) adds its numbers to
+    every evaluation, step 0's included."""
     if cfg.eval_batches == 0:
         valid = []  # validation switched off
-    if state.step == 0 and valid and cfg.eval_every > 0:
+
+    def evaluate(step: int, validation: bool) -> None:
+        result = task.evaluate(backend, valid, batch_size, cfg.eval_batches) if validation else {}
+        if monitor is not None:
+            result.update(monitor(backend, step))
+        val = result.get("val_loss", math.nan)
+        if step > 0 and math.isfinite(val):
+            state.best_val_loss = val if state.best_val_loss is None else min(state.best_val_loss, val)
+        if result:
+            emit({"event": "eval", "step": step, **result})
+
+    if state.step == 0:
         # the baseline (adapters start as a no-op) so a run shows how far validation moved
-        emit({"event": "eval", "step": 0, **task.evaluate(backend, valid, batch_size, cfg.eval_batches)})
+        evaluate(0, bool(valid) and cfg.eval_every > 0)
     while state.step < cfg.steps:
         t0 = time.perf_counter()
         window = _accumulate(backend, batches, state, checkpoint, stop)
@@ -263,13 +277,8 @@ def train_loop(
         tokens, (state.epoch, state.batch_index, state.repeat_index) = window
         loss, gnorm = _update(backend, task, state, cfg, tokens, t0, emit)
         _stop_if_unsafe(state, cfg, loss, gnorm, checkpoint)
-        do_eval = valid and cfg.eval_every > 0 and state.step % cfg.eval_every == 0
-        if do_eval or (valid and state.step == cfg.steps):
-            result = task.evaluate(backend, valid, batch_size, cfg.eval_batches)
-            val = result.get("val_loss", math.nan)
-            if math.isfinite(val):
-                state.best_val_loss = val if state.best_val_loss is None else min(state.best_val_loss, val)
-            emit({"event": "eval", "step": state.step, **result})
+        if (cfg.eval_every > 0 and state.step % cfg.eval_every == 0) or state.step == cfg.steps:
+            evaluate(state.step, bool(valid))
         if state.step % cfg.save_every == 0 or state.step == cfg.steps:
             checkpoint(state)
         if stop is not None and stop.requested:

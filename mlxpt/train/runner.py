@@ -37,6 +37,7 @@ from mlxpt.runs import (
 from mlxpt.runs.guards import RunLock, check_writable
 from mlxpt.runs.store import checkpoint_problems
 from mlxpt.train.loop import LoopState, Task, train_loop
+from mlxpt.train.regression import ForgettingMonitor, baseline_from, load_probe
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,9 @@ class Method:
     # (TaskContext, train, valid, stop) after "start", e.g. reference log-probs; it returns early
     # once `stop.requested` (a signal), and the run then ends "interrupted" before its first step
     before_train: Callable | None = None
-    output: str = "logp"  # what the backend hands the objective: per-token log-probs, or "reward" per row
+    # what the backend hands the objective: "logp" per token, "logp_kl" (logp, KL to the base per
+    # token), "reward" per row; or a callable (cfg) -> one of those, when a setting decides
+    output: str | Callable = "logp"
     extend_model: Callable | None = None  # backend hook: (model, seed) after the adapters (a reward head)
     save: Callable | None = None  # backend hook: (folder, model, adapter_config) instead of the adapter save
 
@@ -124,7 +127,7 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
     if resume_dir is not None:  # before anything is read: a second writer, or a silent start over
         locks.append(RunLock(resume_dir).acquire())
         checkpoint = check_resumable(Path(resume_dir))  # verified once: restored below
-    tokenizer, train, valid, data_report = _read_data(method, cfg, resume_dir, emit)
+    tokenizer, train, valid, data_report, monitor = _read_data(method, cfg, resume_dir, emit)
     t_load = time.perf_counter()
     backend, layout, memory = _load_backend(method, cfg, train + valid, emit)
     if resume_dir is not None:
@@ -136,6 +139,8 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
     ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
     task = method.task(ctx)
     state = _restore(run_dir, checkpoint, backend, task) if resume_dir is not None else LoopState()
+    if monitor is not None and state.step > 0:
+        monitor.baseline = baseline_from(run_dir / "metrics.jsonl")
     write_config(run_dir, {
         **cfg.to_dict(), "method": method.name, "mlxpt_version": __version__,
         "model_path": str(resolve(cfg.model.model)), "data_report": data_report,
@@ -146,11 +151,11 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
     emit({
         "event": "start", "method": method.name, "run_dir": str(run_dir), "model": cfg.model.model,
         "backend": cfg.train.backend, "resumed_from_step": state.step, "steps": cfg.train.steps,
-        "train_rows": len(train), "valid_rows": len(valid), "trainable_params": n_train, "total_params": n_total,
+        "train_rows": data_report.get("train", {}).get("kept", len(train)), "valid_rows": len(valid), "trainable_params": n_train, "total_params": n_total,
         "load_time_s": time.perf_counter() - t_load, "blas": _blas.status(),
         "memory_estimate_mb": memory["total"] / 1e6, "data": data_report,
     })  # fmt: skip
-    outcome = _train(method, ctx, task, state, train, valid, stop)
+    outcome = _train(method, ctx, task, state, train, valid, stop, monitor)
     status = "finished" if outcome == "finished" else "interrupted"
     write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss)
     emit({"event": "done", "status": status, "run_dir": str(run_dir), "step": state.step,
@@ -182,19 +187,22 @@ def check_resumable(run_dir: Path) -> Path | None:
 
 
 def _read_data(method: Method, cfg, resume_dir, emit) -> tuple:
-    """(tokenizer, train, valid, data report): every row validated before any weights are read."""
+    """(tokenizer, train, valid, data report, forgetting monitor or None): every row, the
+    regression set's included, validated before any weights are read."""
     if method.check is not None:
         method.check(cfg, resume_dir)
     if resume_dir is None:
         check_run_name(cfg.train.name or method.name)  # before anything slow happens
         check_writable(cfg.train.runs_dir, "--runs-dir", folder=True)
     rows = method.read(cfg)
+    probe = load_probe(cfg.train.regression_data, cfg.train.regression_rows)
     tokenizer = load_tokenizer(cfg.model.model, cfg.model.trust_remote_code)
     _warn_beyond_context(cfg, emit)
     train, valid, data_report = method.encode(cfg, tokenizer, rows)
     if not valid:
         emit({"event": "warning", "message": "no validation split: validation loss is not reported"})
-    return tokenizer, train, valid, data_report
+    monitor = None if probe is None else ForgettingMonitor(probe, tokenizer, cfg.train.forgetting_warn, emit)
+    return tokenizer, train, valid, data_report, monitor
 
 
 def _warn_beyond_context(cfg, emit) -> None:
@@ -210,8 +218,9 @@ def _warn_beyond_context(cfg, emit) -> None:
 
 def _load_backend(method: Method, cfg, examples: list, emit) -> tuple:
     """(backend with the method's objective, layout, memory estimate); refuses what cannot fit."""
+    output = method.output(cfg) if callable(method.output) else method.output
     backend = create_backend(
-        cfg.train.backend, cfg.model, cfg.adapter, cfg.train, output=method.output,
+        cfg.train.backend, cfg.model, cfg.adapter, cfg.train, output=output,
         extend_model=method.extend_model, save=method.save,
     )  # fmt: skip
     memory = backend.check_memory(method.memory_shape(cfg, max(method.length(e) for e in examples)))
@@ -251,14 +260,17 @@ def _checkpointer(ctx: TaskContext, task: Task) -> Callable[[LoopState], None]:
     return checkpoint
 
 
-def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train, valid, stop) -> str:
+def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train, valid, stop, monitor) -> str:
     """before_train, then the loop, under signal handling; a failure is written to the status."""
     cfg, run_dir = ctx.cfg, ctx.run_dir
 
     def emit_and_log(event: dict) -> None:
-        if event["event"] in ("step", "eval"):
+        if event["event"] in ("step", "eval", "forgetting"):
             append_jsonl(run_dir / "metrics.jsonl", {**event, "time": time.time()})
         ctx.emit(event)
+
+    if monitor is not None:
+        monitor.emit = emit_and_log
 
     try:
         with graceful_signals() as flag:
@@ -269,6 +281,7 @@ def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train
             return train_loop(
                 ctx.backend, task.batches(train, state, cfg), valid, cfg.train, cfg.data.batch_size, task, state,
                 emit_and_log, _checkpointer(ctx, task), stop=flag if stop is None else _Either(stop, flag),
+                monitor=monitor,
             )  # fmt: skip
     except MlxptError as e:
         if e.saved_step is not None:

@@ -2,59 +2,136 @@
 
 Objective: minimise -sum(mask * log p(token | prefix)) / sum(mask), with `mask` marking every
 assistant turn (default), everything after the prompt, or every token (data/encode.py).
+With `--replay FILE --replay-ratio R` each micro-batch also holds k replay rows (data/replay.py),
+trained like any row; the data plan runs over the training rows with micro-batches of B - k.
+With `--kl-to-base B` the loss adds B * sum(mask * KL(p_tuned || p_base)) over the vocabulary at
+each trained position, the base being the adapter-off pass (LoRA/DoRA only; reported as `kl`).
 Everything else (validation order, runs, checkpoints, resume) is the shared runner's.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
+from mlxpt.backends.base import no_base_error
 from mlxpt.config import SFTConfig
 from mlxpt.data.batching import collate
 from mlxpt.data.encode import encode_all, pad_id_of
-from mlxpt.data.formats import load_splits
+from mlxpt.data.formats import raise_if_errors, scan_splits
+from mlxpt.data.replay import (
+    ReplayExample,
+    check_settings,
+    file_sha256,
+    replay_count,
+    replay_order,
+    replay_picks,
+    scan_replay,
+)
 from mlxpt.errors import MlxptError
-from mlxpt.objectives import sft_objective
-from mlxpt.train.loop import Task, rows_task
+from mlxpt.objectives import sft_kl_objective, sft_objective
+from mlxpt.train.loop import LoopState, MicroBatch, Task, iter_batches, rows_task
 from mlxpt.train.runner import Method, TaskContext, resume_command, rows_shape, run_training
 
 __all__ = ["SFT", "prepare_data", "resume_command", "run_sft"]
 
 
 def read_rows(cfg: SFTConfig):
-    return load_splits(cfg.data.data, cfg.data.valid)
+    """(train rows, valid rows, replay rows or None): every row of every file validated, and the
+    replay settings checked, before any tokenizer or weights are read."""
+    d, r = cfg.data, cfg.reg
+    check_settings(r.replay, r.replay_ratio, d.batch_size, d.data, d.valid)
+    train, valid, errors = scan_splits(d.data, d.valid)
+    replay, label = None, Path(d.data).name
+    if r.replay:
+        replay, replay_errors = scan_replay(r.replay)
+        if replay_errors:
+            label = f"{label + ' and ' if errors else ''}the replay file {Path(r.replay).name}"
+        errors += replay_errors
+    raise_if_errors(errors, label)
+    return train, valid, replay
 
 
 def prepare_data(cfg: SFTConfig, tokenizer, rows=None):
-    """(train examples, valid examples, report); raises DataError before any model load."""
+    """(train examples, valid examples, report); raises DataError before any model load. Replay
+    rows are encoded the same way and follow the training examples as ReplayExamples."""
     d = cfg.data
-    train_rows, valid_rows = rows if rows is not None else read_rows(cfg)
+    train_rows, valid_rows, *rest = rows if rows is not None else read_rows(cfg)
+    replay_rows = rest[0] if rest else None
     kw = {"mask": d.mask, "max_len": d.max_seq_len, "overlong": d.overlong}
     train, train_report = encode_all(train_rows, tokenizer, **kw)
     valid, valid_report = encode_all(valid_rows, tokenizer, **kw) if valid_rows else ([], {})
     if not train:
         raise MlxptError("E170", "no trainable rows left after encoding", d.data, "check max_seq_len and the mask mode")
-    return train, valid, {"train": train_report, "valid": valid_report}
+    report = {"train": train_report, "valid": valid_report}
+    if replay_rows:
+        replay, replay_report = encode_all(replay_rows, tokenizer, **kw)
+        if not replay:
+            raise MlxptError(
+                "E170", "no trainable replay rows left after encoding", cfg.reg.replay,
+                "check max_seq_len and the mask mode",
+            )  # fmt: skip
+        k = replay_count(cfg.reg.replay_ratio, d.batch_size)
+        report["replay"] = {
+            "file": cfg.reg.replay, "sha256": file_sha256(cfg.reg.replay), "ratio": cfg.reg.replay_ratio,
+            "rows_per_batch": k, "train_rows_per_batch": d.batch_size - k, **replay_report,
+        }  # fmt: skip
+        train = train + [ReplayExample(e.tokens, e.mask, e.where) for e in replay]
+    return train, valid, report
+
+
+def iter_replay_batches(train: list, state: LoopState, cfg: SFTConfig, collate: Callable) -> Iterator[MicroBatch]:
+    """Micro-batches of B - k training rows, drawn from the seeded plan at the saved position, each
+    with k replay rows picked by (seed, epoch, batch index, position): a resume sees the same rows."""
+    rows = [e for e in train if not isinstance(e, ReplayExample)]
+    replay = [e for e in train if isinstance(e, ReplayExample)]
+    t, k = cfg.train, replay_count(cfg.reg.replay_ratio, cfg.data.batch_size)
+    plan = iter_batches([len(e.tokens) for e in rows], cfg.data.batch_size - k, t.seed, state.epoch, state.batch_index)
+    orders: dict[int, object] = {}
+    while True:
+        window = [next(plan) for _ in range(t.grad_accum)]
+        last_epoch, last_index, _ = window[-1]
+        for j, (epoch, index, idx) in enumerate(window):
+            if epoch not in orders:
+                orders = {epoch: replay_order(len(replay), t.seed, epoch)}
+            examples = [rows[i] for i in idx] + [replay[i] for i in replay_picks(orders[epoch], k, index)]
+            tokens = sum(len(e.tokens) - 1 for e in examples)
+            yield MicroBatch(collate(examples), tokens, j == len(window) - 1, (last_epoch, last_index + 1, 0))
 
 
 def sft_task(ctx: TaskContext) -> Task:
-    return rows_task(
-        collate=partial(collate, pad_id=pad_id_of(ctx.tokenizer)),
+    pad_collate = partial(collate, pad_id=pad_id_of(ctx.tokenizer))
+    task = rows_task(
+        collate=pad_collate,
         length=lambda e: len(e.tokens),
         tokens=lambda e: len(e.tokens) - 1,
     )
+    if not ctx.cfg.reg.replay:
+        return task
+    return replace(task, batches=partial(iter_replay_batches, collate=pad_collate))
+
+
+def check_config(cfg: SFTConfig, resume_dir=None) -> None:
+    """Refusals before anything is read: the KL pull needs an adapter to switch off for its base."""
+    if cfg.reg.kl_to_base > 0 and cfg.adapter.fine_tune_type == "full":
+        raise no_base_error("kl_to_base", "use lora/dora or --kl-to-base 0")
 
 
 SFT = Method(
     name="sft",
     read=read_rows,
     encode=prepare_data,
-    objective=lambda cfg, layout: sft_objective,
+    # --kl-to-base B: + B * KL(tuned || adapter-off) per trained token; 0 keeps the plain path
+    objective=lambda cfg, layout: (
+        partial(sft_kl_objective, beta=cfg.reg.kl_to_base) if cfg.reg.kl_to_base > 0 else sft_objective
+    ),
     task=sft_task,
     length=lambda e: len(e.tokens),
     memory_shape=rows_shape(1),
+    check=check_config,
+    output=lambda cfg: "logp_kl" if cfg.reg.kl_to_base > 0 else "logp",
 )
 
 
