@@ -17,7 +17,6 @@ metrics.jsonl. The set is read and checked before any weights are read (E165/E16
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -52,28 +51,21 @@ class Probe:
 
 
 def _rows_of(path: Path) -> list[ProbeRow]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(
-            "E165", f"cannot read the regression data ({type(e).__name__})", str(path), "give a UTF-8 JSONL file"
-        ) from None
+    """Every row of one regression file; the JSON-lines walk (UTF-8, one object per line,
+    duplicate keys) is the data readers' (data/lines.py), the fields are checked here (E166)."""
+    from mlxpt.data.lines import ObjectLines
+
+    lines = ObjectLines(path, "an object with messages and/or prompt + answer")
     rows, errors = [], []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{i}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            errors.append(DataError("E166", f"not valid JSON ({e.msg})", where, "one JSON object per line"))
-            continue
+    for where, obj in lines:
         row = _row(obj, where)
         if isinstance(row, DataError):
             errors.append(row)
         else:
             rows.append(row)
+    errors = lines.errors + errors
     if errors:
+        errors.sort(key=lambda e: int(e.where.rsplit(":", 1)[1]) if e.where and ":" in e.where else 0)
         first = errors[0]
         raise DataError(first.code, first.what, first.where, first.hint, errors=errors)
     return rows

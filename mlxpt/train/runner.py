@@ -172,10 +172,11 @@ def check_resumable(run_dir: Path) -> Path | None:
     folder = run_dir / "checkpoints"
     found = sorted(p for p in folder.iterdir() if p.name.startswith("step-")) if folder.is_dir() else []
     broken = [(ck.name, checkpoint_problems(ck)) for ck in found]
-    trained = (run_dir / "metrics.jsonl").is_file() and any(
-        isinstance(r, dict) and r.get("event") == "step" for r in read_jsonl(run_dir / "metrics.jsonl")
-    )
-    if broken or trained or (read_status(run_dir) or {}).get("status") == "finished":
+    # a checkpoint was completed once: the status is written with its step at every checkpoint
+    # (step events in metrics.jsonl alone only mean a process died before its first checkpoint)
+    status = read_status(run_dir) or {}
+    saved = isinstance(status.get("step"), int) and status["step"] > 0
+    if broken or saved or status.get("status") == "finished":
         why = "; ".join(f"{name}: {reason}" for name, reason in broken) or "no checkpoint left"
         raise MlxptError(
             "E522",

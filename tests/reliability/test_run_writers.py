@@ -156,3 +156,16 @@ def test_a_checkpoint_used_as_an_adapter_must_match_its_manifest(finished_run, c
     code = main(["generate", "--adapter", str(ck), "--prompt", "hi", "--max-tokens", "2"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and err[0].startswith("error E224") and "does not verify" in err[0], err
+
+
+def test_a_run_killed_before_its_first_checkpoint_completed_resumes_from_zero(tmp_path):
+    """Killed after step 1's metrics line but inside its first checkpoint (only a temp folder left):
+    no checkpoint was ever saved, so a resume starts at 0 and loses nothing (found by the crash
+    chain of test_crash_safety once the step-0 evaluation shifted its timings)."""
+    from mlxpt.train.runner import check_resumable
+
+    run = tmp_path / "run"
+    (run / "checkpoints" / ".tmp-step-00000001-abcd").mkdir(parents=True)
+    (run / "status.json").write_text('{"status": "running", "step": 0}')
+    (run / "metrics.jsonl").write_text('{"event": "step", "step": 1, "loss": 0.7}\n')
+    assert check_resumable(run) is None
