@@ -346,3 +346,19 @@ def test_cli_lists_and_refuses_kl_to_base(tiny_dir, data_dir, tmp_path, capsys):
     assert main([*args, "--fine-tune-type", "full", "--kl-to-base", "0.1"]) == 1
     assert E550 in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_both_backends_train_with_kl_to_base_through_the_runner(tiny_dir, data_dir, tmp_path):
+    """`--backend numpy --kl-to-base` reaches the NumPy backend's KL path (create_backend passes
+    the output mode) and logs the same losses and KL as MLX."""
+    from mlxpt.train.methods import run_method
+
+    got = {}
+    for backend in ("mlx", "numpy"):
+        cfg = run_config(SFTConfig, tiny_dir, data_dir, tmp_path / backend, steps=3, kl_to_base=1.0,
+                         backend=backend, dropout=0.0)  # fmt: skip
+        events: list = []
+        run_method("sft", cfg, emit=events.append)
+        got[backend] = [(e["loss"], e["kl"]) for e in events if e["event"] == "step"]
+    assert len(got["numpy"]) == 3 and got["numpy"][-1][1] > 0
+    np.testing.assert_allclose(np.array(got["numpy"]), np.array(got["mlx"]), rtol=2e-3, atol=1e-6)

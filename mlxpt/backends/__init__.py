@@ -44,5 +44,5 @@ def create_backend(
     if name == "numpy":
         from mlxpt.backends.numpy_backend import create_numpy_backend
 
-        return create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective)
+        return create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective, output=output)
     raise ConfigError("E511", f"unknown backend {name!r}", "backend", f"choose one of {', '.join(BACKENDS)}")

@@ -113,6 +113,13 @@ def sft_task(ctx: TaskContext) -> Task:
     return replace(task, batches=partial(iter_replay_batches, collate=pad_collate))
 
 
+def _memory_shape(cfg: SFTConfig, longest: int):
+    """Whole rows; with --kl-to-base the vocabulary head holds about three times as much (the
+    base pass's logits and the KL's softmaxes beside the tuned ones)."""
+    shape = rows_shape(1)(cfg, longest)
+    return replace(shape, head_tokens=3 * shape.head_tokens) if cfg.reg.kl_to_base > 0 else shape
+
+
 def check_config(cfg: SFTConfig, resume_dir=None) -> None:
     """Refusals before anything is read: the KL pull needs an adapter to switch off for its base."""
     if cfg.reg.kl_to_base > 0 and cfg.adapter.fine_tune_type == "full":
@@ -129,7 +136,7 @@ SFT = Method(
     ),
     task=sft_task,
     length=lambda e: len(e.tokens),
-    memory_shape=rows_shape(1),
+    memory_shape=lambda cfg, longest: _memory_shape(cfg, longest),
     check=check_config,
     output=lambda cfg: "logp_kl" if cfg.reg.kl_to_base > 0 else "logp",
 )
