@@ -249,3 +249,16 @@ def test_batched_greedy_matches_one_by_one(base, tmp_path):
     r1, r4 = evaluate(model, tok, rows, one, details=d1), evaluate(model, tok, rows, together, details=d4)
     assert [d["answers"]["greedy@1"] for d in d1] == [d["answers"]["greedy@1"] for d in d4]
     assert r1[0]["total"] == r4[0]["total"] == 4 and r1[0]["generated_tokens"] == r4[0]["generated_tokens"]
+
+
+@pytest.mark.parametrize("flag", ["--out", "--plot"])
+def test_eval_never_writes_over_its_data(tmp_path, capsys, flag):
+    """--out or --plot naming one of the --data files is refused before any work; the file is kept."""
+    data = _write(tmp_path / "t.jsonl", [ROW])
+    other = _write(tmp_path / "u.jsonl", [ROW])
+    before = other.read_bytes()
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--data", str(other), flag, str(other)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "E617" in err[0] and "destroy" in err[0], err
+    assert other.read_bytes() == before

@@ -164,7 +164,7 @@ def run(args) -> int:
     from mlxpt.decode.evaluate import check_config, evaluate, read_rows
     from mlxpt.decode.plot import terminal_chart, write_png
     from mlxpt.runs.atomic import atomic_write_json
-    from mlxpt.runs.guards import check_writable
+    from mlxpt.runs.guards import check_output, check_writable
 
     cfg = config_from(args)
     check_config(cfg)
@@ -172,6 +172,9 @@ def run(args) -> int:
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
     check_writable(out, "--out")  # before the evaluation: a result is never lost to a bad path
     check_writable(plot, "--plot")
+    inputs = {f"eval data {p}": p for p in data_paths(args)}
+    for path in (out, plot):  # never one of its own inputs
+        check_output(path, inputs, "eval", existing=False)
     paths = data_paths(args)
     sets = dict(
         zip(data_labels(paths), [read_rows(p, cfg.limit) for p in paths], strict=True)
