@@ -191,6 +191,7 @@ def _cfg(tiny_model, grpo_prompts, tmp_path, reward: Path, **kw) -> GRPOConfig:
     base = {
         "steps": 3, "batch_size": 2, "num_generations": 4, "max_completion_length": 8, "beta": 0.0,
         "rewards": f"{reward}:flaky,accuracy", "save_every": 1, "max_reward_failure_rate": 0.9,
+        "max_seq_len": 512,  # byte-level tokens: every bundled prompt fits, so each step scores 2 x 4
     }  # fmt: skip
     return tiny.run_config(GRPOConfig, tiny_model, grpo_prompts, tmp_path, **{**base, **kw})
 
