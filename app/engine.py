@@ -78,13 +78,15 @@ def answer(
     cfg: DecodeConfig,
     on_text: Callable[[str], None] = lambda s: None,
     cancelled: Callable[[], bool] = lambda: False,
+    system: str | None = None,
 ) -> Answer:
-    """Answer the last user turn of `messages` with `run_strategy`; greedy and sample stream through
-    `on_text` (and stop early once `cancelled()`), the other strategies send their chosen answer."""
+    """Answer the last user turn of `messages` (under the `system` prompt, if any) with
+    `run_strategy`; greedy and sample stream through `on_text` (and stop early once
+    `cancelled()`), the other strategies send their chosen answer."""
     from mlxpt.decode.generate import chat_prompt
     from mlxpt.decode.strategies import run_strategy
 
-    prompt = chat_prompt(tokenizer, messages)
+    prompt = chat_prompt(tokenizer, messages, system or None)
     r = run_strategy(model, tokenizer, prompt, cfg, on_chunk=lambda c: on_text(c.text), cancelled=cancelled)
     if cfg.streamed:
         return Answer(r.text, cfg.strategy, r.generated_tokens, r.seconds)

@@ -110,3 +110,17 @@ def values_from_run_config(config: dict) -> dict[str, object]:
         if isinstance(config.get(sec), dict):
             out.update(config[sec])
     return out
+
+
+def has_field(method: str, name: str) -> bool:
+    """Whether the method's form has this setting (`from_run` arrived with chaining)."""
+    return any(f.name == name for f in form_fields(method))
+
+
+def continue_values(config: dict, run_dir) -> dict[str, object]:
+    """Form values that continue from a run: its adapter (`from_run`) on its own base model. The
+    adapter's shape (rank, layers...) is taken from the adapter itself when the run starts."""
+    model = config.get("model") if isinstance(config.get("model"), dict) else {}
+    out: dict[str, object] = {k: model[k] for k in ("model", "quantize", "trust_remote_code") if k in model}
+    out["from_run"] = str(run_dir)
+    return out

@@ -62,6 +62,35 @@ class MlxptApp(App):
             self.push_screen(HelpScreen(self.screen))
 
     # ---- runs -------------------------------------------------------------------------------
+    def continue_from(self, run_dir: Path) -> None:
+        """Ask for a method, then open the New run form starting from `run_dir`'s adapter: `from_run`
+        and the run's base model filled in. The Runs list's and the monitor's `t`."""
+        from app.form import continue_values, has_field
+        from app.screens.continue_run import ContinueScreen
+        from app.screens.new_run import NewRunScreen
+        from mlxpt.errors import MlxptError
+        from mlxpt.runs import read_config
+
+        try:
+            config = read_config(run_dir)
+        except MlxptError as e:
+            self.notify(e.line(), severity="error")
+            return
+        if not (Path(run_dir) / "adapters.safetensors").is_file():
+            self.notify(f"{Path(run_dir).name} has no saved adapter to continue from", severity="warning")
+            return
+
+        def chosen(method: str | None) -> None:
+            if not method:
+                return
+            if not has_field(method, "from_run"):
+                self.notify(
+                    "this mlxpt cannot start a run from another run's adapter yet (no from_run setting)",
+                    severity="warning",
+                )
+            self.push_screen(NewRunScreen(method=method, values=continue_values(config, run_dir)))
+
+        self.push_screen(ContinueScreen(Path(run_dir).name, str(config.get("method", "sft"))), chosen)
 
     def log_for(self, run_dir: Path) -> RunLog:
         """The RunLog of a run folder: the live one if this app runs it, else one read from files."""

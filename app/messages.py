@@ -25,3 +25,14 @@ class TextArrived(Message):
 
     def can_replace(self, message: Message) -> bool:
         return isinstance(message, TextArrived) and message.target == self.target
+
+
+class EvalProgress(Message):
+    """An evaluation worker moved on: `label` (base/adapter) has scored `done` of `total` prompts."""
+
+    def __init__(self, label: str, done: int, total: int) -> None:
+        super().__init__()
+        self.label, self.done, self.total = label, done, total
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, EvalProgress)

@@ -1,4 +1,5 @@
-"""Write assets/ood/test.jsonl: 200 arithmetic word problems unlike anything the bundled data trains on.
+"""Write assets/ood/test.jsonl: 200 arithmetic word problems unlike anything the bundled data trains on,
+and assets/ood/arith.jsonl: 100 bare one-step sums ("What is 29 + 70?"), the easiest OOD form.
 
 Usage: python assets/make_ood.py [--out assets/ood]. Running it twice gives identical bytes.
 The training generator (mlxpt/data/synth.py) counts items that people get, lose, multiply and share,
@@ -11,6 +12,8 @@ in 1-4 steps. This one has its own generator, names and instructions, and shares
 - instructions: some ask for the bare number, some for the working, in phrasings training never uses.
 Rows have the format of assets/sft/test.jsonl: the chat with a worked reference reply, `a op b = c`
 lines ending with `Answer: n`, plus "answer". Eval drops that reply and checks the model's answer.
+The base model gets about 4 % of test.jsonl (it rambles past the token budget) and about 23 % of
+arith.jsonl: the set where an accuracy drop has room to show.
 """
 
 from __future__ import annotations
@@ -298,6 +301,45 @@ def make_ood(seed: int = 0) -> list[dict]:
     return rows
 
 
+ARITH_ASK = [
+    "What is {a} {sym} {b}?",
+    "Compute {a} {word} {b}.",
+    "How much is {a} {word} {b}?",
+    "{a} {sym} {b} = ?",
+    "Quick one: {a} {word} {b}?",
+]
+ARITH_OPS = [("+", "+", "plus"), ("-", "-", "minus"), ("*", "×", "times"), ("/", "÷", "divided by")]
+
+
+def make_arith(seed: int = 1, n: int = 100) -> list[dict]:
+    """assets/ood/arith.jsonl: one-step sums with no story and no instruction (the easiest OOD
+    form, where the base model has room to lose accuracy): 25 rows of each operation."""
+    rng, rows, seen = random.Random(seed), [], set()
+    for i in range(n):
+        op, sym, word = ARITH_OPS[i % 4]
+        while True:
+            if op == "/":
+                b, c = rng.randint(2, 12), rng.randint(2, 12)
+                a = b * c
+            elif op == "*":
+                a, b = rng.randint(2, 12), rng.randint(2, 12)
+            else:
+                a, b = sorted((rng.randint(2, 99), rng.randint(2, 99)), reverse=op == "-")
+            if (a, op, b) not in seen:
+                seen.add((a, op, b))
+                break
+        w = _Work()
+        answer = w(a, op, b)
+        question = rng.choice(ARITH_ASK).format(a=a, b=b, sym=sym, word=word)
+        reply = f"{w.lines[0]}\nAnswer: {answer}"
+        rows.append({
+            "messages": [{"role": "user", "content": question}, {"role": "assistant", "content": reply}],
+            "answer": str(answer),
+        })  # fmt: skip
+    rng.shuffle(rows)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(Path(__file__).parent / "ood"))
@@ -307,6 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = make_ood()
     atomic_write_text(out / "test.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     print(f"test: {len(rows)} rows -> {out / 'test.jsonl'}")
+    arith = make_arith()
+    atomic_write_text(out / "arith.jsonl", "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in arith))
+    print(f"arith: {len(arith)} rows -> {out / 'arith.jsonl'}")
     return 0
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 MLXPT = str(Path(sys.executable).with_name("mlxpt"))
 V1_COMMIT = "f3bea46"  # the last commit with the 2-3-step template data
-TEST, OOD = "assets/sft/test.jsonl", "assets/ood/test.jsonl"
+TEST, OOD, ARITH = "assets/sft/test.jsonl", "assets/ood/test.jsonl", "assets/ood/arith.jsonl"
 RECIPE = ["--learning-rate", "5e-4", "--warmup-steps", "20"]
 
 
@@ -127,7 +127,7 @@ def main(argv=None) -> int:
             "replay": replay,
             "both": ["--kl-to-base", args.kl, *replay],
         }
-        sets = [str(data / "test.jsonl"), OOD]
+        sets = [str(data / "test.jsonl"), OOD, ARITH]
         result["base"] = evaluate(out, None, sets, args.test, "over-base")
         result["variants"] = {}
         for v in args.variants.split(","):

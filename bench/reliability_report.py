@@ -40,6 +40,18 @@ def lines(report: dict) -> list[str]:
             f"a symlink to the run; with --force) → {get('outputs', 'refused')} refused, "
             f"{get('outputs', 'intact')} left byte-identical"
         )
+    if "destructive" in s:
+        out.append(
+            f"{get('destructive', 'tried')} writer x input cases (fuse, eval --out/--plot, data self-answers; run, "
+            f"a file in it, runs root, model, data, symlinks) → {get('destructive', 'refused')} refused, "
+            f"{get('destructive', 'intact')} with every input hash unchanged"
+        )
+    if "adversarial" in s:
+        out.append(
+            f"{get('adversarial', 'tried')} adversarial cases (FIFOs and sockets as outputs, long and relative "
+            f"paths, edited run folders, pipes, MLXPT_HOME, SIGTERM, two fuses at once) → "
+            f"{get('adversarial', 'ok')} as specified"
+        )
     if "broken_files" in s:
         out.append(
             f"{get('broken_files', 'tried')} broken model and adapter files (truncated weights, no or bad "

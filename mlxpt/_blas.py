@@ -162,16 +162,26 @@ def probe(lib: str, preload: tuple[str, ...] = ()) -> tuple[bool, str]:
     return ok, found
 
 
+def _version(handle: ctypes.CDLL) -> str:
+    """`OpenBLAS 0.3.29` from the loaded library's own build string (`OpenBLAS` if it has none)."""
+    try:
+        fn = handle.openblas_get_config
+        fn.restype = ctypes.c_char_p
+        words = (fn() or b"").decode("ascii", "replace").split()
+    except (AttributeError, OSError):
+        words = []
+    return " ".join(words[:2]) if len(words) >= 2 and words[0] == "OpenBLAS" else "OpenBLAS"
+
+
 def _try_system(refused: list[str]) -> str | None:
     for cand in _SYSTEM_CANDIDATES:
         if os.path.exists(cand):
             ok, found = probe(cand)
             if not ok:
-                refused.append(f"{cand}: {found}")
+                refused.append(f"system OpenBLAS: {found}")
                 continue
             try:
-                ctypes.CDLL(cand, mode=ctypes.RTLD_GLOBAL)
-                return f"openblas (system, {cand})"
+                return f"{_version(ctypes.CDLL(cand, mode=ctypes.RTLD_GLOBAL))} (system)"
             except OSError:
                 continue
     return None
@@ -189,19 +199,19 @@ def _try_wheel(libs: Path, refused: list[str]) -> str | None:
             quad = tuple(sorted(glob.glob(str(libs / "libquadmath-*.so*"))))
             ok, found = probe(str(lib), (*quad, str(gf)) if gf is not None else quad)
             if not ok:
-                refused.append(f"{lib}: {found}")
+                refused.append(f"cmeel-openblas: {found}")
                 continue
             if gf is not None:
                 ctypes.CDLL(str(gf), mode=ctypes.RTLD_GLOBAL)
-            ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
-            return f"openblas (cmeel-openblas wheel, {lib})"
+            return f"{_version(ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL))} (cmeel-openblas)"
         except OSError:
             continue
     return None
 
 
 def activate() -> str:
-    """Load the fastest safe BLAS before mlx is imported; return a one-line status."""
+    """Load the fastest safe BLAS before mlx is imported; return a one-line status that names the
+    library by its source (`OpenBLAS 0.3.29 (cmeel-openblas)`), not its path."""
     global _status
     if _status is not None:
         return _status

@@ -17,6 +17,7 @@ COMMANDS = {
     "generate": "generate text from a prompt, optionally with an adapter",
     "chat": "chat with a model in the terminal",
     "eval": "accuracy of decoding strategies vs samples (greedy, best-of-n, self-consistency), base vs adapter",
+    "pipeline": "run a recipe of stages (sft -> dpo/grpo -> eval) as one resumable unit, ending in a report",
     "fuse": "merge a run's adapter into the base weights",
     "data": "check a dataset, or write a model's own answers to replay (self-answers)",
     "doctor": "show versions, the BLAS in use and a matmul speed test",

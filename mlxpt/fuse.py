@@ -35,14 +35,15 @@ class FuseReport:
 
 
 def base_model_of(run: str | Path) -> dict | None:
-    """The `model` section of a run's config.json (run folder or a folder below it), or None."""
-    import json
+    """The `model` section of a run's config.json (run folder or a folder below it), or None; a
+    relative model path is anchored where the run was started (see `read_config`)."""
+    from mlxpt.runs import read_config
 
     p = Path(run)
     for folder in (p, p.parent, p.parent.parent):
         try:
-            cfg = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            cfg = read_config(folder)
+        except (OSError, MlxptError):
             continue
         section = cfg.get("model") if isinstance(cfg, dict) else None
         if isinstance(section, dict) and isinstance(section.get("model"), str):

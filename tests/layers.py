@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mlxpt.backends",),
     ("mlxpt.decode",),
     ("mlxpt.train", "mlxpt.fuse"),
+    ("mlxpt.pipeline",),  # recipes of stages: runs (train) and their evaluation, with a report
     ("mlxpt.commands",),
     ("app",),
     ("mlxpt.cli", "mlxpt.commands.tui"),  # entry points: the CLI dispatches, `mlxpt tui` opens the app

@@ -133,6 +133,15 @@ def test_dataset_files_valid_and_disjoint():
     assert len(ood) == 200 and all(r.kind == "chat" for r in ood)
     for r in ood:
         assert r.extra["answer"] == extract_answer(r.data["messages"][-1]["content"])
+    arith = read_jsonl(ROOT / "assets" / "ood" / "arith.jsonl")
+    assert len(arith) == 100 and len({r.data["messages"][0]["content"] for r in arith}) == 100
+    for r in arith:  # the reply's one line is right: a op b = c with c the answer
+        a, op, b, _, c = r.data["messages"][-1]["content"].splitlines()[0].split()
+        assert (
+            r.extra["answer"]
+            == c
+            == str({"+": int.__add__, "-": int.__sub__, "*": int.__mul__, "/": int.__floordiv__}[op](int(a), int(b)))
+        )
 
 
 # Each bundled data folder and the script that writes it (tests/test_synth_data.py checks the content).
@@ -140,7 +149,7 @@ SCRIPTS = {
     "sft": ("make_datasets.py", ("train", "valid", "test")),
     "pref": ("make_preference.py", ("train", "valid")),
     "grpo": ("make_prompts.py", ("train", "test")),
-    "ood": ("make_ood.py", ("test",)),
+    "ood": ("make_ood.py", ("test", "arith")),
 }
 
 

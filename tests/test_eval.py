@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import struct
 
 import pytest
 from test_decode import make_adapter_run
@@ -90,8 +91,30 @@ def test_charts_draw_every_series():
     series = {"greedy": [(1, 0.2)], "self-consistency": [(1, 0.2), (4, 0.3), (16, 0.35)]}
     text = terminal_chart(series)
     assert "o greedy" in text and "* self-consistency" in text and "16" in text
-    png = png_chart(series)
+    png = png_chart(series, title="accuracy vs samples, 3 prompts")
     assert png.startswith(b"\x89PNG\r\n\x1a\n") and b"IEND" in png[-12:]
+    width, height = struct.unpack(">II", png[16:24])  # the IHDR chunk
+    assert (width, height) == (900, 480)
+
+
+def test_png_chart_is_a_matplotlib_figure_with_every_series(monkeypatch):
+    """The PNG is drawn by matplotlib: every series is a line in the legend, the x axis is log2
+    with ticks at the budgets, the y axis in percent."""
+    from matplotlib.figure import Figure
+
+    seen = {}
+    real = Figure.savefig
+
+    def keep(fig, *a, **kw):
+        seen["ax"] = fig.axes[0]
+        return real(fig, *a, **kw)
+
+    monkeypatch.setattr(Figure, "savefig", keep)
+    png_chart({"greedy": [(1, 0.2)], "best-of-n": [(1, 0.2), (4, 0.3), (16, 0.45)]}, title="t")
+    ax = seen["ax"]
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["greedy", "best-of-n"]
+    assert ax.get_xscale() == "log" and list(ax.get_xticks()) == [1, 4, 16]
+    assert ax.get_ylim() == (0, 50)
 
 
 @pytest.fixture(scope="module")

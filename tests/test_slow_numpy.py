@@ -47,7 +47,7 @@ def test_default_sft_losses_match_mlx_on_the_same_seed(tmp_path):
     for backend in ("mlx", "numpy"):
         cfg = SFTConfig()
         flat = {"steps": 3, "batch_size": 2, "max_seq_len": 128, "learning_rate": 3e-4, "warmup_steps": 1,
-                "eval_every": 0, "eval_batches": 1, "save_every": 1, "keep": 3, "runs_dir": str(tmp_path / backend), "backend": backend}  # fmt: skip
+                "eval_every": 0, "eval_batches": 1, "save_every": 1, "keep": 3, "regression_data": "none", "runs_dir": str(tmp_path / backend), "backend": backend}  # fmt: skip
         apply_flat(cfg, flat, source="test")
         events = []
         t0 = time.perf_counter()

@@ -27,6 +27,7 @@ def test_default_sft_val_loss_falls_and_adapter_answers(tmp_path):
             "eval_every": 24,
             "eval_batches": 6,
             "save_every": 24,
+            "regression_data": "none",  # the monitor is tested on a tiny model (test_forgetting.py)
             "runs_dir": str(tmp_path / "runs"),
         },
         source="test",

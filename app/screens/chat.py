@@ -46,7 +46,7 @@ class StreamBuffer:
 
 
 class ModelPicker(Vertical):
-    """Model field, adapter select and (optionally) the strategy switch."""
+    """Model field, adapter select, system prompt and (optionally) the strategy switch."""
 
     def __init__(self, runs_dir: Path, adapter: str | None, strategies: bool = True, **kw) -> None:
         super().__init__(**kw)
@@ -65,6 +65,8 @@ class ModelPicker(Vertical):
             id="pick-adapter",
             compact=True,
         )
+        yield Label("system prompt (blank: none)")
+        yield Input("", placeholder="e.g. Answer in one sentence.", id="pick-system", compact=True)
         if self.with_strategies:
             yield Label("strategy (ctrl+t)")
             yield Select(
@@ -81,6 +83,10 @@ class ModelPicker(Vertical):
         model = self.query_one("#pick-model", Input).value.strip() or None
         adapter = self.query_one("#pick-adapter", Select).value
         return model, None if adapter == NO_ADAPTER else str(adapter)
+
+    def system(self) -> str | None:
+        """The system prompt, or None when the field is blank."""
+        return self.query_one("#pick-system", Input).value.strip() or None
 
 
 class ChatScreen(Screen):
@@ -137,10 +143,12 @@ class ChatScreen(Screen):
         log.scroll_end(animate=False)
         self.history.append({"role": "user", "content": text})
         self.busy = True
-        self._answer(self.turn, model, adapter, list(self.history), cfg)
+        self._answer(self.turn, model, adapter, list(self.history), cfg, picker.system())
 
     @work(thread=True, exclusive=True, group="chat")
-    def _answer(self, turn: int, model: str | None, adapter: str | None, messages: list[dict], cfg) -> None:
+    def _answer(
+        self, turn: int, model: str | None, adapter: str | None, messages: list[dict], cfg, system: str | None
+    ) -> None:
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
@@ -153,7 +161,7 @@ class ChatScreen(Screen):
                 self.buffer.add(t)
                 self.post_message(TextArrived("chat"))
 
-            result = engine.answer(m, tok, messages, cfg, on_text, lambda: worker.is_cancelled)
+            result = engine.answer(m, tok, messages, cfg, on_text, lambda: worker.is_cancelled, system)
         except Exception as e:  # noqa: BLE001 - a failed load or answer is shown, the app lives on
             line = getattr(e, "line", None)
             self.app.call_from_thread(self._failed, turn, line() if callable(line) else f"{type(e).__name__}: {e}")

@@ -1,4 +1,5 @@
-"""Compare: one prompt answered greedily by the base model and by an adapter, side by side."""
+"""Compare: one prompt (under an optional system prompt) answered greedily by the base model and
+by an adapter, side by side."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ class CompareScreen(Screen):
     @on(Input.Submitted, "#cmp-prompt")
     def _go(self, event: Input.Submitted) -> None:
         prompt = event.value.strip()
-        model, adapter = self.query_one(ModelPicker).choice()
+        picker = self.query_one(ModelPicker)
+        model, adapter = picker.choice()
         if not prompt:
             return
         if adapter is None:
@@ -54,10 +56,10 @@ class CompareScreen(Screen):
             self.texts[side] = ""
             self.buffers[side].drain()
             self.query_one(f"#cmp-{side}", Static).update("…")
-        self._run(model, adapter, prompt)
+        self._run(model, adapter, prompt, picker.system())
 
     @work(thread=True, exclusive=True, group="compare")
-    def _run(self, model: str | None, adapter: str, prompt: str) -> None:
+    def _run(self, model: str | None, adapter: str, prompt: str, system: str | None = None) -> None:
         from textual.worker import get_current_worker
 
         worker = get_current_worker()
@@ -74,7 +76,7 @@ class CompareScreen(Screen):
                     self.post_message(TextArrived(side))
 
                 cfg = engine.decode_config("greedy", 1, self.max_tokens)
-                result = engine.answer(m, tok, messages, cfg, on_text, lambda: worker.is_cancelled)
+                result = engine.answer(m, tok, messages, cfg, on_text, lambda: worker.is_cancelled, system)
                 title = f"[b]{side}[/b]  {result.tokens} tokens, {result.tokens_per_s:.1f} tok/s"
             except Exception as e:  # noqa: BLE001 - shown in the pane, the app lives on
                 line = getattr(e, "line", None)

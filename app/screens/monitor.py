@@ -54,6 +54,9 @@ class MonitorScreen(Screen):
         Binding("1", "tab('charts')", "Charts"),
         Binding("2", "tab('log')", "Log"),
         Binding("3", "tab('samples')", "Samples"),
+        Binding("pagedown,j", "scroll_charts(1)", "More", key_display="PgDn"),
+        Binding("pageup,k", "scroll_charts(-1)", "Charts up", show=False),
+        Binding("t", "continue_run", "Continue"),
     ]
 
     def __init__(self, log: RunLog) -> None:
@@ -63,6 +66,8 @@ class MonitorScreen(Screen):
         self._drawn_at = 0.0
         self._shown_lines = 0
         self._charts: dict[str, MetricChart] = {}
+        self._state: tuple = ()
+        self._below = 0  # charts below the fold (the hint and `PgDn` show while there are some)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -73,6 +78,7 @@ class MonitorScreen(Screen):
                 with VerticalScroll(id="charts-scroll"):
                     yield Static("waiting for the first step...", id="charts-empty")
                     yield Grid(id="charts-grid")
+                yield Static("", id="charts-more")
             with TabPane("Log 2", id="log"):
                 yield RichLog(id="mon-log", wrap=True, markup=False, max_lines=2000)
             with TabPane("Samples 3", id="samples"):
@@ -85,6 +91,9 @@ class MonitorScreen(Screen):
 
     def on_mount(self) -> None:
         self.title = "mlxpt — run monitor"
+        scroll = self.query_one("#charts-scroll", VerticalScroll)
+        self.watch(scroll, "scroll_y", self._charts_hint, init=False)
+        self.watch(scroll, "virtual_size", self._charts_hint, init=False)  # charts added
         self.redraw()
         self.set_interval(REDRAW_S, self.redraw)
         self.set_interval(POLL_S, self._poll)
@@ -126,6 +135,10 @@ class MonitorScreen(Screen):
         self.query_one("#stop", Button).disabled = not running
         resumable = log.status in ("interrupted", "crashed", "failed") and log.run_dir is not None
         self.query_one("#resume", Button).disabled = running or not resumable
+        state = (log.status, running)
+        if self._state != state:
+            self._state = state
+            self.refresh_bindings()  # Stop, Resume, Continue: shown only where they apply
         self._draw_charts()
         rich_log = self.query_one("#mon-log", RichLog)
         for line in log.new_lines(self._shown_lines):
@@ -144,6 +157,56 @@ class MonitorScreen(Screen):
                 chart = self._charts[spec.title] = MetricChart(spec.title, classes="chart")
                 grid.mount(chart)
             chart.show(series)
+
+    def on_resize(self) -> None:
+        self.call_after_refresh(self._charts_hint)
+
+    def _charts_hint(self, _value: object = None) -> None:
+        """`N more charts below: PgDn` while some charts are out of sight under the fold."""
+        scroll = self.query_one("#charts-scroll", VerticalScroll)
+        grid = self.query_one("#charts-grid", Grid)
+        bottom = scroll.scroll_y + scroll.size.height  # the fold, in the scroll's own rows
+        top = grid.virtual_region.y
+        below = sum(1 for c in self._charts.values() if top + c.virtual_region.bottom > bottom)
+        hint = self.query_one("#charts-more", Static)
+        if below:
+            more = f"{below} more chart{'s' if below != 1 else ''} below"
+            hint.update(f"↓ {more}: PgDn (or j) scrolls down, PgUp (or k) back up")
+        elif scroll.scroll_y > 0:
+            hint.update("↑ PgUp (or k) scrolls back up")
+        else:
+            hint.update("")
+        hint.display = bool(below) or scroll.scroll_y > 0
+        if (below > 0) != (self._below > 0):
+            self._below = below
+            self.refresh_bindings()
+        self._below = below
+
+    def check_action(self, action: str, parameters: tuple) -> bool | None:
+        """Show a key only where it does something, so the footer fits 80 columns."""
+        if action in ("stop", "resume"):
+            found = self.query(f"#{action}")  # none before compose: allowed
+            return not found.first(Button).disabled if found else True
+        if action == "continue_run":
+            return self.log_.status == "finished" and self.log_.run_dir is not None
+        if action == "scroll_charts" and parameters == (1,):
+            return self._below > 0  # shown (and working) only while charts are below the fold
+        return True
+
+    def action_scroll_charts(self, direction: int) -> None:
+        tabs = self.query_one(TabbedContent)
+        if tabs.active != "charts":
+            tabs.active = "charts"
+            return
+        scroll = self.query_one("#charts-scroll", VerticalScroll)
+        if direction > 0:
+            scroll.scroll_page_down(animate=False)
+        else:
+            scroll.scroll_page_up(animate=False)
+
+    def action_continue_run(self) -> None:
+        if self.log_.run_dir is not None:
+            self.app.continue_from(self.log_.run_dir)
 
     def action_back(self) -> None:
         self.app.pop_screen()

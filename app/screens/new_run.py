@@ -1,6 +1,6 @@
 """New run: a form generated from the config dataclasses (help texts included), live data
-validation with file:line errors, a token-length histogram, a masked example and a memory
-estimate. Start launches `mlxpt train ... --events json` as a child process."""
+validation with file:line errors, a token-length histogram, a masked example, a memory
+estimate and the equivalent command line (ctrl+y copies it). Start launches `mlxpt train ... --events json` as a child process."""
 
 from __future__ import annotations
 
@@ -51,6 +51,7 @@ class NewRunScreen(Screen):
     BINDINGS = [
         Binding("escape", "back", "Runs"),
         Binding("ctrl+g", "start", "Start"),
+        Binding("ctrl+y", "copy_command", "Copy command"),
     ]
 
     def __init__(self, method: str = "sft", values: dict | None = None) -> None:
@@ -86,6 +87,7 @@ class NewRunScreen(Screen):
                 yield Static("", id="example")
                 yield Static("", id="memory")
         yield Static("", id="field-help")
+        yield Static("", id="cli-line")  # the equivalent command line, kept up to date
         with Horizontal(id="new-buttons"):
             yield Button("Start (ctrl+g)", id="start", variant="success", disabled=True, compact=True)
             yield Static("", id="form-error")
@@ -125,7 +127,7 @@ class NewRunScreen(Screen):
                 )
             else:
                 w = Input("" if value is None else str(value), id=wid, compact=True, tooltip=f.help)
-            w.help_text = f.help
+            w.help_text = f"{f.name}: {f.help}"
             widgets.append(Horizontal(Label(f.name, classes="field-name"), w, classes="field"))
         await holder.mount_all(widgets)
 
@@ -171,6 +173,7 @@ class NewRunScreen(Screen):
         self.pending = False
         self.cfg, self.error = form.validate(self.method, values)
         self.query_one("#form-error", Static).update(self.error or "")
+        self.query_one("#cli-line", Static).update(Text("$ " + self.command_line()))
         if self.cfg is not None:
             data_key = (self.method, *(str(values.get(k)) for k in DATA_KEYS))
             if data_key != self._last_data:
@@ -256,6 +259,17 @@ class NewRunScreen(Screen):
         ok = not self.pending and self.cfg is not None and not self.checking
         ok = ok and self.preview is not None and not self.preview.errors
         self.query_one("#start", Button).disabled = not ok
+
+    def command_line(self) -> str:
+        """`mlxpt train METHOD --flag value ...`: what Start runs, as a person would type it."""
+        import shlex
+
+        argv = form.to_argv(self.method, self.values())[:-2]  # without --events json
+        return shlex.join(["mlxpt", *argv])
+
+    def action_copy_command(self) -> None:
+        self.app.copy_to_clipboard(self.command_line())
+        self.notify("command line copied (your terminal must allow OSC 52)")
 
     # ---- actions --------------------------------------------------------------------------
 

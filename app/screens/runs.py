@@ -10,9 +10,11 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
+from app.active_time import TrainingTime
 from mlxpt.runs.listing import RunInfo, list_runs
 
 REFRESH_S = 2.0
+COLUMNS = ("run", "method", "status", "step", "last", "started", "time")
 
 
 def short_model(model: str) -> str:
@@ -33,11 +35,12 @@ def short_name(name: str) -> str:
     return rest if head.isdigit() and stamp.isdigit() and rest else name
 
 
-def row_of(run: RunInfo) -> tuple[str, ...]:
+def row_of(run: RunInfo, active_s: float | None = None) -> tuple[str, ...]:
+    """One list row; `active_s` is the run's training time (its steps' times, pauses not counted)."""
     step = f"{run.step}/{run.steps}" if run.steps else str(run.step)
     started = run.started.strftime("%m-%d %H:%M") if run.started else ""
     last = run.last.replace("reward ", "rew ")
-    return (short_name(run.name)[:18], run.method, run.status, step, last, started, duration(run.duration_s))
+    return (short_name(run.name)[:18], run.method, run.status, step, last, started, duration(active_s))
 
 
 class RunsScreen(Screen):
@@ -50,6 +53,7 @@ class RunsScreen(Screen):
         Binding("c", "chat", "Chat"),
         Binding("p", "compare", "Compare"),
         Binding("e", "eval", "Eval"),
+        Binding("t", "continue_run", "Continue with…", show=False),  # the detail line says so
         Binding("g", "refresh", "Refresh", show=False),
     ]
 
@@ -63,8 +67,11 @@ class RunsScreen(Screen):
     def on_mount(self) -> None:
         self.title = "mlxpt — runs"
         table = self.query_one(DataTable)
-        table.add_columns("run", "method", "status", "step", "last", "started", "time")
+        for name in COLUMNS:
+            table.add_column(name, key=name)
         self.runs: list[RunInfo] | None = None  # None: never listed yet
+        self.rows: list[tuple[str, ...]] = []
+        self.times = TrainingTime()
         self.action_refresh()
         if self.app.poll_runs:
             self.set_interval(REFRESH_S, self.action_refresh)
@@ -75,18 +82,25 @@ class RunsScreen(Screen):
     def action_refresh(self) -> None:
         table = self.query_one(DataTable)
         runs = list_runs(self.app.runs_dir)
-        rows = [row_of(r) for r in runs]
-        if self.runs is not None and rows == [row_of(r) for r in self.runs]:
+        rows = [row_of(r, self.times.seconds(r.path)) for r in runs]
+        if self.runs is not None and rows == self.rows and [r.path for r in runs] == [r.path for r in self.runs]:
             return
-        selected = self.selected()
-        self.runs = runs
-        table.clear()
-        for run, row in zip(runs, rows, strict=True):
-            table.add_row(*row, key=str(run.path))
-        if selected is not None:
-            names = [r.name for r in runs]
-            if selected.name in names:
-                table.move_cursor(row=names.index(selected.name))
+        keys = [str(r.path) for r in runs]
+        if self.runs is not None and keys == [str(r.path) for r in self.runs]:
+            # the same runs in the same order: change the cells in place (the cursor stays put)
+            for key, old, row in zip(keys, self.rows, rows, strict=True):
+                for column, a, b in zip(COLUMNS, old, row, strict=True):
+                    if a != b:
+                        table.update_cell(key, column, b, update_width=True)
+        else:
+            # runs came or went: rebuild, and put the cursor back on its run (by folder, not row)
+            selected = self.selected()
+            table.clear()
+            for key, row in zip(keys, rows, strict=True):
+                table.add_row(*row, key=key)
+            if selected is not None and str(selected.path) in keys:
+                table.move_cursor(row=keys.index(str(selected.path)))
+        self.runs, self.rows = runs, rows
         n = len(runs)
         self.query_one("#runs-title", Static).update(
             f"{n} run{'s' if n != 1 else ''} in {self.app.runs_dir}  ·  n new run  ·  enter open  ·  ? keys"
@@ -96,10 +110,15 @@ class RunsScreen(Screen):
         self._show_detail()
 
     def selected(self) -> RunInfo | None:
+        """The run under the cursor, found by the row's key (its folder), never by position."""
         table = self.query_one(DataTable)
-        if not self.runs or table.cursor_row is None or not 0 <= table.cursor_row < len(self.runs):
+        if not self.runs or not table.row_count or table.cursor_row is None:
             return None
-        return self.runs[table.cursor_row]
+        try:
+            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+        except Exception:  # noqa: BLE001 - no valid cursor cell: nothing selected
+            return None
+        return next((r for r in self.runs if str(r.path) == key), None)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail()
@@ -116,6 +135,8 @@ class RunsScreen(Screen):
                 text += f"  ·  {run.error}"
             elif run.resumable:
                 text += "  ·  r resumes from the last checkpoint"
+            elif run.status == "finished" and run.checkpoints:
+                text += "  ·  t: continue with…"
         self.query_one("#run-detail", Static).update(text)
 
     def action_open(self) -> None:
@@ -200,4 +221,10 @@ class RunsScreen(Screen):
     def action_eval(self) -> None:
         from app.screens.eval import EvalScreen
 
-        self.app.push_screen(EvalScreen())
+        run = self.selected()
+        self.app.push_screen(EvalScreen(adapter=str(run.path) if run and run.checkpoints else None))
+
+    def action_continue_run(self) -> None:
+        run = self.selected()
+        if run is not None:
+            self.app.continue_from(run.path)

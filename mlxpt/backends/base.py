@@ -71,9 +71,41 @@ class TrainBackend(Protocol):
     def save_adapter(self, folder) -> None:
         """Write the trainable weights and their config (mlx-lm's adapter format) atomically."""
 
+    def start_from(self, arrays: dict[str, np.ndarray]) -> None:
+        """Start from a saved LoRA/DoRA adapter (`--from`): `arrays` become the trainable adapter
+        weights and the reference of `token_logps(reference=True)`; the base of the KL to base
+        and of the forgetting monitor stays the adapter-off pass. E577 if they do not fit."""
+
+    def at_start(self) -> bool:
+        """Whether the adapter is still as the run started (DPO computes its reference only then)."""
+
 
 def no_base_error(
     field: str = "fine_tune_type", hint: str = "use lora or dora", purpose: str = "the KL to the base"
 ) -> ConfigError:
     """E550: full fine-tuning changes the weights themselves, so there is no adapter-off base."""
     return ConfigError("E550", f"full fine-tuning has no adapter to switch off for {purpose}", field, hint)
+
+
+ADAPTER_SUFFIXES = (".lora_a", ".lora_b", ".m")  # LoRA/DoRA weights in mlx-lm's names
+
+
+def check_adapter_fits(arrays: dict[str, np.ndarray], shapes: dict[str, tuple]) -> None:
+    """E577 unless `arrays` (a --from adapter) has exactly the adapter weights in `shapes`
+    (name -> shape of this run's LoRA/DoRA arrays)."""
+    mine = {k: tuple(v) for k, v in shapes.items() if k.endswith(ADAPTER_SUFFIXES)}
+    problem = None
+    missing, extra = sorted(set(mine) - set(arrays)), sorted(set(arrays) - set(mine))
+    if missing:
+        problem = f"it has no {missing[0]} ({len(missing)} weights missing)"
+    elif extra:
+        problem = f"this run has no {extra[0]} ({len(extra)} weights left over)"
+    else:
+        bad = [k for k in sorted(mine) if tuple(arrays[k].shape) != mine[k]]
+        if bad:
+            problem = f"{bad[0]} is {tuple(arrays[bad[0]].shape)}, this run's is {mine[bad[0]]}"
+    if problem:
+        raise ConfigError(
+            "E577", f"the --from adapter does not fit this run's adapters: {problem}", "from_run",
+            "use the model it was trained on and its rank, num_layers and targets (left at their defaults, they are taken from it)",
+        )  # fmt: skip

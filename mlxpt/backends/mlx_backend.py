@@ -2,8 +2,9 @@
 Adam/AdamW (like torch), one evaluation per accumulation window plus one per update.
 
 The base model of a LoRA/DoRA run is the adapter as created (B = 0, m = ||W||): its small arrays
-are kept and swapped in for reference passes (DPO/GRPO's `token_logps(reference=True)`, the KL
-of output="logp_kl", `kl_to_reference`), so no second copy of the weights is ever held."""
+are kept and swapped in for the KL of output="logp_kl" and `kl_to_reference`, so no second copy of
+the weights is ever held. The reference of DPO/GRPO (`token_logps(reference=True)`) is the same,
+unless the run started from a saved adapter (`start_from`, `--from`): then it is that adapter."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
-from mlxpt.backends.base import no_base_error  # noqa: E402
+from mlxpt.backends.base import check_adapter_fits, no_base_error  # noqa: E402
 from mlxpt.backends.shared_prefix import grouped_token_logp, self_check  # noqa: E402
 from mlxpt.models.adapters import save_adapter  # noqa: E402
 from mlxpt.models.heads import head_rewards  # noqa: E402
@@ -90,7 +91,7 @@ class MLXBackend:
         optimizer.init(model.trainable_parameters())
         self._grads = self._rng_at_start = None
         self._loss = self._ntok = self._aux = None
-        # the adapter as created: the reference policy of DPO/GRPO (LoRA/DoRA start as a no-op)
+        # the adapter as created: the base model (LoRA/DoRA start as a no-op)
         full = self.adapter_config.get("fine_tune_type") == "full"
         self._initial = None if full else tree_flatten(model.trainable_parameters())
         if self._initial is not None:
@@ -98,6 +99,8 @@ class MLXBackend:
             self._initial_tree = tree_unflatten(self._initial)
         elif output == "logp_kl":
             raise no_base_error("kl_to_base", "use lora/dora or --kl-to-base 0")
+        # the reference of DPO/GRPO: the adapter as created, or the one the run started from (--from)
+        self._reference = self._initial
         self._compile = compile
         self._build(compile)
 
@@ -230,17 +233,32 @@ class MLXBackend:
     def peak_memory(self) -> int:
         return int(mx.get_peak_memory())
 
+    def start_from(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load a saved LoRA/DoRA adapter (`--from`) as the trainable weights and the reference."""
+        current = dict(tree_flatten(self.model.trainable_parameters()))
+        check_adapter_fits(arrays, {k: v.shape for k, v in current.items()})
+        self.model.load_weights([(k, mx.array(v).astype(current[k].dtype)) for k, v in arrays.items()], strict=False)
+        mx.eval(self.model.parameters())
+        self._reference = tree_flatten(self.model.trainable_parameters())
+
+    def at_start(self) -> bool:
+        if self._reference is None:  # full fine-tuning: no snapshot (only fresh runs ask)
+            return True
+        current = dict(tree_flatten(self.model.trainable_parameters()))
+        return all(bool(mx.array_equal(current[k], v).item()) for k, v in self._reference)
+
     def token_logps(self, *arrays, reference: bool = False) -> np.ndarray:
         """(B, L) log-probs of `targets` in eval mode, no gradient; `arrays` are `(inputs,
         targets)`, or with output="grouped" `(prompts, left_pad, completions)`. `reference`: under the adapter
-        as it was created (the base model for LoRA/DoRA), swapped in for this pass only: the
-        trainable arrays are small, so the reference costs no second copy of the weights."""
+        as it was created (the base model for LoRA/DoRA) or as the run started (`start_from`),
+        swapped in for this pass only: the trainable arrays are small, so the reference costs no
+        second copy of the weights."""
         self.model.eval()
         if reference and self._initial is None:
             raise no_base_error("fine_tune_type", "use lora or dora, or set beta 0", "the reference pass")
         if reference:
             current = tree_flatten(self.model.trainable_parameters())
-            self.model.load_weights(self._initial, strict=False)
+            self.model.load_weights(self._reference, strict=False)
         try:
             out = self.outputs(self.model, [mx.array(a) for a in arrays])[0]
             mx.eval(out)

@@ -9,7 +9,9 @@ pair (dL/dlogp, dL/dkl); the base is the adapter as created, a copy kept at cons
 
 The initial adapter is the MLX path's for the same seed: LoRA A replays MLX's Threefry key
 sequence bit for bit (numpy_model.MLXKeys); DoRA's magnitude m agrees to float32 rounding.
-`load_adapter_weights(folder)` starts from any saved adapter instead.
+`load_adapter_weights(folder)` starts from any saved adapter instead; `start_from(arrays)` does so
+for `--from` and makes it the reference of `token_logps(reference=True)` (the KL base stays the
+adapter as created).
 
 Differences from the MLX backend, on purpose:
 - Dropout masks come from NumPy's PCG64 (seeded by the run seed), not MLX's generator, so runs
@@ -29,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlxpt.backends.base import no_base_error
+from mlxpt.backends.base import check_adapter_fits, no_base_error
 from mlxpt.backends.numpy_model import LINEARS, Model
 from mlxpt.errors import ConfigError, ResourceError
 from mlxpt.models.memory import linux_available_bytes
@@ -105,6 +107,7 @@ class NumpyBackend:
         # the adapter as created: the base of the KL (LoRA/DoRA start as a no-op); full has none
         full = not model.adapters and bool(model.params)
         self._initial = None if full else {k: v.copy() for k, v in model.params.items()}
+        self._reference = self._initial  # DPO/GRPO's: as created, or as started (`start_from`)
         if full and output == "logp_kl":
             raise no_base_error("kl_to_base", "use lora/dora or --kl-to-base 0")
         self.rng = np.random.default_rng([seed, 1])  # dropout masks
@@ -204,14 +207,34 @@ class NumpyBackend:
 
         self._set_params(read_safetensors(Path(folder) / ADAPTER_FILE))
 
+    def start_from(self, arrays: dict[str, np.ndarray]) -> None:
+        """Load a saved LoRA/DoRA adapter (`--from`) as the trainable weights and the reference."""
+        check_adapter_fits(arrays, {k: v.shape for k, v in self.model.params.items()})
+        self._set_params(arrays)
+        self._reference = {k: v.copy() for k, v in self.model.params.items()}
+
+    def at_start(self) -> bool:
+        if self._reference is None:  # full fine-tuning: no snapshot (only fresh runs ask)
+            return True
+        return all(np.array_equal(self.model.params[k], v) for k, v in self._reference.items())
+
     def _note_memory(self) -> None:
         self._peak = max(self._peak, peak_rss())
 
     def peak_memory(self) -> int:
         return max(self._peak, peak_rss())
 
-    def token_logps(self, inputs, targets) -> np.ndarray:
-        return self.model.token_logp(np.asarray(inputs), np.asarray(targets))
+    def token_logps(self, inputs, targets, reference: bool = False) -> np.ndarray:
+        """(B, L) log-probs of `targets`; `reference`: under the adapter as created or as started."""
+        if not reference:
+            return self.model.token_logp(np.asarray(inputs), np.asarray(targets))
+        if self._reference is None:
+            raise no_base_error("fine_tune_type", "use lora or dora, or set beta 0", "the reference pass")
+        tuned, self.model.params = self.model.params, self._reference
+        try:
+            return self.model.token_logp(np.asarray(inputs), np.asarray(targets))
+        finally:
+            self.model.params = tuned
 
     def kl_to_reference(self, inputs) -> np.ndarray:
         """(B, L) float32 KL(p_tuned || p_base) after each prefix of `inputs`, no gradient."""

@@ -63,7 +63,13 @@ _DTYPES |= {"U8": np.uint8, "I8": np.int8, "I64": np.int64, "U16": np.uint16, "I
 
 def read_safetensors(path: Path) -> dict[str, np.ndarray]:
     """A safetensors file as NumPy arrays (bfloat16 widened to float32); never unpickles."""
-    data = np.memmap(path, dtype=np.uint8, mode="r")
+    return parse_safetensors(np.memmap(path, dtype=np.uint8, mode="r"), str(path))
+
+
+def parse_safetensors(data: np.ndarray | bytes, path: str = "") -> dict[str, np.ndarray]:
+    """Safetensors bytes (a uint8 array or `bytes`) as NumPy arrays, as read_safetensors."""
+    if isinstance(data, bytes):
+        data = np.frombuffer(data, dtype=np.uint8)
     (n,) = struct.unpack("<Q", bytes(data[:8]))
     header = json.loads(bytes(data[8 : 8 + n]))
     out = {}

@@ -1,4 +1,5 @@
 """`mlxpt data check FILE`: counts, token lengths, rejected rows with reasons, masked preview.
+`mlxpt data convert IN --out OUT`: Alpaca, ShareGPT or TRL rows rewritten in mlxpt's own format.
 `mlxpt data self-answers --prompts FILE --out FILE`: a model's own greedy answers as SFT rows, the
 rows to `--replay` so that fine-tuning keeps the model's general behaviour."""
 
@@ -10,7 +11,11 @@ from pathlib import Path
 
 from mlxpt.errors import ConfigError
 
-HELP = "check a dataset (counts, lengths, errors, a masked preview), or write a model's own answers for --replay"
+HELP = (
+    "check a dataset (counts, lengths, errors, a masked preview), convert other tools' formats, "
+    "or write a model's own answers for --replay"
+)
+METHOD_CHOICES = ["auto", "sft", "dpo", "simpo", "orpo", "rm", "grpo"]
 
 
 def register(sub) -> None:
@@ -23,11 +28,21 @@ def register(sub) -> None:
     c.add_argument("--mask", default="assistant", choices=["assistant", "prompt", "none"], help="trained tokens")
     c.add_argument("--max-seq-len", type=int, default=512, help="longest sequence in tokens")
     c.add_argument(
-        "--method", default="auto", choices=["auto", "sft", "dpo", "simpo", "orpo", "rm", "grpo"],
+        "--method", default="auto", choices=METHOD_CHOICES,
         help="the method the data is for (auto: preference pairs, GRPO prompts or SFT rows, from the first row)",
     )  # fmt: skip
     c.add_argument("--color", action="store_true", default=None, help="mark trained tokens with colour")
     c.set_defaults(func=run)
+    v = dsub.add_parser(
+        "convert", help="rewrite Alpaca, ShareGPT or TRL rows in mlxpt's own format (counts per source format)"
+    )
+    v.add_argument("path", metavar="IN", help="JSONL file in any format `data check` accepts")
+    v.add_argument("--out", required=True, metavar="OUT", help="where to write the converted JSONL (never IN)")
+    v.add_argument(
+        "--method", default="auto", choices=METHOD_CHOICES,
+        help="the method the data is for (auto: from the first row, as `data check` does)",
+    )  # fmt: skip
+    v.set_defaults(func=run_convert)
     register_self_answers(dsub)
 
 
@@ -67,19 +82,55 @@ def run(args) -> int:
     return 1 if n_errors else 0
 
 
-def check_self_answers_out(out: Path, inputs: dict) -> None:
-    """Refuse an --out that is, contains or lies inside an input, lies in a run folder, or cannot
-    be written as a file; nothing is touched."""
+def check_self_answers_out(out: Path, inputs: dict, kind: str = "self-answers") -> None:
+    """Refuse an --out that is (symlinks and hard links followed), contains or lies inside an
+    input, lies in a run folder, or cannot be written as a file; nothing is touched."""
+    import os
+
     from mlxpt.runs.guards import check_output, check_writable, is_run_dir
 
-    o = check_output(out, inputs, "self-answers", existing=False)
+    o = check_output(out, inputs, kind, existing=False)
+    for what, path in inputs.items():
+        if path is not None and o.is_file() and Path(path).exists() and os.path.samefile(o, path):
+            raise ConfigError(
+                "E617", f"the output is the {what} ({path}) under another name: writing there would destroy it",
+                str(out), "choose a new file",
+            )  # fmt: skip
     for folder in (o, *o.parents):
         if folder.is_dir() and is_run_dir(folder):
             raise ConfigError(
                 "E617", f"the output lies in the run folder {folder}: writing there would change the run", str(out),
-                "write the answers outside every run folder",
+                "write the file outside every run folder",
+            )  # fmt: skip
+        if folder != o and _is_model_folder(folder):
+            raise ConfigError(
+                "E617", f"the output lies in the model folder {folder}: writing there could destroy the model",
+                str(out), "write the file outside every model folder",
             )  # fmt: skip
     check_writable(out, "--out")
+
+
+def _is_model_folder(folder: Path) -> bool:
+    """A Hugging Face / MLX model folder: a config.json beside weights."""
+    return (folder / "config.json").is_file() and any(folder.glob("*.safetensors"))
+
+
+def run_convert(args) -> int:
+    from mlxpt.data.check import data_kind, detect_data_kind
+    from mlxpt.data.convert import convert_rows, jsonl_text
+    from mlxpt.runs.atomic import atomic_write_text
+
+    out = Path(args.out)
+    check_self_answers_out(out, {"input file": args.path}, "convert")  # before anything is read
+    kind = detect_data_kind(args.path) if args.method == "auto" else data_kind(args.method)
+    rows, sources, dropped = convert_rows(args.path, kind)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out, jsonl_text(rows))
+    counts = ", ".join(f"{n} {name}" for name, n in sources.most_common())
+    what = {"pref": "preference pairs", "prompts": "GRPO prompts"}.get(kind, "SFT rows")
+    note = f"; {dropped} identical pairs dropped" if dropped else ""
+    print(f"wrote {len(rows)} {what} to {out}: {counts}{note}")
+    return 0
 
 
 def self_answers(model, tokenizer, rows: list, max_tokens: int, batch_size: int, progress) -> tuple[list[dict], dict]:

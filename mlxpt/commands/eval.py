@@ -1,9 +1,10 @@
-"""`mlxpt eval`: accuracy of decoding strategies per sample budget on a verifiable JSONL set.
+"""Score decoding strategies (greedy, best-of-N, self-consistency, ...) by accuracy per number of
+samples on a JSONL set with known answers.
 
-Prints a table and a terminal chart, writes a JSON result file and an accuracy-vs-samples PNG.
-`--compare RUN` evaluates the base model and the run's adapter in one command. `--data` may be
-given several times (e.g. the held-out test split and the out-of-distribution split): each model
-is loaded once and scored on every set, and a summary puts the sets side by side.
+Prints a table and a chart, and writes the results (JSON) and an accuracy-vs-samples chart (PNG).
+`--compare RUN` scores the base model and the run's adapter in one command. Give `--data` several
+times (e.g. the held-out test split and an out-of-distribution split) to score every set and put
+them side by side. The TUI's Eval screen runs the same evaluation.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ def register(subparsers) -> None:
     from mlxpt.decode.evaluate import EVAL_STRATEGIES, EvalConfig
 
     d = EvalConfig()
-    p = subparsers.add_parser("eval", help="accuracy of decoding strategies vs samples, base vs adapter")
+    p = subparsers.add_parser(
+        "eval", help="accuracy of decoding strategies vs samples, base vs adapter", description=__doc__
+    )
     add_model_args(p)
     p.add_argument("--compare", metavar="RUN", default=None, help="also evaluate this run's adapter (base vs tuned)")
     p.add_argument(
@@ -159,6 +162,20 @@ def series_of(results: list[dict]) -> dict:
     return out
 
 
+def model_inputs(model: str | None, adapters: list[str]) -> dict[str, Path]:
+    """The folders an evaluation reads weights from: each adapter's folder (and the run around a
+    checkpoint), and the model folder or file when it is a local path."""
+    inputs: dict[str, Path] = {}
+    for a in adapters:
+        folder = Path(a)
+        inputs[f"adapter {a}"] = folder
+        if folder.parent.name == "checkpoints":
+            inputs[f"run of {a}"] = folder.parent.parent
+    if model and Path(model).expanduser().exists():
+        inputs[f"model {model}"] = Path(model).expanduser()
+    return inputs
+
+
 def run(args) -> int:
     from mlxpt.commands.generate import check_common, load_for
     from mlxpt.decode.evaluate import check_config, evaluate, read_rows
@@ -196,6 +213,8 @@ def run(args) -> int:
 
             args.model = (base_model_of(args.compare) or {}).get("model")
         runs.append(("adapter", args.compare))
+    for path in (out, plot):  # nor the adapter's run or the model (checked before any weights load)
+        check_output(path, model_inputs(args.model, [a for _, a in runs if a]), "eval", existing=False)
     results: list[dict] = []
     details: dict[str, list] = {}
     started = time.time()

@@ -1,8 +1,11 @@
-"""`mlxpt train [sft|dpo|simpo|orpo|rm|grpo]`: flags for every config field (CLI > YAML > defaults),
---resume, events. simpo and orpo are dpo with that loss (and SimPO's usual beta of 2)."""
+"""`mlxpt train [sft|dpo|simpo|orpo|rm|grpo]`: a flag for every config field (CLI > YAML > defaults),
+--resume, events; `mlxpt train METHOD --help` lists that method's settings with their defaults and
+choices. simpo and orpo are dpo with that loss (and SimPO's usual beta of 2)."""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
 import sys
 
@@ -16,29 +19,120 @@ def register(sub) -> None:
         "train",
         help="train a model (sft, dpo, simpo, orpo, rm, grpo); no arguments: SFT of the bundled default",
         description=__doc__,
+        usage="mlxpt train [METHOD] [--config FILE] [--resume RUN] [--SETTING VALUE ...]",
+        add_help=False,
     )
-    p.add_argument("method", nargs="?", default=None, choices=METHODS, help="training method (default: sft)")
-    p.add_argument("--config", help="YAML file of settings (flat `name: value`, or grouped by section)")
+    p.add_argument("-h", "--help", action=_MethodHelp, help="this method's settings, defaults and choices")
+    _add_common(p)
+    # Every method's settings parse (help hidden), so a setting of another method reaches
+    # build_config, whose one-line E504 names the method it belongs to.
+    classes = (SFTConfig, DPOConfig, RMConfig, GRPOConfig)
+    for name, (_, f) in {k: v for cls in classes for k, v in all_fields(cls()).items()}.items():
+        _add_setting(p, name, f, argparse.SUPPRESS)
+    p.set_defaults(func=run)
+
+
+def _add_common(p) -> None:
+    p.add_argument(
+        "method",
+        nargs="?",
+        default=None,
+        choices=METHODS,
+        metavar="METHOD",
+        help=f"{', '.join(METHODS)} (default: sft)",
+    )
+    p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="YAML file of settings (flat `name: value`, or grouped by section; mlx-lm's keys too), or a run folder: a new run with its settings",
+    )
     p.add_argument("--resume", metavar="RUN", help="continue a run folder from its newest complete checkpoint")
     p.add_argument(
         "--events", choices=["text", "json"], default="text", help="progress as text lines or one JSON object per line"
     )
-    helps: dict[str, list[str]] = {}
-    classes = (SFTConfig, DPOConfig, RMConfig, GRPOConfig)
-    for cls in classes:  # every method's settings; a shared name gets every help
-        for name, (_, f) in all_fields(cls()).items():
-            h = f.metadata.get("help")
-            if h and h not in helps.setdefault(name, []):
-                helps[name].append(h)
-    for name, (_, f) in {k: v for cls in classes for k, v in all_fields(cls()).items()}.items():
-        kw = {"dest": f"cfg_{name}", "default": None, "help": "; grpo: ".join(helps.get(name, []))}
-        if f.metadata.get("choices"):
-            kw["choices"] = f.metadata["choices"]
-        if str(f.type).startswith("bool"):
-            p.add_argument(f"--{name.replace('_', '-')}", action="store_const", const=True, **kw)
-        else:
-            p.add_argument(f"--{name.replace('_', '-')}", metavar=name.upper(), **kw)
-    p.set_defaults(func=run)
+
+
+def _add_setting(p, name: str, f, help_text: str) -> None:
+    flags = [f"--{name.replace('_', '-')}"]
+    if name == "from_run":
+        flags.insert(0, "--from")  # the short name people look for (mlx-lm: --resume-adapter-file)
+    kw = {"dest": f"cfg_{name}", "default": None, "help": help_text}
+    if str(f.type).startswith("bool"):
+        p.add_argument(*flags, action="store_const", const=True, **kw)
+        return
+    if f.metadata.get("choices"):
+        kw["choices"] = f.metadata["choices"]
+    else:
+        kind = str(f.type)
+        kw["metavar"] = {"from_run": "RUN"}.get(name) or (
+            "N" if kind.startswith("int") else "X" if kind.startswith("float") else name.upper()
+        )
+    p.add_argument(*flags, **kw)
+
+
+def _shown(value) -> str:
+    """A default as the help shows it: bundled data by its place in the repo, not a machine path."""
+    from pathlib import Path
+
+    from mlxpt.config import ASSETS
+
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, str) and Path(value).is_absolute() and Path(value).is_relative_to(ASSETS):
+        return f"bundled {Path(value).relative_to(ASSETS.parent)}"
+    return str(value)
+
+
+def method_help(method: str, named: bool = True) -> str:
+    """`mlxpt train METHOD --help`: the method's own settings, grouped by section, each with its
+    default (the method's preset applied) and its choices. `named=False`: no METHOD was given."""
+    cfg = config.build_config(method)
+    about = f"{method}: {DESCRIPTIONS[method]}"
+    if not named:
+        about += (
+            f"\n\nNo METHOD given: these are {method}'s settings (the default method).\n"
+            "See another method's with `mlxpt train METHOD --help`."
+        )
+    h = argparse.ArgumentParser(
+        prog="mlxpt train",
+        usage=f"mlxpt train {method if named else '[METHOD]'} [--config FILE] [--resume RUN] [--SETTING VALUE ...]",
+        description=about,
+        epilog="Every setting is also a key of the --config YAML file (flat, or under its section).\n"
+        f"Other methods: mlxpt train {{{','.join(m for m in METHODS if m != method)}}} --help",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_common(h.add_argument_group("command"))
+    for section in config.section_names(cfg):
+        group = h.add_argument_group(section)
+        obj = getattr(cfg, section)
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            text = f.metadata.get("help", "")
+            default = "" if value is None or "default" in text else f" (default: {_shown(value)})"
+            _add_setting(group, f.name, f, text.replace("%", "%%") + default)
+    return h.format_help()
+
+
+DESCRIPTIONS = {
+    "sft": "supervised fine-tuning on chat, completions or text rows",
+    "dpo": "direct preference optimisation on prompt/chosen/rejected pairs",
+    "simpo": "SimPO: reference-free preference optimisation (dpo with loss_type simpo, beta 2)",
+    "orpo": "ORPO: SFT on chosen plus an odds-ratio term (dpo with loss_type orpo)",
+    "rm": "a reward model (scalar head) trained on preference pairs",
+    "grpo": "GRPO: reinforcement learning on prompts with verifiable rewards",
+}
+
+
+class _MethodHelp(argparse.Action):
+    """-h/--help that prints the help of the method named before it (SFT's when none is)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        method = getattr(namespace, "method", None)
+        sys.stdout.write(method_help(method or "sft", named=method is not None))
+        parser.exit()
 
 
 def flags_from_args(args) -> dict:
@@ -55,7 +149,9 @@ def config_from_args(args) -> tuple[str, AnyConfig]:
 
         resume_config = read_config(args.resume)
     resume = args.resume or None
-    method = config.resolve_method(args.method, resume, resume_config)
+    # `--config RUN`: a run's saved settings, started fresh in a new folder, with its method
+    asked = args.method or (None if resume else config.saved_method(args.config))
+    method = config.resolve_method(asked, resume, resume_config)
     cfg = config.build_config(method, flags_from_args(args), args.config, resume=resume, resume_config=resume_config)
     return method, cfg
 
@@ -73,6 +169,9 @@ def _printer(mode: str, steps: int):
                 f"  train {e['train_rows']} rows, valid {e['valid_rows']}"
             )
             print(f"  memory estimate {e['memory_estimate_mb']:.0f} MB  BLAS {e['blas']}")
+            if e.get("from_run"):
+                taken = f" (taking {', '.join(e['adopted'])})" if e.get("adopted") else ""
+                print(f"  from {e['from_run']}{taken}")
         elif kind == "step" and (e["step"] % every == 0 or e["step"] in (1, steps) or e["skipped"]):
             if e["skipped"]:
                 print(f"step {e['step']:>5}/{steps}  non-finite loss or gradient: update skipped")
@@ -97,6 +196,8 @@ def _printer(mode: str, steps: int):
             )
         elif kind == "reference":
             print(f"reference log-probs {e['status']} for {e['pairs']} pairs: {e['path']}")
+        elif kind == "progress":
+            print(e["message"])
         elif kind == "warning":
             print(f"warning: {e['message']}", file=sys.stderr)
         sys.stdout.flush()

@@ -1,5 +1,9 @@
-"""`mlxpt tui` (and `mlxpt` with no arguments): the Textual app in `app/`. Imported lazily, so
-`mlxpt --help` loads neither textual nor mlx."""
+"""Open the terminal UI: list your runs, start, watch, stop and resume training, chat with a
+tuned model, compare it with the base model and evaluate it. Also opened by `mlxpt` with no
+arguments. Keys are listed on every screen with `?`; `ctrl+q` quits (a run it started saves a
+checkpoint first)."""
+
+# Imported lazily by the CLI, so `mlxpt --help` loads neither textual nor mlx.
 
 from __future__ import annotations
 

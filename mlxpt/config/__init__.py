@@ -11,6 +11,7 @@ from mlxpt.config.build import (
     config_class,
     flatten,
     resolve_method,
+    saved_method,
 )
 from mlxpt.config.sections import (
     ASSETS,
@@ -45,5 +46,5 @@ __all__ = [
     "AnyConfig", "DPOConfig", "DataConfig", "GRPOConfig", "GRPOSection", "ModelConfig", "PreferenceConfig",
     "RMConfig", "RegulariseConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "all_fields", "apply_flat", "build_config",
     "config_class", "default_data", "default_pref_data", "default_prompt_data", "flatten", "load_yaml", "opt",
-    "resolve_method", "section_names", "validate",
+    "resolve_method", "saved_method", "section_names", "validate",
 ]  # fmt: skip

@@ -3,14 +3,18 @@ flags; on resume the saved config, of which only a few settings may change."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
+from mlxpt.config.mlx_lm_keys import from_mlx_lm
 from mlxpt.config.sections import (
     PREF_METHODS,
     DPOConfig,
     GRPOConfig,
     RMConfig,
     SFTConfig,
+    all_fields,
     apply_flat,
     load_yaml,
 )
@@ -18,6 +22,8 @@ from mlxpt.errors import ConfigError
 
 METHODS = ("sft", *PREF_METHODS, "rm", "grpo")
 SECTIONS = ("model", "data", "adapter", "train", "reg", "pref", "rm", "grpo")  # every method's section names
+# what a run's config.json records besides its settings (dropped when it is given to --config)
+RUN_RECORD = ("method", "mlxpt_version", "model_path", "data_report", "adapter_config", "lineage")
 RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps", "forgetting_warn"}
 
 AnyConfig = SFTConfig | DPOConfig | RMConfig | GRPOConfig
@@ -60,7 +66,7 @@ def build_config(
 
     `flags` holds the explicitly set options (`name: value`, values as typed or as strings; None
     counts as not set). A new run is the method's defaults, then its preset (simpo, orpo), then
-    the YAML file at `yaml_path`, then `flags`: command line > YAML > defaults. A resumed run
+    the YAML file at `yaml_path` (mlx-lm's key names accepted), then `flags`: command line > YAML > defaults. A resumed run
     (`resume`: its folder, `resume_config`: its saved config.json, read by the caller) is the saved
     config with only RESUME_MUTABLE settings changed by `flags`; the YAML file is not read, and
     `trust_remote_code` is off unless `flags` turns it on (the saved value is never trusted).
@@ -87,10 +93,51 @@ def build_config(
     cfg = cls()
     if method != "sft":
         apply_flat(cfg, PREF_METHODS.get(method, {}), source=method)
-    if yaml_path:
-        apply_flat(cfg, flatten(load_yaml(yaml_path)), source=yaml_path)
+    if yaml_path:  # mlx-lm's key names (iters, lora_parameters, ...) are read as ours
+        settings, yaml_path = yaml_settings(yaml_path, method)
+        flat = from_mlx_lm(settings, set(all_fields(cfg)), yaml_path)
+        apply_flat(cfg, flat, source=yaml_path)
     apply_flat(cfg, flags, source="command line")
     return cfg
+
+
+def run_config_path(path: str) -> str:
+    """`--config RUN` (a run folder) means that run's config.json."""
+    p = Path(path)
+    return str(p / "config.json") if p.is_dir() and (p / "config.json").is_file() else path
+
+
+def yaml_settings(path: str, method: str) -> tuple[dict, str]:
+    """(flat settings, the file read) of `--config`: a YAML file, or a run's saved config (a run
+    folder or its config.json: "start fresh with this run's settings", in a new folder). A run's
+    record keys (version, resolved paths, lineage) are dropped, and so is `trust_remote_code`:
+    trust comes from the person, never from a file. A run of another method is E585."""
+    path = run_config_path(path)
+    raw = load_yaml(path)
+    if isinstance(raw, dict) and "mlxpt_version" in raw:  # a run's config.json
+        saved = raw.get("method", "sft")
+        if saved != method:
+            raise ConfigError(
+                "E585", f"this config is a {saved} run's, not {method}", path,
+                f"run `mlxpt train {saved} --config {path}`, or give a YAML of {method} settings",
+            )  # fmt: skip
+        raw = {k: v for k, v in raw.items() if k not in RUN_RECORD}
+        raw.get("model", {}).pop("trust_remote_code", None)
+    return flatten(raw), path
+
+
+def saved_method(path: str | None) -> str | None:
+    """The method of a run's saved config given to --config (None for any other file)."""
+    if not path:
+        return None
+    p = Path(run_config_path(path))
+    if p.suffix != ".json" or not p.is_file():
+        return None
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # load_yaml reports it with its line
+    return raw.get("method", "sft") if isinstance(raw, dict) and "mlxpt_version" in raw else None
 
 
 def _saved(resume: str, resume_config: dict | None) -> dict:

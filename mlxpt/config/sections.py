@@ -62,6 +62,7 @@ class AdapterConfig:
     dropout: float = opt(0.0, "dropout on the adapter input")
     num_layers: int = opt(16, "adapt the last N transformer layers (-1: all)")
     targets: str = opt("all", "comma-separated module names to adapt (e.g. q_proj,v_proj), or all linear layers")
+    from_run: str | None = opt(None, "start from this run's (or mlx-lm adapter folder's) adapter weights")
 
 
 @dataclass
@@ -250,6 +251,12 @@ def validate(cfg, source: str = "config") -> None:
         "kl_to_base": (lambda v: v >= 0, ">= 0 (0: off)"),
         "replay_ratio": (lambda v: 0 <= v < 1, "in [0, 1)"),
     }
+    adapter = getattr(cfg, "adapter", None)
+    if isinstance(adapter, AdapterConfig) and adapter.from_run and adapter.fine_tune_type == "full":
+        raise ConfigError(
+            "E574", "--from-run starts from a LoRA/DoRA adapter; full fine-tuning has none to load", source,
+            "use --fine-tune-type lora or dora (or leave it out: the adapter's own type is taken)",
+        )  # fmt: skip
     for name, (obj, f) in all_fields(cfg).items():
         value = getattr(obj, name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -48,7 +48,7 @@ def check_report(
         if not rows and split == "valid":
             lines.append("valid: none (the caller decides: split off train or skip eval)")
             continue
-        kinds = Counter(r.kind for r in rows)
+        kinds = Counter(r.source or r.kind for r in rows)
         fmt = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "no valid rows"
         files = sorted({r.where.rsplit(":", 1)[0] for r in rows})
         lines.append(f"{split}: {len(rows)} valid rows ({fmt}) {' '.join(files)}".rstrip())
@@ -156,7 +156,8 @@ def check_kind_report(kind: str, path: str, valid: str | None = None, tokenizer=
             continue
         if kind == "pref":
             rows, same, errs = scan_preference(p)
-            lines.append(f"{split}: {len(rows)} preference pairs ({same} identical dropped) {p}")
+            forms = ", ".join(f"{k} {n}" for k, n in sorted(Counter(r.source for r in rows).items()))
+            lines.append(f"{split}: {len(rows)} preference pairs ({forms or 'none'}; {same} identical dropped) {p}")
         else:
             rows, errs = scan_prompts(p)
             lines.append(f"{split}: {len(rows)} prompts (completions are sampled in training) {p}")

@@ -89,8 +89,9 @@ def _encode_chat(row: Row, tok: _Tok, mask: str, messages=None) -> tuple[list[in
     if mask == "none":
         m = [1] * len(full)
     else:
+        first = row.data.get("train_from", 0)  # a conversational prompt-completion trains its completion only
         for i, msg in enumerate(msgs):
-            if msg["role"] != "assistant":
+            if msg["role"] != "assistant" or i < first:
                 continue
             head = tok.render(msgs[:i], tools, True, row.where)
             start = _prefix_len(tok, full_text, full, head, row.where)

@@ -1,9 +1,12 @@
 """Read and validate JSONL datasets in the mlx-lm / TRL formats.
 
-Three formats, detected per file from the first valid row:
+Three formats, detected per row from its keys:
   chat         {"messages": [{"role", "content"}, ...], "tools": [...]?}
   completions  {"prompt": str, "completion": str}
   text         {"text": str}
+and the other tools' formats read as chat rows (foreign.py): Alpaca, ShareGPT and TRL's
+conversational prompt-completion. A file holds one kind (chat, completions or text); the chat
+formats may mix. `Row.source` keeps the format a row was written in.
 Every line is validated fully and all problems are collected, so a user fixes a file in one pass.
 Unknown extra keys are kept in `Row.extra` (e.g. an eval "answer" field) and otherwise ignored.
 """
@@ -15,7 +18,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxpt.data.row_checks import _CHECKS, FORMAT_KEYS, _tname, detect_kind
+from mlxpt.data.foreign import check_alpaca, check_chat_completion, check_sharegpt
+from mlxpt.data.row_checks import _CHECKS, FORMAT_KEYS, OPTIONAL_KEYS, _check_completions, _tname, detect_kind
 from mlxpt.errors import DataError
 
 BOM = b"\xef\xbb\xbf"
@@ -25,8 +29,18 @@ BOM = b"\xef\xbb\xbf"
 class Row:
     where: str  # "path:line"
     kind: str  # "chat" | "completions" | "text"
-    data: dict  # chat: {"messages", "tools"?}; completions: {"prompt", "completion"}; text: {"text"}
+    data: dict  # chat: {"messages", "tools"?, "train_from"?}; completions: {"prompt", "completion"}; text: {"text"}
     extra: dict = field(default_factory=dict)  # unrecognised keys, untouched
+    source: str = ""  # the format as written: kind, or alpaca, sharegpt, conversational completions
+
+
+def _completions(obj: dict, err) -> dict | None:
+    if "prompt" in obj and "completion" in obj and any(isinstance(obj[k], list) for k in ("prompt", "completion")):
+        return check_chat_completion(obj, err)
+    return _check_completions(obj, err)
+
+
+CHECKS = {**_CHECKS, "completions": _completions, "alpaca": check_alpaca, "sharegpt": check_sharegpt}
 
 
 class _Dup(dict):
@@ -103,7 +117,7 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[DataError]]:
     rows: list[Row] = []
     errors: list[DataError] = []
     kind: str | None = None
-    first_kind_at = ""
+    first_kind_at = first_source = ""
     nonblank = 0
     for lineno, bline in enumerate(raw.split(b"\n"), start=1):
         where = f"{name}:{lineno}"
@@ -173,7 +187,8 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[DataError]]:
             err(
                 "E108",
                 f"no recognised format keys (found: {keys})",
-                "use 'messages' (chat), 'prompt'+'completion' (completions) or 'text'",
+                "use 'messages' (chat), 'prompt'+'completion' (completions), 'text', "
+                "'instruction'+'output' (alpaca) or 'conversations' (sharegpt)",
             )
             continue
         if len(kinds) > 1:
@@ -183,22 +198,26 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[DataError]]:
                 "keep one format's keys per row (e.g. move 'text' to another name)",
             )
             continue
-        row_kind = kinds[0]
+        source = kinds[0]
+        if source == "completions" and any(isinstance(obj.get(k), list) for k in ("prompt", "completion")):
+            source = "conversational completions"
+        row_kind = source if source in ("completions", "text") else "chat"
         if kind is None:
-            kind, first_kind_at = row_kind, where
+            kind, first_kind_at, first_source = row_kind, where, source
         elif row_kind != kind:
             err(
                 "E109",
-                f"{row_kind} row in a {kind} file (format set by {first_kind_at})",
+                f"{source} row in {'an' if first_source[0] in 'aeiou' else 'a'} {first_source} file "
+                f"(format set by {first_kind_at})",
                 "use one format per file; split the file or convert the rows",
             )
             continue
-        data = _CHECKS[row_kind](obj, err)
+        data = CHECKS[kinds[0]](obj, err)
         if data is None:
             continue
-        used = {k for keys in FORMAT_KEYS.values() for k in keys} | {"tools"}
+        used = {k for keys in FORMAT_KEYS.values() for k in keys} | {"tools", *OPTIONAL_KEYS.get(kinds[0], ())}
         extra = {k: v for k, v in obj.items() if k not in used}
-        rows.append(Row(where=where, kind=row_kind, data=data, extra=extra))
+        rows.append(Row(where=where, kind=row_kind, data=data, extra=extra, source=source))
     if any(e.code == "E105" for e in errors) and (whole := _whole_json(raw)) is not None:
         # A pretty-printed object or a JSON array: one clear error instead of one per line.
         what = f"file is one JSON {_tname(whole)} spanning lines, not JSON Lines"

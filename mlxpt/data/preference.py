@@ -2,9 +2,11 @@
 
 Two forms, as in TRL: every field a string, or chat form (`prompt` a message list ending in a
 user turn, `chosen`/`rejected` lists of assistant messages); an optional `system` string is
-prepended. Problems are one-line DataErrors (E180-E199, file:line, hint), all collected before
-any model is read. Pairs whose chosen and rejected agree after whitespace normalisation carry no
-signal (loss ln 2): they are dropped and counted, and more than 5% of them is an error.
+prepended. TRL's implicit-prompt chat rows (`chosen`/`rejected` whole conversations, no `prompt`)
+are split where the two conversations part, at the last shared user turn. Problems are one-line
+DataErrors (E180-E199, E145, file:line, hint), all collected before any model is read. Pairs
+whose chosen and rejected agree after whitespace normalisation carry no signal (loss ln 2): they
+are dropped and counted, and more than 5% of them is an error.
 
 Encoding renders the chat template twice: prompt tokens = template(prompt, generation prompt),
 response tokens = template(prompt + response) minus that prefix, which must be a token prefix
@@ -34,6 +36,7 @@ class PrefRow:
     chosen: list[dict]  # assistant messages
     rejected: list[dict]
     chat: bool  # False: the string form (plain text when the tokenizer has no chat template)
+    source: str = "pairs"  # as written: pairs (strings), conversational pairs, implicit-prompt pairs
 
 
 @dataclass
@@ -80,7 +83,30 @@ def _messages(v, key: str, err, assistant: bool) -> list[dict] | None:
     return [{"role": m["role"], "content": m["content"]} for m in v]
 
 
+def _split_implicit(obj: dict, err) -> dict | None:
+    """TRL's implicit-prompt row as an explicit one: the prompt is the shared head of both
+    conversations up to its last user turn; what follows is each response."""
+    chosen, rejected = obj["chosen"], obj["rejected"]
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
+        shared += 1
+    users = [i for i in range(shared) if isinstance(chosen[i], dict) and chosen[i].get("role") == "user"]
+    if not users:
+        return err(
+            "E145",
+            "implicit-prompt pair: 'chosen' and 'rejected' share no opening user turn",
+            "start both conversations with the same prompt, or give it as 'prompt'",
+        )
+    cut = users[-1] + 1
+    return {**obj, "prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
+
+
 def _check(obj: dict, where: str, err) -> PrefRow | None:
+    source = "pairs"
+    if "prompt" not in obj and all(isinstance(obj.get(k), list) for k in ("chosen", "rejected")):
+        obj, source = _split_implicit(obj, err), "implicit-prompt pairs"
+        if obj is None:
+            return None
     missing = [k for k in ("prompt", "chosen", "rejected") if k not in obj]
     if missing:
         keys = ", ".join(sorted(obj)[:6]) or "none"
@@ -121,13 +147,14 @@ def _check(obj: dict, where: str, err) -> PrefRow | None:
         if any(m["role"] == "system" for m in msgs[1:]):
             return err("E189", "system message not first in the prompt", "put one system message first")
         chat = True
+        source = "conversational pairs" if source == "pairs" else source
     else:
         return err("E181", f"'prompt' is {_tname(prompt)}, expected a string or a message list", "fix the prompt")
     if system is not None:
         if msgs[0]["role"] == "system":
             return err("E189", "both 'system' and a system message in the prompt", "keep one of them")
         msgs = [{"role": "system", "content": system}, *msgs]
-    return PrefRow(where, msgs, chosen, rejected, chat)
+    return PrefRow(where, msgs, chosen, rejected, chat, source)
 
 
 def scan_preference(path: str | os.PathLike) -> tuple[list[PrefRow], int, list[DataError]]:

@@ -1,6 +1,6 @@
 """The checks of one row of each dataset format (chat, completions, text): every problem gets its
 code, what is wrong and how to fix it; a valid row becomes the normalised data `Row.data` holds.
-formats.py reads the files and calls these per line."""
+formats.py reads the files and calls these per line (foreign.py checks the other tools' formats)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,10 @@ FORMAT_KEYS = {
     "chat": ("messages",),
     "completions": ("prompt", "completion"),
     "text": ("text",),
+    "alpaca": ("instruction", "output"),
+    "sharegpt": ("conversations",),
 }
+OPTIONAL_KEYS = {"chat": ("tools",), "alpaca": ("input", "system", "history"), "sharegpt": ("system",)}
 
 
 def detect_kind(obj: dict) -> list[str]:

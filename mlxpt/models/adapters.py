@@ -85,7 +85,7 @@ def find_adapter(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
         raise ModelError("E220", "adapter path not found", str(p), "pass a run folder (runs/<id>) or an adapter folder")
-    if p.is_file():
+    if not p.is_dir():  # a file, or a device or FIFO given by mistake: look beside it
         p = p.parent
     if (p / ADAPTER_FILE).is_file() and _config_file(p).is_file():
         return p

@@ -60,7 +60,17 @@ def _converted(gguf: Path, name: str | None = None) -> Path:
     key = hashlib.sha256(key.encode()).hexdigest()[:12]
     out = home() / "models" / f"{name or gguf.stem}-{key}"
     if not (out / "config.json").exists():
-        convert_gguf(gguf, out)
+        try:
+            convert_gguf(gguf, out)
+        except OSError as exc:  # a read-only or vanished cache folder: one line, not a traceback
+            from mlxpt.runs.atomic import disk_full_error, is_disk_full
+
+            if is_disk_full(exc):
+                raise disk_full_error(out, exc) from None
+            raise ModelError(
+                "E229", f"mlxpt's cache folder cannot be written ({exc.strerror or type(exc).__name__})", str(out),
+                "set MLXPT_HOME to a writable folder",
+            ) from None  # fmt: skip
     return out
 
 

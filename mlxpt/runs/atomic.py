@@ -78,6 +78,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
             pass
         if is_disk_full(exc):
             raise disk_full_error(path, exc) from exc
+        if isinstance(exc, IsADirectoryError):  # an edited folder: a file's name taken by a folder
+            from mlxpt.errors import ConfigError
+
+            raise ConfigError(
+                "E630", f"{path.name} is a folder, so it cannot be written as a file", str(path),
+                "move that folder away; mlxpt writes a file there",
+            ) from None  # fmt: skip
         raise
     fsync_dir(path.parent)
 

@@ -61,11 +61,84 @@ def new_run_dir(root: str | os.PathLike = "runs", name: str | None = None) -> Pa
     raise FileExistsError(f"could not find a free run directory name for {root / base}")
 
 
+# (section, key) of the settings that name files or folders
+PATH_SETTINGS = (
+    ("model", "model"),
+    ("data", "data"),
+    ("data", "valid"),
+    ("train", "runs_dir"),
+    ("train", "regression_data"),
+    ("reg", "replay"),
+    ("grpo", "rewards"),
+)
+
+
+def _anchored(key: str, value: Any, base: Path, model_path: Any = None) -> Any:
+    """`value` with a relative path that exists under `base` made absolute; anything else as it is
+    (aliases, hub ids, `general`, `none`, built-in reward names)."""
+    if not isinstance(value, str) or not value:
+        return value
+    if key == "rewards":  # `accuracy,path/f.py:fn`: only the file part of each item
+        items = []
+        for item in value.split(","):
+            path, sep, fn = item.strip().rpartition(":")
+            items.append(f"{_anchored('file', path, base)}{sep}{fn}" if sep and path.endswith(".py") else item)
+        return ",".join(items)
+    try:
+        p = Path(value).expanduser()
+        if p.is_absolute() or not (base / p).exists():
+            return value
+    except (OSError, RuntimeError, ValueError):  # a name too long, no home folder, a NUL byte
+        return value
+    # a model reference is a path only where it resolved to itself (not an alias or hub id)
+    if key == "model" and isinstance(model_path, str) and Path(model_path) != p and p.suffix.lower() != ".gguf":
+        return value
+    return str((base / p).resolve())
+
+
+def anchor_paths(cfg: dict[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of a saved config whose relative paths are made absolute against `base` (the folder
+    they were relative to), so a run resumes, generates and fuses from any working directory."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
+    model_path = out.get("model_path")
+    for section, key in PATH_SETTINGS:
+        if isinstance(out.get(section), dict) and key in out[section]:
+            out[section][key] = _anchored(key, out[section][key], base, model_path)
+    if isinstance(model_path, str):
+        out["model_path"] = _anchored("model_path", model_path, base)
+    return out
+
+
+def _origin(run_dir: Path, cfg: dict[str, Any]) -> Path | None:
+    """The working directory a run with relative paths was started from: its runs folder was
+    `runs_dir` relative to it, so strip that from the run folder's parent (None if it was moved)."""
+    runs_dir = (cfg.get("train") or {}).get("runs_dir") if isinstance(cfg.get("train"), dict) else None
+    if not isinstance(runs_dir, str) or Path(runs_dir).is_absolute():
+        return None
+    parent = run_dir.resolve().parent
+    parts = [x for x in Path(runs_dir).parts if x != "."]
+    if ".." in parts:
+        return None
+    if parts and list(parent.parts[-len(parts) :]) != parts:
+        return None
+    return Path(*parent.parts[: len(parent.parts) - len(parts)]) if parts else parent
+
+
 def write_config(run_dir: str | os.PathLike, cfg: dict[str, Any]) -> None:
-    atomic_write_json(Path(run_dir) / "config.json", cfg)
+    """Write `config.json`, its relative paths made absolute (they are relative to this process's
+    working directory, which a later command need not share)."""
+    atomic_write_json(Path(run_dir) / "config.json", anchor_paths(cfg, Path.cwd()))
 
 
 def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """A run's saved config; relative paths an older version saved are anchored where the run was
+    started (found from its runs folder), so it loads from any working directory."""
+    cfg = _read_config(run_dir)
+    origin = _origin(Path(run_dir), cfg)
+    return anchor_paths(cfg, origin) if origin is not None else cfg
+
+
+def _read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(run_dir) / "config.json"
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
@@ -78,8 +151,26 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
         ) from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ConfigError("E304", f"config.json is not valid JSON: {exc}", str(path)) from None
+    except OSError as exc:  # unreadable (permissions), or the run path is a file
+        raise ConfigError(
+            "E304",
+            f"config.json cannot be read ({exc.strerror or type(exc).__name__})",
+            str(path),
+            "check the run folder's permissions",
+        ) from None
     if not isinstance(cfg, dict):
         raise ConfigError("E304", "config.json must hold a JSON object", str(path))
+    if "method" in cfg:  # written by `mlxpt train`: a section edited away would resume on defaults
+        from mlxpt.config.build import METHODS
+
+        missing = [s for s in ("model", "data", "adapter", "train") if not isinstance(cfg.get(s), dict)]
+        if not missing and not isinstance(cfg["model"].get("model"), str):
+            missing = ["model.model"]
+        what = f"has no {missing[0]!r} section" if missing else f"names an unknown method {cfg['method']!r}"
+        if missing or cfg["method"] not in METHODS:
+            raise ConfigError(
+                "E304", f"config.json {what}", str(path), "restore the run's config.json (it was edited or damaged)"
+            )
     return cfg
 
 

@@ -172,9 +172,26 @@ def check_writable(path: str | Path, flag: str, folder: bool = False) -> None:
     """Refuse, before any work, an output location that cannot be written: a file where a folder
     is needed (or the reverse), a parent that is a file, or a place without write permission."""
     p = Path(path)
-    if p.exists() and p.is_dir() != folder:
-        want = "a folder" if folder else "a file"
-        raise ConfigError("E619", f"{flag} must be {want}, and this path is not", str(p), f"give {want} path")
+    try:
+        _check_writable(p, flag, folder)
+    except OSError as exc:  # a name too long, a loop of links: the path itself cannot be used
+        raise ConfigError(
+            "E619",
+            f"{flag} cannot be used ({exc.strerror or type(exc).__name__})",
+            str(p)[:200],
+            "choose a shorter, plain path",
+        ) from None
+
+
+def _check_writable(p: Path, flag: str, folder: bool) -> None:
+    import stat
+
+    want = "a folder" if folder else "a file"
+    if p.exists():
+        mode = os.stat(p).st_mode
+        # a device, FIFO or socket is not an output: the atomic rename would replace it by a file
+        if not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+            raise ConfigError("E619", f"{flag} must be {want}, and this path is not", str(p), f"give {want} path")
     anc = p if (folder and p.exists()) else p.parent
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent

@@ -5,6 +5,8 @@ Objective (DPO): -log σ(β[(log π(c|x) - log π_ref(c|x)) - (log π(r|x) - log
 Deviations and simplifications:
 - π_ref is the same model with the adapter at its initial state (LoRA/DoRA start as a no-op, so
   that is the base model; for `full` it is the initial weights): no second copy of the weights.
+  A run started `--from` an earlier run starts with that run's adapter, so π_ref is that model
+  (base + the earlier adapter): the initial loss is log 2 and the margins 0, as with a fresh run.
   Its summed log-probs are computed once per pair before step 1 and cached in the run folder
   (`reference_logps.safetensors`); resume reuses the cache, and a run with checkpoints but no
   cache is refused, since the reference can no longer be recomputed.
@@ -174,12 +176,6 @@ def _progress_events(emit, total: int, every: float = 0.1) -> Callable[[int], No
     return progress
 
 
-def _adapter_is_initial(backend) -> bool:
-    """LoRA/DoRA are a no-op while every lora_b is zero; `full` has no such test (fresh runs only)."""
-    adapters = backend.get_state()["adapters"]
-    return all(not np.any(v) for k, v in adapters.items() if k.endswith("lora_b"))
-
-
 def before_train(ctx: TaskContext, train, valid, stop=None) -> None:
     """Load the cached reference log-probs, or compute and cache them on a fresh run (in the
     run's layout, see collate_pairs)."""
@@ -192,12 +188,12 @@ def before_train(ctx: TaskContext, train, valid, stop=None) -> None:
         arrays = _read_reference(path, keys)
         how = "loaded"
     else:
-        if latest_checkpoint(run_dir) is not None or not _adapter_is_initial(backend):
+        if latest_checkpoint(run_dir) is not None or not backend.at_start():
             raise MlxptError(
                 "E196",
                 "no cached reference log-probs, and the adapter is no longer at its initial state",
                 str(run_dir),
-                "the reference is the untrained model: start a new run",
+                "the reference is the model as the run started: start a new run",
             )
         arrays = _compute_reference(ctx, train, valid, stop)
         if arrays is None:  # stopped: nothing is cached, and a resume computes it again

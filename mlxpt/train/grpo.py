@@ -20,6 +20,8 @@ Deviations and simplifications:
   they only dilute the normalisation); if every group is such, the batch keeps them, masked.
 - Validation is greedy decoding of the held-out prompts scored by the same rewards (val_reward,
   val_accuracy), not a loss: a GRPO "loss" says little about progress.
+- A run started `--from` an earlier run (models/chaining.py) starts with that run's adapter, and
+  the KL reference is that model (base + the earlier adapter), kept as a copy of its small arrays.
 - Exact resume: the sampling RNG is part of every checkpoint, so a resumed run samples the same
   completions. With mu > 1, a run stopped between the mu steps of one generated batch samples
   that batch again on resume (the rollouts are not checkpointed).
@@ -135,10 +137,13 @@ class GRPOTask:
         # the current window's rollouts, in micro-batch order: reused for its mu updates, saved
         # in checkpoints between them, read by the step report
         self.window: list[Rollout] = []
+        self.said_equal = False  # "every group had equal rewards" is said once a session
 
     def task(self) -> Task:
         return Task(
-            batches=lambda train, state, cfg: iter_rollouts(self.spec, train, state, self.window, str(self.run_dir)),
+            batches=lambda train, state, cfg: iter_rollouts(
+                self.spec, train, state, self.window, str(self.run_dir), self.progress
+            ),
             evaluate=self.evaluate,
             report=self.report,
             state=self.state,
@@ -165,11 +170,30 @@ class GRPOTask:
         ]
 
     # -- reporting -------------------------------------------------------------------------
+    def progress(self, step: int, k: int, n: int, prompts: int) -> None:
+        """A "progress" event before each micro-batch of a session's first window is sampled:
+        the first step's sampling can take minutes with nothing else to show."""
+        g = self.g
+        self.emit({
+            "event": "progress", "stage": "sampling", "step": step, "done": k - 1, "total": n,
+            "message": f"step {step}: sampling group {k}/{n} ({prompts} prompts x {g.num_generations} completions, "
+            f"up to {g.max_completion_length} tokens each)",
+        })  # fmt: skip
+
+    def _say_equal_rewards(self, w: list[dict]) -> None:
+        if self.said_equal or sum(s["zero_std"] for s in w) < sum(s["groups"] for s in w):
+            return
+        self.said_equal = True
+        self.emit({"event": "warning", "message": "every group had equal rewards: nothing to learn this step "
+                   "(all completions of each prompt scored the same; try harder or easier prompts, a higher "
+                   "--temperature, more --num-generations, or a reward with partial credit)"})  # fmt: skip
+
     def report(self, step: int) -> dict:
         """Step-event fields from the rollouts of this step's window (TRL's metric names)."""
         w = [r.stats for r in self.window]
         if not w:
             return {}
+        self._say_equal_rewards(w)
         rewards = np.array([r for s in w for r in s["rewards"]], dtype=np.float64)
         lengths = [n for s in w for n in s["lengths"]]
         out = {
@@ -228,16 +252,20 @@ class GRPOTask:
         return out
 
 
-def iter_rollouts(spec: RolloutSpec, train: list, state, window: list[Rollout], where: str = "checkpoint"):
+def iter_rollouts(
+    spec: RolloutSpec, train: list, state, window: list[Rollout], where: str = "checkpoint", progress=None
+):
     """The loop's micro-batches for GRPO, from the state's data position on: each window's
     prompts are sampled and scored once (`window` holds its rollouts, in micro-batch order) and
     yielded again for each of its `num_iterations` updates. A run resumed between those updates
-    starts at the saved repeat with the checkpoint's rollouts (E552 if they are for other prompts)."""
+    starts at the saved repeat with the checkpoint's rollouts (E552 if they are for other prompts).
+    `progress(step, k, n, prompts)` before each micro-batch of this session's first window is sampled."""
     cfg = spec.cfg
     g, t = cfg.grpo, cfg.train
     mu = max(1, g.num_iterations)
     lengths = [len(e.tokens) + g.max_completion_length for e in train]
     start, repeat = (state.epoch, state.batch_index), state.repeat_index
+    first = True
     for after, idxs in iter_windows(lengths, cfg.data.batch_size, t.grad_accum, t.seed, *start):
         groups = [[train[i] for i in idx] for idx in idxs]
         if repeat == 0:
@@ -247,12 +275,14 @@ def iter_rollouts(spec: RolloutSpec, train: list, state, window: list[Rollout], 
         for r in range(repeat, mu):
             for k, examples in enumerate(groups):
                 if r == 0:
+                    if first and progress is not None:
+                        progress(state.step + 1, k + 1, len(groups), len(examples))
                     window.append(sample_rollout(spec, examples))
                 rollout = window[k]
                 tokens = rollout.stats["seq_tokens"] // max(1, len(examples)) * len(examples)
                 position = (*after, 0) if r == mu - 1 else (*start, r + 1)
                 yield MicroBatch(rollout.batch, tokens, k == len(groups) - 1, position)
-        start, repeat = after, 0
+        start, repeat, first = after, 0, False
 
 
 def _check_saved_prompts(window: list[Rollout], groups: list[list[PromptExample]], where) -> None:

@@ -78,9 +78,15 @@ class LoopState:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 
+def warmup_of(cfg: TrainConfig) -> int:
+    """Warm-up steps as used: at most half the run (10 warm-up steps of an 8-step run would never
+    reach the peak rate); the runner warns when this cuts `warmup_steps`."""
+    return min(cfg.warmup_steps, cfg.steps // 2)
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for the update with 0-based index `step`: linear warm-up, then decay."""
-    peak, warm = cfg.learning_rate, cfg.warmup_steps
+    peak, warm = cfg.learning_rate, warmup_of(cfg)
     if step < warm:
         return peak * (step + 1) / warm
     if cfg.schedule == "constant":

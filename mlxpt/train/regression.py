@@ -1,8 +1,9 @@
 """The forgetting monitor: at each evaluation, how the tuned model does on data it is not trained on.
 
 Every method's run scores a small regression set (`--regression-data`, by default the bundled
-general probe: the first rows of the out-of-distribution split, assets/ood/test.jsonl, plus plain
-instructions with the base model's own answers, assets/general/self_answers.jsonl) and logs
+general probe: bare sums and word problems of the out-of-distribution splits, assets/ood/arith.jsonl
+and test.jsonl, taken in turn, plus plain instructions with the base model's own answers,
+assets/general/self_answers.jsonl) and logs
 two numbers in its eval events:
 - `regression_accuracy`: greedy accuracy (%) on the rows with an `answer` (the answer is read
   with the same extractor as `mlxpt eval`, rewards/extract.py);
@@ -20,6 +21,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import zip_longest
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +31,11 @@ from mlxpt.errors import DataError
 
 GENERAL = "general"
 OFF = ("none", "off", "")
-GENERAL_FILES = (ASSETS / "ood" / "test.jsonl", ASSETS / "general" / "self_answers.jsonl")
+GENERAL_FILES = (
+    ASSETS / "ood" / "arith.jsonl",  # bare sums: the base model gets ~23 %, so a drop has room to show
+    ASSETS / "ood" / "test.jsonl",  # word problems in other contexts and step counts (base ~4 %)
+    ASSETS / "general" / "self_answers.jsonl",  # plain instructions, the base model's own answers
+)
 MAX_TOKENS = 96  # greedy tokens per answer: the bundled worked answers take under 80
 BATCH = 16  # prompts decoded together
 
@@ -116,11 +122,14 @@ def load_probe(spec: str, rows: int) -> Probe | None:
         if not path.is_file():
             raise DataError("E165", "regression data file not found", spec, "give a JSONL file, `general` or `none`")
         paths = [path]
-    all_rows = [r for p in paths for r in _rows_of(p)]
+    per_file = [_rows_of(p) for p in paths]
+    all_rows = [r for rows_ in per_file for r in rows_]
     if not all_rows:
         raise DataError("E165", "the regression data has no rows", spec, "add rows, or pass --regression-data none")
     probe = Probe(all_rows, spec)
-    probe.accuracy_rows = [r for r in all_rows if r.answer is not None][:rows]
+    # accuracy rows taken from the files in turn (the general probe: sums and word problems alike)
+    scored = [[r for r in rows_ if r.answer is not None] for rows_ in per_file]
+    probe.accuracy_rows = [r for group in zip_longest(*scored) for r in group if r is not None][:rows]
     # KL on the instructions first (the general behaviour a narrow run may lose), then the rest
     kl = [r for r in all_rows if r.reply is not None]
     kl.sort(key=lambda r: r.answer is not None)

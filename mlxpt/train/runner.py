@@ -36,7 +36,8 @@ from mlxpt.runs import (
 )
 from mlxpt.runs.guards import RunLock, check_writable
 from mlxpt.runs.store import checkpoint_problems
-from mlxpt.train.loop import LoopState, Task, train_loop
+from mlxpt.train import chain as chaining
+from mlxpt.train.loop import LoopState, Task, train_loop, warmup_of
 from mlxpt.train.regression import ForgettingMonitor, baseline_from, load_probe
 
 
@@ -127,15 +128,18 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
     if resume_dir is not None:  # before anything is read: a second writer, or a silent start over
         locks.append(RunLock(resume_dir).acquire())
         checkpoint = check_resumable(Path(resume_dir))  # verified once: restored below
+    chain = chaining.prepare(cfg, resume_dir)  # --from: checked, its adapter's shape adopted
     tokenizer, train, valid, data_report, monitor = _read_data(method, cfg, resume_dir, emit)
     t_load = time.perf_counter()
-    backend, layout, memory = _load_backend(method, cfg, train + valid, emit)
+    backend, layout, memory = _load_backend(method, cfg, train + valid, emit, chain)
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         clean_temp(run_dir)  # the lock is ours: every temp file left here is a dead writer's
     else:  # only now: rejected data, settings or memory leave no run folder behind
         run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
         locks.append(RunLock(run_dir).acquire())
+        if chain is not None:
+            chaining.keep_copy(chain, run_dir)  # before config.json names it in its lineage
     ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
     task = method.task(ctx)
     state = _restore(run_dir, checkpoint, backend, task) if resume_dir is not None else LoopState()
@@ -144,7 +148,7 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
     write_config(run_dir, {
         **cfg.to_dict(), "method": method.name, "mlxpt_version": __version__,
         "model_path": str(resolve(cfg.model.model)), "data_report": data_report,
-        "adapter_config": backend.adapter_config,
+        "adapter_config": backend.adapter_config, **({"lineage": chain.lineage} if chain else {}),
     })  # fmt: skip
     write_status(run_dir, "running", step=state.step, steps=cfg.train.steps)
     n_train, n_total = backend.param_counts()
@@ -154,7 +158,9 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
         "train_rows": data_report.get("train", {}).get("kept", len(train)), "valid_rows": len(valid), "trainable_params": n_train, "total_params": n_total,
         "load_time_s": time.perf_counter() - t_load, "blas": _blas.status(),
         "memory_estimate_mb": memory["total"] / 1e6, "data": data_report,
+        **({"from_run": cfg.adapter.from_run, "adopted": chain.adopted} if chain else {}),
     })  # fmt: skip
+    _warn_setup(cfg, chain, emit)
     outcome = _train(method, ctx, task, state, train, valid, stop, monitor)
     status = "finished" if outcome == "finished" else "interrupted"
     write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss)
@@ -182,7 +188,7 @@ def check_resumable(run_dir: Path) -> Path | None:
             "E522",
             f"no checkpoint of this run verifies ({why}); resuming would start over at step 0 and overwrite it",
             str(run_dir),
-            "start a new run (`mlxpt train` without --resume); this folder is left as it is",
+            f"start a new run with the same settings: mlxpt train --config {run_dir} (a new folder; this one is left as it is)",
         )
     return None
 
@@ -217,13 +223,32 @@ def _warn_beyond_context(cfg, emit) -> None:
               f"({context} positions): rows longer than that train positions the model never saw"})  # fmt: skip
 
 
-def _load_backend(method: Method, cfg, examples: list, emit) -> tuple:
-    """(backend with the method's objective, layout, memory estimate); refuses what cannot fit."""
+def _warn_setup(cfg, chain, emit) -> None:
+    """Warnings about settings that work but may not do what was meant."""
+    warm = warmup_of(cfg.train)
+    if warm < cfg.train.warmup_steps:
+        emit({"event": "warning", "message": f"warmup_steps {cfg.train.warmup_steps} is more than half of "
+              f"{cfg.train.steps} steps: warming up over {warm} steps instead (set --warmup-steps to choose)"})  # fmt: skip
+    if chain is None:
+        return
+    try:
+        model_path = str(resolve(cfg.model.model))
+    except MlxptError:  # the tokenizer load reports it
+        model_path = None
+    for message in chain.warnings + (chaining.model_warning(chain, model_path) if model_path else []):
+        emit({"event": "warning", "message": message})
+
+
+def _load_backend(method: Method, cfg, examples: list, emit, chain=None) -> tuple:
+    """(backend with the method's objective, layout, memory estimate); refuses what cannot fit.
+    With `chain` (--from), the adapter starts from its weights."""
     output = method.output(cfg) if callable(method.output) else method.output
     backend = create_backend(
         cfg.train.backend, cfg.model, cfg.adapter, cfg.train, output=output,
         extend_model=method.extend_model, save=method.save,
     )  # fmt: skip
+    if chain is not None:
+        backend.start_from(chaining.start_arrays(chain))
     memory = backend.check_memory(method.memory_shape(cfg, max(method.length(e) for e in examples)))
     layout = choose_layout(backend, method.shares_prompts(cfg), emit)
     backend.set_objective(method.objective(cfg, layout))
@@ -235,12 +260,33 @@ def _restore(run_dir: Path, ck: Path | None, backend, task: Task) -> LoopState:
     if ck is None:
         return LoopState()
     arrays, saved = load_checkpoint(ck)
+    _check_shapes(ck, arrays.get("adapters", {}), backend.get_state()["adapters"])
     backend.set_state(arrays)
     state = LoopState.from_dict(saved["loop"])
     if task.load_state is not None:
         task.load_state(arrays.get("task", {}), saved.get("task", {}))
     _trim_logs(run_dir, state.step)
     return state
+
+
+def _check_shapes(ck: Path, saved: dict, model: dict) -> None:
+    """The checkpoint's adapter arrays are the ones this model has, name for name and shape for
+    shape: a run whose config was edited to another model is refused (E524), never half-loaded."""
+    want = {k: tuple(v.shape) for k, v in model.items()}
+    got = {k: tuple(v.shape) for k, v in saved.items()}
+    if want == got:
+        return
+    missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+    shape = sorted(k for k in set(want) & set(got) if want[k] != got[k])
+    what = (
+        f"{len(missing)} adapter arrays of this model are not in it (e.g. {missing[0]})" if missing
+        else f"it has {len(extra)} adapter arrays this model lacks (e.g. {extra[0]})" if extra
+        else f"{shape[0]} is {got[shape[0]]} in it and {want[shape[0]]} in this model"
+    )  # fmt: skip
+    raise MlxptError(
+        "E524", f"the checkpoint does not fit the model: {what}", str(ck),
+        "resume with the model the run was trained on (its config.json was changed?), or start a new run",
+    )  # fmt: skip
 
 
 def _checkpointer(ctx: TaskContext, task: Task) -> Callable[[LoopState], None]:

@@ -152,6 +152,7 @@ def train_args(model: Path, data: Path, runs: Path, steps: int, method: str = "s
         "num_layers": -1,
         "rank": 4,
         "dropout": 0.1,
+        "regression_data": "none",  # the forgetting monitor decodes 24 probes twice: not under test here
     }
     base.update(flags)
     argv = ["train", method, "--model", model, "--data", data, "--runs-dir", runs, "--events", "json"]

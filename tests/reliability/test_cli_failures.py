@@ -53,7 +53,7 @@ def test_training_goes_on_when_its_reader_goes_away(tiny_dir, data_dir, tmp_path
     argv = [
         sys.executable, "-m", "mlxpt.cli", "train", "--model", str(tiny_dir), "--data", str(data_dir),
         "--runs-dir", str(runs), "--steps", "6", "--batch-size", "2", "--eval-every", "0", "--save-every", "3",
-        "--num-layers", "-1", "--events", "json",
+        "--num-layers", "-1", "--events", "json", "--regression-data", "none",
     ]  # fmt: skip
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ})
     first = json.loads(proc.stdout.readline())  # `| head -n 1`

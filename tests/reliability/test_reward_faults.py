@@ -228,7 +228,7 @@ def test_stop_policy_saves_the_last_step_and_resumes_once_fixed(tiny_model, grpo
     args = ["train", "grpo", "--model", str(tiny_model), "--data", str(grpo_prompts), "--runs-dir", str(runs),
             "--steps", "3", "--batch-size", "2", "--num-generations", "4", "--max-completion-length", "8",
             "--beta", "0", "--eval-every", "0", "--save-every", "100", "--rewards", f"{reward}:flaky",
-            "--reward-on-error", "stop"]  # fmt: skip
+            "--reward-on-error", "stop", "--regression-data", "none"]  # fmt: skip
 
     rc = main(args)
     err = [x for x in capsys.readouterr().err.splitlines() if not x.startswith("warning")]

@@ -65,6 +65,7 @@ def test_resume_without_a_valid_checkpoint_is_refused_and_touches_nothing(finish
     ok = e.value.code == "E522" and _hashes(run_dir) == before
     scoreboard.record("writers", resumes_tried=1, resumes_refused=int(ok))
     assert e.value.code == "E522" and "start over" in e.value.line()
+    assert f"mlxpt train --config {run_dir}" in e.value.line()  # the explicit fresh start, named
     if damage != "no checkpoints":
         assert all(ck.name in e.value.line() for ck in cks)  # each one is named, with its reason
     assert _hashes(run_dir) == before

@@ -308,12 +308,18 @@ async def test_monitor_follows_a_run_started_from_the_cli(tmp_path):
     lock.release()
 
 
-@pytest.mark.parametrize("method", ["grpo"])  # the longest form
-async def test_every_form_field_can_be_reached_and_seen_at_80x24(tmp_path, method):
-    """Tabbing through the New run form scrolls it: every field, down to the last GRPO setting,
-    is on screen while it has focus (the form used to end at `dropout` at 80x24)."""
+@pytest.mark.parametrize(
+    "method,size",
+    [*((m, (80, 24)) for m in ("sft", "dpo", "simpo", "orpo", "rm", "grpo")), ("grpo", (120, 35)), ("sft", (120, 35))],
+)
+async def test_every_form_field_can_be_reached_and_seen(tmp_path, method, size):
+    """Tabbing through the New run form scrolls it: every field of every method is on screen while
+    it has focus (the form used to end at `dropout` at 80x24), only that method's settings are in
+    it, no label runs into its value, and the command line under the form follows the edits."""
+    from app import form as form_mod
+
     app = create_app(tmp_path / "runs", poll_runs=False)
-    async with app.run_test(size=SIZE) as pilot:
+    async with app.run_test(size=size) as pilot:
         await pilot.press("n")
         await pilot.pause()
         screen = app.screen
@@ -321,7 +327,11 @@ async def test_every_form_field_can_be_reached_and_seen_at_80x24(tmp_path, metho
         await pilot.pause()
         form = screen.query_one("#form")
         fields = [w for w in screen.query("#fields Input, #fields Switch, #fields Select")]
-        assert len(fields) > 20
+        assert {w.id[2:] for w in fields} == {f.name for f in form_mod.form_fields(method)}
+        assert ("f-num_generations" in {w.id for w in fields}) == (method == "grpo")
+        for w in fields:  # a space between every label and its value
+            label = w.parent.query_one(".field-name")
+            assert label.region.right < w.region.x or label.region.right == w.region.x and label.styles.padding.right
         seen, scrolled = set(), 0
         for _ in range(len(fields) + 5):
             await pilot.press("tab")
@@ -334,3 +344,8 @@ async def test_every_form_field_can_be_reached_and_seen_at_80x24(tmp_path, metho
                 scrolled = max(scrolled, form.scroll_offset.y)
         assert seen == {w.id for w in fields}
         assert scrolled > 0  # it did scroll
+        steps = screen.query_one("#f-steps")
+        steps.value = "37"
+        await wait_for(pilot, lambda: "--steps 37" in str(screen.query_one("#cli-line").render()), timeout=5,
+                       what="the command line")  # fmt: skip
+        assert str(screen.query_one("#cli-line").render()).startswith(f"$ mlxpt train {method}")

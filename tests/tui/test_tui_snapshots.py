@@ -51,6 +51,8 @@ def snap(snap_compare, size, keys=(), before=None):
         if before is not None:
             await before(pilot)
         await pilot.app.workers.wait_for_complete()
+        for field in pilot.app.screen.query("Input"):
+            field.cursor_blink = False  # a blinking cursor would make the picture depend on timing
         await pilot.pause(0.3)
 
     return snap_compare(create_app("runs", poll_runs=False), terminal_size=size, run_before=run_before)
@@ -110,6 +112,7 @@ def test_compare_screen(snap_compare, workdir, size):
 @pytest.mark.parametrize("size", SIZES)
 def test_eval_screen(snap_compare, workdir, size):
     async def load(pilot):
+        pilot.app.screen.query_one("#eval-path").focus()  # the results file field; enter loads it
         await pilot.press(*"eval.json", "enter")
 
     assert snap(snap_compare, size, keys=["e"], before=load)
