@@ -11,6 +11,14 @@ import json
 from pathlib import Path
 
 
+def duration(seconds: float | None) -> str:
+    """`1m05s`, `2h03m`; blank for None."""
+    if seconds is None:
+        return ""
+    s = int(seconds)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
 class TrainingTime:
     """`seconds(run_dir)`: active training time so far, or None when no step reported one."""
 

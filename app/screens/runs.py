@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 from textual.app import ComposeResult
@@ -10,7 +11,8 @@ from textual.binding import Binding
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Header, Static
 
-from app.active_time import TrainingTime
+from app.active_time import TrainingTime, duration
+from app.pipelines import PipelineInfo, list_pipelines
 from mlxpt.runs.listing import RunInfo, list_runs
 
 REFRESH_S = 2.0
@@ -19,13 +21,6 @@ COLUMNS = ("run", "method", "status", "step", "last", "started", "time")
 
 def short_model(model: str) -> str:
     return Path(model).name if "/" in model or "\\" in model else model
-
-
-def duration(seconds: float | None) -> str:
-    if seconds is None:
-        return ""
-    s = int(seconds)
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 def short_name(name: str) -> str:
@@ -41,6 +36,22 @@ def row_of(run: RunInfo, active_s: float | None = None) -> tuple[str, ...]:
     started = run.started.strftime("%m-%d %H:%M") if run.started else ""
     last = run.last.replace("reward ", "rew ")
     return (short_name(run.name)[:18], run.method, run.status, step, last, started, duration(active_s))
+
+
+def pipeline_row(p: PipelineInfo) -> tuple[str, ...]:
+    """A pipeline's list row: its stage in progress (k/n and method) in the step and last columns."""
+    n = len(p.stages)
+    kind = str(p.stages[p.current].get("kind", "")) if n else ""
+    started = datetime.strptime(p.path.name[:15], "%Y%m%d-%H%M%S").strftime("%m-%d %H:%M") if _stamped(p.path) else ""
+    return (p.name[:18], "pipeline", p.status, f"stage {p.current + 1}/{n}", kind, started, duration(p.seconds))
+
+
+def _stamped(path: Path) -> bool:
+    try:
+        datetime.strptime(path.name[:15], "%Y%m%d-%H%M%S")
+    except ValueError:
+        return False
+    return True
 
 
 class RunsScreen(Screen):
@@ -70,6 +81,8 @@ class RunsScreen(Screen):
         for name in COLUMNS:
             table.add_column(name, key=name)
         self.runs: list[RunInfo] | None = None  # None: never listed yet
+        self.pipelines: list[PipelineInfo] = []
+        self.keys: list[str] = []  # row keys: run and pipeline folders, newest first
         self.rows: list[tuple[str, ...]] = []
         self.times = TrainingTime()
         self.action_refresh()
@@ -82,43 +95,58 @@ class RunsScreen(Screen):
     def action_refresh(self) -> None:
         table = self.query_one(DataTable)
         runs = list_runs(self.app.runs_dir)
-        rows = [row_of(r, self.times.seconds(r.path)) for r in runs]
-        if self.runs is not None and rows == self.rows and [r.path for r in runs] == [r.path for r in self.runs]:
+        pipelines = list_pipelines(self.app.runs_dir)
+        items: list[RunInfo | PipelineInfo] = sorted([*runs, *pipelines], key=lambda x: x.path.name, reverse=True)
+        rows = [
+            pipeline_row(x) if isinstance(x, PipelineInfo) else row_of(x, self.times.seconds(x.path)) for x in items
+        ]
+        keys = [str(x.path) for x in items]
+        if self.runs is not None and rows == self.rows and keys == self.keys:
             return
-        keys = [str(r.path) for r in runs]
-        if self.runs is not None and keys == [str(r.path) for r in self.runs]:
-            # the same runs in the same order: change the cells in place (the cursor stays put)
+        if self.runs is not None and keys == self.keys:
+            # the same folders in the same order: change the cells in place (the cursor stays put)
             for key, old, row in zip(keys, self.rows, rows, strict=True):
                 for column, a, b in zip(COLUMNS, old, row, strict=True):
                     if a != b:
                         table.update_cell(key, column, b, update_width=True)
         else:
-            # runs came or went: rebuild, and put the cursor back on its run (by folder, not row)
-            selected = self.selected()
+            # folders came or went: rebuild, and put the cursor back on its row (by folder, not position)
+            selected = self.selected_key()
             table.clear()
             for key, row in zip(keys, rows, strict=True):
                 table.add_row(*row, key=key)
-            if selected is not None and str(selected.path) in keys:
-                table.move_cursor(row=keys.index(str(selected.path)))
-        self.runs, self.rows = runs, rows
+            if selected is not None and selected in keys:
+                table.move_cursor(row=keys.index(selected))
+        self.runs, self.pipelines, self.rows, self.keys = runs, pipelines, rows, keys
         n = len(runs)
+        what = f"{n} run{'s' if n != 1 else ''}"
+        if pipelines:
+            what += f", {len(pipelines)} pipeline{'s' if len(pipelines) != 1 else ''}"
         self.query_one("#runs-title", Static).update(
-            f"{n} run{'s' if n != 1 else ''} in {self.app.runs_dir}  ·  n new run  ·  enter open  ·  ? keys"
-            if n
+            f"{what} in {self.app.runs_dir}  ·  n new run  ·  enter open  ·  ? keys"
+            if keys
             else f"No runs in {self.app.runs_dir} yet. Press n to start one, c to chat, ? for keys."
         )
         self._show_detail()
 
-    def selected(self) -> RunInfo | None:
-        """The run under the cursor, found by the row's key (its folder), never by position."""
+    def selected_key(self) -> str | None:
+        """The folder (row key) under the cursor: a run's or a pipeline's."""
         table = self.query_one(DataTable)
-        if not self.runs or not table.row_count or table.cursor_row is None:
+        if not table.row_count or table.cursor_row is None:
             return None
         try:
-            key = table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+            return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
         except Exception:  # noqa: BLE001 - no valid cursor cell: nothing selected
             return None
-        return next((r for r in self.runs if str(r.path) == key), None)
+
+    def selected_pipeline(self) -> PipelineInfo | None:
+        key = self.selected_key()
+        return next((p for p in self.pipelines if str(p.path) == key), None)
+
+    def selected(self) -> RunInfo | None:
+        """The run under the cursor, found by the row's key (its folder), never by position."""
+        key = self.selected_key()
+        return next((r for r in self.runs or [] if str(r.path) == key), None)
 
     def on_data_table_row_highlighted(self, event: DataTable.RowHighlighted) -> None:
         self._show_detail()
@@ -129,7 +157,13 @@ class RunsScreen(Screen):
     def _show_detail(self) -> None:
         run = self.selected()
         text = ""
-        if run is not None:
+        pipe = self.selected_pipeline()
+        if pipe is not None:
+            done = sum(s.get("status") == "finished" for s in pipe.stages)
+            text = f"{pipe.path.name} · {done}/{len(pipe.stages)} stages finished  ·  enter: its stages"
+            if pipe.error:
+                text += f"  ·  {pipe.error}"
+        elif run is not None:
             text = f"{run.name} · {short_model(run.model)} · {run.checkpoints} checkpoint(s)"
             if run.error:
                 text += f"  ·  {run.error}"
@@ -140,6 +174,12 @@ class RunsScreen(Screen):
         self.query_one("#run-detail", Static).update(text)
 
     def action_open(self) -> None:
+        pipe = self.selected_pipeline()
+        if pipe is not None:
+            from app.screens.pipeline import PipelineScreen
+
+            self.app.push_screen(PipelineScreen(pipe.path))
+            return
         run = self.selected()
         if run is not None:
             from app.screens.monitor import MonitorScreen

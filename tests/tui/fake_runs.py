@@ -86,3 +86,45 @@ for s in (1, 2, 3):
 print("fatal: simulated native crash", file=sys.stderr, flush=True)
 os.abort()
 """
+
+
+def write_pipeline(folder: Path, status: str, stages: list[tuple[str, str, str | None]], report: bool = False) -> None:
+    """pipeline.json in the shape mlxpt/pipeline/run.py writes: (kind, status, run folder name)
+    per stage; with `report`, report/report.md and a summary.json as report.py writes them."""
+    state = {
+        "name": "demo", "recipe_file": "recipes/demo.yaml", "recipe_hash": "abc123", "recipe": "name: demo\n",
+        "created": "2026-11-25T13:00:00", "updated": "2026-11-25T13:10:00", "status": status,
+        "stages": [
+            {"stage": i, "kind": kind, "status": st, "run": run, **({"seconds": 60.0 * i} if st == "finished" else {})}
+            for i, (kind, st, run) in enumerate(stages, 1)
+        ],
+    }  # fmt: skip
+    if report:
+        state["report"] = "report/report.md"
+        out = folder / "report"
+        out.mkdir(exist_ok=True)
+        (out / "report.md").write_text("# Pipeline `demo`\n")
+        acc = [
+            {"eval_stage": 3, "model": m, "run": run, "data": d, "accuracy": a, "correct": int(a * 20), "total": 20}
+            for m, run, d, a in (
+                ("base", None, "gsm/test", 0.25), ("base", None, "ood/test", 0.40),
+                ("1-sft", stages[0][2], "gsm/test", 0.45), ("1-sft", stages[0][2], "ood/test", 0.35),
+            )
+        ]  # fmt: skip
+        summary = {"name": "demo", "recipe_hash": "abc123", "stages": state["stages"], "accuracy": acc}
+        (out / "summary.json").write_text(json.dumps(summary))
+    tmp = folder / "pipeline.json.tmp"
+    tmp.write_text(json.dumps(state))
+    tmp.replace(folder / "pipeline.json")
+
+
+def make_pipeline(root: Path, status: str = "running") -> Path:
+    """A pipeline folder (sft, then dpo, then eval) beside its stage runs: the sft stage finished,
+    the dpo stage running at step 12/30 (the caller holds the folder's lock for a live one)."""
+    make_run(root, "20261125-130100-demo-1-sft", "sft", "finished", 20, 20)
+    make_run(root, "20261125-130500-demo-2-dpo", "dpo", "interrupted", 30, 12)
+    folder = root / "20261125-130000-pipeline-demo"
+    folder.mkdir(parents=True)
+    write_pipeline(folder, status, [("sft", "finished", "20261125-130100-demo-1-sft"),
+                                    ("dpo", status, "20261125-130500-demo-2-dpo"), ("eval", "pending", None)])  # fmt: skip
+    return folder

@@ -11,7 +11,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from fake_runs import make_runs  # noqa: E402
+from fake_runs import make_pipeline, make_runs, write_pipeline  # noqa: E402
 
 from app.main import create_app  # noqa: E402
 
@@ -75,6 +75,15 @@ def test_monitor_screen_grpo(snap_compare, workdir, size):
 
 @pytest.mark.parametrize("size", SIZES)
 def test_monitor_screen_dpo(snap_compare, workdir, size):
+    assert snap(snap_compare, size, keys=["down", "down", "enter"])
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_pipeline_screen(snap_compare, workdir, size):
+    """A finished pipeline: its stages, the report's path and the final accuracy table."""
+    folder = make_pipeline(Path("runs"), status="finished")
+    stages = [("sft", "finished", "20261125-130100-demo-1-sft"), ("dpo", "finished", "20261125-130500-demo-2-dpo")]
+    write_pipeline(folder, "finished", [*stages, ("eval", "finished", None)], report=True)
     assert snap(snap_compare, size, keys=["down", "down", "enter"])
 
 
