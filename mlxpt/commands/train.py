@@ -192,7 +192,7 @@ def _printer(mode: str, steps: int):
             print(f"step {e['step']:>5}/{steps}  {eval_summary(e)}")
         elif kind == "reference" and e["status"] == "computing":
             print(
-                f"reference log-probs (the untrained model, once per run): {e['done']}/{e['pairs']} pairs, {e['elapsed_s']:.0f} s"
+                f"reference log-probs (the starting model, once per run): {e['done']}/{e['pairs']} pairs, {e['elapsed_s']:.0f} s"
             )
         elif kind == "reference":
             print(f"reference log-probs {e['status']} for {e['pairs']} pairs: {e['path']}")
