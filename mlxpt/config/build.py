@@ -122,7 +122,8 @@ def yaml_settings(path: str, method: str) -> tuple[dict, str]:
                 f"run `mlxpt train {saved} --config {path}`, or give a YAML of {method} settings",
             )  # fmt: skip
         raw = {k: v for k, v in raw.items() if k not in RUN_RECORD}
-        raw.get("model", {}).pop("trust_remote_code", None)
+        if isinstance(raw.get("model"), dict):
+            raw["model"].pop("trust_remote_code", None)
     return flatten(raw), path
 
 
