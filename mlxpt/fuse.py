@@ -4,11 +4,16 @@ Reference logits of base+adapter on a fixed probe are compared with the logits o
 model reloaded from disk; the folder appears at `--out` only when they agree. A float base must
 agree to 1e-4 x the logit scale; a base kept quantised is re-quantised after fusing, which
 rounds W + ΔW to the quantisation grid, so it gets the looser QUANTIZED_TOL.
+
+With an `ExportConfig` the same folder also gets a GGUF file (read back and compared, see
+`verify_gguf`), an Ollama Modelfile and a model card, all before it is renamed into
+place; the Hub upload comes last, from the finished folder.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -22,6 +27,41 @@ FLOAT_TOL = 1e-4  # max |Δlogit| / max(1, max |logit|) for a float fused model
 # large random adapter: 8-bit 0.019 and 4-bit 0.27 of the logit scale. --dequantize stays exact.
 QUANTIZED_TOL = {8: 0.1, 6: 0.2, 5: 0.4, 4: 0.5}
 PROBE_MESSAGE = [{"role": "user", "content": "Name three primary colours and say why the sky is blue."}]
+FORMATS = ("gguf",)
+GGUF_TYPES = ("f16", "q8_0")
+_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9][A-Za-z0-9_.-]{0,95}$")
+
+
+@dataclass
+class ExportConfig:
+    export: str | None = None  # "gguf": write a GGUF file into the fused folder
+    gguf_type: str | None = None  # f16 | q8_0 (default f16)
+    ollama: bool = False  # write an Ollama Modelfile beside the GGUF
+    upload_repo: str | None = None  # owner/name on the Hub: write a model card and push the folder
+    dry_run: bool = False  # with upload_repo: write the folder and card, list the files, push nothing
+
+    def check(self) -> ExportConfig:
+        """Refuse unknown values and flags without their partner; returns self with defaults set."""
+        if self.export is not None and self.export not in FORMATS:
+            raise ConfigError(
+                "E643", f"unknown export format {self.export!r}", "--export", f"use one of: {', '.join(FORMATS)}"
+            )
+        if self.gguf_type is not None and self.gguf_type not in GGUF_TYPES:
+            raise ConfigError(
+                "E644", f"unknown GGUF type {self.gguf_type!r}", "--gguf-type", f"use one of: {', '.join(GGUF_TYPES)}"
+            )
+        for flag, given in (("--gguf-type", self.gguf_type is not None), ("--ollama", self.ollama)):
+            if given and self.export != "gguf":
+                raise ConfigError("E649", f"{flag} needs --export gguf", flag, "add --export gguf")
+        if self.dry_run and not self.upload_repo:
+            raise ConfigError("E649", "--dry-run needs --upload-repo", "--dry-run", "add --upload-repo OWNER/NAME")
+        if self.upload_repo is not None and not _REPO_ID.match(self.upload_repo):
+            raise ConfigError(
+                "E680", f"not a Hub repository id: {self.upload_repo!r}", "--upload-repo", "use OWNER/NAME"
+            )
+        if self.export == "gguf" and self.gguf_type is None:
+            self.gguf_type = "f16"
+        return self
 
 
 @dataclass
@@ -32,6 +72,12 @@ class FuseReport:
     max_abs_diff: float  # reloaded fused model vs base+adapter, on the probe
     tolerance: float  # absolute tolerance the difference was held to
     quantized: bool  # the fused weights are stored quantised
+    gguf: Path | None = None  # the exported GGUF file (inside `out`)
+    gguf_diff: float = 0.0  # GGUF read back by mlxpt vs the fused model, max |Δlogit|
+    gguf_tol: float = 0.0
+    modelfile: Path | None = None
+    upload_files: list[str] | None = None  # what was (or, with dry_run, would be) pushed
+    upload_url: str | None = None
 
 
 def base_model_of(run: str | Path) -> dict | None:
@@ -124,8 +170,10 @@ def fuse(
     force: bool = False,
     quantize: str | None = None,
     trust_remote_code: bool = False,
+    export: ExportConfig | None = None,
 ) -> FuseReport:
-    """Fuse the adapter of `run` into its base model and write the verified result to `out`."""
+    """Fuse the adapter of `run` into its base model and write the verified result to `out`; with
+    `export`, add a GGUF / Modelfile / model card to it and push it to the Hub."""
     import numpy as np
 
     from mlxpt.models.adapters import find_adapter, read_adapter_config
@@ -133,6 +181,7 @@ def fuse(
     from mlxpt.runs.atomic import disk_full_error, is_disk_full
 
     out = Path(out)
+    export = (export or ExportConfig()).check()
     check_output(out, {"run": run}, "fused model", force, existing=False)  # before anything is read
     read_adapter_config(find_adapter(run))
     section = base_model_of(run) or {}
@@ -144,6 +193,7 @@ def fuse(
     src = resolve(ref)
     check_output(out, {"run": run, "base model": src}, "fused model", force)
     config = check_folder(src, trust_remote_code)
+    _check_export(export, config, src)
     net, tokenizer = load(ref, adapter=str(run), quantize=quantize, trust_remote_code=trust_remote_code)
     probe = probe_tokens(tokenizer)
     want = logits_of(net, probe)
@@ -185,10 +235,103 @@ def fuse(
                 str(run),
                 "nothing was written; try --dequantize, or report the model",
             )
+        report = FuseReport(out, ref, n, diff, tol, quant is not None)
+        _export(tmp, out, net, tokenizer, probe, export, report, run)
         _publish(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if is_disk_full(exc):
             raise disk_full_error(out) from exc
         raise
-    return FuseReport(out, ref, n, diff, tol, quant is not None)
+    if export.upload_repo:
+        from mlxpt.models.model_card import files_to_upload, upload
+
+        report.upload_files = files_to_upload(out)
+        if not export.dry_run:
+            report.upload_url = upload(out, export.upload_repo)
+    return report
+
+
+def _check_export(export: ExportConfig, config: dict, src: Path) -> None:
+    """Refuse an export that cannot succeed before any weight is read."""
+    if export.export == "gguf":
+        from mlxpt.models.gguf_write import chat_template_of, check_exportable, require_gguf, tokenizer_metadata
+
+        require_gguf()
+        check_exportable(config, str(src))
+        if config.get("vocab_size"):
+            tokenizer_metadata(src, int(config["vocab_size"]))
+        if export.ollama:
+            from mlxpt.models.gguf_write import check_chatml
+
+            check_chatml(chat_template_of(src), str(src))
+
+
+def _export(tmp: Path, out: Path, net, tokenizer, probe, export: ExportConfig, report: FuseReport, run) -> None:
+    """Write the asked-for exports into the not-yet-published folder `tmp` (named for `out`)."""
+    checks = {"fuse": f"reloaded fused model vs base+adapter max |Δlogit| = {report.max_abs_diff:.3g}"}
+    if export.export == "gguf":
+        from mlxpt.models.gguf_write import chat_template_of, write_gguf
+
+        name = f"{out.name}-{export.gguf_type}.gguf"
+        path = write_gguf(tmp, tmp / name, export.gguf_type)
+        report.gguf_diff, report.gguf_tol = verify_gguf(path, net, tokenizer, export.gguf_type, probe)
+        report.gguf = out / name
+        checks["gguf"] = f"{name} read back vs fused model max |Δlogit| = {report.gguf_diff:.3g}"
+        if export.ollama:
+            from mlxpt.models.gguf_write import modelfile
+            from mlxpt.runs.atomic import atomic_write_text
+
+            stops = [t for t in (getattr(tokenizer, "eos_token", None),) if t]
+            atomic_write_text(tmp / "Modelfile", modelfile(name, chat_template_of(tmp), stops))
+            report.modelfile = out / "Modelfile"
+    if export.upload_repo:
+        from mlxpt.models.model_card import model_card
+        from mlxpt.runs.atomic import atomic_write_text
+
+        atomic_write_text(tmp / "README.md", model_card(run, report.model, export.upload_repo, checks))
+
+
+def verify_gguf(path: Path, model, tokenizer, gguf_type: str, probe: list[int]) -> tuple[float, float]:
+    """Read `path` back through mlxpt's GGUF loader and compare it with `model` on the probe and a
+    few prompts: the same token ids, the same chat prompt, logits within GGUF_TOL. Returns
+    (max |Δlogit|, tolerance); raises E647/E648 otherwise."""
+    import secrets
+    import shutil
+
+    import mlx.core as mx
+    import numpy as np
+
+    from mlxpt.models.gguf import convert_gguf
+    from mlxpt.models.gguf_write import GGUF_TOL, PROMPTS
+    from mlxpt.models.loader import load
+
+    scratch = path.parent.with_name(f".tmp-gguf-check-{secrets.token_hex(4)}")
+    try:
+        back, back_tok = load(str(convert_gguf(path, scratch)), quantize="none")
+        back.set_dtype(mx.float32)  # an f16 file loads as float16: compare the file's weights, not fp16 math
+        if probe_tokens(back_tok) != list(probe):  # the chat template (or its absence) travelled along
+            raise NumericsError(
+                "E648", "the GGUF's chat template renders a different prompt from the model's", str(path),
+                "nothing was written; report the tokenizer",
+            )  # fmt: skip
+        diff = tol = 0.0
+        for ids in [probe] + [list(tokenizer.encode(p)) for p in PROMPTS]:
+            text = tokenizer.decode(ids)
+            if list(back_tok.encode(text)) != list(tokenizer.encode(text)):
+                raise NumericsError(
+                    "E648", "the GGUF tokenizer splits text differently from the model's", str(path),
+                    "nothing was written; report the tokenizer",
+                )  # fmt: skip
+            want = logits_of(model, ids)
+            got = logits_of(back, ids)
+            diff = max(diff, float(np.max(np.abs(got - want))))
+            tol = max(tol, GGUF_TOL[gguf_type] * max(1.0, float(np.max(np.abs(want)))))
+        if not diff <= tol:  # also catches NaN
+            raise NumericsError(
+                "E647", f"the GGUF reads back differently: max |Δlogit| = {diff:.3g} > {tol:.3g}", str(path),
+                "nothing was written; report the model",
+            )  # fmt: skip
+        return diff, tol
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)

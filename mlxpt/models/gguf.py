@@ -30,6 +30,7 @@ _NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_GGUF_OF = {v: k for k, v in _NAMES.items()}
 _GGUF_BLOCK = 32  # the block (group) size of every type mx.load keeps quantised
 # Bumped when the converted folder changes, so that caches made by an older converter are redone.
 FORMAT_VERSION = 2
@@ -59,6 +60,25 @@ def _hf_name(name: str) -> str:
         if part in _NAMES:
             return f"model.layers.{i}.{_NAMES[part]}.{suffix}"
     raise ModelError("E203", f"unknown GGUF tensor {name!r}", hint="only Llama-family GGUF files are supported")
+
+
+def gguf_name(hf: str) -> str:
+    """The llama.cpp tensor name of a Hugging Face Llama weight (the inverse of `_hf_name`)."""
+    fixed = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
+    module, suffix = hf.rsplit(".", 1)
+    if module in fixed:
+        return f"{fixed[module]}.{suffix}"
+    parts = module.split(".", 3)
+    if len(parts) == 4 and parts[:2] == ["model", "layers"] and parts[3] in _GGUF_OF:
+        return f"blk.{parts[2]}.{_GGUF_OF[parts[3]]}.{suffix}"
+    raise ModelError("E645", f"tensor {hf!r} has no GGUF name", hint="only plain Llama-family models are exported")
+
+
+def permute(w, n_head: int):
+    """llama.cpp's `permute` on axis 0 (convert_hf_to_gguf.py): each head's two RoPE halves are
+    interleaved in pairs. `_unpermute` is its inverse."""
+    rows, rest = w.shape[0], w.shape[1:]
+    return w.reshape(n_head, 2, rows // n_head // 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
 def _unpermute(w, n_head: int):

@@ -40,6 +40,14 @@ TARGETS = {  # name: path relative to the world folder (see `pristine`)
 WRITERS = {
     "fuse --force": (["fuse", "runs/run", "--out", "{out}", "--force"], None),
     "fuse": (["fuse", "runs/run", "--out", "{out}"], None),
+    "fuse --export gguf --ollama --force": (
+        ["fuse", "runs/run", "--out", "{out}", "--export", "gguf", "--gguf-type", "q8_0", "--ollama", "--force"],
+        None,
+    ),
+    "fuse --upload-repo --dry-run --force": (
+        ["fuse", "runs/run", "--out", "{out}", "--upload-repo", "me/model", "--dry-run", "--force"],
+        None,
+    ),
     "eval --out": (
         [
             "eval",
