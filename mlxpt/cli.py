@@ -19,6 +19,7 @@ COMMANDS = {
     "eval": "accuracy of decoding strategies vs samples (greedy, best-of-n, self-consistency), base vs adapter",
     "pipeline": "run a recipe of stages (sft -> dpo/grpo -> eval) as one resumable unit, ending in a report",
     "fuse": "merge a run's adapter into the base weights",
+    "serve": "OpenAI-compatible server for the base model and the runs' adapters (loopback)",
     "data": "check a dataset, or write a model's own answers to replay (self-answers)",
     "doctor": "show versions, the BLAS in use and a matmul speed test",
     "tui": "open the terminal UI (also: `mlxpt` with no arguments on a terminal)",

@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("mlxpt.backends",),
     ("mlxpt.decode",),
     ("mlxpt.train", "mlxpt.fuse"),
-    ("mlxpt.pipeline",),  # recipes of stages: runs (train) and their evaluation, with a report
+    ("mlxpt.pipeline", "mlxpt.serve"),  # recipes of stages (train + eval, a report); the OpenAI-compatible server
     ("mlxpt.commands",),
     ("app",),
     ("mlxpt.cli", "mlxpt.commands.tui"),  # entry points: the CLI dispatches, `mlxpt tui` opens the app

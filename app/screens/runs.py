@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -65,6 +67,7 @@ class RunsScreen(Screen):
         Binding("p", "compare", "Compare"),
         Binding("e", "eval", "Eval"),
         Binding("t", "continue_run", "Continue with…", show=False),  # the detail line says so
+        Binding("v", "serve", "Serve the run (OpenAI API)", show=False),  # the detail line shows the URL
         Binding("g", "refresh", "Refresh", show=False),
     ]
 
@@ -85,6 +88,8 @@ class RunsScreen(Screen):
         self.keys: list[str] = []  # row keys: run and pipeline folders, newest first
         self.rows: list[tuple[str, ...]] = []
         self.times = TrainingTime()
+        self.server: subprocess.Popen | None = None  # `mlxpt serve` started with v
+        self.server_text = ""
         self.action_refresh()
         if self.app.poll_runs:
             self.set_interval(REFRESH_S, self.action_refresh)
@@ -171,6 +176,8 @@ class RunsScreen(Screen):
                 text += "  ·  r resumes from the last checkpoint"
             elif run.status == "finished" and run.checkpoints:
                 text += "  ·  t: continue with…"
+        if self.server is not None and self.server.poll() is None:
+            text += f"  ·  {self.server_text} (v stops it)"
         self.query_one("#run-detail", Static).update(text)
 
     def action_open(self) -> None:
@@ -268,3 +275,47 @@ class RunsScreen(Screen):
         run = self.selected()
         if run is not None:
             self.app.continue_from(run.path)
+
+    def action_serve(self) -> None:
+        """Start `mlxpt serve` for the selected finished run as a child on a free loopback port (the
+        URL goes to the detail line); pressed again, stop it. Leaving the TUI stops it too."""
+        if self.server is not None and self.server.poll() is None:
+            self.stop_server()
+            self.notify("stopped the server")
+            self._show_detail()
+            return
+        run = self.selected()
+        if run is None or run.status != "finished":
+            self.notify("select a finished run to serve its adapter", severity="warning")
+            return
+        import socket
+
+        from mlxpt.fuse import base_model_of
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        base = (base_model_of(run.path) or {}).get("model") or "smollm2-135m"
+        cmd = [sys.executable, "-m", "mlxpt.cli", "serve", "--port", str(port), "--runs-dir", str(self.app.runs_dir),
+               "--model", str(base)]  # fmt: skip
+        log = open(run.path / "serve.log", "ab")  # noqa: SIM115 - the child holds it; closed with our copy below
+        try:
+            self.server = subprocess.Popen(cmd, stdout=log, stderr=log, stdin=subprocess.DEVNULL)
+        finally:
+            log.close()
+        self.server_text = f"serving http://127.0.0.1:{port}/v1 as model {run.name!r}"
+        self.notify(self.server_text + " (log: serve.log in the run)")
+        self._show_detail()
+
+    def stop_server(self) -> None:
+        proc, self.server = self.server, None
+        if proc is not None and proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def on_unmount(self) -> None:
+        self.stop_server()
