@@ -39,6 +39,8 @@ CHARTS = (
     ChartSpec("completion length", ("completion_len_mean", "completion_len_max")),
     ChartSpec("zero-std groups / truncated", ("zero_std_fraction", "truncated_fraction")),
     ChartSpec("generation tokens/s", ("gen_tokens_per_s",)),
+    ChartSpec("RFT round: kept share, accept rate, pass@N", ("rft_kept_share", "rft_accept_rate", "rft_pass_at_n")),
+    ChartSpec("RFT round: kept samples", ("rft_kept",)),
 )
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from mlxpt.decode.options import DecodeConfig
 
 CHAT_N = 4  # the Chat screen's n for best-of-N, self-consistency and beam until the user sets one
+CHAT_BUDGET_PER_N = 64  # auto: the Chat screen's token budget is n x this (built-in rule, no table)
 
 _lock = threading.Lock()
 _models: dict[tuple[str, str | None], tuple] = {}
@@ -28,7 +29,10 @@ def strategies() -> tuple[str, ...]:
 
 def decode_config(strategy: str = "greedy", n: int = CHAT_N, max_tokens: int = 256) -> DecodeConfig:
     """The DecodeConfig of a chat choice: the library's defaults (temperature included) with `n` for
-    best-of-N, self-consistency and beam; greedy and sample are one streamed answer (n 1)."""
+    best-of-N, self-consistency and beam; greedy and sample are one streamed answer (n 1); `auto`
+    spends up to n x CHAT_BUDGET_PER_N generated tokens, chosen by the built-in rule."""
+    if strategy == "auto":
+        return DecodeConfig(strategy, n, max_tokens, budget=n * CHAT_BUDGET_PER_N)
     return DecodeConfig(strategy, 1 if strategy in ("greedy", "sample") else n, max_tokens)
 
 
@@ -95,7 +99,13 @@ def answer(
 
 
 def describe(result) -> str:
-    """Votes (self-consistency) or scores (best-of-N), one short line."""
+    """Votes (self-consistency) or scores (best-of-N), one short line; auto's choice first."""
+    if getattr(result, "auto", None) is not None:
+        from dataclasses import replace
+
+        from mlxpt.decode.budget import describe as describe_auto
+
+        return describe_auto(result.auto) + "; " + describe(replace(result, auto=None))
     if getattr(result, "votes", None) is not None:
         votes = sorted(result.votes.items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{k!r}: {v}" for k, v in votes[:6]) or "no answer extracted"

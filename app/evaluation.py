@@ -101,13 +101,19 @@ def run_eval(
 
 
 def save(result: dict, out: str) -> str:
-    """Write the result JSON and its accuracy-vs-samples PNG next to it (as `mlxpt eval` does)."""
-    from mlxpt.commands.eval import series_of
-    from mlxpt.decode.plot import write_png
+    """Write the result JSON and its two PNGs next to it, accuracy vs samples and vs generated
+    tokens (as `mlxpt eval` does)."""
+    from mlxpt.commands.eval import series_of, tokens_plot_path
+    from mlxpt.decode.plot import TOKENS_AXIS, token_ticks, write_png
     from mlxpt.runs.atomic import atomic_write_json
 
     path = Path(out)
     plot = path.with_suffix(".png")
-    atomic_write_json(path, {**result, "plot": str(plot)})
+    tokens = series_of(result["results"], "tokens")
+    atomic_write_json(path, {**result, "plot": str(plot), "plot_tokens": str(tokens_plot_path(plot))})
     write_png(plot, series_of(result["results"]), title=f"accuracy vs samples, {result['prompts']} prompts")
+    write_png(
+        tokens_plot_path(plot), tokens, f"accuracy vs generated tokens, {result['prompts']} prompts", TOKENS_AXIS,
+        token_ticks(tokens),
+    )  # fmt: skip
     return str(plot)

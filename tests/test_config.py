@@ -22,6 +22,8 @@ from mlxpt.config import (
     config_class,
     resolve_method,
 )
+from mlxpt.config.prm import PRMConfig
+from mlxpt.config.rft import RFTConfig
 from mlxpt.errors import ConfigError
 
 CLASSES = {
@@ -31,6 +33,8 @@ CLASSES = {
     "orpo": DPOConfig,
     "rm": RMConfig,
     "grpo": GRPOConfig,
+    "rft": RFTConfig,
+    "prm": PRMConfig,
 }
 
 

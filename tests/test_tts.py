@@ -132,7 +132,9 @@ def test_prompt_is_prefilled_once_for_the_whole_group(tok, V):
 
 
 def test_strategy_names_and_bad_settings():
-    assert tuple(STRATEGIES) == STRATEGY_NAMES == ("greedy", "sample", "best-of-n", "self-consistency", "beam")
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
+    assert STRATEGY_NAMES[:5] == ("greedy", "sample", "best-of-n", "self-consistency", "beam")
+    assert "auto" in STRATEGY_NAMES
     for kw, code in [
         ({"strategy": "vote"}, "E620"),
         ({"n": 0}, "E621"),
@@ -152,11 +154,13 @@ def test_every_strategy_runs_from_one_decode_config(scripted_lm, tok, name):
     from mlxpt.rewards.extract import extract
 
     lm, ids = scripted_lm
-    cfg = DecodeConfig(name, n=3, max_tokens=40, sampling=SamplingConfig(temperature=1.0, seed=0))
+    budget = 200 if name == "auto" else None  # auto: its choice within the budget sets n_used
+    cfg = DecodeConfig(name, n=3, max_tokens=40, sampling=SamplingConfig(temperature=1.0, seed=0), budget=budget)
     r = run_strategy(lm, tok, ids, cfg)
     assert isinstance(r, StrategyResult) and r.strategy == name
     assert r.text in r.samples and set(r.samples) <= {t for t, _ in SCRIPT}
-    assert r.n_used == (1 if name == "greedy" else 3) and r.generated_tokens > 0
+    want = r.auto["n"] if name == "auto" else (1 if name == "greedy" else 3)
+    assert r.n_used == want and r.generated_tokens > 0
     assert r.answer == extract(r.text)
     direct = STRATEGIES[name](lm, tok, ids, cfg, DecodeContext(prompt="Q: how many?"))
     assert direct.samples == r.samples and direct.text == r.text  # run_strategy only dispatches

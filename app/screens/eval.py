@@ -1,6 +1,7 @@
 """Eval: score decoding strategies on a data set here (the library's evaluation, in a thread
-worker with progress), or load an `mlxpt eval` result file; the accuracy-vs-samples chart has one
-line per strategy (and model)."""
+worker with progress), or load an `mlxpt eval` result file; two charts, accuracy vs samples and
+accuracy vs generated tokens per prompt (the CLI's two PNGs), have one line per strategy (and
+model); `auto` (compute-optimal, one point per budget) is on the tokens chart only."""
 
 from __future__ import annotations
 
@@ -21,40 +22,79 @@ from app.screens.chat import NO_ADAPTER, adapter_runs
 from app.widgets.metric_chart import MetricChart
 from mlxpt.errors import MlxptError
 
+Series = list[tuple[str, list[float], list[float]]]
 
-def read_results(path: str) -> tuple[list[tuple[str, list[float], list[float]]], list[str], str | None]:
-    """(series per strategy: n -> accuracy, table lines, error line) from an eval result file."""
+
+def _read(path: str) -> tuple[list, str | None]:
+    """(the result list, error line) of an eval result file."""
     try:
         obj = json.loads(Path(path).read_text(encoding="utf-8"))
         results = obj["results"]
         if not isinstance(results, list):
             raise TypeError("results is not a list")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        return (
-            [],
-            [],
-            f"E521: cannot read eval results ({type(e).__name__}: {e}) ({path}) - pick a file written by `mlxpt eval`",
+        return [], (
+            f"E521: cannot read eval results ({type(e).__name__}: {e}) ({path}) - pick a file written by `mlxpt eval`"
         )
-    return *results_view(results), None
+    return results, None
 
 
-def results_view(results: list) -> tuple[list[tuple[str, list[float], list[float]]], list[str]]:
+def read_results(path: str) -> tuple[Series, list[str], str | None]:
+    """(series per strategy: n -> accuracy, table lines, error line) from an eval result file."""
+    results, error = _read(path)
+    return *results_view(results), error
+
+
+def _mean_tokens(r: dict) -> float | None:
+    """Mean generated tokens per prompt (files before it have the total and the prompt count)."""
+    if isinstance(r.get("mean_tokens"), (int, float)):
+        return float(r["mean_tokens"])
+    total, tokens = r.get("total"), r.get("generated_tokens")
+    ok = isinstance(total, int) and total > 0 and isinstance(tokens, (int, float))
+    return tokens / total if ok else None
+
+
+def _rows(results: list) -> list[dict]:
+    return [r for r in results if isinstance(r, dict) and isinstance(r.get("accuracy"), (int, float))]
+
+
+def _key(r: dict, labels: set) -> str:
+    return str(r.get("strategy", "?")) + (f" ({r.get('label')})" if len(labels) > 1 else "")
+
+
+def _series(by: dict) -> Series:
+    return [(s, [x for x, _ in sorted(pts)], [a for _, a in sorted(pts)]) for s, pts in by.items()]
+
+
+def results_view(results: list) -> tuple[Series, list[str]]:
     """(series per strategy: n -> accuracy, table lines) of a result list (file or worker)."""
     by: dict[str, list[tuple[float, float]]] = {}
-    labels = {str(r.get("label", "")) for r in results if isinstance(r, dict)}
-    lines = [f"{'model':<9}{'strategy':<18}{'n':>5}{'accuracy':>10}{'tokens':>10}{'seconds':>9}"]
-    for r in results:
-        if not isinstance(r, dict) or not isinstance(r.get("accuracy"), (int, float)):
-            continue
+    rows = _rows(results)
+    labels = {str(r.get("label", "")) for r in rows}
+    lines = [f"{'model':<9}{'strategy':<18}{'n':>6}{'accuracy':>10}{'tokens':>10}{'tok/prompt':>11}{'seconds':>9}"]
+    for r in rows:
         n = r.get("n", 1) if isinstance(r.get("n"), (int, float)) else 1
-        key = str(r.get("strategy", "?")) + (f" ({r.get('label')})" if len(labels) > 1 else "")
-        by.setdefault(key, []).append((float(n), float(r["accuracy"])))
+        if r.get("strategy") != "auto":  # auto's n is its token budget: on the tokens chart only
+            by.setdefault(_key(r, labels), []).append((float(n), float(r["accuracy"])))
+        mean = _mean_tokens(r)
         lines.append(
-            f"{str(r.get('label', ''))[:8]:<9}{str(r.get('strategy', '?')):<18}{n:>5}{r['accuracy']:>10.3f}"
-            f"{r.get('generated_tokens', 0):>10}{float(r.get('seconds', 0.0)):>9.1f}"
+            f"{str(r.get('label', ''))[:8]:<9}{str(r.get('strategy', '?')):<18}{n:>6}{r['accuracy']:>10.3f}"
+            f"{r.get('generated_tokens', 0):>10}{'-' if mean is None else f'{mean:.1f}':>11}"
+            f"{float(r.get('seconds', 0.0)):>9.1f}"
         )
-    series = [(s, [n for n, _ in sorted(pts)], [a for _, a in sorted(pts)]) for s, pts in by.items()]
-    return series, lines
+    return _series(by), lines
+
+
+def tokens_view(results: list) -> Series:
+    """Series per strategy: mean generated tokens per prompt -> accuracy (every strategy, auto too)."""
+    by: dict[str, list[tuple[float, float]]] = {}
+    rows = _rows(results)
+    labels = {str(r.get("label", "")) for r in rows}
+    for r in rows:
+        mean = _mean_tokens(r)
+        if mean is not None:
+            by.setdefault(_key(r, labels), []).append((mean, float(r["accuracy"])))
+    return _series(by)
 
 
 class EvalScreen(Screen):
@@ -112,7 +152,9 @@ class EvalScreen(Screen):
             with Horizontal(id="eval-buttons"):
                 yield Button("Evaluate (ctrl+r)", id="eval-run", variant="success", compact=True)
                 yield Static("", id="eval-note")
-        yield MetricChart("accuracy vs samples (n)", show_last=False, id="eval-chart")
+        with Horizontal(id="eval-charts"):
+            yield MetricChart("accuracy vs samples (n)", show_last=False, id="eval-chart")
+            yield MetricChart("accuracy vs generated tokens/prompt", show_last=False, id="eval-tokens-chart")
         with VerticalScroll(id="eval-scroll"):
             yield Static("", id="eval-table")
         yield Footer()
@@ -140,14 +182,16 @@ class EvalScreen(Screen):
         self.action_run_eval()
 
     def load(self, path: str) -> None:
-        series, lines, error = read_results(path)
+        results, error = _read(path)
+        series, lines = results_view(results)
         self._note(error or f"{len(series)} strategies from {path}", bad=bool(error))
-        self.show(series, lines)
+        self.show(series, lines, tokens_view(results))
 
-    def show(self, series: list, lines: list[str]) -> None:
-        chart = self.query_one("#eval-chart", MetricChart)
-        chart.show(series)
-        chart.plt.ylim(0, 1)  # accuracy: a fixed axis keeps files comparable
+    def show(self, series: list, lines: list[str], tokens: list | None = None) -> None:
+        for wid, data in (("#eval-chart", series), ("#eval-tokens-chart", tokens or [])):
+            chart = self.query_one(wid, MetricChart)
+            chart.show(data)
+            chart.plt.ylim(0, 1)  # accuracy: a fixed axis keeps files comparable
         self.query_one("#eval-table", Static).update("\n".join(lines))
 
     # ---- running an evaluation ------------------------------------------------------------
@@ -216,7 +260,7 @@ class EvalScreen(Screen):
         self.running = False
         self.query_one("#eval-run", Button).disabled = False
         series, lines = results_view(result["results"])
-        self.show(series, lines)
+        self.show(series, lines, tokens_view(result["results"]))
         note = f"{result['prompts']} prompts in {result['wall_seconds']:.0f} s"
         out = self.query_one("#eval-path", Input).value.strip()
         if out and not Path(out).exists():

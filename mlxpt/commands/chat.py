@@ -7,6 +7,8 @@ EOF and Ctrl-C at the prompt). Ctrl-C while an answer streams stops that answer 
 /n N sets the samples or beam width, /scorer SPEC the best-of-N scorer; votes or scores are
 shown on stderr after each answer, and only the chosen answer enters the history. Every answer
 runs `run_strategy` on the DecodeConfig of the current flags (streamed: greedy or one sample).
+`--strategy auto --budget TOKENS [--calibration TABLE]` chooses the strategy per message within
+the budget (docs/compute-optimal.md) and says what it chose and spent.
 """
 
 from __future__ import annotations
@@ -18,11 +20,11 @@ from mlxpt.commands.generate import (
     add_model_args,
     add_sampling_args,
     add_strategy_args,
+    check_auto_args,
     check_common,
     check_strategy_args,
     decode_config,
     load_for,
-    run_with_strategy,
     stats_line,
     stream,
 )
@@ -42,6 +44,26 @@ def register(subparsers) -> None:
     add_sampling_args(p)
     add_strategy_args(p)
     p.set_defaults(func=run)
+
+
+def _strategy_answer(args, model, tokenizer, tokens, history, cfg) -> str:
+    """A non-streamed answer: the chosen text (stdout), votes/scores and auto's choice (stderr)."""
+    from mlxpt.commands.generate import describe
+    from mlxpt.decode.budget import describe as describe_auto
+    from mlxpt.decode.strategies import run_strategy
+
+    result = run_strategy(model, tokenizer, tokens, cfg, prompt=history)
+    print(result.text)
+    sys.stdout.flush()
+    if args.show_samples:
+        for i, text in enumerate(result.samples):
+            score = f" score {result.scores[i]:.3f}" if result.scores else ""
+            print(f"--- sample {i + 1} (answer {result.answers[i]}){score}\n{text}", file=sys.stderr)
+    if result.auto is not None:
+        print(f"[{describe_auto(result.auto)}]", file=sys.stderr)
+    for line in describe(result):
+        print(line, file=sys.stderr)
+    return result.text
 
 
 def _read(marker: str) -> str | None:
@@ -82,6 +104,7 @@ def _set(args, cmd: str, rest: str) -> None:
         else:
             args.scorer = rest or None
         check_strategy_args(args)
+        decode_config(args)
     except (MlxptError, ValueError) as e:
         args.strategy, args.n, args.scorer, args.temperature = old
         print(f"[{e.line() if isinstance(e, MlxptError) else f'not a whole number: {rest!r}'}]", file=sys.stderr)
@@ -98,6 +121,8 @@ def run(args) -> int:
 
     check_common(args)
     check_strategy_args(args)
+    check_auto_args(args)  # the calibration table, checked against the model, before the weights load
+    decode_config(args)  # auto without --budget: E651 now, not at the first message
     model, tokenizer = load_for(args)
     # A streamed answer seeds MLX's generator (--seed) only as its sampler did before: once at the
     # start and after each /strategy, /n, /scorer; later turns continue the same random stream.
@@ -144,7 +169,7 @@ def run(args) -> int:
             reply = _answer(model, tokenizer, tokens, args, cfg, history)
         else:
             try:
-                reply = run_with_strategy(args, model, tokenizer, tokens, history)
+                reply = _strategy_answer(args, model, tokenizer, tokens, history, cfg)
             except KeyboardInterrupt:
                 print("\n[stopped]", file=sys.stderr)
                 reply = ""

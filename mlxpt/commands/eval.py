@@ -1,7 +1,11 @@
 """Score decoding strategies (greedy, best-of-N, self-consistency, ...) by accuracy per number of
 samples on a JSONL set with known answers.
 
-Prints a table and a chart, and writes the results (JSON) and an accuracy-vs-samples chart (PNG).
+Prints a table and two charts, accuracy vs samples and accuracy vs generated tokens per prompt,
+and writes the results (JSON) and both charts (PNG: `--plot` and `<plot>-tokens.png`).
+`--strategies ...,auto --budget 200,400` adds compute-optimal scaling at those per-prompt token
+budgets (`--calibration TABLE`, else a built-in rule); `--calibrate OUT.json` writes such a table
+from this evaluation (on a calibration set, not the test set).
 `--compare RUN` scores the base model and the run's adapter in one command. Give `--data` several
 times (e.g. the held-out test split and an out-of-distribution split) to score every set and put
 them side by side. The TUI's Eval screen runs the same evaluation.
@@ -19,7 +23,7 @@ from mlxpt.errors import ConfigError, MlxptError
 
 
 def register(subparsers) -> None:
-    from mlxpt.commands.generate import add_model_args
+    from mlxpt.commands.generate import add_model_args, add_search_args
     from mlxpt.decode.evaluate import EVAL_STRATEGIES, EvalConfig
 
     d = EvalConfig()
@@ -73,11 +77,23 @@ def register(subparsers) -> None:
         "--save-samples", action="store_true", help="also store every prompt's answers and samples in the JSON"
     )
     p.add_argument("--plot", default=None, help="PNG chart path (default: next to --out)")
+    g = p.add_argument_group("compute-optimal scaling (docs/compute-optimal.md)")
+    g.add_argument("--budget", default=None, help="auto: generated tokens per prompt, comma list (e.g. 200,400,800)")
+    g.add_argument(
+        "--calibration", default=None, help="auto: calibration table from --calibrate (default: built-in rule)"
+    )
+    g.add_argument(
+        "--calibrate", metavar="OUT.json", default=None, help="write a calibration table for auto from this evaluation"
+    )
+    g.add_argument("--probe", type=int, default=d.probe, help="--calibrate: probe samples that bucket difficulty")
+    add_search_args(p)
     p.set_defaults(func=run)
 
 
 def config_from(args):
+    from mlxpt.commands.generate import search_config
     from mlxpt.decode.evaluate import EvalConfig, parse_ns
+    from mlxpt.decode.options import SearchConfig
 
     strategies = tuple(s.strip() for s in args.strategies.split(",") if s.strip())
     confidence = None if args.confidence is not None and args.confidence >= 1 else args.confidence
@@ -87,11 +103,16 @@ def config_from(args):
         raise ConfigError(
             "E621", f"greedy-batch={args.greedy_batch} is out of range", "--greedy-batch", "use a whole number >= 1"
         )
+    from mlxpt.decode.budget import parse_budgets
+
+    budget = getattr(args, "budget", None)
     return EvalConfig(
         data=data_paths(args)[0], greedy_batch=args.greedy_batch, strategies=strategies, ns=parse_ns(args.n), max_tokens=args.max_tokens,
         temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, min_p=args.min_p, seed=args.seed,
         scorer=args.scorer, extract=args.extract, weighting=args.weighting, batch=args.batch,
         confidence=confidence, limit=args.limit, independent=args.independent,
+        budgets=parse_budgets(budget) if budget is not None else (), calibration=getattr(args, "calibration", None),
+        probe=getattr(args, "probe", 2), search=search_config(args) if hasattr(args, "expand") else SearchConfig(),
     )  # fmt: skip
 
 
@@ -114,7 +135,7 @@ def table(results: list[dict]) -> str:
     data = f"{'data':<{width}} " if several else ""
     head = (
         f"{'model':<10} {data}{'strategy':<17} {'N':>4} {'accuracy':>9} {'samples':>8} {'gen tokens':>11} "
-        f"{'seconds':>9}"
+        f"{'tok/prompt':>10} {'seconds':>9}"
     )
     lines = [head, "-" * len(head)]
     for r in results:
@@ -122,9 +143,18 @@ def table(results: list[dict]) -> str:
         d = f"{r.get('data'):<{width}} " if several else ""
         lines.append(
             f"{r['label']:<10} {d}{r['strategy']:<17} {r['n']:>4} {r['accuracy'] * 100:>8.1f}% "
-            f"{r['mean_samples']:>8.2f} {r['generated_tokens']:>11} {est}{r['seconds']:>8.1f}"
+            f"{r['mean_samples']:>8.2f} {r['generated_tokens']:>11} {mean_tokens(r):>10.1f} {est}{r['seconds']:>8.1f}"
         )
+    for r in results:
+        if r.get("choices"):
+            chose = ", ".join(f"{k} x{v}" for k, v in sorted(r["choices"].items(), key=lambda kv: -kv[1]))
+            lines.append(f"  {r['label']} auto@{r['n']}: {chose}")
     return "\n".join(lines)
+
+
+def mean_tokens(r: dict) -> float:
+    """Mean generated tokens per prompt of a result (older files have only the total)."""
+    return r.get("mean_tokens", r["generated_tokens"] / r["total"] if r.get("total") else 0.0)
 
 
 def side_by_side(results: list[dict]) -> str:
@@ -145,21 +175,42 @@ def side_by_side(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def series_of(results: list[dict]) -> dict:
-    """Chart series: label -> [(n, accuracy)]; 'base'/'adapter' (and the data set, with several)
-    appended when comparing; adaptive self-consistency sits at its mean samples used."""
+def series_of(results: list[dict], x: str = "samples") -> dict:
+    """Chart series: label -> [(n, accuracy)] (x="samples") or [(mean generated tokens per prompt,
+    accuracy)] (x="tokens"); 'base'/'adapter' (and the data set, with several) appended when
+    comparing; adaptive self-consistency sits at its mean samples used. On the samples axis `auto`
+    has no N and is left out; on the tokens axis every strategy has a curve."""
     labels = {r["label"] for r in results}
     sets = {r.get("data") for r in results}
     out: dict[str, list] = {}
     for r in results:
+        if x == "samples" and r["strategy"] == "auto":
+            continue
         tags = ([r["label"]] if len(labels) > 1 else []) + ([str(r.get("data"))] if len(sets) > 1 else [])
         key = r["strategy"] + (f" ({', '.join(tags)})" if tags else "")
-        x = r["n"]
+        pos = r["n"]
         if r["strategy"] == "adaptive":  # drawn at the samples it used on average
             key += f" (max {r['n']})"
-            x = max(1.0, r["mean_samples"])
-        out.setdefault(key, []).append((x, r["accuracy"]))
+            pos = max(1.0, r["mean_samples"])
+        if x == "tokens":
+            pos = mean_tokens(r)
+        out.setdefault(key, []).append((pos, r["accuracy"]))
     return out
+
+
+def tokens_plot_path(plot: Path) -> Path:
+    """The accuracy-vs-tokens PNG beside the accuracy-vs-samples one."""
+    return plot.with_name(plot.stem + "-tokens.png")
+
+
+def auto_choices(details: dict) -> dict:
+    """Per model, per prompt: what auto chose at each budget, its difficulty estimate and spend."""
+    return {
+        label: [
+            {"line": rec["line"], "cell": cell, **info} for rec in recs for cell, info in rec.get("auto", {}).items()
+        ]
+        for label, recs in details.items()
+    }
 
 
 def model_inputs(model: str | None, adapters: list[str]) -> dict[str, Path]:
@@ -177,9 +228,9 @@ def model_inputs(model: str | None, adapters: list[str]) -> dict[str, Path]:
 
 
 def run(args) -> int:
-    from mlxpt.commands.generate import check_common, load_for
+    from mlxpt.commands.generate import check_common, load_for, model_ref
     from mlxpt.decode.evaluate import check_config, evaluate, read_rows
-    from mlxpt.decode.plot import terminal_chart, write_png
+    from mlxpt.decode.plot import TOKENS_AXIS, terminal_chart, token_ticks, write_png
     from mlxpt.runs.atomic import atomic_write_json
     from mlxpt.runs.guards import check_output, check_writable
 
@@ -187,11 +238,24 @@ def run(args) -> int:
     check_config(cfg)
     out = Path(args.out)
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")
-    check_writable(out, "--out")  # before the evaluation: a result is never lost to a bad path
-    check_writable(plot, "--plot")
+    calibrate = Path(args.calibrate) if getattr(args, "calibrate", None) else None
+    outputs = [out, plot, tokens_plot_path(plot), *([calibrate] if calibrate else [])]
+    if len({p.resolve() for p in outputs}) < len(outputs):
+        raise ConfigError(
+            "E657",
+            "two outputs share one path",
+            str(calibrate or plot),
+            "give --out, --plot and --calibrate different paths",
+        )
+    for path, flag in zip(outputs, ("--out", "--plot", "--plot", "--calibrate"), strict=False):
+        check_writable(path, flag)  # before the evaluation: a result is never lost to a bad path
     inputs = {f"eval data {p}": p for p in data_paths(args)}
-    for path in (out, plot):  # never one of its own inputs
+    if cfg.calibration:
+        inputs["calibration table"] = Path(cfg.calibration)
+    for path in outputs:  # never one of its own inputs
         check_output(path, inputs, "eval", existing=False)
+    if calibrate is not None:
+        _check_calibrate(args, cfg)
     paths = data_paths(args)
     sets = dict(
         zip(data_labels(paths), [read_rows(p, cfg.limit) for p in paths], strict=True)
@@ -213,8 +277,15 @@ def run(args) -> int:
 
             args.model = (base_model_of(args.compare) or {}).get("model")
         runs.append(("adapter", args.compare))
-    for path in (out, plot):  # nor the adapter's run or the model (checked before any weights load)
+    for path in outputs:  # nor the adapter's run or the model (checked before any weights load)
         check_output(path, model_inputs(args.model, [a for _, a in runs if a]), "eval", existing=False)
+    if "auto" in cfg.strategies and cfg.calibration:  # the table fits every model scored, and not the test set
+        from mlxpt.decode.budget import check_identity, check_not_test_set, load_table
+
+        cal = load_table(cfg.calibration)
+        for _, adapter in runs:
+            check_identity(cal, cfg.calibration, model_ref(args.model, adapter), adapter)
+        check_not_test_set(cal, cfg.calibration, paths)
     results: list[dict] = []
     details: dict[str, list] = {}
     started = time.time()
@@ -248,8 +319,17 @@ def run(args) -> int:
         print(side_by_side(results))
     series = series_of(results)
     n_rows = sum(len(r) for r in sets.values())
+    tokens_series = series_of(results, "tokens")
     print()
-    print(terminal_chart(series, title=f"accuracy vs samples ({n_rows} prompts)"))
+    if series:
+        print(terminal_chart(series, title=f"accuracy vs samples ({n_rows} prompts)"))
+        print()
+    print(
+        terminal_chart(
+            tokens_series, title=f"accuracy vs generated tokens ({n_rows} prompts)", x_label=TOKENS_AXIS,
+            ticks=token_ticks(tokens_series),
+        )
+    )  # fmt: skip
     from dataclasses import asdict
 
     result = {
@@ -262,12 +342,53 @@ def run(args) -> int:
         "started": started,
         "wall_seconds": round(time.time() - started, 1),
         "plot": str(plot),
+        "plot_tokens": str(tokens_plot_path(plot)),
+        "curves": {"samples": series, "tokens": tokens_series},
+        **({"auto_choices": auto_choices(details)} if "auto" in cfg.strategies else {}),
         **({"details": details} if args.save_samples else {}),
     }
+    if calibrate is not None:
+        _write_calibration(calibrate, args, cfg, details[runs[0][0]], paths[0], n_rows)
     _save_results(out, result, atomic_write_json)
     write_png(plot, series, title=f"accuracy vs samples, {n_rows} prompts")
-    print(f"\nresults: {out}  chart: {plot}", file=sys.stderr)
+    write_png(
+        tokens_plot_path(plot), tokens_series, f"accuracy vs generated tokens, {n_rows} prompts", TOKENS_AXIS,
+        token_ticks(tokens_series),
+    )  # fmt: skip
+    print(f"\nresults: {out}  charts: {plot}, {tokens_plot_path(plot)}", file=sys.stderr)
     return 0
+
+
+def _check_calibrate(args, cfg) -> None:
+    """--calibrate's own rules, before any weights load: one model, one data set, a pool to probe."""
+    from mlxpt.decode.evaluate import POOLED
+
+    if args.compare or len(data_paths(args)) > 1 or "auto" in cfg.strategies:
+        raise ConfigError(
+            "E657", "--calibrate measures one model on one data set, without auto", "--calibrate",
+            "drop --compare, extra --data and auto; calibrate each model on its own",
+        )  # fmt: skip
+    if cfg.independent or not any(s in POOLED for s in cfg.strategies) or max(cfg.ns) < cfg.probe:
+        raise ConfigError(
+            "E654", f"--calibrate needs a shared sample pool of at least --probe {cfg.probe} samples", "--calibrate",
+            f"add self-consistency or best-of-n to --strategies with an --n of {cfg.probe} or more (not --independent)",
+        )  # fmt: skip
+
+
+def _write_calibration(path: Path, args, cfg, details: list, data: str, rows: int) -> None:
+    from mlxpt.commands.generate import model_ref
+    from mlxpt.decode.budget import build_table, identity, table_text
+    from mlxpt.runs.atomic import atomic_write_json, sha256_file
+
+    who = identity(model_ref(args.model, args.adapter), args.adapter)
+    settings = {k: getattr(cfg, k) for k in ("max_tokens", "temperature", "top_p", "scorer", "extract", "weighting")}
+    table = build_table(
+        details, cfg.probe, who, {"path": str(data), "sha256": sha256_file(data), "rows": rows}, settings
+    )
+    atomic_write_json(path, table.to_json())
+    print()
+    print(table_text(table))
+    print(f"calibration table: {path}", file=sys.stderr)
 
 
 def _save_results(out: Path, result: dict, write) -> None:

@@ -122,6 +122,58 @@ def add_strategy_args(p) -> None:
     )
     g.add_argument("--length-penalty", type=float, default=1.0, help="beam: score = log-prob / length**this")
     g.add_argument("--show-samples", action="store_true", help="print every sample (stderr)")
+    add_search_args(p)
+    g = p.add_argument_group("compute-optimal scaling (--strategy auto; docs/compute-optimal.md)")
+    g.add_argument("--budget", default=None, help="auto: generated tokens per answer")
+    g.add_argument("--calibration", default=None, help="auto: table from `mlxpt eval --calibrate` (default: built-in)")
+
+
+def add_search_args(p) -> None:
+    """The step-search flags of `--strategy step-beam | tree` (values checked by check_search)."""
+    from mlxpt.decode.options import SearchConfig
+
+    d = SearchConfig()
+    g = p.add_argument_group("step-level search (--strategy step-beam | tree)")
+    g.add_argument("--beam-width", default=None, help="partial solutions kept per step; dvts: subtrees (default: --n)")
+    g.add_argument("--expand", default=str(d.expand), help="sampled next steps per expanded partial solution")
+    g.add_argument("--step-delimiter", default="\\n", help="a step ends at this string (default: \\n, a newline)")
+    g.add_argument("--step-aggregate", default=d.aggregate, help="step scores -> value: min, last, product")
+    g.add_argument("--max-steps", default=str(d.max_steps), help="most steps in one solution")
+    g.add_argument("--dvts", action="store_true", help="step-beam: independent subtrees (diverse verifier tree search)")
+    g.add_argument("--tree-search", default=d.tree_search, help="tree: bfs or dfs (depth first, backtracking)")
+    g.add_argument("--prune-threshold", default=None, help="drop partial solutions valued below this (e.g. 0.3)")
+    g.add_argument("--max-nodes", default=str(d.max_nodes), help="most steps sampled in one search")
+    g.add_argument("--max-search-tokens", default=None, help="most tokens generated in one search (default: no limit)")
+    g.add_argument("--max-seconds", default=None, help="wall-clock limit of one search (default: none)")
+
+
+def _number(value, flag: str, kind=int):
+    """A flag's text as int / float (None stays None); ConfigError E637 when it is not one."""
+    if value is None or isinstance(value, (int, float)):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        what = "a whole number" if kind is int else "a number"
+        raise ConfigError("E637", f"{flag} {value!r} is not {what}", flag, f"give {what}") from None
+
+
+def search_config(args):
+    """The SearchConfig of the step-search flags (escapes such as \\n in --step-delimiter decoded)."""
+    from mlxpt.decode.options import SearchConfig
+
+    delimiter = args.step_delimiter
+    for esc, ch in (("\\n", "\n"), ("\\t", "\t")):
+        delimiter = delimiter.replace(esc, ch)
+    return SearchConfig(
+        beam_width=_number(args.beam_width, "--beam-width"), expand=_number(args.expand, "--expand"),
+        delimiter=delimiter, aggregate=args.step_aggregate, max_steps=_number(args.max_steps, "--max-steps"),
+        dvts=args.dvts, tree_search=args.tree_search,
+        prune_threshold=_number(args.prune_threshold, "--prune-threshold", float),
+        max_nodes=_number(args.max_nodes, "--max-nodes"),
+        max_search_tokens=_number(args.max_search_tokens, "--max-search-tokens"),
+        max_seconds=_number(args.max_seconds, "--max-seconds", float),
+    )  # fmt: skip
 
 
 def default_temperature(args) -> float:
@@ -133,7 +185,7 @@ def default_temperature(args) -> float:
 def check_strategy_args(args) -> None:
     """Validate the strategy flags (E620+) before any weights load."""
     from mlxpt.decode.beam import check_beam
-    from mlxpt.decode.options import check_strategy
+    from mlxpt.decode.options import STEP_STRATEGIES, check_search, check_strategy
     from mlxpt.decode.scorers import check_spec
     from mlxpt.rewards.extract import check_method
 
@@ -151,6 +203,8 @@ def check_strategy_args(args) -> None:
     check_method(args.extract)
     if args.strategy == "beam":
         check_beam(args.n, args.length_penalty)
+    if args.strategy in STEP_STRATEGIES:
+        check_search(search_config(args), args.strategy, args.temperature)
     if args.scorer is not None:
         check_spec(args.scorer)
     if args.strategy in ("best-of-n", "self-consistency", "sample") and args.n > 1 and args.temperature == 0:
@@ -160,6 +214,33 @@ def check_strategy_args(args) -> None:
             "--temperature",
             "use a positive temperature such as 0.7, or --strategy greedy",
         )
+
+
+def model_ref(model: str | None, adapter: str | None) -> str | None:
+    """The model an evaluation loads for `adapter` (load_for's rule: the run's base model by default)."""
+    if model is None and adapter is not None:
+        from mlxpt.fuse import base_model_of
+
+        return (base_model_of(adapter) or {}).get("model")
+    return model
+
+
+def check_auto_args(args):
+    """The calibration table of --strategy auto (checked against the model and adapter), or None;
+    E650-E653 before any weights load."""
+    from mlxpt.decode.budget import load_table, parse_budgets
+
+    if args.budget is not None and not isinstance(args.budget, int):
+        budgets = parse_budgets(args.budget)
+        if len(budgets) > 1:
+            raise ConfigError("E650", f"--budget {args.budget!r} is a list", "--budget", "give one number of tokens")
+        args.budget = budgets[0]
+    args.calibration_table = None
+    if args.calibration is not None:
+        args.calibration_table = load_table(
+            args.calibration, model=model_ref(args.model, args.adapter) or "", adapter=args.adapter
+        )
+    return args.calibration_table
 
 
 def sampling_config(args):
@@ -175,11 +256,18 @@ def decode_config(args):
 
     if args.strategy is None:
         return DecodeConfig("greedy" if args.temperature == 0 else "sample", 1, args.max_tokens, sampling_config(args))
+    from mlxpt.decode.options import check_decode
+
     confidence = None if args.confidence >= 1 else args.confidence
-    return DecodeConfig(
+    auto = args.strategy == "auto"
+    cfg = DecodeConfig(
         args.strategy, args.n, args.max_tokens, sampling_config(args), args.scorer, args.extract, args.weighting,
-        args.adaptive, args.batch, confidence, args.length_penalty,
+        args.adaptive, args.batch, confidence, args.length_penalty, search=search_config(args),
+        budget=args.budget if auto else None, calibration=getattr(args, "calibration_table", None) if auto else None,
     )  # fmt: skip
+    if auto:
+        check_decode(cfg)  # auto without --budget: E651 before any weights load
+    return cfg
 
 
 def check_common(args) -> None:
@@ -266,6 +354,14 @@ def describe(result) -> list[str]:
         best = max(range(len(result.scores)), key=lambda i: result.scores[i])
         shown = ", ".join(("*" if i == best else "") + f"{s:.3f}" for i, s in enumerate(result.scores))
         lines.append(f"[scores: {shown}]")
+    if getattr(result, "search", None):
+        sr = result.search
+        steps = ", ".join(f"{v:.2f}" for v in sr["step_scores"])
+        lines.append(
+            f"[search: {sr['nodes']} steps sampled, {sr['solutions']} solutions, {sr['pruned']} pruned, "
+            f"{sr['backtracks']} backtracks, depth {sr['depth']}, stopped by {sr['stopped_by']}; "
+            f"{result.prefilled_tokens} tokens prefilled; best path's step scores: {steps}]"
+        )
     lines.append(
         f"[{result.strategy}: {result.n_used} samples, {result.generated_tokens} tokens, {result.seconds:.1f} s, "
         f"{result.generated_tokens / max(result.seconds, 1e-9):.1f} tok/s]"
@@ -308,6 +404,8 @@ def run(args) -> int:
     text = _read_prompt(args)
     check_common(args)
     check_strategy_args(args)
+    check_auto_args(args)
+    decode_config(args)  # every strategy setting checked before the weights load
     model, tokenizer = load_for(args)
     if args.raw:
         tokens = list(tokenizer.encode(text))

@@ -1,4 +1,4 @@
-"""`mlxpt train [sft|dpo|simpo|orpo|rm|grpo]`: a flag for every config field (CLI > YAML > defaults),
+"""`mlxpt train [sft|dpo|simpo|orpo|rm|grpo|rft]`: a flag for every config field (CLI > YAML > defaults),
 --resume, events; `mlxpt train METHOD --help` lists that method's settings with their defaults and
 choices. simpo and orpo are dpo with that loss (and SimPO's usual beta of 2)."""
 
@@ -10,7 +10,17 @@ import json
 import sys
 
 from mlxpt import config
-from mlxpt.config import METHODS, AnyConfig, DPOConfig, GRPOConfig, RMConfig, SFTConfig, all_fields
+from mlxpt.config import (
+    METHODS,
+    AnyConfig,
+    DPOConfig,
+    GRPOConfig,
+    PRMConfig,
+    RFTConfig,
+    RMConfig,
+    SFTConfig,
+    all_fields,
+)
 from mlxpt.errors import EXIT_INTERRUPTED
 
 
@@ -26,7 +36,7 @@ def register(sub) -> None:
     _add_common(p)
     # Every method's settings parse (help hidden), so a setting of another method reaches
     # build_config, whose one-line E504 names the method it belongs to.
-    classes = (SFTConfig, DPOConfig, RMConfig, GRPOConfig)
+    classes = (SFTConfig, DPOConfig, RMConfig, GRPOConfig, PRMConfig, RFTConfig)
     for name, (_, f) in {k: v for cls in classes for k, v in all_fields(cls()).items()}.items():
         _add_setting(p, name, f, argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -57,8 +67,8 @@ def _add_setting(p, name: str, f, help_text: str) -> None:
     if name == "from_run":
         flags.insert(0, "--from")  # the short name people look for (mlx-lm: --resume-adapter-file)
     kw = {"dest": f"cfg_{name}", "default": None, "help": help_text}
-    if str(f.type).startswith("bool"):
-        p.add_argument(*flags, action="store_const", const=True, **kw)
+    if str(f.type).startswith("bool"):  # --name / --no-name (packing is on by default)
+        p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         return
     if f.metadata.get("choices"):
         kw["choices"] = f.metadata["choices"]
@@ -120,6 +130,8 @@ DESCRIPTIONS = {
     "orpo": "ORPO: SFT on chosen plus an odds-ratio term (dpo with loss_type orpo)",
     "rm": "a reward model (scalar head) trained on preference pairs",
     "grpo": "GRPO: reinforcement learning on prompts with verifiable rewards",
+    "rft": "RFT: rounds of sampling, keeping the verified completions and fine-tuning on them",
+    "prm": "a process reward model (a score per step) trained on stepwise-labelled solutions",
 }
 
 
@@ -180,6 +192,7 @@ def _printer(mode: str, steps: int):
                     f"step {e['step']:>5}/{steps}  loss {e['loss']:.4f}  lr {e['lr']:.2e}  gnorm {e['grad_norm']:.3f}"
                     f"  {e['tokens_per_s']:.0f} tok/s  peak {e['peak_memory_mb']:.0f} MB"
                     + (f"  margin {e['margin']:.3f}  acc {e['accuracy']:.2f}" if "margin" in e else "")
+                    + (f"  step acc {e['step_accuracy']:.2f}" if "step_accuracy" in e else "")
                     + (
                         f"  reward {e['reward_mean']:.3f}±{e['reward_std']:.3f}  len {e['completion_len_mean']:.0f}"
                         + (f"  kl {e['kl']:.4f}" if "kl" in e else "")
@@ -198,6 +211,9 @@ def _printer(mode: str, steps: int):
             print(f"reference log-probs {e['status']} for {e['pairs']} pairs: {e['path']}")
         elif kind == "progress":
             print(e["message"])
+        elif kind == "round":  # RFT: one round's sampling
+            print(f"round {e['round']}: kept {e['kept']} of {e['samples']} samples ({e['kept_share']:.1%}), "
+                  f"pass@N {e['pass_at_n']:.1%} over {e['prompts']} prompts")  # fmt: skip
         elif kind == "warning":
             print(f"warning: {e['message']}", file=sys.stderr)
         sys.stdout.flush()
@@ -218,6 +234,12 @@ def eval_summary(e: dict) -> str:
         parts.append(f"val_reward {e['val_reward']:.3f}")
     if "val_accuracy" in e:
         parts.append(f"val_accuracy {e['val_accuracy']:.3f}")
+    if "val_step_accuracy" in e:  # a process reward model
+        parts.append(f"step acc {e['val_step_accuracy']:.3f}")
+    if "val_first_error_accuracy" in e:
+        parts.append(f"first-error acc {e['val_first_error_accuracy']:.3f}")
+    if "val_auc" in e:
+        parts.append(f"AUC {e['val_auc']:.3f}")
     if "val_prompts" in e:
         parts.append(f"({e['val_prompts']} prompts, greedy)")
     if "regression_accuracy" in e:
@@ -250,7 +272,12 @@ def _run(args) -> int:
         else:
             print(f"interrupted: checkpoint saved. Resume with: {resume_command(run_dir)}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    if args.events == "text" and method == "rm":
+    if args.events == "text" and method == "prm":
+        print(f"done: process reward model saved in {run_dir}")
+        print(
+            f"use it: from mlxpt.decode.prm import load_process_reward_model; load_process_reward_model('{run_dir}').score_steps(prompt, steps)"
+        )
+    elif args.events == "text" and method == "rm":
         print(f"done: reward model saved in {run_dir}")
         print(
             f"use it: from mlxpt.decode.reward_model import load_reward_model; load_reward_model('{run_dir}').score(prompt, response)"

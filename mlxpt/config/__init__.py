@@ -13,6 +13,8 @@ from mlxpt.config.build import (
     resolve_method,
     saved_method,
 )
+from mlxpt.config.prm import PRMConfig, PRMSection
+from mlxpt.config.rft import RFTConfig, RFTSection
 from mlxpt.config.sections import (
     ASSETS,
     DEFAULT_MODEL,
@@ -44,7 +46,7 @@ from mlxpt.config.sections import (
 __all__ = [
     "ASSETS", "DEFAULT_MODEL", "METHODS", "PREF_METHODS", "RESUME_MUTABLE", "SECTIONS", "AdapterConfig",
     "AnyConfig", "DPOConfig", "DataConfig", "GRPOConfig", "GRPOSection", "ModelConfig", "PreferenceConfig",
-    "RMConfig", "RegulariseConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "all_fields", "apply_flat", "build_config",
+    "PRMConfig", "PRMSection", "RFTConfig", "RFTSection", "RMConfig", "RegulariseConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "all_fields", "apply_flat", "build_config",
     "config_class", "default_data", "default_pref_data", "default_prompt_data", "flatten", "load_yaml", "opt",
     "resolve_method", "saved_method", "section_names", "validate",
 ]  # fmt: skip

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from mlxpt.config.mlx_lm_keys import from_mlx_lm
+from mlxpt.config.prm import PRMConfig
+from mlxpt.config.rft import RFTConfig
 from mlxpt.config.sections import (
     PREF_METHODS,
     DPOConfig,
@@ -20,18 +22,20 @@ from mlxpt.config.sections import (
 )
 from mlxpt.errors import ConfigError
 
-METHODS = ("sft", *PREF_METHODS, "rm", "grpo")
-SECTIONS = ("model", "data", "adapter", "train", "reg", "pref", "rm", "grpo")  # every method's section names
+METHODS = ("sft", *PREF_METHODS, "rm", "grpo", "prm", "rft")
+# every method's section names
+SECTIONS = ("model", "data", "adapter", "train", "reg", "pref", "rm", "grpo", "prm", "rft")
 # what a run's config.json records besides its settings (dropped when it is given to --config)
 RUN_RECORD = ("method", "mlxpt_version", "model_path", "data_report", "adapter_config", "lineage")
 RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps", "forgetting_warn"}
 
-AnyConfig = SFTConfig | DPOConfig | RMConfig | GRPOConfig
+AnyConfig = SFTConfig | DPOConfig | RMConfig | GRPOConfig | PRMConfig | RFTConfig
 
 
 def config_class(method: str) -> type[AnyConfig]:
     """The config dataclass of a method: simpo and orpo (and dpo) are DPOConfig with a preset."""
-    return {"sft": SFTConfig, "rm": RMConfig, "grpo": GRPOConfig}.get(method, DPOConfig)
+    classes = {"sft": SFTConfig, "rm": RMConfig, "grpo": GRPOConfig, "prm": PRMConfig, "rft": RFTConfig}
+    return classes.get(method, DPOConfig)
 
 
 def flatten(d: dict) -> dict:

@@ -50,6 +50,11 @@ class DataConfig:
     max_seq_len: int = opt(512, "longest sequence in tokens")
     overlong: str = opt("truncate", "what to do with longer rows", ("truncate", "drop", "error"))
     batch_size: int = opt(4, "sequences per micro-batch")
+    packing: bool = opt(
+        True,
+        "sft: pack each micro-batch's rows into bins of max_seq_len tokens (no padding, attention kept "
+        "inside each row); off where a model's log-probs would change",
+    )
 
 
 @dataclass
@@ -204,9 +209,12 @@ def apply_flat(cfg, flat: dict, source: str) -> None:
     validate(cfg, source)
 
 
+OTHER_OWNERS: dict[str, type] = {}  # methods whose config lives in its own module (prm.py, rft.py)
+
+
 def _owners() -> dict:
     """Method family -> config class, for naming where a setting belongs."""
-    return {"sft": SFTConfig, "dpo/simpo/orpo": DPOConfig, "rm": RMConfig, "grpo": GRPOConfig}
+    return {"sft": SFTConfig, "dpo/simpo/orpo": DPOConfig, "rm": RMConfig, "grpo": GRPOConfig, **OTHER_OWNERS}
 
 
 def validate(cfg, source: str = "config") -> None:

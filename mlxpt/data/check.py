@@ -6,6 +6,7 @@ from collections import Counter
 
 import numpy as np
 
+from mlxpt.data.batching import packing_efficiency
 from mlxpt.data.encode import _encode, _Tok
 from mlxpt.data.formats import Row, scan_splits
 from mlxpt.errors import DataError
@@ -84,6 +85,12 @@ def check_report(
                 f"({100 * trained / max(total, 1):.1f}%); over max_len {max_len}: {over} "
                 "(truncated)"
             )
+            if split == "train":  # what `--packing` saves at the default batch of 4 (data/batching.py)
+                eff = packing_efficiency([min(n, max_len) for n in lengths], 4, max_len)
+                lines.append(
+                    f"  real tokens / computed positions at batch 4: {eff['packed_efficiency']:.1%} packed "
+                    f"into bins of {max_len}, {eff['padded_efficiency']:.1%} as padded rows"
+                )
     lines.append(f"rejected: {len(errors)} row{'s' if len(errors) != 1 else ''}")
     for e in errors[:MAX_LISTED]:
         lines.append(f"  {e.line()}")
@@ -111,13 +118,17 @@ PAIR_METHODS = ("dpo", "simpo", "orpo", "rm")
 
 
 def data_kind(method: str) -> str:
-    """What a method trains on: "sft" rows, "pref" (preference pairs) or "prompts" (GRPO)."""
+    """What a method trains on: "sft" rows, "pref" (preference pairs), "prompts" (GRPO) or
+    "stepwise" (a process reward model's labelled steps)."""
+    if method == "prm":
+        return "stepwise"
     return "pref" if method in PAIR_METHODS else ("prompts" if method == "grpo" else "sft")
 
 
 def detect_data_kind(path: str, valid: str | None = None) -> str:
     """The kind of a data file from its first JSON object: chosen + rejected are preference pairs,
-    a prompt with no completion is a GRPO prompt, anything else SFT rows (whose check says why)."""
+    completions + labels stepwise rows, a prompt with no completion a GRPO prompt, anything else
+    SFT rows (whose check says why)."""
     import json
 
     from mlxpt.data.formats import resolve_splits
@@ -137,16 +148,21 @@ def detect_data_kind(path: str, valid: str | None = None) -> str:
         return "sft"
     if "chosen" in obj and "rejected" in obj:
         return "pref"
+    if "completions" in obj and "labels" in obj:
+        return "stepwise"
     if "prompt" in obj and "completion" not in obj:
         return "prompts"
     return "sft"
 
 
 def check_kind_report(kind: str, path: str, valid: str | None = None, tokenizer=None, max_len: int = 2048):
-    """`check_report` for preference pairs ("pref") and GRPO prompts ("prompts")."""
+    """`check_report` for preference pairs ("pref"), GRPO prompts ("prompts") and stepwise rows
+    ("stepwise", steps joined by the default delimiter, a newline)."""
     from mlxpt.data.formats import resolve_splits
     from mlxpt.data.preference import encode_preference, scan_preference
     from mlxpt.data.prompts import encode_prompts, scan_prompts
+    from mlxpt.data.stepwise import DEFAULT_DELIMITER, encode_stepwise, scan_stepwise
+    from mlxpt.data.stepwise import describe as describe_steps
 
     train_path, valid_path = resolve_splits(path, valid)
     lines, errors = [], []
@@ -158,6 +174,9 @@ def check_kind_report(kind: str, path: str, valid: str | None = None, tokenizer=
             rows, same, errs = scan_preference(p)
             forms = ", ".join(f"{k} {n}" for k, n in sorted(Counter(r.source for r in rows).items()))
             lines.append(f"{split}: {len(rows)} preference pairs ({forms or 'none'}; {same} identical dropped) {p}")
+        elif kind == "stepwise":
+            rows, errs = scan_stepwise(p)
+            lines.append(f"{split}: {describe_steps(rows)} {p}")
         else:
             rows, errs = scan_prompts(p)
             lines.append(f"{split}: {len(rows)} prompts (completions are sampled in training) {p}")
@@ -167,6 +186,13 @@ def check_kind_report(kind: str, path: str, valid: str | None = None, tokenizer=
         if kind == "pref":
             examples, report = encode_preference(rows, tokenizer, max_len, "truncate")
             lengths = [len(e.prompt) + max(len(e.chosen), len(e.rejected)) for e in examples]
+        elif kind == "stepwise":
+            try:
+                examples, report = encode_stepwise(rows, tokenizer, DEFAULT_DELIMITER, 10**9, "truncate")
+            except DataError as e:
+                errors += e.errors
+                continue
+            lengths = [len(e.tokens) for e in examples]
         else:
             examples, report = encode_prompts(rows, tokenizer, max_len, 0, "drop")
             lengths = [len(e.tokens) for e in examples]

@@ -143,13 +143,37 @@ def generate_groups(
     """`n` completions of each prompt, all decoded as one batch: each prompt is prefilled once,
     its cache copied to `n` rows, the rows of different prompts left-padded into one batch cache
     (models whose caches cannot be merged decode one prompt group at a time). See generate_group."""
-    # One function on purpose (~110 lines): prefill, cache copy and the decode loop share the
-    # per-row caches, stop state and timing; split, each piece would need all of them passed back.
     for p in prompts:
         _check(n, max_tokens, p)
     from mlxpt import _blas
 
     _blas.activate()
+    stats = stats if stats is not None else GroupStats()
+    stats.prompt_tokens += sum(len(p) for p in prompts)
+    t0 = time.perf_counter()
+    prefilled = [_prefill(model, p) for p in prompts]
+    stats.prefill_s += time.perf_counter() - t0
+    states = [(cache, logits, list(p)) for (cache, logits), p in zip(prefilled, prompts, strict=True)]
+    return generate_from(model, tokenizer, states, n, max_tokens, sampler, stop_strings, logits_processors, stats)
+
+
+def generate_from(
+    model,
+    tokenizer,
+    states: Sequence[tuple],
+    n: int,
+    max_tokens: int | Sequence[int] = 256,
+    sampler: Callable | None = None,
+    stop_strings: Sequence[str] = (),
+    logits_processors: Sequence[Callable] | None = None,
+    stats: GroupStats | None = None,
+) -> list[list[Completion]]:
+    """`n` completions of each already-prefilled state `(cache, next-token logits (1, V), history)`,
+    all decoded as one batch; `history` is the token ids the cache holds (for the logits
+    processors). The caches are consumed (copy them first to keep them). `max_tokens` may be one
+    limit per state. Used by generate_groups (states = prompts) and step search (states = nodes)."""
+    # One function on purpose (~100 lines): cache copy and the decode loop share the per-row
+    # caches, stop state and timing; split, each piece would need all of them passed back.
     import mlx.core as mx
 
     from mlxpt.decode.generate import add_stop_tokens
@@ -161,31 +185,32 @@ def generate_groups(
 
         sampler = make_sampler()
     stats = stats if stats is not None else GroupStats()
-    stats.prompt_tokens += sum(len(p) for p in prompts)
-
+    limits = [max_tokens] * len(states) if isinstance(max_tokens, int) else list(max_tokens)
     t0 = time.perf_counter()
-    prefilled = [_prefill(model, p) for p in prompts]
     try:
-        cache = _merge_rows([c for c, _ in prefilled], n)
+        cache = _merge_rows([c for c, _, _ in states], n)
     except _Unmergeable:
         return [
-            generate_groups(model, tokenizer, [p], n, max_tokens, sampler, stop_strings, logits_processors, stats)[0]
-            for p in prompts
+            generate_from(model, tokenizer, [s], n, [m], sampler, stop_strings, logits_processors, stats)[0]
+            for s, m in zip(states, limits, strict=True)
         ]
-    logits = mx.concatenate([mx.repeat(lg, n, axis=0) for _, lg in prefilled], axis=0)
+    logits = mx.concatenate([mx.repeat(lg, n, axis=0) for _, lg, _ in states], axis=0)
     mx.eval(logits)
     t1 = time.perf_counter()
     stats.prefill_s += t1 - t0
 
-    rows_total = n * len(prompts)
-    owner = [list(prompts[i // n]) for i in range(rows_total)]  # the prompt of each sequence
+    rows_total = n * len(states)
+    owner = [list(states[i // n][2]) for i in range(rows_total)]  # the history of each sequence
+    limit = [limits[i // n] for i in range(rows_total)]
     tokens: list[list[int]] = [[] for _ in range(rows_total)]
     logps: list[list[float]] = [[] for _ in range(rows_total)]
     texts: list[str | None] = [None] * rows_total
     reasons: list[str | None] = [None] * rows_total
     stops: list[int | None] = [None] * rows_total
-    live = list(range(rows_total))  # row r of the batch is sequence live[r]
-    for step in range(max_tokens):
+    live = [i for i in range(rows_total) if limit[i] > 0]  # row r of the batch is sequence live[r]
+    if len(live) < rows_total and live:
+        cache, logits = _keep_rows(cache, logits, live)
+    for _ in range(max(limits, default=0) if live else 0):
         logits = logits.astype(mx.float32)
         if logits_processors:
             rows = []
@@ -215,20 +240,14 @@ def generate_groups(
                 if hit >= 0:
                     texts[seq], reasons[seq] = text[:hit], "stop"
                     continue
-            if step == max_tokens - 1:
+            if len(tokens[seq]) >= limit[seq]:
                 reasons[seq] = "length"
                 continue
             keep.append(r)
         if not keep:
             break
         if len(keep) < len(live):
-            idx = mx.array(keep)
-            for c in cache:
-                if hasattr(c, "filter"):  # batch caches know their padding
-                    c.filter(idx)
-                else:
-                    _map_cache([c], lambda a, idx=idx: a[idx])
-            chosen = chosen[idx]
+            cache, chosen = _keep_rows(cache, chosen, keep)
             live = [live[r] for r in keep]
         logits = model(chosen[:, None], cache=cache)[:, -1, :]
     stats.decode_s += time.perf_counter() - t1
@@ -243,7 +262,20 @@ def generate_groups(
         )
         for i in range(rows_total)
     ]
-    return [done[i * n : (i + 1) * n] for i in range(len(prompts))]
+    return [done[i * n : (i + 1) * n] for i in range(len(states))]
+
+
+def _keep_rows(cache: list, rows, keep: list[int]):
+    """(cache, rows) with only batch rows `keep`; the cache is filtered in place."""
+    import mlx.core as mx
+
+    idx = mx.array(keep)
+    for c in cache:
+        if hasattr(c, "filter"):  # batch caches know their padding
+            c.filter(idx)
+        else:
+            _map_cache([c], lambda a, idx=idx: a[idx])
+    return cache, rows[idx]
 
 
 def generate_many(

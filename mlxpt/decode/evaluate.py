@@ -12,7 +12,12 @@ n, adaptive self-consistency stops on the pool in batches of `batch` (same rule 
 draw accuracy-vs-N curves, and it compares strategies on the same samples. The pool's wall time
 is split over the strategies by the share of generated tokens they read (`seconds_estimated`).
 With `independent=True` every (strategy, N) runs `run_strategy` on its own, with its own timing.
-Greedy and beam always run on their own.
+Greedy, beam and every other registered strategy (`auto`, and any added to
+strategies.STRATEGIES) always run on their own, through `run_strategy`.
+
+Every result has the mean generated tokens per prompt next to its accuracy, so each strategy
+draws an accuracy-vs-generated-tokens curve as well as an accuracy-vs-N one. `auto` (budget.py)
+runs once per token budget in `budgets`; its cells are (auto, budget).
 """
 
 from __future__ import annotations
@@ -24,11 +29,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxpt.decode.options import DEFAULT_TEMPERATURE, DecodeConfig
+from mlxpt.decode.options import DEFAULT_TEMPERATURE, STEP_STRATEGIES, DecodeConfig, SearchConfig
+from mlxpt.decode.strategies import STRATEGIES
 from mlxpt.errors import ConfigError, DataError
 
-EVAL_STRATEGIES = ("greedy", "sample", "best-of-n", "self-consistency", "adaptive", "beam")
 POOLED = ("sample", "best-of-n", "self-consistency", "adaptive")
+# the registry's strategies, with adaptive self-consistency as one more: new ones appear here
+EVAL_STRATEGIES = tuple(dict.fromkeys(("greedy", "sample", "best-of-n", "self-consistency", "adaptive", *STRATEGIES)))
 
 
 @dataclass
@@ -50,6 +57,10 @@ class EvalConfig:
     limit: int | None = None  # evaluate the first N rows only
     independent: bool = False  # run each (strategy, N) on its own instead of sharing a pool
     greedy_batch: int = 16  # greedy alone: prompts decoded together (1: one by one, streamed)
+    budgets: tuple[int, ...] = ()  # auto: generated-token budgets per prompt, one cell each
+    calibration: object = None  # auto: calibration table path or budget.CalibrationTable (None: built-in rule)
+    probe: int = 2  # --calibrate: probe samples that bucket a prompt's difficulty (budget.py)
+    search: SearchConfig = field(default_factory=SearchConfig)  # step-beam / tree (N: the beam width)
 
 
 @dataclass
@@ -134,6 +145,12 @@ def parse_ns(text: str) -> tuple[int, ...]:
     return ns
 
 
+def _uses_scorer(cfg: EvalConfig) -> bool:
+    """Whether --scorer is used: best-of-n, auto, step search (its step values), reward weighting."""
+    scored = ("best-of-n", "auto", *STEP_STRATEGIES)
+    return any(s in scored for s in cfg.strategies) or cfg.weighting == "reward"
+
+
 def check_config(cfg: EvalConfig) -> None:
     """Everything that can be checked before a model loads."""
     from mlxpt.decode.options import check_strategy
@@ -156,8 +173,28 @@ def check_config(cfg: EvalConfig) -> None:
             "E626", "temperature 0 makes every sample the same", "--temperature", "use e.g. 0.7 for sampled strategies"
         )
     check_method(cfg.extract)
-    if "best-of-n" in cfg.strategies or cfg.weighting == "reward":
+    from mlxpt.decode.options import check_search
+
+    for s in cfg.strategies:
+        if s in STEP_STRATEGIES:
+            check_search(cfg.search, s, cfg.temperature)
+    if _uses_scorer(cfg):
         check_spec(cfg.scorer)
+    from mlxpt.decode.budget import check_budget, check_probe, resolve_table
+
+    if ("auto" in cfg.strategies) != bool(cfg.budgets):
+        raise ConfigError(
+            "E651", "--strategies auto and --budget go together", "--budget",
+            "give both (e.g. --strategies greedy,auto --budget 400), or neither",
+        )  # fmt: skip
+    for b in cfg.budgets:
+        check_budget(b)
+    check_probe(cfg.probe)
+    resolve_table(cfg.calibration)
+    if "auto" in cfg.strategies and cfg.temperature == 0:
+        raise ConfigError(
+            "E655", "auto's probe samples need a temperature > 0", "--temperature", "use e.g. 0.7 with auto"
+        )
 
 
 @dataclass
@@ -168,6 +205,10 @@ class _Tally:
     seconds: float = 0.0
     samples: int = 0
     estimated: bool = False
+    choices: dict = field(default_factory=dict)  # auto: chosen cell -> prompts
+
+    def chose(self, cell: str) -> None:
+        self.choices[cell] = self.choices.get(cell, 0) + 1
 
     def add(self, ok: bool, tokens: int, seconds: float, samples: int, estimated: bool = False) -> None:
         self.correct += bool(ok)
@@ -185,6 +226,8 @@ def _cells(cfg: EvalConfig) -> list[tuple[str, int]]:
             cells.append((s, 1))
         elif s == "adaptive":
             cells.append((s, max(cfg.ns)))
+        elif s == "auto":
+            cells += [(s, b) for b in cfg.budgets]
         else:
             cells += [(s, n) for n in cfg.ns]
     return cells
@@ -210,20 +253,30 @@ def evaluate(
         return _greedy_batched(model, tokenizer, rows, cfg, progress, details)
     tallies = {c: _Tally() for c in cells}
     scorer = None
-    if "best-of-n" in cfg.strategies or cfg.weighting == "reward":
+    if _uses_scorer(cfg):
         from mlxpt.decode.scorers import make_scorer
 
         scorer = make_scorer(cfg.scorer, model, tokenizer)
+    if "auto" in cfg.strategies:
+        from dataclasses import replace
+
+        from mlxpt.decode.budget import resolve_table
+
+        cfg = replace(cfg, calibration=resolve_table(cfg.calibration))  # read once, not per prompt
     for i, row in enumerate(rows):
         ids = chat_prompt(tokenizer, row.messages)
         sampling = SamplingConfig(cfg.temperature, cfg.top_p, cfg.top_k, cfg.min_p, cfg.seed + i)
         fields = {**row.fields, "answer": row.answer}
-        record: dict = {"line": row.line, "gold": row.answer, "answers": {}}
+        record: dict = {"line": row.line, "gold": row.answer, "answers": {}, "tokens": {}}
         for cell, (ok, tokens, seconds, samples, est) in _run_row(
             model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer, record
         ):
             tallies[cell].add(ok, tokens, seconds, samples, est)
+            if "_auto" in record:
+                tallies[cell].chose(record["_auto"]["chose"])
+                record.setdefault("auto", {})[f"{cell[0]}@{cell[1]}"] = {**record.pop("_auto"), "correct": bool(ok)}
             record["answers"][f"{cell[0]}@{cell[1]}"] = [record.pop("_answer", None), bool(ok)]
+            record["tokens"][f"{cell[0]}@{cell[1]}"] = tokens
         if details is not None:
             details.append(record)
         if progress is not None:
@@ -253,7 +306,7 @@ def _greedy_batched(model, tokenizer, rows: list[Row], cfg: EvalConfig, progress
             tally.add(ok, len(c.tokens), seconds, 1)
             if details is not None:
                 details.append({"line": row.line, "gold": row.answer, "answers": {"greedy@1": [answer, bool(ok)]},
-                                "text": c.text})  # fmt: skip
+                                "tokens": {"greedy@1": len(c.tokens)}, "text": c.text})  # fmt: skip
         if progress is not None:
             progress(min(len(rows), s + len(part)), len(rows))
     return _results({("greedy", 1): tally})
@@ -270,19 +323,24 @@ def _results(tallies: dict) -> list[dict]:
                 "correct": t.correct,
                 "total": t.total,
                 "generated_tokens": t.tokens,
+                "mean_tokens": t.tokens / t.total if t.total else 0.0,
                 "seconds": round(t.seconds, 3),
                 "seconds_estimated": t.estimated,
                 "mean_samples": t.samples / t.total if t.total else 0.0,
+                **({"budget": n, "choices": dict(sorted(t.choices.items()))} if s == "auto" else {}),
             }
         )
     return out
 
 
 def decode_config(cfg: EvalConfig, strategy: str, n: int, sampling, scorer=None) -> DecodeConfig:
-    """The DecodeConfig of one (strategy, N) cell; `adaptive` is self-consistency with early stopping."""
+    """The DecodeConfig of one (strategy, N) cell; `adaptive` is self-consistency with early stopping;
+    for `auto`, N is the token budget."""
+    auto = strategy == "auto"
     return DecodeConfig(
-        "self-consistency" if strategy == "adaptive" else strategy, n, cfg.max_tokens, sampling, scorer, cfg.extract,
-        cfg.weighting, strategy == "adaptive", cfg.batch, cfg.confidence,
+        "self-consistency" if strategy == "adaptive" else strategy, 1 if auto else n, cfg.max_tokens, sampling,
+        scorer, cfg.extract, cfg.weighting, strategy == "adaptive", cfg.batch, cfg.confidence,
+        budget=n if auto else None, calibration=cfg.calibration if auto else None, search=cfg.search,
     )  # fmt: skip
 
 
@@ -296,11 +354,13 @@ def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer, r
         return same_answer(text_answer, row.answer)
 
     for s, n in cells:
-        if s == "greedy" or s == "beam" or (cfg.independent and s in POOLED):
+        if s not in POOLED or cfg.independent:
             r = run_strategy(
                 model, tokenizer, ids, decode_config(cfg, s, n, sampling, scorer), prompt=row.prompt, row=fields
             )
             record["_answer"] = r.answer
+            if r.auto is not None:
+                record["_auto"] = r.auto
             yield (s, n), (ok(r.answer), r.generated_tokens, r.seconds, r.n_used, False)
     pooled = [c for c in cells if c[0] in POOLED]
     if cfg.independent or not pooled:

@@ -9,15 +9,45 @@ Greedy always decodes at temperature 0, keeping only the seed and repetition pen
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from mlxpt.decode.sampling import SamplingConfig
 from mlxpt.errors import ConfigError
 
-STRATEGY_NAMES = ("greedy", "sample", "best-of-n", "self-consistency", "beam")  # strategies.STRATEGIES' keys
-SAMPLED = ("sample", "best-of-n", "self-consistency")  # the strategies that draw samples
+STRATEGY_NAMES = (
+    "greedy",
+    "sample",
+    "best-of-n",
+    "self-consistency",
+    "beam",
+    "auto",
+    "step-beam",
+    "tree",
+)  # strategies.STRATEGIES' keys
+SAMPLED = ("sample", "best-of-n", "self-consistency", "step-beam", "tree", "auto")  # the strategies that draw samples
+STEP_STRATEGIES = ("step-beam", "tree")  # step-level search (step_search.py)
+STEP_AGGREGATES = ("min", "last", "product")
+TREE_SEARCHES = ("bfs", "dfs")
 WEIGHTINGS = ("none", "logprob", "reward")
 DEFAULT_TEMPERATURE = 0.7
+
+
+@dataclass
+class SearchConfig:
+    """Step-level search settings of `step-beam` and `tree` (step_search.py)."""
+
+    beam_width: int | None = None  # partial solutions kept per step (dvts: subtrees; None: the config's n)
+    expand: int = 4  # sampled next steps per expanded partial solution
+    delimiter: str = "\n"  # a step ends at this string (kept in the step)
+    aggregate: str = "min"  # step scores -> a partial solution's value: min | last | product
+    max_steps: int = 16  # most steps in one solution
+    dvts: bool = False  # step-beam: beam_width independent subtrees, each keeping its best child
+    tree_search: str = "bfs"  # tree: bfs (best beam_width per level) | dfs (best first, backtracking)
+    prune_threshold: float | None = None  # drop partial solutions valued below this (None: keep all)
+    max_nodes: int = 256  # most steps sampled in one search
+    max_search_tokens: int | None = None  # most tokens generated in one search (None: no limit)
+    max_seconds: float | None = None  # wall-clock limit of one search (None: no limit)
 
 
 @dataclass
@@ -34,6 +64,9 @@ class DecodeConfig:
     confidence: float | None = 0.95  # adaptive: stop at this P(leader wins) (None: only when safe)
     length_penalty: float = 1.0  # beam: score = log-prob / length**this
     stop_strings: tuple[str, ...] = ()  # batched samples end at the first of these
+    search: SearchConfig = field(default_factory=SearchConfig)  # step-beam, tree: step-level search
+    budget: int | None = None  # auto: generated tokens per prompt (budget.py)
+    calibration: object = None  # auto: a calibration table path or budget.CalibrationTable (None: built-in rule)
 
     @property
     def streamed(self) -> bool:
@@ -96,6 +129,50 @@ def check_decode(cfg: DecodeConfig) -> None:
     validate_sampling(s.temperature, s.top_p, s.top_k, s.min_p, s.seed)
     if cfg.strategy == "beam":
         check_beam(cfg.n, cfg.length_penalty)
-    uses_scorer = cfg.strategy == "best-of-n" or (cfg.strategy == "self-consistency" and cfg.weighting == "reward")
+    if cfg.strategy in STEP_STRATEGIES:
+        check_search(cfg.search, cfg.strategy, s.temperature)
+    if cfg.strategy == "auto":
+        from mlxpt.decode.budget import check_auto
+
+        check_auto(cfg)
+    uses_scorer = cfg.strategy in ("best-of-n", *STEP_STRATEGIES) or (
+        cfg.strategy == "self-consistency" and cfg.weighting == "reward"
+    )
     if uses_scorer and (cfg.scorer is None or isinstance(cfg.scorer, str)):
         check_spec(cfg.scorer)
+
+
+def _whole(value, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
+def check_search(search: SearchConfig, strategy: str = "step-beam", temperature: float = DEFAULT_TEMPERATURE) -> None:
+    """ConfigError E627/E631-E637 for step-search settings out of range (before any model loads)."""
+    s = search
+    checks = [
+        (s.beam_width is None or _whole(s.beam_width, 1), "E631", f"beam width {s.beam_width!r} is out of range", "--beam-width",
+         "use a whole number >= 1"),
+        (_whole(s.expand, 1), "E631", f"expand={s.expand!r} is out of range", "--expand", "use a whole number >= 1"),
+        (isinstance(s.delimiter, str) and s.delimiter != "", "E632", "the step delimiter is empty",
+         "--step-delimiter", "use e.g. '\\n' (the default) or '. '"),
+        (s.aggregate in STEP_AGGREGATES, "E633", f"unknown step aggregate {s.aggregate!r}", "--step-aggregate",
+         f"use {', '.join(STEP_AGGREGATES)}"),
+        (_whole(s.max_steps, 1), "E634", f"max-steps={s.max_steps!r} is out of range", "--max-steps", "use a whole number >= 1"),
+        (s.tree_search in TREE_SEARCHES, "E635", f"unknown tree search {s.tree_search!r}", "--tree-search",
+         f"use {', '.join(TREE_SEARCHES)}"),
+        (s.prune_threshold is None or (isinstance(s.prune_threshold, (int, float)) and math.isfinite(s.prune_threshold)),
+         "E636", f"prune threshold {s.prune_threshold!r} is not a finite number", "--prune-threshold",
+         "use a value such as 0.3 (values are in [0, 1] for prm, verifier, logprob and rm scorers)"),
+        (_whole(s.max_nodes, 1), "E637", f"max-nodes={s.max_nodes!r} is out of range", "--max-nodes", "use a whole number >= 1"),
+        (s.max_search_tokens is None or _whole(s.max_search_tokens, 1), "E637",
+         f"max-search-tokens={s.max_search_tokens!r} is out of range", "--max-search-tokens", "use a whole number >= 1"),
+        (s.max_seconds is None or (isinstance(s.max_seconds, (int, float)) and 0 < s.max_seconds < math.inf),
+         "E637", f"max-seconds={s.max_seconds!r} is out of range", "--max-seconds", "use a number of seconds > 0"),
+        (not (s.dvts and strategy == "tree"), "E627", "--dvts is a step-beam option", "--dvts",
+         "use --strategy step-beam --dvts, or drop --dvts"),
+        (s.expand == 1 or temperature > 0, "E627", f"temperature 0 makes all {s.expand} expansions the same",
+         "--temperature", "use a positive temperature such as 0.7, or --expand 1"),
+    ]  # fmt: skip
+    for ok, code, what, where, hint in checks:
+        if not ok:
+            raise ConfigError(code, what, where, hint)

@@ -1,8 +1,9 @@
-"""Accuracy-vs-samples charts: a text chart for the terminal and a PNG drawn with matplotlib.
+"""Accuracy charts: a text chart for the terminal and a PNG drawn with matplotlib.
 
-`series` maps a label to [(n, accuracy), ...]; n may be fractional (adaptive stopping's mean
-samples). The x axis is log2(n) (1, 2, 4, 8, 16 evenly spaced; ticks at whole n). matplotlib is
-imported only when a PNG is drawn, so `mlxpt --help` stays light.
+`series` maps a label to [(x, accuracy), ...]. For accuracy vs samples x is N, possibly fractional
+(adaptive stopping's mean samples), with ticks at whole N; for accuracy vs generated tokens
+(`TOKENS`) x is the mean generated tokens per prompt, with ticks at powers of two (`token_ticks`).
+The x axis is log2(x). matplotlib is imported only when a PNG is drawn, so `mlxpt --help` stays light.
 """
 
 from __future__ import annotations
@@ -14,6 +15,24 @@ from pathlib import Path
 Series = dict[str, list[tuple[int, float]]]
 MARKERS = "o*x+#@%&"
 _PNG_MARKERS = "os^Dv*PX"
+SAMPLES_AXIS = "N (samples, log scale)"
+TOKENS_AXIS = "generated tokens per prompt (log scale)"
+
+
+def token_ticks(series: Series) -> list[float]:
+    """Ticks for a tokens axis: the powers of two within the data's range (its ends where none)."""
+    xs = [x for pts in series.values() for x, _ in pts if x > 0]
+    if not xs:
+        return []
+    lo, hi = min(xs), max(xs)
+    ticks = [2.0**e for e in range(math.ceil(math.log2(lo)), math.floor(math.log2(hi)) + 1)]
+    return ticks if len(ticks) >= 2 else sorted({float(round(lo)), float(round(hi))})
+
+
+def _ticks(series: Series, xs: list, ticks: list | None) -> list:
+    if ticks is not None:
+        return ticks
+    return [n for n in xs if float(n).is_integer()]
 
 
 def _xpos(n: int, ns: list[int]) -> float:
@@ -27,8 +46,13 @@ def _ymax(series: Series) -> float:
     return min(1.0, max(0.1, math.ceil(top * 10 + 0.5) / 10))
 
 
-def terminal_chart(series: Series, width: int = 56, height: int = 13, title: str = "accuracy vs samples") -> str:
-    """A text chart: one marker per series, dots between points, accuracy in % on the y axis."""
+def terminal_chart(
+    series: Series, width: int = 56, height: int = 13, title: str = "accuracy vs samples",
+    x_label: str = SAMPLES_AXIS, ticks: list | None = None,
+) -> str:  # fmt: skip
+    """A text chart: one marker per series, dots between points, accuracy in % on the y axis;
+    x ticks at `ticks` (default: the whole x values)."""
+    series = {k: [(x, a) for x, a in pts if x > 0] for k, pts in series.items()}
     ns = sorted({n for pts in series.values() for n, _ in pts})
     if not ns:
         return ""
@@ -58,18 +82,24 @@ def terminal_chart(series: Series, width: int = 56, height: int = 13, title: str
         lines.append(f"{label} |" + "".join(row))
     lines.append(" " * 7 + "+" + "-" * width)
     axis = [" "] * (width + 12)
-    for n in (n for n in ns if float(n).is_integer()):
+    for n in _ticks(series, ns, ticks):
         x = 8 + round(_xpos(n, ns) * (width - 1))
-        for j, ch in enumerate(str(n)):
+        if not 0 <= x < len(axis):
+            continue
+        for j, ch in enumerate(str(int(n)) if float(n).is_integer() else f"{n:g}"):
             if x + j < len(axis):
                 axis[x + j] = ch
-    lines.append("".join(axis).rstrip() + "   N (samples, log scale)")
+    lines.append("".join(axis).rstrip() + "   " + x_label)
     lines += [f"  {MARKERS[k % len(MARKERS)]} {label}" for k, label in enumerate(series)]
     return "\n".join(lines)
 
 
-def png_chart(series: Series, title: str = "accuracy vs samples") -> bytes:
-    """PNG bytes of the accuracy-vs-N chart (log2 x axis, accuracy in % on y, a legend)."""
+def png_chart(
+    series: Series, title: str = "accuracy vs samples", x_label: str = "N samples (log scale)", ticks=None
+) -> bytes:
+    """PNG bytes of an accuracy chart (log2 x axis, accuracy in % on y, a legend); x ticks at
+    `ticks` (default: the whole x values)."""
+    series = {k: [(x, a) for x, a in pts if x > 0] for k, pts in series.items()}
     # a bare Figure renders with Agg: no pyplot, no display, no global backend switched
     from matplotlib.figure import Figure
     from matplotlib.ticker import FixedLocator, NullLocator, PercentFormatter
@@ -85,15 +115,15 @@ def png_chart(series: Series, title: str = "accuracy vs samples") -> bytes:
         if len(pts) == 1 and pts[0][0] == min(ns) and len(ns) > 1:  # a one-sample baseline: dashed level
             ax.hlines(ys[0], min(ns), max(ns), colors=line.get_color(), linestyles="dashed", linewidth=1.5)
     ax.set_xscale("log", base=2)
-    whole = [n for n in ns if float(n).is_integer()] or ns
+    whole = _ticks(series, ns, ticks) or ns
     ax.xaxis.set_major_locator(FixedLocator(whole))
     ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([str(int(n)) for n in whole])
+    ax.set_xticklabels([str(int(n)) if float(n).is_integer() else f"{n:g}" for n in whole])
     if len(ns) > 1:
         ax.set_xlim(min(ns) / 1.15, max(ns) * 1.15)
     ax.set_ylim(0, _ymax(series) * 100)
     ax.yaxis.set_major_formatter(PercentFormatter(decimals=0))
-    ax.set_xlabel("N samples (log scale)")
+    ax.set_xlabel(x_label)
     ax.set_ylabel("accuracy")
     ax.set_title(title, loc="left")
     ax.grid(True, color="#dddddd")
@@ -104,7 +134,10 @@ def png_chart(series: Series, title: str = "accuracy vs samples") -> bytes:
     return buf.getvalue()
 
 
-def write_png(path: str | Path, series: Series, title: str = "accuracy vs samples") -> None:
+def write_png(
+    path: str | Path, series: Series, title: str = "accuracy vs samples", x_label: str = "N samples (log scale)",
+    ticks=None,
+) -> None:  # fmt: skip
     from mlxpt.runs.atomic import atomic_write_bytes
 
-    atomic_write_bytes(path, png_chart(series, title))
+    atomic_write_bytes(path, png_chart(series, title, x_label, ticks))

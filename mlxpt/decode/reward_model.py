@@ -90,32 +90,41 @@ class RewardModel:
         return scores
 
 
-def load_reward_model(run_dir: str | Path, batch_size: int = 8) -> RewardModel:
-    """The reward model of a finished (or checkpointed) `mlxpt train rm` run folder."""
+def load_head_run(run_dir: str | Path, method: str, cfg_cls, code: str, what: str) -> tuple:
+    """(model with its trained head, tokenizer, the run's config, its saved config.json) of a run
+    folder of `method` (`rm`, `prm`) that saved a head; every refusal is a one-line `code` error
+    naming `what` the run should be."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise ModelError("E518", "reward model run folder not found", str(run_dir), "pass runs/<id> of an rm run")
+        raise ModelError(code, f"{what} run folder not found", str(run_dir), f"pass runs/<id> of a {method} run")
     saved = read_config(run_dir)
-    if saved.get("method") != "rm":
+    if saved.get("method") != method:
         raise ModelError(
-            "E518",
-            f"this is a {saved.get('method', 'sft')} run, not a reward model",
+            code,
+            f"this is a {saved.get('method', 'sft')} run, not a {what}",
             str(run_dir),
-            "train one with `mlxpt train rm`",
+            f"train one with `mlxpt train {method}`",
         )
     head_path = run_dir / HEAD_FILE
     if not head_path.is_file():
         raise ModelError(
-            "E518", f"no {HEAD_FILE} in the run (not saved yet, or deleted)", str(run_dir), "finish or resume the run"
+            code, f"no {HEAD_FILE} in the run (not saved yet, or deleted)", str(run_dir), "finish or resume the run"
         )
-    weights = read_head(head_path)
-    cfg = RMConfig.from_dict({k: v for k, v in saved.items() if k in ("model", "data", "adapter", "train", "rm")})
+    weights = read_head(head_path, code, method)
+    sections = ("model", "data", "adapter", "train", method)
+    cfg = cfg_cls.from_dict({k: v for k, v in saved.items() if k in sections})
     model, tokenizer = load(
         cfg.model.model,
         adapter=str(run_dir),
         quantize=cfg.model.quantize,
         trust_remote_code=cfg.model.trust_remote_code,
     )
-    set_head(model, weights, head_path)
+    set_head(model, weights, head_path, code)
     model.eval()
+    return model, tokenizer, cfg, saved
+
+
+def load_reward_model(run_dir: str | Path, batch_size: int = 8) -> RewardModel:
+    """The reward model of a finished (or checkpointed) `mlxpt train rm` run folder."""
+    model, tokenizer, _, _ = load_head_run(run_dir, "rm", RMConfig, "E518", "reward model")
     return RewardModel(model, tokenizer, batch_size=batch_size)

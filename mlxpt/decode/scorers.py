@@ -8,7 +8,9 @@ Specs (the `--scorer` flag):
 - `reward:NAME` / `reward:file.py:fn`: a reward function of the GRPO registry
   (`mlxpt.rewards`), called through its guard (errors and None score -inf, never crash);
   `reward:accuracy` needs the row's gold `answer` (an oracle: useful in `mlxpt eval`, not in chat);
-- `rm:RUN`: a trained reward-model run (`mlxpt train rm`), scored in batches.
+- `rm:RUN`: a trained reward-model run (`mlxpt train rm`), scored in batches;
+- `prm:RUN`: a process reward model run (`mlxpt train prm`, decode/prm.py): a completion's lines
+  are its steps, and its score is the lowest step score (step-beam and tree read every step).
 
 `check_spec` validates a spec before any model loads; `make_scorer` builds it (lazy imports).
 """
@@ -23,8 +25,8 @@ from pathlib import Path
 
 from mlxpt.errors import ConfigError
 
-KINDS = ("logprob", "verifier", "reward:NAME", "reward:file.py:fn", "verifier:file.py:fn", "rm:RUN")
-_HINT = "use logprob, verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn or rm:RUN"
+KINDS = ("logprob", "verifier", "reward:NAME", "reward:file.py:fn", "verifier:file.py:fn", "rm:RUN", "prm:RUN")
+_HINT = "use logprob, verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn, rm:RUN or prm:RUN"
 
 # "12 * 3 = 36", "36 - 4 = 32", "7 + 5 + 2 = 14"; x and × for multiplication, ÷ for division.
 _NUM = r"-?\d+(?:\.\d+)?"
@@ -44,11 +46,20 @@ def check_spec(spec: str | None) -> None:
     if spec in ("logprob", "verifier"):
         return
     kind, _, rest = spec.partition(":")
-    if kind not in ("reward", "verifier", "rm") or not rest:
+    if kind not in ("reward", "verifier", "rm", "prm") or not rest:
         raise _bad(f"unknown scorer {spec!r}", spec)
     if kind == "rm":
         if not Path(rest).expanduser().is_dir():
             raise ConfigError("E622", "reward-model run folder not found", rest, "pass rm:runs/<id> of an rm run")
+        return
+    if kind == "prm":
+        if not Path(rest).expanduser().is_dir():
+            raise ConfigError(
+                "E628",
+                "process-reward-model run folder not found",
+                f"--scorer {spec}",
+                "pass prm:runs/<id> of a prm run",
+            )
         return
     if ":" in rest or rest.endswith(".py"):
         path = rest.rsplit(":", 1)[0] if ":" in rest else rest
@@ -189,6 +200,16 @@ def make_scorer(spec: str | None, model=None, tokenizer=None) -> Scorer:
             return rm.score_batch([prompt] * len(completions), [_text(c) for c in completions])
 
         return Scorer(spec, by_rm)
+    if kind == "prm":
+        prm = load_prm(rest, tokenizer)
+
+        def by_prm(prompt, completions, row):
+            steps = [[x for x in _text(c).split("\n") if x.strip()] or [""] for c in completions]
+            return [min(s) if s else -math.inf for s in prm.score_many(prompt, steps)]
+
+        scorer = Scorer(spec, by_prm)
+        scorer.prm = prm  # step search scores every step with it (step_search.make_step_scorer)
+        return scorer
     if kind == "reward" and ":" not in rest and not rest.endswith(".py"):
         try:
             from mlxpt.rewards import REWARDS
@@ -203,6 +224,19 @@ def make_scorer(spec: str | None, model=None, tokenizer=None) -> Scorer:
         return Scorer(spec, _guarded(rest, REWARDS[rest]), needs_row=rest == "accuracy")
     name, fn = _load_user_fn(kind, rest, spec)  # a verifier's True/False scores 1/0
     return Scorer(spec, _guarded(name, fn), needs_row=True)
+
+
+def load_prm(run: str, tokenizer=None):
+    """The process reward model of a `mlxpt train prm` run (decode/prm.py, imported lazily); with
+    the policy's `tokenizer`, a PRM trained with another tokenizer is refused."""
+    try:
+        from mlxpt.decode.prm import load_process_reward_model
+    except ImportError:
+        raise ConfigError(
+            "E628", "process reward models are not available in this install", f"--scorer prm:{run}",
+            "use --scorer verifier, logprob or rm:RUN",
+        ) from None  # fmt: skip
+    return load_process_reward_model(run, tokenizer=tokenizer)
 
 
 def _guarded_or_plain(name: str, fn: Callable) -> Callable:

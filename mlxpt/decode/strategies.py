@@ -8,6 +8,8 @@
   optionally weighted by mean log-prob or a reward; `adaptive=True` draws `batch` samples at a
   time and stops as soon as the leader is safe or confident, reporting the samples used;
 - `beam`: beam search of width n (beam.py).
+- `step-beam`, `tree`: step-level search (PRM-guided beam, DVTS, Tree-of-Thoughts; step_search.py);
+- `auto`: per prompt, a difficulty estimate picks the strategy and N within a token budget (budget.py).
 
 Every strategy function takes (model, tokenizer, prompt_tokens, cfg, ctx) and returns a
 StrategyResult; `ctx` (DecodeContext) carries what one call adds: the prompt and row scorers see,
@@ -37,6 +39,10 @@ class StrategyResult:
     answers: list[str | None] | None = None  # extracted answer per sample
     weights: dict[str, float] | None = None  # weighted vote totals
     finish_reasons: list[str] = field(default_factory=list)
+    prefilled_tokens: int = 0  # step-beam, tree: tokens run through the model outside decoding
+    stopped_by: str | None = None  # step-beam, tree: solution | exhausted | max-steps | max-nodes | ...
+    search: dict | None = None  # step-beam, tree: nodes, pruned, backtracks, depth, the best path's steps
+    auto: dict | None = None  # auto: what it chose, the difficulty estimate and the tokens spent (budget.py)
 
 
 @dataclass
@@ -46,6 +52,7 @@ class DecodeContext:
     on_samples: Callable[[list], None] | None = None  # called with each drawn batch of completions
     on_chunk: Callable | None = None  # called with each GenerationChunk of a streamed decode
     cancelled: Callable[[], bool] | None = None  # a streamed decode stops once this returns True
+    pool: list | None = None  # completions drawn before (auto's probe): `drawer` serves these first
 
 
 def _result(strategy: str, texts: list[str], pick: int, answers: list, tokens: int, t0: float, **kw) -> StrategyResult:
@@ -95,12 +102,18 @@ def drawer(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContex
     sampler, processors = sampler_from(s), processors_from(s)
 
     def draw(k: int) -> list:
+        served = ctx.pool[:k] if ctx.pool else []
+        if served:
+            del ctx.pool[: len(served)]
+        if len(served) == k:
+            return served
         got = generate_group(
-            model, tokenizer, list(prompt_tokens), k, cfg.max_tokens, sampler, tuple(cfg.stop_strings), processors
-        )
+            model, tokenizer, list(prompt_tokens), k - len(served), cfg.max_tokens, sampler, tuple(cfg.stop_strings),
+            processors,
+        )  # fmt: skip
         if ctx.on_samples is not None:
             ctx.on_samples(got)
-        return got
+        return served + got
 
     return draw
 
@@ -203,6 +216,28 @@ def beam(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext)
     )  # fmt: skip
 
 
+def auto(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """Compute-optimal: estimate the prompt's difficulty, then run the strategy and N with the best
+    expected accuracy within cfg.budget tokens (budget.py)."""
+    from mlxpt.decode.budget import run_auto
+
+    return run_auto(model, tokenizer, prompt_tokens, cfg, ctx, STRATEGIES, drawer)
+
+
+def step_beam(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """Beam search over reasoning steps scored per step (step_search.py)."""
+    from mlxpt.decode.step_search import step_beam as search
+
+    return StrategyResult(**search(model, tokenizer, prompt_tokens, cfg, ctx))
+
+
+def tree(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
+    """Tree-of-Thoughts BFS / DFS over reasoning steps (tree.py)."""
+    from mlxpt.decode.tree import tree_search
+
+    return StrategyResult(**tree_search(model, tokenizer, prompt_tokens, cfg, ctx))
+
+
 Strategy = Callable[..., StrategyResult]  # (model, tokenizer, prompt_tokens, cfg, ctx) -> StrategyResult
 
 STRATEGIES: dict[str, Strategy] = {
@@ -211,6 +246,9 @@ STRATEGIES: dict[str, Strategy] = {
     "best-of-n": best_of_n,
     "self-consistency": self_consistency,
     "beam": beam,
+    "auto": auto,
+    "step-beam": step_beam,
+    "tree": tree,
 }
 
 

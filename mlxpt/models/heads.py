@@ -51,29 +51,32 @@ def save_reward_model(folder: str | Path, model, adapter_config: dict) -> None:
 
 
 def head_rewards(model, inputs, last):
-    """(B,) float32 scalar reward per row: `model.reward_head` on the final (normed) hidden state
-    at index `last` of each row. Skips the vocabulary head entirely."""
+    """float32 scalar rewards: `model.reward_head` on the final (normed) hidden state at index
+    `last` of each row, (B,) for `last` of shape (B,) (a reward model: one per row) and (B, S)
+    for (B, S) (a process reward model: one per step end). Skips the vocabulary head entirely."""
     import mlx.core as mx
 
     h = model.model(inputs)  # (B, L, D)
-    h = h[mx.arange(h.shape[0]), last]  # (B, D)
+    rows = mx.arange(h.shape[0])
+    h = h[rows[:, None], last] if last.ndim == 2 else h[rows, last]  # (B, S, D) or (B, D)
     return model.reward_head(h.astype(mx.float32)).squeeze(-1)
 
 
-def read_head(path: Path) -> dict[str, np.ndarray]:
-    """The head's tensors; anything but a readable safetensors file is a one-line error (never unpickled)."""
+def read_head(path: Path, code: str = "E518", method: str = "rm") -> dict[str, np.ndarray]:
+    """The head's tensors; anything but a readable safetensors file is a one-line error (never
+    unpickled), with the loader's `code` and the `method` that writes the file."""
     from safetensors.numpy import load_file
 
     try:
         return load_file(str(path))
     except Exception as e:  # noqa: BLE001 - safetensors raises several types for a bad file
         raise ModelError(
-            "E518", f"{HEAD_FILE} is not a valid safetensors file ({str(e).splitlines()[0][:80]})", str(path),
-            "re-save the reward model with mlxpt train rm",
+            code, f"{HEAD_FILE} is not a valid safetensors file ({str(e).splitlines()[0][:80]})", str(path),
+            f"re-save the model with mlxpt train {method}",
         ) from None  # fmt: skip
 
 
-def set_head(model, weights: dict[str, np.ndarray], path: Path) -> None:
+def set_head(model, weights: dict[str, np.ndarray], path: Path, code: str = "E518") -> None:
     """Attach a head and load `weights` into it; a head of another shape is a one-line error."""
     import mlx.core as mx
 
@@ -81,7 +84,7 @@ def set_head(model, weights: dict[str, np.ndarray], path: Path) -> None:
     w = weights.get(f"{HEAD}.weight")
     if w is None or tuple(w.shape) != tuple(model.reward_head.weight.shape):
         raise ModelError(
-            "E518",
+            code,
             f"{HEAD_FILE} does not fit this model (expected {HEAD}.weight of shape {tuple(model.reward_head.weight.shape)})",
             str(path),
             "load it with the model it was trained on",

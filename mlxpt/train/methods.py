@@ -13,6 +13,8 @@ from pathlib import Path
 from mlxpt.errors import ConfigError
 from mlxpt.train.dpo import DPO
 from mlxpt.train.grpo import GRPO
+from mlxpt.train.prm import PRM
+from mlxpt.train.rft import RFT
 from mlxpt.train.rm import RM
 from mlxpt.train.runner import Method, run_training
 from mlxpt.train.sft import SFT
@@ -24,6 +26,8 @@ METHODS: dict[str, Method] = {
     "orpo": replace(DPO, name="orpo"),
     "rm": RM,
     "grpo": GRPO,
+    "rft": RFT,
+    "prm": PRM,
 }
 
 

@@ -17,12 +17,13 @@ from mlxpt.decode.strategies import STRATEGIES
 def _cli(*flags: str) -> DecodeConfig:
     """The DecodeConfig `mlxpt chat` runs with for these flags."""
     from mlxpt.commands import chat
-    from mlxpt.commands.generate import check_common, decode_config
+    from mlxpt.commands.generate import check_auto_args, check_common, decode_config
 
     parser = argparse.ArgumentParser()
     chat.register(parser.add_subparsers())
     args = parser.parse_args(["chat", *flags])
     check_common(args)  # fills in the default temperature
+    check_auto_args(args)  # --budget as a number, the calibration table
     return decode_config(args)
 
 
@@ -34,9 +35,13 @@ def test_tui_chat_and_cli_build_the_same_decode_config():
     assert _resolved(engine.decode_config()) == _resolved(_cli())  # nothing chosen: one greedy stream
     for name in STRATEGIES:
         tui = engine.decode_config(name, 4)
-        assert _resolved(tui) == _resolved(_cli("--strategy", name, "--n", str(tui.n))), name
+        # auto: the chat screen's budget is n x CHAT_BUDGET_PER_N (`mlxpt chat --budget`)
+        budget = ("--budget", str(4 * engine.CHAT_BUDGET_PER_N)) if name == "auto" else ()
+        cli = _cli("--strategy", name, "--n", str(tui.n), *budget)
+        assert _resolved(tui) == _resolved(cli), name
         want = DEFAULT_TEMPERATURE if name in SAMPLED else 0.0
-        assert tui.sampling_settings().temperature == _cli("--strategy", name).sampling_settings().temperature == want
+        assert tui.sampling_settings().temperature == _cli("--strategy", name, *budget).sampling_settings().temperature
+        assert tui.sampling_settings().temperature == want
 
 
 @pytest.fixture(scope="module")

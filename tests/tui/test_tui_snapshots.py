@@ -18,7 +18,15 @@ from app.main import create_app  # noqa: E402
 SIZES = [(80, 24), (120, 40)]
 EVAL = {
     "results": [
-        {"label": "base", "strategy": s, "n": n, "accuracy": a, "generated_tokens": 100 * n, "seconds": 1.5 * n}
+        {
+            "label": "base",
+            "strategy": s,
+            "n": n,
+            "accuracy": a,
+            "generated_tokens": 100 * n,
+            "seconds": 1.5 * n,
+            "total": 10,
+        }
         for s, pts in (
             ("best-of-n", [(1, 0.2), (4, 0.3), (8, 0.34)]),
             ("self-consistency", [(1, 0.2), (4, 0.38), (8, 0.45)]),

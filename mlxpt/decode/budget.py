@@ -1,0 +1,424 @@
+"""Compute-optimal test-time scaling (`--strategy auto --budget TOKENS`), after Snell et al. 2024:
+per prompt, a cheap difficulty estimate, then the strategy and N with the highest expected
+accuracy whose expected generated tokens fit the budget.
+
+Difficulty. `probe` samples (default 2) are drawn first, in one batch. The bucket is how many of
+them agree with the leading final answer, `m/k` (`0/k`: none gave an answer); the difficulty is
+1 - m/k. The probe is the start of the sample pool: self-consistency@N and best-of-n@N read it and
+draw only N - k more (none for N <= k); greedy, beam and every other registered strategy run on
+their own after the probe, whose tokens count too.
+
+The choice reads a calibration table that `mlxpt eval --calibrate OUT.json` writes on a
+calibration set (never the test set): per bucket and cell (`strategy@N`), the accuracy and mean
+generated tokens measured there, and the probe's mean tokens. The chooser takes the most accurate
+cell whose expected tokens fit the budget, the cheaper on equal accuracy; when nothing fits, the
+probe's own vote (no more tokens). A budget below the probe's mean cost skips the probe and
+chooses from the table's `all` row. A table records the model and adapter it was measured on and
+is refused for another.
+
+Built-in rule (no table): all probe samples agree -> their answer, no more tokens; otherwise
+self-consistency with the largest N whose expected tokens (the probe's mean sample length x N)
+fit the budget.
+
+Simplifications: the budget is per prompt and on expected tokens (the table's means), so one
+prompt may spend more than it; Snell et al. bin difficulty by verifier scores and also spread a
+total budget over prompts, which this does not.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+from mlxpt.errors import ConfigError
+
+KIND = "mlxpt-calibration"
+VERSION = 1
+DEFAULT_PROBE = 2
+MAX_PROBE = 16
+MAX_BUDGET = 10_000_000
+POOLED = ("best-of-n", "self-consistency")  # cells that read the probe as the start of their pool
+SKIPPED = ("auto", "adaptive", "sample")  # never chosen: auto itself, and cells the pool answers better
+BUILTIN_MAX_N = 64
+
+
+@dataclass
+class Cell:
+    strategy: str
+    n: int
+    accuracy: float
+    tokens: float  # mean generated tokens per prompt, run on its own (pooled: the pool's first N)
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}@{self.n}"
+
+
+@dataclass
+class Bucket:
+    prompts: int
+    probe_tokens: float  # mean tokens of the probe samples
+    cells: dict[str, Cell] = field(default_factory=dict)
+
+
+@dataclass
+class CalibrationTable:
+    probe: int
+    buckets: dict[str, Bucket]  # "m/k" and "all"
+    model: str
+    adapter: str | None = None
+    adapter_sha256: str | None = None
+    data: dict = field(default_factory=dict)  # path, sha256, rows of the calibration set
+    settings: dict = field(default_factory=dict)  # max_tokens, temperature, scorer, extract
+
+    def to_json(self) -> dict:
+        return {"kind": KIND, "version": VERSION, **asdict(self)}
+
+
+@dataclass
+class Choice:
+    strategy: str
+    n: int
+    accuracy: float  # expected (the table's), nan under the built-in rule
+    tokens: float  # expected generated tokens, the probe included
+    rule: str  # "table" or "built-in"
+
+    @property
+    def key(self) -> str:
+        return f"{self.strategy}@{self.n}"
+
+
+# ---- difficulty -----------------------------------------------------------------------------
+
+
+def agreement(answers: list[str | None]) -> tuple[str, float]:
+    """(bucket "m/k", difficulty 1 - m/k): m samples give the most common answer (None abstains)."""
+    counts: dict[str, int] = {}
+    for a in answers:
+        if a is not None:
+            counts[a] = counts.get(a, 0) + 1
+    k, m = len(answers), max(counts.values(), default=0)
+    return f"{m}/{k}", 1.0 - m / max(k, 1)
+
+
+# ---- the chooser ----------------------------------------------------------------------------
+
+
+def expected_tokens(cell: Cell, probe: int, spent: float, probe_mean: float) -> float:
+    """Expected total tokens of `cell` after a probe that spent `spent` (its bucket's mean: probe_mean)."""
+    if cell.strategy in POOLED:
+        return spent + (max(0.0, cell.tokens - probe_mean) if cell.n > probe else 0.0)
+    return spent + cell.tokens
+
+
+def choose(
+    table: CalibrationTable, bucket: str, spent: float, budget: float, allowed: tuple[str, ...] | None = None
+) -> Choice:
+    """The most accurate cell of `bucket` whose expected tokens fit `budget` (ties: the cheaper,
+    then the first in the table); nothing fits: the probe's vote. Reads only the table."""
+    row = table.buckets.get(bucket) or table.buckets["all"]
+    probed = bucket != "all"
+    fallback = Choice("self-consistency", table.probe, math.nan, spent, "table")
+    best: Choice | None = None
+    for cell in row.cells.values():
+        if cell.strategy in SKIPPED or (allowed is not None and cell.strategy not in allowed):
+            continue
+        cost = expected_tokens(cell, table.probe, spent, row.probe_tokens) if probed else cell.tokens
+        if cost > budget:
+            continue
+        if probed and cell.key == fallback.key:
+            fallback.accuracy = cell.accuracy
+        c = Choice(cell.strategy, cell.n, cell.accuracy, cost, "table")
+        if best is None or (round(c.accuracy, 9), -c.tokens) > (round(best.accuracy, 9), -best.tokens):
+            best = c
+    if best is None:
+        if not probed:  # under the probe's cost and nothing fits: the cheapest cell
+            cheapest = min(row.cells.values(), key=lambda c: c.tokens)
+            return Choice(cheapest.strategy, cheapest.n, cheapest.accuracy, cheapest.tokens, "table")
+        return fallback
+    return best
+
+
+def builtin_choice(bucket: str, spent: float, probe: int, budget: float) -> Choice:
+    """The documented rule without a table: agreement -> the probe's answer; otherwise
+    self-consistency with the largest N whose expected tokens fit the budget."""
+    m, k = (int(x) for x in bucket.split("/"))
+    if m == k:
+        return Choice("self-consistency", probe, math.nan, spent, "built-in")
+    per_sample = max(1.0, spent / probe)
+    n = probe + max(0, int((budget - spent) // per_sample))
+    n = min(n, BUILTIN_MAX_N)
+    return Choice("self-consistency", n, math.nan, spent + per_sample * (n - probe), "built-in")
+
+
+# ---- running it -----------------------------------------------------------------------------
+
+
+def run_auto(model, tokenizer, prompt_tokens, cfg, ctx, strategies: dict, drawer):
+    """Probe, choose, run (see the module doc). `strategies` is the registry and `drawer` its
+    sample drawer (strategies.py passes both, so this module does not import it)."""
+    from mlxpt.rewards.extract import extract
+
+    t0 = time.perf_counter()
+    table = resolve_table(cfg.calibration)
+    allowed = tuple(s for s in strategies if s not in SKIPPED)
+    probe = table.probe if table else DEFAULT_PROBE
+    probe_cfg = replace(cfg, strategy="sample", n=probe)
+    pool: list = []
+    bucket, difficulty, spent = None, None, 0
+    if table is not None and cfg.budget < table.buckets["all"].probe_tokens:
+        choice = choose(table, "all", 0, cfg.budget, allowed)
+    else:
+        pool = drawer(model, tokenizer, prompt_tokens, probe_cfg, ctx)(probe)
+        bucket, difficulty = agreement([extract(c.text, cfg.extract) for c in pool])
+        spent = sum(len(c.tokens) for c in pool)
+        if table is not None:
+            choice = choose(table, bucket, spent, cfg.budget, allowed)
+        else:
+            choice = builtin_choice(bucket, spent, probe, cfg.budget)
+    run_cfg = replace(cfg, strategy=choice.strategy, n=choice.n)
+    if choice.strategy in POOLED and pool:
+        # the probe is the pool's start; later samples continue its random stream (no reseed)
+        run_cfg = replace(run_cfg, sampling=replace(probe_cfg.sampling_settings(), seed=None))
+        served = sum(len(c.tokens) for c in pool[: choice.n])
+        r = strategies[choice.strategy](model, tokenizer, prompt_tokens, run_cfg, replace(ctx, pool=list(pool)))
+        total = spent + r.generated_tokens - served
+    else:
+        r = strategies[choice.strategy](model, tokenizer, prompt_tokens, run_cfg, ctx)
+        total = spent + r.generated_tokens
+    info = {
+        "chose": choice.key, "strategy": choice.strategy, "n": choice.n, "rule": choice.rule,
+        "bucket": bucket, "difficulty": difficulty, "probe": probe if pool else 0, "probe_tokens": spent,
+        "budget": cfg.budget, "expected_tokens": round(choice.tokens, 1),
+        "expected_accuracy": None if math.isnan(choice.accuracy) else round(choice.accuracy, 4), "spent": total,
+    }  # fmt: skip
+    return replace(r, strategy="auto", generated_tokens=total, seconds=time.perf_counter() - t0, auto=info)
+
+
+def describe(info: dict) -> str:
+    """One line: what auto chose and why, and what it spent."""
+    diff = "not estimated" if info.get("bucket") is None else f"{info['bucket']} agree"
+    acc = info.get("expected_accuracy")
+    exp = f", expected accuracy {acc * 100:.0f}%" if acc is not None else ""
+    return (
+        f"auto ({info['rule']}): {info['chose']} for difficulty {diff}{exp}; "
+        f"{info['spent']} of {info['budget']} budget tokens (probe {info['probe_tokens']})"
+    )
+
+
+# ---- checks, reading and writing tables -----------------------------------------------------
+
+
+def check_budget(budget, where: str = "--budget") -> None:
+    if isinstance(budget, bool) or not isinstance(budget, int) or not 1 <= budget <= MAX_BUDGET:
+        raise ConfigError(
+            "E650", f"budget={budget!r} is out of range", where, f"use a whole number of tokens from 1 to {MAX_BUDGET}"
+        )
+
+
+def parse_budgets(text: str) -> tuple[int, ...]:
+    """`200,400` -> (200, 400); ConfigError E650 otherwise."""
+    try:
+        budgets = tuple(sorted({int(x) for x in str(text).split(",") if x.strip()}))
+    except ValueError:
+        raise ConfigError(
+            "E650", f"--budget {text!r} is not a list of whole numbers", "--budget", "e.g. --budget 200,400,800"
+        ) from None
+    if not budgets:
+        raise ConfigError("E650", "--budget is empty", "--budget", "e.g. --budget 400")
+    for b in budgets:
+        check_budget(b)
+    return budgets
+
+
+def check_probe(probe) -> None:
+    if isinstance(probe, bool) or not isinstance(probe, int) or not 1 <= probe <= MAX_PROBE:
+        raise ConfigError(
+            "E655", f"probe={probe!r} is out of range", "--probe", f"use a whole number from 1 to {MAX_PROBE}"
+        )
+
+
+def check_auto(cfg) -> None:
+    """ConfigError for auto settings a decode would reject: the budget, the table, the probe's temperature."""
+    from mlxpt.decode.scorers import check_spec
+
+    if cfg.budget is None:
+        raise ConfigError("E651", "strategy auto needs a token budget", "--budget", "e.g. --budget 400")
+    check_budget(cfg.budget)
+    resolve_table(cfg.calibration)
+    if cfg.sampling is not None and cfg.sampling.temperature == 0:
+        raise ConfigError(
+            "E655", "auto's probe samples need a temperature > 0", "--temperature", "use e.g. 0.7, or drop it"
+        )
+    if cfg.scorer is None or isinstance(cfg.scorer, str):
+        check_spec(cfg.scorer)
+
+
+def resolve_table(calibration) -> CalibrationTable | None:
+    """A CalibrationTable from a table, a path or None (the built-in rule)."""
+    if calibration is None or isinstance(calibration, CalibrationTable):
+        return calibration
+    return load_table(calibration)
+
+
+def _malformed(path, what: str) -> ConfigError:
+    return ConfigError(
+        "E652",
+        f"malformed calibration table: {what}",
+        str(path),
+        "write it again with `mlxpt eval --calibrate OUT.json`",
+    )
+
+
+def _number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
+
+
+def load_table(path, model: str | None = None, adapter: str | None = None) -> CalibrationTable:
+    """Read and check a calibration table; with `model` (and `adapter`), refuse a table measured on
+    another model or adapter (E653). E652 for a missing, unreadable or malformed file."""
+    p = Path(path)
+    try:
+        obj = json.loads(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(
+            "E652", "calibration table not found", str(path), "write one with `mlxpt eval --calibrate OUT.json`"
+        ) from None
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise _malformed(path, f"not JSON ({type(e).__name__})") from None
+    if not isinstance(obj, dict) or obj.get("kind") != KIND:
+        raise _malformed(path, f"not a {KIND} file")
+    if obj.get("version") != VERSION:
+        raise _malformed(path, f"version {obj.get('version')!r}, expected {VERSION}")
+    probe = obj.get("probe")
+    if isinstance(probe, bool) or not isinstance(probe, int) or not 1 <= probe <= MAX_PROBE:
+        raise _malformed(path, f"probe={probe!r}")
+    if not isinstance(obj.get("model"), str) or not isinstance(obj.get("buckets"), dict):
+        raise _malformed(path, "no `model` or `buckets`")
+    buckets: dict[str, Bucket] = {}
+    for name, b in obj["buckets"].items():
+        if not isinstance(b, dict) or not isinstance(b.get("cells"), dict) or not b["cells"]:
+            raise _malformed(path, f"bucket {name!r} has no cells")
+        if not _number(b.get("probe_tokens")) or not isinstance(b.get("prompts"), int):
+            raise _malformed(path, f"bucket {name!r} has no probe_tokens or prompts")
+        cells = {}
+        for key, c in b["cells"].items():
+            ok = isinstance(c, dict) and isinstance(c.get("strategy"), str) and isinstance(c.get("n"), int)
+            if (
+                not ok
+                or c["n"] < 1
+                or not _number(c.get("tokens"))
+                or not _number(c.get("accuracy"))
+                or c["accuracy"] > 1
+            ):
+                raise _malformed(path, f"cell {name}/{key} needs strategy, n >= 1, accuracy in [0, 1], tokens >= 0")
+            cells[key] = Cell(c["strategy"], c["n"], float(c["accuracy"]), float(c["tokens"]))
+        buckets[name] = Bucket(b["prompts"], float(b["probe_tokens"]), cells)
+    if "all" not in buckets:
+        raise _malformed(path, "no `all` bucket")
+    table = CalibrationTable(
+        probe, buckets, obj["model"], obj.get("adapter"), obj.get("adapter_sha256"),
+        obj.get("data") if isinstance(obj.get("data"), dict) else {},
+        obj.get("settings") if isinstance(obj.get("settings"), dict) else {},
+    )  # fmt: skip
+    if model is not None:
+        check_identity(table, path, model, adapter)
+    return table
+
+
+def identity(model: str | None, adapter: str | None) -> dict:
+    """What a table is measured on: the model reference, the adapter folder and its weights' sha256."""
+    from mlxpt.config import DEFAULT_MODEL
+
+    out: dict = {"model": str(model or DEFAULT_MODEL), "adapter": None, "adapter_sha256": None}
+    if adapter:
+        from mlxpt.models.adapters import ADAPTER_FILE, find_adapter
+        from mlxpt.runs.atomic import sha256_file
+
+        folder = find_adapter(adapter)
+        out["adapter"] = str(folder.resolve())
+        out["adapter_sha256"] = sha256_file(folder / ADAPTER_FILE)
+    return out
+
+
+def check_identity(table: CalibrationTable, path, model: str | None, adapter: str | None) -> None:
+    """E653 when `table` was measured on another model or adapter than (model, adapter)."""
+    want = identity(model, adapter)
+    same_adapter = (
+        table.adapter_sha256 == want["adapter_sha256"]
+        if table.adapter_sha256 and want["adapter_sha256"]
+        else table.adapter == want["adapter"]
+    )
+    if table.model != want["model"] or not same_adapter:
+        made = f"{table.model}" + (f" + adapter {table.adapter}" if table.adapter else "")
+        now = f"{want['model']}" + (f" + adapter {want['adapter']}" if want["adapter"] else "")
+        raise ConfigError(
+            "E653", f"calibration table was made for {made}, not {now}", str(path),
+            "calibrate this model: mlxpt eval --calibrate OUT.json with the same --model/--adapter",
+        )  # fmt: skip
+
+
+def check_not_test_set(table: CalibrationTable, path, data_paths: list) -> None:
+    """E656 when the table was measured on one of the data sets being evaluated."""
+    from mlxpt.runs.atomic import sha256_file
+
+    sha = table.data.get("sha256")
+    for d in data_paths:
+        if sha and Path(d).is_file() and sha256_file(d) == sha:
+            raise ConfigError(
+                "E656", f"the calibration table was measured on the evaluated data {d}", str(path),
+                "calibrate on a separate set (e.g. the validation split), never the test set",
+            )  # fmt: skip
+
+
+def build_table(
+    details: list[dict], probe: int, who: dict, data: dict, settings: dict, extract_how: str = "auto"
+) -> CalibrationTable:
+    """The calibration table of `mlxpt eval` per-prompt records (`evaluate(..., details)` in the
+    pooled mode): each prompt's bucket from its pool's first `probe` answers, then per bucket and
+    cell the accuracy and mean tokens. The probe's own vote is always a cell."""
+    from mlxpt.decode.votes import vote
+    from mlxpt.rewards.extract import same_answer
+
+    per: dict[str, list[dict]] = {}
+    for rec in details:
+        pool = rec.get("pool")
+        if not pool or len(pool["answers"]) < probe:
+            raise ConfigError(
+                "E654", f"calibration needs a pool of at least {probe} samples per prompt", "--calibrate",
+                f"add self-consistency or best-of-n to --strategies with an --n of {probe} or more",
+            )  # fmt: skip
+        bucket, _ = agreement(pool["answers"][:probe])
+        own = vote(pool["answers"][:probe]).answer
+        cells = {
+            key: (bool(rec["answers"][key][1]), rec["tokens"][key])
+            for key in rec["answers"]
+            if key.split("@")[0] not in ("auto", "adaptive") and key in rec.get("tokens", {})
+        }
+        cells[f"self-consistency@{probe}"] = (same_answer(own, rec["gold"]), sum(pool["tokens"][:probe]))
+        row = {"probe_tokens": sum(pool["tokens"][:probe]), "cells": cells}
+        per.setdefault(bucket, []).append(row)
+        per.setdefault("all", []).append(row)
+    buckets = {}
+    for name, rows in sorted(per.items()):
+        keys = list(dict.fromkeys(k for r in rows for k in r["cells"]))
+        cells = {}
+        for key in keys:
+            got = [r["cells"][key] for r in rows if key in r["cells"]]
+            s, n = key.rsplit("@", 1)
+            cells[key] = Cell(s, int(n), sum(ok for ok, _ in got) / len(got), sum(t for _, t in got) / len(got))
+        buckets[name] = Bucket(len(rows), sum(r["probe_tokens"] for r in rows) / len(rows), cells)
+    return CalibrationTable(probe, buckets, who["model"], who["adapter"], who["adapter_sha256"], data, settings)
+
+
+def table_text(table: CalibrationTable) -> str:
+    """The table for the terminal: one line per bucket and cell."""
+    head = f"{'bucket':<7} {'prompts':>7} {'cell':<24} {'accuracy':>9} {'tok/prompt':>11}"
+    lines = [head, "-" * len(head)]
+    for name, b in table.buckets.items():
+        for c in sorted(b.cells.values(), key=lambda c: c.tokens):
+            lines.append(f"{name:<7} {b.prompts:>7} {c.key:<24} {c.accuracy * 100:>8.1f}% {c.tokens:>11.1f}")
+    return "\n".join(lines)

@@ -1,0 +1,398 @@
+"""Compute-optimal scaling (`--strategy auto --budget`, decode/budget.py), the calibration table
+(`mlxpt eval --calibrate`) and the accuracy-vs-generated-tokens curves (fast: fakes and a tiny model)."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+
+import pytest
+from test_tts_fakes import FakeLM, byte_tokenizer, scripted
+from tiny import make_model
+
+from mlxpt.cli import main
+from mlxpt.decode.budget import (
+    Bucket,
+    CalibrationTable,
+    Cell,
+    agreement,
+    build_table,
+    builtin_choice,
+    choose,
+    load_table,
+)
+from mlxpt.decode.strategies import STRATEGIES, run_strategy
+from mlxpt.errors import ConfigError
+
+ROW = {"messages": [{"role": "user", "content": "Q?"}], "answer": "8"}
+
+
+def _write(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def _table(cells: dict[str, list[tuple[str, int, float, float]]], probe=2, probe_tokens=20.0, model="m"):
+    """A table from bucket -> [(strategy, n, accuracy, tokens)]; an `all` bucket is added if missing."""
+    buckets = {
+        name: Bucket(10, probe_tokens, {f"{s}@{n}": Cell(s, n, a, t) for s, n, a, t in rows})
+        for name, rows in cells.items()
+    }
+    buckets.setdefault("all", next(iter(buckets.values())))
+    return CalibrationTable(probe, buckets, model)
+
+
+def test_agreement_buckets_by_the_leading_answer():
+    assert agreement(["7", "7"]) == ("2/2", 0.0)
+    assert agreement(["7", "8"]) == ("1/2", 0.5)
+    assert agreement([None, None]) == ("0/2", 1.0)
+    assert agreement(["7", None, "7", "9"]) == ("2/4", 0.5)
+
+
+HARD = [
+    ("greedy", 1, 0.5, 10.0),
+    ("self-consistency", 2, 0.55, 20.0),
+    ("self-consistency", 4, 0.7, 40.0),
+    ("self-consistency", 8, 0.8, 80.0),
+    ("beam", 2, 0.7, 30.0),
+]
+
+
+def test_chooser_respects_the_budget_and_prefers_accuracy():
+    table = _table({"1/2": HARD})
+    for budget in range(1, 200, 7):
+        c = choose(table, "1/2", 20, budget)
+        assert c.tokens <= max(budget, 20), (budget, c)  # only the probe's own vote may exceed it
+    # after a 20-token probe: greedy 30, sc@4 20 + (40 - 20) = 40, beam 50, sc@8 80
+    assert choose(table, "1/2", 20, 45).key == "self-consistency@4"
+    assert choose(table, "1/2", 20, 100).key == "self-consistency@8"
+    assert choose(table, "1/2", 20, 31).key == "self-consistency@2"  # the probe's vote beats greedy, for free
+    assert choose(_table({"1/2": [("greedy", 1, 0.6, 10.0), *HARD[1:]]}), "1/2", 20, 31).key == "greedy@1"
+    low = choose(table, "1/2", 20, 25)  # nothing fits: the probe's vote, no more tokens
+    assert low.key == "self-consistency@2" and low.tokens == 20 and low.accuracy == 0.55
+
+
+def test_chooser_picks_the_cheaper_strategy_on_equal_accuracy():
+    table = _table({"1/2": HARD})
+    # sc@4 (40 tokens) and beam@2 (50) are both 70 %: the cheaper wins at any budget that fits both
+    assert choose(table, "1/2", 20, 60).key == "self-consistency@4"
+    swapped = _table({"1/2": [("beam", 2, 0.7, 10.0), ("self-consistency", 4, 0.7, 40.0)]})
+    assert choose(swapped, "1/2", 20, 60).key == "beam@2"
+
+
+def test_chooser_reads_only_the_bucket_and_skips_unknown_strategies():
+    table = _table({"2/2": [("greedy", 1, 0.9, 10.0), ("beam", 4, 0.9, 50.0)], "1/2": HARD})
+    assert choose(table, "2/2", 20, 1000).key == "greedy@1"  # easy prompts: no more compute
+    assert choose(table, "1/2", 20, 1000).key == "self-consistency@8"
+    assert choose(table, "1/2", 20, 1000, allowed=("greedy", "beam")).key == "beam@2"
+    assert choose(table, "9/9", 20, 1000).key == choose(table, "all", 20, 1000).key  # unseen bucket: all
+
+
+def test_builtin_rule_stops_on_agreement_else_votes_within_the_budget():
+    c = builtin_choice("2/2", 30, 2, 1000)
+    assert (c.key, c.tokens, c.rule) == ("self-consistency@2", 30, "built-in")
+    c = builtin_choice("1/2", 30, 2, 100)  # 15 tokens a sample: 2 + 70 // 15 = 6 samples
+    assert c.key == "self-consistency@6" and c.tokens <= 100 and math.isnan(c.accuracy)
+
+
+@pytest.fixture(scope="module")
+def fake(tmp_path_factory):
+    """A byte tokenizer and a model that answers 7 (p .5) or 8 (p .5, the gold answer)."""
+    from mlxpt.decode.generate import chat_prompt
+
+    tok = byte_tokenizer(tmp_path_factory.mktemp("tok"))
+    ids = chat_prompt(tok, ROW["messages"])
+    V = len(tok.get_vocab())
+    lm = FakeLM(V, scripted(tok, len(ids), [("Answer: 7", 0.5), ("so 8", 0.5)], V))
+    return lm, tok, ids
+
+
+def _auto(fake, budget, calibration=None, seed=0, **kw):
+    lm, tok, ids = fake
+    from mlxpt.decode.sampling import SamplingConfig
+
+    return run_strategy(
+        lm, tok, ids, "auto", budget=budget, calibration=calibration, max_tokens=20,
+        sampling=SamplingConfig(temperature=1.0, seed=seed), **kw,
+    )  # fmt: skip
+
+
+def test_auto_follows_the_table_reuses_the_probe_and_reports_its_spend(fake):
+    table = _table({b: [("self-consistency", 4, 0.9, 4 * 12.0)] for b in ("0/2", "1/2", "2/2")}, probe_tokens=24.0)
+    r = _auto(fake, 1000, table)
+    assert r.strategy == "auto" and r.auto["chose"] == "self-consistency@4" and r.auto["rule"] == "table"
+    assert r.auto["bucket"] in ("1/2", "2/2") and r.auto["difficulty"] in (0.0, 0.5)
+    assert len(r.samples) == 4  # the 2 probe samples are the pool's first 2: only 2 more drawn
+    lens = {"Answer: 7": 9, "so 8": 4}  # byte tokens (EOS not counted)
+    assert r.generated_tokens == r.auto["spent"] == sum(lens[t] for t in r.samples)
+    assert r.votes is not None and sum(r.votes.values()) == 4
+    # another table, another choice: the choice is the table's, not the data's
+    greedy_table = _table({b: [("greedy", 1, 0.95, 6.0)] for b in ("0/2", "1/2", "2/2")}, probe_tokens=24.0)
+    g = _auto(fake, 1000, greedy_table)
+    assert g.auto["chose"] == "greedy@1" and g.generated_tokens == g.auto["probe_tokens"] + lens[g.text]
+    assert _auto(fake, 1000, greedy_table, row={"answer": "8"}).auto["chose"] == "greedy@1"
+
+
+def test_auto_below_the_probe_cost_skips_the_probe(fake):
+    table = _table({"all": [("greedy", 1, 0.5, 10.0), ("self-consistency", 4, 0.9, 48.0)]}, probe_tokens=24.0)
+    r = _auto(fake, 12, table)
+    assert r.auto["chose"] == "greedy@1" and r.auto["bucket"] is None and r.auto["probe_tokens"] == 0
+    assert r.generated_tokens == r.auto["spent"] == len(r.text)  # one greedy decode, no probe
+
+
+def test_auto_without_a_table_uses_the_builtin_rule(fake):
+    seen = [_auto(fake, 60, seed=s).auto for s in range(6)]
+    for info in seen:
+        assert info["rule"] == "built-in"
+        if info["bucket"] == "2/2":
+            assert info["chose"] == "self-consistency@2" and info["spent"] == info["probe_tokens"]
+        else:
+            assert info["chose"] != "self-consistency@2" and info["expected_tokens"] <= 60
+    assert {i["bucket"] for i in seen} >= {"1/2", "2/2"}  # both branches ran
+
+
+def test_auto_is_registered_and_checks_its_settings(fake):
+    assert "auto" in STRATEGIES
+    lm, tok, ids = fake
+    with pytest.raises(ConfigError, match="E651"):
+        run_strategy(lm, tok, ids, "auto")
+    with pytest.raises(ConfigError, match="E650"):
+        run_strategy(lm, tok, ids, "auto", budget=0)
+    with pytest.raises(ConfigError, match="E652"):
+        run_strategy(lm, tok, ids, "auto", budget=10, calibration="/no/such/table.json")
+
+
+def _details(buckets_and_cells):
+    """eval's per-prompt records: pool answers and tokens, and each cell's [answer, ok] and tokens."""
+    recs = []
+    for i, (pool_answers, cells) in enumerate(buckets_and_cells):
+        recs.append(
+            {
+                "line": i + 1, "gold": "8",
+                "pool": {"answers": pool_answers, "tokens": [10] * len(pool_answers)},
+                "answers": {k: [None, ok] for k, (ok, _) in cells.items()},
+                "tokens": {k: t for k, (_, t) in cells.items()},
+            }
+        )  # fmt: skip
+    return recs
+
+
+def test_build_table_buckets_prompts_and_averages_cells(tmp_path):
+    recs = _details(
+        [
+            (["8", "8", "8", "8"], {"greedy@1": (True, 6), "self-consistency@4": (True, 40)}),
+            (["7", "8", "8", "8"], {"greedy@1": (False, 8), "self-consistency@4": (True, 40)}),
+            (["7", "7", "9", "7"], {"greedy@1": (False, 10), "self-consistency@4": (False, 40)}),
+        ]
+    )
+    who = {"model": "m", "adapter": None, "adapter_sha256": None}
+    t = build_table(recs, 2, who, {"path": "v.jsonl"}, {})
+    assert set(t.buckets) == {"2/2", "1/2", "all"}
+    assert t.buckets["2/2"].prompts == 2 and t.buckets["1/2"].prompts == 1 and t.buckets["all"].prompts == 3
+    assert t.buckets["2/2"].cells["greedy@1"].accuracy == 0.5 and t.buckets["2/2"].cells["greedy@1"].tokens == 8.0
+    assert t.buckets["2/2"].cells["self-consistency@2"].accuracy == 0.5  # the probe's own vote: 8, then 7
+    assert t.buckets["all"].probe_tokens == 20.0
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(t.to_json()))
+    back = load_table(path, model="m")
+    assert back.buckets["1/2"].cells["self-consistency@4"].accuracy == 1.0
+    with pytest.raises(ConfigError, match="E654"):
+        build_table(_details([(["8"], {"greedy@1": (True, 6)})]), 2, who, {}, {})
+
+
+GOOD = {
+    "kind": "mlxpt-calibration", "version": 1, "probe": 2, "model": "m", "adapter": None,
+    "buckets": {"all": {"prompts": 3, "probe_tokens": 20.0,
+                        "cells": {"greedy@1": {"strategy": "greedy", "n": 1, "accuracy": 0.5, "tokens": 9.0}}}},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda t: "not json {",
+        lambda t: [1, 2],
+        lambda t: {**t, "kind": "other"},
+        lambda t: {**t, "version": 9},
+        lambda t: {**t, "probe": 0},
+        lambda t: {**t, "buckets": {}},
+        lambda t: {**t, "buckets": {"1/2": t["buckets"]["all"]}},
+        lambda t: {**t, "buckets": {"all": {**t["buckets"]["all"], "cells": {}}}},
+        lambda t: {
+            **t,
+            "buckets": {
+                "all": {
+                    **t["buckets"]["all"],
+                    "cells": {"g": {"strategy": "greedy", "n": 0, "accuracy": 1, "tokens": 1}},
+                }
+            },
+        },
+        lambda t: {
+            **t,
+            "buckets": {
+                "all": {
+                    **t["buckets"]["all"],
+                    "cells": {"g": {"strategy": "greedy", "n": 1, "accuracy": 1.5, "tokens": 1}},
+                }
+            },
+        },
+        lambda t: {**t, "buckets": {"all": {**t["buckets"]["all"], "probe_tokens": "x"}}},
+    ],
+)
+def test_malformed_tables_are_refused_with_one_line(tmp_path, edit):
+    path = tmp_path / "cal.json"
+    obj = edit(json.loads(json.dumps(GOOD)))
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    with pytest.raises(ConfigError) as e:
+        load_table(path)
+    assert e.value.code == "E652" and "\n" not in e.value.line() and str(path) in e.value.line()
+
+
+def test_a_table_for_another_model_is_refused(tmp_path):
+    path = tmp_path / "cal.json"
+    path.write_text(json.dumps(GOOD))
+    assert load_table(path, model="m").model == "m"
+    with pytest.raises(ConfigError, match="E653") as e:
+        load_table(path, model="other-model")
+    assert "mlxpt eval --calibrate" in e.value.line()
+
+
+# ---- through the CLI, on a tiny random model ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return make_model(tmp_path_factory.mktemp("budget") / "base")
+
+
+@pytest.fixture(scope="module")
+def calibrated(base, tmp_path_factory):
+    """A calibration table of the tiny model on a 'validation' file, and a separate 'test' file."""
+    d = tmp_path_factory.mktemp("cal")
+    valid = _write(d / "valid.jsonl", [ROW, {"prompt": "1+1?", "answer": "2"}, {"prompt": "3?", "answer": "3"}])
+    test = _write(d / "test.jsonl", [ROW, {"prompt": "2+2?", "answer": "4"}])
+    cal = d / "cal.json"
+    argv = ["eval", "--model", str(base), "--data", str(valid), "--strategies", "greedy,self-consistency",
+            "--n", "1,2,4", "--max-tokens", "4", "--out", str(d / "valid-res.json"), "--calibrate", str(cal)]  # fmt: skip
+    assert main(argv) == 0
+    return d, valid, test, cal
+
+
+def test_eval_calibrate_writes_a_table_for_this_model(base, calibrated):
+    d, valid, _, cal = calibrated
+    t = load_table(cal, model=str(base))
+    assert t.probe == 2 and t.data["rows"] == 3 and "all" in t.buckets
+    assert {"greedy@1", "self-consistency@2", "self-consistency@4"} <= set(t.buckets["all"].cells)
+    assert sum(b.prompts for k, b in t.buckets.items() if k != "all") == 3
+
+
+def test_eval_auto_and_tokens_curve(base, calibrated, capsys):
+    d, valid, test, cal = calibrated
+    out = d / "auto.json"
+    argv = ["eval", "--model", str(base), "--data", str(test), "--strategies", "greedy,self-consistency,auto",
+            "--n", "1,2", "--budget", "4,40", "--calibration", str(cal), "--max-tokens", "4", "--out", str(out)]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    cap = capsys.readouterr()
+    doc = json.loads(out.read_text())
+    autos = [r for r in doc["results"] if r["strategy"] == "auto"]
+    assert [r["budget"] for r in autos] == [4, 40] and all(sum(r["choices"].values()) == 2 for r in autos)
+    choices = doc["auto_choices"]["base"]
+    assert len(choices) == 4 and {c["cell"] for c in choices} == {"auto@4", "auto@40"}
+    for c in choices:
+        assert {"chose", "bucket", "difficulty", "spent", "budget", "correct"} <= set(c)
+    curve = doc["curves"]["tokens"]
+    assert set(curve) == {"greedy", "self-consistency", "auto"}
+    for r in doc["results"]:
+        assert r["mean_tokens"] == pytest.approx(r["generated_tokens"] / r["total"])
+    assert "auto" not in doc["curves"]["samples"]
+    assert "generated tokens per prompt" in cap.out and "tok/prompt" in cap.out and "auto@4:" in cap.out
+    assert (d / "auto-tokens.png").read_bytes().startswith(b"\x89PNG")
+    # the table was measured on valid.jsonl: evaluating valid.jsonl with it is refused
+    argv[argv.index(str(test))] = str(valid)
+    argv[argv.index(str(out))] = str(d / "leak.json")
+    assert main(argv) == 1 and "E656" in capsys.readouterr().err and not (d / "leak.json").exists()
+
+
+def test_tokens_series_and_chart():
+    from mlxpt.commands.eval import series_of
+    from mlxpt.decode.plot import TOKENS_AXIS, png_chart, terminal_chart, token_ticks
+
+    res = [
+        {"label": "base", "strategy": "greedy", "n": 1, "accuracy": 0.3, "generated_tokens": 300, "total": 10,
+         "mean_samples": 1},
+        {"label": "base", "strategy": "self-consistency", "n": 4, "accuracy": 0.5, "generated_tokens": 1200,
+         "total": 10, "mean_samples": 4},
+        {"label": "base", "strategy": "auto", "n": 100, "accuracy": 0.45, "generated_tokens": 800, "total": 10,
+         "mean_samples": 2},
+    ]  # fmt: skip
+    s = series_of(res, "tokens")
+    assert s == {"greedy": [(30.0, 0.3)], "self-consistency": [(120.0, 0.5)], "auto": [(80.0, 0.45)]}
+    assert "auto" not in series_of(res)
+    assert token_ticks(s) == [32.0, 64.0]
+    text = terminal_chart(s, title="t", x_label=TOKENS_AXIS, ticks=token_ticks(s))
+    assert TOKENS_AXIS in text and "32" in text and "64" in text
+    assert png_chart(s, "t", TOKENS_AXIS, token_ticks(s)).startswith(b"\x89PNG")
+
+
+@pytest.mark.parametrize(
+    ("extra", "code"),
+    [
+        (["--strategies", "greedy,auto", "--budget", "0"], "E650"),
+        (["--strategies", "greedy,auto", "--budget", "abc"], "E650"),
+        (["--strategies", "greedy,auto", "--budget=-5,10"], "E650"),
+        (["--strategies", "greedy,auto"], "E651"),
+        (["--budget", "100"], "E651"),
+        (["--strategies", "auto", "--budget", "100", "--calibration", "/no/such.json"], "E652"),
+        (["--strategies", "auto", "--budget", "100", "--calibration", "BAD"], "E652"),
+        (["--strategies", "auto", "--budget", "100", "--temperature", "0"], "E655"),
+        (["--probe", "0", "--calibrate", "CAL"], "E655"),
+        (["--strategies", "greedy", "--calibrate", "CAL"], "E654"),
+        (["--n", "1", "--calibrate", "CAL"], "E654"),
+        (["--calibrate", "CAL", "--compare", "RUN"], "E657"),
+        (["--strategies", "self-consistency,auto", "--budget", "9", "--calibrate", "CAL"], "E657"),
+        (["--calibrate", "OUT"], "E657"),
+    ],
+)
+def test_eval_bad_budget_flags_fail_before_loading(tmp_path, capsys, extra, code):
+    data = _write(tmp_path / "t.jsonl", [ROW])
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    out = tmp_path / "res.json"
+    subst = {"BAD": str(bad), "CAL": str(tmp_path / "cal.json"), "OUT": str(out), "RUN": str(tmp_path)}
+    extra = [subst.get(x, x) for x in extra]
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--out", str(out), *extra]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and code in err[0], err
+    assert not out.exists() and not (tmp_path / "cal.json").exists() and not (tmp_path / "res.png").exists()
+
+
+def test_eval_refuses_a_table_of_another_model(base, calibrated, tmp_path, capsys):
+    _, _, test, cal = calibrated
+    other = make_model(tmp_path / "other", seed=3)
+    out = tmp_path / "res.json"
+    argv = ["eval", "--model", str(other), "--data", str(test), "--strategies", "auto", "--budget", "10",
+            "--calibration", str(cal), "--out", str(out)]  # fmt: skip
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "E653" in err[0] and not out.exists()
+
+
+def test_chat_auto_needs_a_budget_and_reports_its_choice(base, calibrated, monkeypatch, capsys):
+    assert main(["chat", "--model", str(base), "--strategy", "auto"]) == 1
+    assert "E651" in capsys.readouterr().err
+    for bad in ("x", "0", "10,20"):
+        assert main(["chat", "--model", str(base), "--strategy", "auto", "--budget", bad]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "E650" in err[0], err
+    assert main(["chat", "--model", str(base), "--strategy", "auto", "--budget", "9", "--calibration", "/no"]) == 1
+    assert "E652" in capsys.readouterr().err
+    _, _, _, cal = calibrated
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    argv = ["chat", "--model", str(base), "--strategy", "auto", "--budget", "30", "--calibration", str(cal),
+            "--max-tokens", "4"]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "auto (table):" in err and "budget tokens" in err
