@@ -71,6 +71,11 @@ def check_config(cfg: GRPOConfig) -> None:
             "beta",
             "use lora/dora or --beta 0",
         )
+    check_rewards(g)
+
+
+def check_rewards(g) -> None:
+    """The answer extraction, format regex and reward functions of a section (GRPO's, RFT's)."""
     from mlxpt.rewards.extract import check_method, compile_regex
 
     check_method(g.extract)
@@ -83,13 +88,20 @@ def check_config(cfg: GRPOConfig) -> None:
 
 def read_rows(cfg: GRPOConfig):
     check_config(cfg)
-    names = [n for n, _, _ in parse_rewards(cfg.grpo.rewards, cfg.grpo.reward_weights)]
+    return read_prompts(cfg, cfg.grpo)
+
+
+def read_prompts(cfg, g):
+    """(train, valid) prompt rows; an `answer` is required where the accuracy reward reads it."""
+    names = [n for n, _, _ in parse_rewards(g.rewards, g.reward_weights)]
     require = ("answer",) if "accuracy" in names else ()
     return load_prompts(cfg.data.data, cfg.data.valid, require=require)
 
 
-def prepare_data(cfg: GRPOConfig, tokenizer, rows=None):
-    d, g = cfg.data, cfg.grpo
+def prepare_data(cfg: GRPOConfig, tokenizer, rows=None, g=None):
+    """(train, valid, report) prompt examples; `g` is the section with max_completion_length
+    (default: `cfg.grpo`)."""
+    d, g = cfg.data, cfg.grpo if g is None else g
     train_rows, valid_rows = rows if rows is not None else read_rows(cfg)
     train, train_report = encode_prompts(train_rows, tokenizer, d.max_seq_len, g.max_completion_length, d.overlong)
     valid, valid_report = (
@@ -114,6 +126,23 @@ def make_objective(cfg: GRPOConfig) -> Callable:
     )
 
 
+def make_spec(ctx: TaskContext, g) -> RolloutSpec:
+    """The sampler, guarded rewards and layout the rollouts of section `g` (GRPO's, RFT's) use."""
+    guard = RewardGuard(
+        parse_rewards(g.rewards, g.reward_weights),
+        policy=g.reward_on_error,
+        max_failure_rate=g.max_reward_failure_rate,
+        timeout_s=g.reward_timeout,
+        log_path=Path(ctx.run_dir) / FAILURES_FILE,
+    )
+    from mlxpt.decode.sampling import make_sampler  # imports MLX (after the BLAS is chosen)
+
+    # no seed here: the sampling RNG is the backend's, saved in every checkpoint
+    sampler = make_sampler(g.temperature, g.top_p, g.top_k, g.min_p)
+    pad = pad_id_of(ctx.tokenizer)
+    return RolloutSpec(ctx.cfg, ctx.tokenizer, ctx.backend, guard, sampler, pad, ctx.layout == "grouped", g)
+
+
 class GRPOTask:
     """The loop's view of GRPO: a window's rollouts (sampled once, reused for its mu updates and
     kept in checkpoints between them), the step report and greedy validation."""
@@ -121,19 +150,8 @@ class GRPOTask:
     def __init__(self, ctx: TaskContext):
         self.cfg, self.g, self.tokenizer = ctx.cfg, ctx.cfg.grpo, ctx.tokenizer
         self.run_dir, self.emit = Path(ctx.run_dir), ctx.emit
-        self.guard = RewardGuard(
-            parse_rewards(self.g.rewards, self.g.reward_weights),
-            policy=self.g.reward_on_error,
-            max_failure_rate=self.g.max_reward_failure_rate,
-            timeout_s=self.g.reward_timeout,
-            log_path=self.run_dir / FAILURES_FILE,
-        )
-        from mlxpt.decode.sampling import make_sampler  # imports MLX (after the BLAS is chosen)
-
-        # no seed here: the sampling RNG is the backend's, saved in every checkpoint
-        sampler = make_sampler(self.g.temperature, self.g.top_p, self.g.top_k, self.g.min_p)
-        pad = pad_id_of(ctx.tokenizer)
-        self.spec = RolloutSpec(ctx.cfg, ctx.tokenizer, ctx.backend, self.guard, sampler, pad, ctx.layout == "grouped")
+        self.spec = make_spec(ctx, self.g)
+        self.guard = self.spec.guard
         # the current window's rollouts, in micro-batch order: reused for its mu updates, saved
         # in checkpoints between them, read by the step report
         self.window: list[Rollout] = []
@@ -223,33 +241,39 @@ class GRPOTask:
 
     # -- validation ------------------------------------------------------------------------
     def evaluate(self, backend, examples: list[PromptExample], batch_size: int, max_batches: int) -> dict:
-        """Greedy completions of the first `max_batches * batch_size` held-out prompts (decoded
-        as one batch), scored by the training rewards."""
-        from mlxpt.decode.batch import generate_many
+        return evaluate_greedy(self.spec, backend, examples, batch_size, max_batches)
 
-        n = len(examples) if max_batches < 0 else min(len(examples), max_batches * batch_size)
-        backend.model.eval()
-        totals, per_fn, lengths = [], {name: [] for name in self.guard.names}, []
-        for i in range(0, n, EVAL_BATCH):
-            part = examples[i : min(n, i + EVAL_BATCH)]
-            for e, c in zip(
-                part,
-                generate_many(backend.model, self.tokenizer, [e.tokens for e in part], self.g.max_completion_length),
-                strict=True,
-            ):
-                total, scores = score(self.spec, e, c.text, len(c.tokens))
-                totals.append(total)
-                lengths.append(len(c.tokens))
-                for name, v in scores.items():
-                    if v is not None:
-                        per_fn[name].append(v)
-        out = {"val_reward": float(np.mean(totals)) if totals else math.nan, "val_prompts": n}
-        out["val_completion_len"] = float(np.mean(lengths)) if lengths else 0.0
-        for name, vals in per_fn.items():
-            out[f"val_reward/{name}"] = float(np.mean(vals)) if vals else None
-        if per_fn.get("accuracy"):
-            out["val_accuracy"] = float(np.mean(per_fn["accuracy"]))
-        return out
+
+def evaluate_greedy(
+    spec: RolloutSpec, backend, examples: list[PromptExample], batch_size: int, max_batches: int
+) -> dict:
+    """Greedy completions of the first `max_batches * batch_size` held-out prompts (decoded
+    as one batch), scored by the training rewards."""
+    from mlxpt.decode.batch import generate_many
+
+    n = len(examples) if max_batches < 0 else min(len(examples), max_batches * batch_size)
+    backend.model.eval()
+    totals, per_fn, lengths = [], {name: [] for name in spec.guard.names}, []
+    for i in range(0, n, EVAL_BATCH):
+        part = examples[i : min(n, i + EVAL_BATCH)]
+        for e, c in zip(
+            part,
+            generate_many(backend.model, spec.tokenizer, [e.tokens for e in part], spec.g.max_completion_length),
+            strict=True,
+        ):
+            total, scores = score(spec, e, c.text, len(c.tokens))
+            totals.append(total)
+            lengths.append(len(c.tokens))
+            for name, v in scores.items():
+                if v is not None:
+                    per_fn[name].append(v)
+    out = {"val_reward": float(np.mean(totals)) if totals else math.nan, "val_prompts": n}
+    out["val_completion_len"] = float(np.mean(lengths)) if lengths else 0.0
+    for name, vals in per_fn.items():
+        out[f"val_reward/{name}"] = float(np.mean(vals)) if vals else None
+    if per_fn.get("accuracy"):
+        out["val_accuracy"] = float(np.mean(per_fn["accuracy"]))
+    return out
 
 
 def iter_rollouts(

@@ -59,11 +59,18 @@ class RolloutSpec:
     sampler: Callable
     pad: int
     grouped: bool  # the shared-prompt layout (each prompt once per group)
+    # the settings sampling and scoring read (max_completion_length, extract, format_regex):
+    # GRPO's `grpo` section by default; RFT passes its `rft` section, which names them alike
+    section: object = None
+
+    @property
+    def g(self):
+        return self.cfg.grpo if self.section is None else self.section
 
 
 def score(spec: RolloutSpec, e: PromptExample, text: str, n_tokens: int) -> tuple[float, dict]:
     """(total reward, reward per function) of one completion of `e`."""
-    g = spec.cfg.grpo
+    g = spec.g
     row = {
         **e.row.fields,
         "completion_tokens": n_tokens,
@@ -75,17 +82,17 @@ def score(spec: RolloutSpec, e: PromptExample, text: str, n_tokens: int) -> tupl
     return spec.guard.total(scores), scores
 
 
-def _sample(spec: RolloutSpec, examples: list[PromptExample]):
-    """G completions of each prompt in one batched generation, each scored."""
+def sample_scored(spec: RolloutSpec, examples: list[PromptExample], G: int):
+    """G completions of each prompt in one batched generation, each scored: (seqs as (example,
+    ids with the stop token, truncated), total rewards, rewards per function, samples, stats, seconds)."""
     from mlxpt.decode.batch import GroupStats, generate_groups  # imports MLX (after the BLAS is chosen)
 
-    G = spec.cfg.grpo.num_generations
     model = spec.backend.model
     model.eval()
     gs = GroupStats()
     t0 = time.perf_counter()
     groups = generate_groups(
-        model, spec.tokenizer, [e.tokens for e in examples], G, spec.cfg.grpo.max_completion_length, spec.sampler,
+        model, spec.tokenizer, [e.tokens for e in examples], G, spec.g.max_completion_length, spec.sampler,
         stats=gs,
     )  # fmt: skip
     seqs, totals, per_fn, samples = [], [], [], []
@@ -103,7 +110,7 @@ def _sample(spec: RolloutSpec, examples: list[PromptExample]):
 def sample_rollout(spec: RolloutSpec, examples: list[PromptExample]) -> Rollout:
     """Sample, score and batch one micro-batch of prompts."""
     g, G = spec.cfg.grpo, spec.cfg.grpo.num_generations
-    seqs, totals, per_fn, samples, gs, t_gen = _sample(spec, examples)
+    seqs, totals, per_fn, samples, gs, t_gen = sample_scored(spec, examples, G)
     rewards = np.array(totals, dtype=np.float64).reshape(len(examples), G)  # a float32 cast could overflow
     adv, zero = group_advantages(rewards, g.scale_rewards)
     keep = np.ones(len(seqs), bool)

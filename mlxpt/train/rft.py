@@ -1,0 +1,351 @@
+"""Rejection-sampling fine-tuning (expert iteration, STaR/RFT) on the shared runner and loop:
+sample the current model, keep what the verifier accepts, fine-tune on it with the SFT objective.
+
+Objective: minimise -sum(mask * log p(token | prefix)) / sum(mask) over the kept completions (the
+SFT objective, objectives.sft_objective), the mask covering each completion and its stop token.
+
+Rounds: the run's `steps` split into rounds of `steps_per_round` optimiser steps. At the start of
+a round, `samples_per_prompt` (N) completions of each of the round's prompts (all training
+prompts, or a seeded draw of `prompts_per_round`) are sampled from the current adapter, prompts
+batched with each prompt prefilled once (GRPO's rollout code: train/rollouts.py, decode/batch.py)
+and scored by the guarded reward functions (GRPO's registry and guard). A completion is accepted
+when its total reward is >= `accept`, or by default when the accuracy reward is 1; accepted
+completions that finished (not cut at max_completion_length) are deduplicated by text and at most
+`keep_per_prompt` of them per prompt are kept. The round's steps then train on the kept set in
+seeded length-bucketed windows, like SFT rows. The sampling is the task's batch source: the loop
+sees micro-batches, nothing else.
+
+Deviations and simplifications:
+- The kept completions are trained as sampled (token ids, never re-tokenised text), after the
+  prompt as the chat template rendered it: SFT's "assistant" mask for a one-turn chat.
+- Each generation chunk is sampled under its own seed (train.seed, round, chunk), and the training
+  RNG is re-seeded from (train.seed, round) after sampling, so a round's samples do not depend on
+  how the run was interrupted. Chunks are appended to `rft/round-NNN.part.jsonl` as they finish
+  and the round's kept set is written atomically to `rft/round-NNN.json`: a resume (even after
+  SIGKILL mid-sampling) reads them back instead of sampling again.
+- A round that accepts nothing stops the run (`on_empty stop`: the round file and the last
+  checkpoint stay) or samples the next round for the same steps (`continue`); `rounds` empty
+  rounds in a row stop it in either case.
+- `steps_per_round` counts optimiser steps, not epochs over the kept set: the schedule needs the
+  run's length before the first sample.
+- Like GRPO it needs the MLX backend (the numpy backend has no sampler).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from mlxpt.config import RFTConfig
+from mlxpt.config.rft import round_plan
+from mlxpt.data.batching import collate
+from mlxpt.data.encode import Example, pad_id_of
+from mlxpt.errors import ConfigError, MlxptError
+from mlxpt.models.memory import Shape
+from mlxpt.objectives import sft_objective
+from mlxpt.rewards import parse_rewards
+from mlxpt.runs.atomic import append_jsonl, atomic_write_text, read_jsonl
+from mlxpt.train import grpo
+from mlxpt.train.loop import LoopState, MicroBatch, Task, iter_windows
+from mlxpt.train.rollouts import sample_scored
+from mlxpt.train.runner import Method, TaskContext, run_training
+
+ROUNDS_DIR = "rft"  # in the run folder: round-NNN.json (kept samples), round-NNN.part.jsonl (in progress)
+SAMPLE_ROWS = 32  # completions decoded together when --sample-batch is 0
+
+
+def check_config(cfg: RFTConfig, resume_dir=None) -> None:
+    """Everything about the settings that can be wrong, before any data or weights are read."""
+    r = cfg.rft
+    if cfg.train.backend != "mlx":
+        raise ConfigError(
+            "E587", "RFT samples completions, which the numpy backend cannot do", "--backend", "use --backend mlx"
+        )
+    _, per_round = round_plan(cfg)
+    if per_round % cfg.train.save_every:
+        raise ConfigError(
+            "E588",
+            f"--save-every {cfg.train.save_every} does not divide the {per_round} steps of a round "
+            "(a checkpoint closes every round)",
+            "--save-every",
+            f"give --save-every {per_round} or a divisor of it",
+        )
+    grpo.check_rewards(r)
+    names = [n for n, _, _ in parse_rewards(r.rewards, r.reward_weights)]
+    if r.accept is None and "accuracy" not in names:
+        raise ConfigError(
+            "E589",
+            f"the default acceptance (accuracy reward == 1) needs the accuracy reward, not only {', '.join(names)}",
+            "--accept",
+            "give --accept T (accept a total reward >= T), or add accuracy to --rewards",
+        )
+
+
+def _seed(*parts) -> int:
+    """A 32-bit seed from the run seed and a position (round, chunk): stable across processes."""
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:4], "little")
+
+
+def round_prompts(n: int, per_round: int, seed: int, r: int) -> list[int]:
+    """Indices of round r's prompts: all (per_round 0), else the r-th slice of seeded
+    permutations laid end to end, so successive rounds cover every prompt before repeating."""
+    if per_round <= 0 or per_round >= n:
+        return list(range(n))
+    perms: dict[int, np.ndarray] = {}
+    out = []
+    for j in range(r * per_round, (r + 1) * per_round):
+        if j // n not in perms:
+            perms[j // n] = np.random.default_rng([seed % 2**32, j // n]).permutation(n)
+        out.append(int(perms[j // n][j % n]))
+    return out
+
+
+def select(
+    results: list[tuple[list[int], str, bool, float, dict]], accept: float | None, keep: int, truncated_ok: bool = False
+) -> dict:
+    """One prompt's N scored completions (ids, text, truncated, total reward, rewards per function)
+    -> {"accepted": count, "kept": [{"ids", "text", "reward"}]}: accepted, finished (or
+    `truncated_ok`), distinct by text, at most `keep`."""
+    kept, seen, accepted = [], set(), 0
+    for ids, text, truncated, total, scores in results:
+        ok = total >= accept if accept is not None else scores.get("accuracy") == 1
+        if not ok:
+            continue
+        accepted += 1
+        key = text.strip()
+        if (truncated and not truncated_ok) or key in seen or len(kept) >= keep:
+            continue
+        seen.add(key)
+        kept.append({"ids": ids, "text": text, "reward": total})
+    return {"accepted": accepted, "kept": kept}
+
+
+class RFTTask:
+    """The loop's view of RFT: rounds of sampling (read back from the run folder where they were
+    done), the kept set's micro-batches, round metrics in the step report, greedy validation."""
+
+    def __init__(self, ctx: TaskContext):
+        self.cfg, self.r, self.tokenizer = ctx.cfg, ctx.cfg.rft, ctx.tokenizer
+        self.run_dir, self.emit, self.backend = Path(ctx.run_dir), ctx.emit, ctx.backend
+        self.spec = grpo.make_spec(ctx, self.r)
+        self.rounds, self.per_round = round_plan(ctx.cfg)
+        self.pad = pad_id_of(ctx.tokenizer)
+        # the round whose kept set trains steps [round_start, round_start + per_round); saved in checkpoints
+        self.round, self.round_start = -1, 0
+        self.kept: list[Example] | None = None
+        self.stats: dict = {}
+
+    def task(self) -> Task:
+        return Task(
+            batches=self.batches,
+            evaluate=lambda backend, ex, bs, mb: grpo.evaluate_greedy(self.spec, backend, ex, bs, mb),
+            report=self.report,
+            state=lambda loop: ({}, {"round": self.round, "round_start": self.round_start}),
+            load_state=self.load_state,
+        )
+
+    def load_state(self, arrays: dict, meta: dict) -> None:
+        self.round, self.round_start = meta.get("round", -1), meta.get("round_start", 0)
+
+    # -- micro-batches ---------------------------------------------------------------------
+    def batches(self, train: list, state: LoopState, cfg: RFTConfig) -> Iterator[MicroBatch]:
+        """Windows over the current round's kept set from the saved position; a new round (its
+        sampling) when the round's steps are done."""
+        t = cfg.train
+        step, pos = state.step, (state.epoch, state.batch_index)
+        while True:
+            if self.round < 0 or step >= self.round_start + self.per_round:
+                self._next_round(train, step)
+                pos = (0, 0)
+            elif self.kept is None:  # resumed inside a round: its kept set, as it was sampled
+                saved = self._read_round(train, self.round, self.round_start)
+                if saved is None:
+                    raise MlxptError(
+                        "E593", f"the kept samples of round {self.round + 1} are missing or were changed",
+                        str(self._round_file(self.round)),
+                        f"the run cannot continue this round exactly; start a new run from it: --from {self.run_dir}",
+                    )  # fmt: skip
+                self._use(train, saved)
+                if step == self.round_start:  # stopped before the round's first step: as _next_round left it
+                    self._seed_training()
+                    pos = (0, 0)
+            lengths = [len(e.tokens) for e in self.kept]
+            seed = _seed(t.seed, "order", self.round)
+            for after, idxs in iter_windows(lengths, cfg.data.batch_size, t.grad_accum, seed, *pos):
+                for k, idx in enumerate(idxs):
+                    ex = [self.kept[i] for i in idx]
+                    tokens = sum(len(e.tokens) - 1 for e in ex)
+                    yield MicroBatch(collate(ex, self.pad), tokens, k == len(idxs) - 1, (*after, 0))
+                step, pos = step + 1, after
+                if step >= self.round_start + self.per_round:
+                    break
+
+    def _next_round(self, train: list, step: int) -> None:
+        """Sample (or read back) the rounds after the current one until one keeps something."""
+        r, empty = self.round + 1, 0
+        while True:
+            saved = self._read_round(train, r, step) or self._sample_round(train, r, step)
+            s = saved["stats"]
+            self.emit({"event": "round", "round": r + 1, "step": step, **s})
+            if s["kept"]:
+                break
+            empty += 1
+            what = (f"round {r + 1} kept none of its {s['samples']} samples ({s['accepted']} accepted, "
+                    f"{s['truncated']} cut at --max-completion-length)")  # fmt: skip
+            if self.r.on_empty == "stop" or empty >= self.rounds:
+                raise MlxptError(
+                    "E590" if self.r.on_empty == "stop" else "E591",
+                    what if self.r.on_empty == "stop" else f"{empty} rounds in a row kept nothing ({what})",
+                    str(self._round_file(r)),
+                    f"{'give --keep-truncated, ' if s['accepted'] else ''}lower --accept, raise "
+                    "--samples-per-prompt or --temperature, or start from a better "
+                    f"model (--from); a new run can start from this one: --from {self.run_dir}",
+                )  # fmt: skip
+            self.emit({"event": "warning", "message": f"{what}: sampling round {r + 2} for the same steps "
+                       "(--on-empty continue)"})  # fmt: skip
+            r += 1
+        self.round, self.round_start = r, step
+        self._use(train, saved)
+        self._seed_training()
+
+    def _seed_training(self) -> None:
+        """The training RNG at a round's start: the same however its sampling went (or was read back)."""
+        import mlx.core as mx
+
+        mx.random.seed(_seed(self.cfg.train.seed, "train", self.round))
+
+    def _use(self, train: list, saved: dict) -> None:
+        self.kept = [
+            Example(list(train[p["prompt"]].tokens) + k["ids"],
+                    [0] * len(train[p["prompt"]].tokens) + [1] * len(k["ids"]), train[p["prompt"]].row.where)
+            for p in saved["prompts"] for k in p["kept"]
+        ]  # fmt: skip
+        self.stats = saved["stats"]
+
+    # -- one round's sampling ----------------------------------------------------------------
+    def _round_file(self, r: int) -> Path:
+        return self.run_dir / ROUNDS_DIR / f"round-{r + 1:03d}.json"
+
+    def _fingerprint(self, train: list, r: int, step: int) -> str:
+        """What a round's samples depend on besides the weights at its start (which `step` pins)."""
+        picks = round_prompts(len(train), self.r.prompts_per_round, self.cfg.train.seed, r)
+        what = [r, step, self.cfg.train.seed, vars(self.r), [train[i].tokens for i in picks]]
+        return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def _read_round(self, train: list, r: int, step: int) -> dict | None:
+        path = self._round_file(r)
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(saved, dict) or saved.get("fingerprint") != self._fingerprint(train, r, step):
+            return None
+        return saved
+
+    def _sample_round(self, train: list, r: int, step: int) -> dict:
+        """N completions of each of round r's prompts, chunk by chunk (each chunk appended to the
+        part file as it finishes, and read back from it on resume), then the round file."""
+        import mlx.core as mx  # imports MLX (after the BLAS is chosen)
+
+        N, fp = self.r.samples_per_prompt, self._fingerprint(train, r, step)
+        picks = round_prompts(len(train), self.r.prompts_per_round, self.cfg.train.seed, r)
+        size = self.r.sample_batch or max(1, SAMPLE_ROWS // N)
+        chunks = [picks[i : i + size] for i in range(0, len(picks), size)]
+        part = self._round_file(r).with_suffix(".part.jsonl")
+        done = []  # the finished chunks of an interrupted sampling of this round, in order
+        for x in read_jsonl(part):
+            if not (isinstance(x, dict) and x.get("fingerprint") == fp and x.get("chunk") == len(done)):
+                break
+            done.append(x)
+        if part.exists():  # only that prefix stays (a line torn by a crash, another run's lines go)
+            atomic_write_text(part, "".join(json.dumps(x) + "\n" for x in done))
+        if done:
+            self.emit({"event": "progress", "stage": "sampling", "round": r + 1, "step": step + 1,
+                       "done": len(done), "total": len(chunks),
+                       "message": f"round {r + 1}: {len(done)}/{len(chunks)} sampled chunks read back from {part}"})  # fmt: skip
+        part.parent.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        for i in range(len(done), len(chunks)):
+            self.emit({"event": "progress", "stage": "sampling", "round": r + 1, "step": step + 1,
+                       "done": i, "total": len(chunks),
+                       "message": f"round {r + 1}: sampling chunk {i + 1}/{len(chunks)} ({len(chunks[i])} prompts x "
+                       f"{N} completions, up to {self.r.max_completion_length} tokens each)"})  # fmt: skip
+            mx.random.seed(_seed(self.cfg.train.seed, "sample", r, i))
+            seqs, totals, per_fn, samples, gs, _ = sample_scored(self.spec, [train[p] for p in chunks[i]], N)
+            prompts = []
+            for j, p in enumerate(chunks[i]):
+                results = [
+                    (seqs[q][1], samples[q]["completion"], seqs[q][2], totals[q], per_fn[q])
+                    for q in range(j * N, (j + 1) * N)
+                ]
+                prompts.append({"prompt": p, "samples": N, "truncated": sum(x[2] for x in results),
+                                **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)})  # fmt: skip
+            append_jsonl(
+                part, {"fingerprint": fp, "chunk": i, "prompts": prompts, "gen_tokens": gs.generated_tokens}, fsync=True
+            )
+            done.append({"prompts": prompts, "gen_tokens": gs.generated_tokens})
+        prompts = [p for x in done for p in x["prompts"]]
+        samples = sum(p["samples"] for p in prompts)
+        kept = sum(len(p["kept"]) for p in prompts)
+        stats = {
+            "prompts": len(prompts),
+            "samples": samples,
+            "accepted": sum(p["accepted"] for p in prompts),
+            "kept": kept,
+            "kept_share": kept / max(1, samples),
+            "pass_at_n": sum(p["accepted"] > 0 for p in prompts) / max(1, len(prompts)),
+            "truncated": sum(p["truncated"] for p in prompts),
+            "gen_tokens": sum(x["gen_tokens"] for x in done),
+            "gen_s": time.perf_counter() - t0,
+        }
+        saved = {"round": r + 1, "start_step": step, "fingerprint": fp, "stats": stats, "prompts": prompts}
+        atomic_write_text(self._round_file(r), json.dumps(saved) + "\n")
+        part.unlink(missing_ok=True)
+        return saved
+
+    # -- reporting -------------------------------------------------------------------------
+    def report(self, step: int) -> dict:
+        """The current round's numbers on every step (the TUI charts them as steps)."""
+        s = self.stats
+        if not s:
+            return {}
+        return {
+            "rft_round": self.round + 1,
+            "rft_samples": s["samples"],
+            "rft_kept": s["kept"],
+            "rft_kept_share": s["kept_share"],
+            "rft_accept_rate": s["accepted"] / max(1, s["samples"]),
+            "rft_pass_at_n": s["pass_at_n"],
+        }
+
+
+def memory_shape(cfg: RFTConfig, prompt: int) -> Shape:
+    """One training pass: batch_size kept rows of up to prompt + max_completion_length tokens."""
+    return Shape.rows(cfg.data.batch_size, min(prompt + cfg.rft.max_completion_length, cfg.data.max_seq_len))
+
+
+RFT = Method(
+    name="rft",
+    read=lambda cfg: grpo.read_prompts(cfg, cfg.rft),
+    encode=lambda cfg, tokenizer, rows=None: grpo.prepare_data(cfg, tokenizer, rows, cfg.rft),
+    objective=lambda cfg, layout: sft_objective,
+    task=lambda ctx: RFTTask(ctx).task(),
+    length=lambda e: len(e.tokens),
+    memory_shape=memory_shape,
+    check=check_config,
+)
+
+
+def run_rft(
+    cfg: RFTConfig,
+    resume_dir: str | Path | None = None,
+    emit: Callable[[dict], None] = lambda e: None,
+    stop=None,
+) -> tuple[Path, str]:
+    """Train (or resume) one RFT run; return (run folder, "finished" | "interrupted")."""
+    return run_training(RFT, cfg, resume_dir=resume_dir, emit=emit, stop=stop)
