@@ -4,7 +4,13 @@ Adam/AdamW (like torch), one evaluation per accumulation window plus one per upd
 The base model of a LoRA/DoRA run is the adapter as created (B = 0, m = ||W||): its small arrays
 are kept and swapped in for the KL of output="logp_kl" and `kl_to_reference`, so no second copy of
 the weights is ever held. The reference of DPO/GRPO (`token_logps(reference=True)`) is the same,
-unless the run started from a saved adapter (`start_from`, `--from`): then it is that adapter."""
+unless the run started from a saved adapter (`start_from`, `--from`): then it is that adapter.
+
+Plain SFT (`sft_objective`, rows or packed bins) runs the vocabulary head and its log-softmax only
+at the trained positions: the backbone's hidden states are gathered at the flat positions the host
+reads off the mask (`data/batching.trained_positions`), where the head can be split off the model
+and gives its logits unchanged (`vocab_head`, `head_matches`); else, and for every other output
+and objective (--kl-to-base included), the full (B, L, V) logits."""
 
 from __future__ import annotations
 
@@ -21,8 +27,11 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
+from mlxpt.backends import packing  # noqa: E402
 from mlxpt.backends.base import check_adapter_fits, no_base_error  # noqa: E402
+from mlxpt.backends.mlx_packing import packed_token_logp, segment_caches  # noqa: E402
 from mlxpt.backends.shared_prefix import grouped_token_logp, self_check  # noqa: E402
+from mlxpt.data.batching import trained_positions  # noqa: E402
 from mlxpt.models.adapters import save_adapter  # noqa: E402
 from mlxpt.models.heads import head_rewards  # noqa: E402
 from mlxpt.models.memory import check_fits  # noqa: E402
@@ -33,6 +42,52 @@ def token_logp(model, inputs, targets):
     """(B, L) float32 log-probability of each target token."""
     logits = model(inputs).astype(mx.float32)
     return -nn.losses.cross_entropy(logits, targets, reduction="none")
+
+
+def vocab_head(model):
+    """(backbone, head) of an mlx-lm Llama-family model: `backbone(inputs, cache)` gives the final
+    normed hidden states, `head(hidden)` the logits (`lm_head`, or the tied embedding's
+    `as_linear`). None where the model does not have that shape (the full-logits path is used).
+    Both look their module up when called, so adapters put on the head later are used."""
+    inner, args = getattr(model, "model", None), getattr(model, "args", None)
+    if not isinstance(inner, nn.Module) or not hasattr(inner, "layers"):
+        return None
+    tied = getattr(args, "tie_word_embeddings", None)
+    if tied is False and isinstance(model.get("lm_head"), nn.Module):
+        head = lambda h: model.lm_head(h)  # noqa: E731
+    elif tied is True and hasattr(getattr(inner, "embed_tokens", None), "as_linear"):
+        head = lambda h: model.model.embed_tokens.as_linear(h)  # noqa: E731
+    else:
+        return None
+    return (lambda inputs, cache=None: model.model(inputs, cache=cache)), head
+
+
+def head_matches(model, found) -> bool:
+    """Does head(backbone(x)) give the model's own logits? (a model that scales or caps its
+    logits after the head does not: it keeps the full-logits path). Eval mode, one short row."""
+    training = model.training
+    model.eval()
+    try:
+        x = mx.arange(8, dtype=mx.int32)[None]
+        full = model(x).astype(mx.float32)
+        split = found[1](found[0](x)).astype(mx.float32)
+        worst, scale = mx.abs(full - split).max(), 1 + mx.abs(full).max()
+        return full.shape == split.shape and bool((worst <= 1e-4 * scale).item())
+    except Exception:  # noqa: BLE001 - an architecture this does not fit: full logits
+        return False
+    finally:
+        model.train(training)
+
+
+def trained_token_logp(model, found, inputs, targets, index, segments=None):
+    """(1, K) float32 log-probs of `targets` at the flat positions `index` of (B, L) only: the
+    backbone runs over every position (packed bins: `segments`, mlx_packing.py), the vocabulary
+    head and its log-softmax over the K gathered ones."""
+    backbone, head = found
+    hidden = backbone(inputs, None if segments is None else segment_caches(model, segments))
+    picked = hidden.reshape(-1, hidden.shape[-1])[index]
+    logits = head(picked).astype(mx.float32)
+    return -nn.losses.cross_entropy(logits, targets.reshape(-1)[index], reduction="none")[None]
 
 
 def base_logits(model, initial, inputs):
@@ -101,6 +156,9 @@ class MLXBackend:
             raise no_base_error("kl_to_base", "use lora/dora or --kl-to-base 0")
         # the reference of DPO/GRPO: the adapter as created, or the one the run started from (--from)
         self._reference = self._initial
+        # the vocabulary head apart from the backbone: plain SFT runs it at trained positions only
+        found = vocab_head(model)
+        self._head = found if found is not None and head_matches(model, found) else None
         self._compile = compile
         self._build(compile)
 
@@ -114,7 +172,11 @@ class MLXBackend:
         `(inputs, targets, ...)`, rewards per row from `(inputs, last, ...)`, or with
         output="grouped" log-probs of completions from `(prompts, left_pad, completions, ...)`,
         each prompt run once per group (shared_prefix.py), or with output="logp_kl" the pair
-        (log-probs, KL to the base per position) from `(inputs, targets, ...)`."""
+        (log-probs, KL to the base per position) from `(inputs, targets, ...)`, or with
+        output="packed" log-probs of rows packed into bins from `(inputs, targets, segments, ...)`
+        (packing.py)."""
+        if self.output == "packed":
+            return packed_token_logp(model, *batch[:3]), batch[3:]
         if self.output == "reward":
             return head_rewards(model, batch[0], batch[1]), batch[2:]
         if self.output == "grouped":
@@ -127,8 +189,30 @@ class MLXBackend:
         return token_logp(model, batch[0], batch[1]), batch[2:]
 
     def loss_fn(self, model, *batch):
+        if self._gathers(len(batch) - 1):  # (inputs, targets[, segments], index, weight): see _arrays
+            *front, index, weight = batch
+            segments = front[2] if self.output == "packed" else None
+            logp = trained_token_logp(model, self._head, front[0], front[1], index, segments)
+            return self.objective(logp, weight[None])
         out, rest = self.outputs(model, batch)
         return self.objective(out, *rest)
+
+    def _gathers(self, size: int) -> bool:
+        """Does a batch of `size` arrays train the vocabulary head at its trained positions only?
+        Plain SFT (`sft_objective`: the loss reads log-probs where the mask is nonzero, nothing
+        else) on rows or packed bins of a model whose head was found; --kl-to-base (output
+        "logp_kl") and every other objective keep the full logits."""
+        layout = {"logp": 3, "packed": 4}.get(self.output)
+        return self._head is not None and self.objective is sft_objective and size == layout
+
+    def _arrays(self, batch) -> list:
+        """The batch as mlx arrays; where the head is gathered, the mask (last) becomes the flat
+        trained positions and their weights (`trained_positions`, on the host): the objective gets
+        log-probs and weights (1, K) with the same loss sum and weight as (B, L) ones."""
+        if not self._gathers(len(batch)):
+            return [mx.array(a) for a in batch]
+        index, weight = trained_positions(np.asarray(batch[-1]))
+        return [mx.array(a) for a in (*batch[:-1], index, weight)]
 
     def share_prompts(self) -> tuple[bool, str]:
         """Switch to output="grouped" if it gives this model's plain log-probs (GRPO batches then
@@ -137,6 +221,20 @@ class MLXBackend:
         ok, found = self_check(self.model, token_logp)
         if ok:
             self.output = "grouped"
+        return ok, found
+
+    def pack_rows(self) -> tuple[bool, str]:
+        """Switch to output="packed" if packed bins give this model's plain per-row log-probs
+        (SFT batches then come as `collate_packed` lays them out). (switched, what was found)."""
+        if self.output != "logp":
+            return False, f"output {self.output!r} scores whole rows"
+        self.model.eval()
+        ok, found = packing.self_check(
+            lambda i, t: np.array(token_logp(self.model, mx.array(i), mx.array(t))),
+            lambda i, t, s: np.array(packed_token_logp(self.model, mx.array(i), mx.array(t), mx.array(s))),
+        )
+        if ok:
+            self.output = "packed"
         return ok, found
 
     def _build(self, compile: bool) -> None:
@@ -176,7 +274,7 @@ class MLXBackend:
         if self._rng_at_start is None:  # window start: remember the RNG so an abandoned window can rewind
             self.begin_window()
         self.model.train()
-        loss, ntok, aux, grads = self._grad_step(*(mx.array(a) for a in batch))
+        loss, ntok, aux, grads = self._grad_step(*self._arrays(batch))
         if self._grads is None:
             self._grads, self._loss, self._ntok, self._aux = grads, loss, ntok, aux
         else:
@@ -212,7 +310,7 @@ class MLXBackend:
 
     def evaluate(self, batch) -> tuple[float, float, dict]:
         self.model.eval()
-        loss, ntok, aux = self._loss_only(*(mx.array(a) for a in batch))
+        loss, ntok, aux = self._loss_only(*self._arrays(batch))
         mx.eval(loss, ntok, aux)
         return loss.item(), ntok.item(), {k: v.item() for k, v in aux.items()}
 
@@ -260,7 +358,10 @@ class MLXBackend:
             current = tree_flatten(self.model.trainable_parameters())
             self.model.load_weights(self._reference, strict=False)
         try:
-            out = self.outputs(self.model, [mx.array(a) for a in arrays])[0]
+            if self.output == "packed" and len(arrays) == 2:  # whole rows (the forgetting monitor, eval)
+                out = token_logp(self.model, *(mx.array(a) for a in arrays))
+            else:
+                out = self.outputs(self.model, [mx.array(a) for a in arrays])[0]
             mx.eval(out)
         finally:
             if reference:

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxpt.backends import packing
 from mlxpt.backends.base import check_adapter_fits, no_base_error
 from mlxpt.backends.numpy_model import LINEARS, Model
 from mlxpt.errors import ConfigError, ResourceError
@@ -124,10 +125,11 @@ class NumpyBackend:
 
     def accumulate(self, batch) -> None:
         inputs, targets, *rest = batch
+        segments = rest.pop(0) if self.output == "packed" else None
         if self._rng_at_start is None:  # window start: remember the RNG so an abandoned window can rewind
             self.begin_window()
         keep: dict = {}
-        out = self._outputs(inputs, targets, keep=keep, drop_rng=self.rng if self._dropout else None)
+        out = self._outputs(inputs, targets, keep=keep, drop_rng=self.rng if self._dropout else None, segments=segments)
         loss, weight, aux = self.objective(out, *rest)
         grad = self.grad_fn(out, *rest)
         if self.output == "logp_kl":
@@ -142,11 +144,24 @@ class NumpyBackend:
             self._loss, self._weight = self._loss + loss, self._weight + weight
             self._aux = {k: self._aux[k] + v for k, v in aux.items()}
 
-    def _outputs(self, inputs, targets, keep=None, drop_rng=None):
-        """What the objective gets: log-probs (B, L), or with output="logp_kl" (logp, kl)."""
+    def _outputs(self, inputs, targets, keep=None, drop_rng=None, segments=None):
+        """What the objective gets: log-probs (B, L), or with output="logp_kl" (logp, kl);
+        output="packed": log-probs with attention confined to each row of a bin (`segments`)."""
         if self.output == "logp_kl":
             return self.model.token_logp_kl(inputs, targets, self._initial, keep=keep, drop_rng=drop_rng)
-        return self.model.token_logp(inputs, targets, keep=keep, drop_rng=drop_rng)
+        return self.model.token_logp(inputs, targets, keep=keep, drop_rng=drop_rng, segments=segments)
+
+    def pack_rows(self) -> tuple[bool, str]:
+        """Switch to output="packed" (batches as `collate_packed` lays them out) if packed bins
+        give this model's per-row log-probs. (switched, what was found)."""
+        if self.output != "logp":
+            return False, f"output {self.output!r} scores whole rows"
+        ok, found = packing.self_check(
+            self.model.token_logp, lambda i, t, s: self.model.token_logp(i, t, segments=s), tol=1e-4
+        )
+        if ok:
+            self.output = "packed"
+        return ok, found
 
     def reduce(self) -> tuple[float, float, float, dict]:
         weight = np.maximum(np.float32(self._weight), np.float32(1))
@@ -168,7 +183,8 @@ class NumpyBackend:
 
     def evaluate(self, batch) -> tuple[float, float, dict]:
         inputs, targets, *rest = batch
-        loss, weight, aux = self.objective(self._outputs(inputs, targets), *rest)
+        segments = rest.pop(0) if self.output == "packed" else None
+        loss, weight, aux = self.objective(self._outputs(inputs, targets, segments=segments), *rest)
         return float(loss), float(weight), {k: float(v) for k, v in aux.items()}
 
     def get_state(self) -> dict[str, dict[str, np.ndarray]]:

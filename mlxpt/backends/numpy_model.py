@@ -159,14 +159,18 @@ class Model:
         ang = np.arange(offset, offset + L, dtype=np.float32)[:, None] * self.inv_freq[None]
         return np.cos(ang).astype(self.dtype), np.sin(ang).astype(self.dtype)
 
-    def _mask(self, L, S, offset, pad):
-        """Additive (B or 1, 1, G*L, S) mask: causal over absolute positions, minus padded keys;
-        rows repeat per query head of a KV group (queries are laid out (B, KV, G*L, hd))."""
+    def _mask(self, L, S, offset, pad, segments=None):
+        """Additive (B or 1, 1, G*L, S) mask: causal over absolute positions, minus padded keys and
+        (packed rows) keys of another row; rows repeat per query head of a KV group (queries are
+        laid out (B, KV, G*L, hd))."""
         G = self.args.num_attention_heads // self.args.num_key_value_heads
         qpos = np.arange(offset, offset + L)[:, None]
         m = np.where(np.arange(S)[None] <= qpos, 0.0, NEG).astype(self.dtype)[None, None]
         if pad is not None:
             m = m + np.where(pad[:, None, None, :S], 0.0, NEG).astype(self.dtype)
+        if segments is not None:  # (B, L): each position's row in a packed bin (training: S == L)
+            same = segments[:, None, :, None] == segments[:, None, None, :]
+            m = np.where(same, m, NEG).astype(self.dtype)
         return np.tile(m, (1, 1, G, 1))
 
     def _block(self, i, x, B, L, rope_cs, mask, cache=None, st=None, drop_rng=None):
@@ -260,11 +264,12 @@ class Model:
     def _embed(self, inputs):
         return self.w["model.embed_tokens.weight"][inputs.reshape(-1)]
 
-    def hidden(self, inputs, pad=None, keep=None, drop_rng=None):
-        """Final normalised hidden states (B*L, D); `keep` (a dict) records layer inputs for `backward`."""
+    def hidden(self, inputs, pad=None, keep=None, drop_rng=None, segments=None):
+        """Final normalised hidden states (B*L, D); `keep` (a dict) records layer inputs for
+        `backward`; `segments` (B, L) confines attention to each position's packed row."""
         B, L = inputs.shape
         x = self._embed(inputs)
-        cs, mask = self._rope_tables(0, L), self._mask(L, L, 0, pad)
+        cs, mask = self._rope_tables(0, L), self._mask(L, L, 0, pad, segments)
         for i in range(self.args.num_hidden_layers):
             seed = None
             if drop_rng is not None and i >= self.first_trainable:
@@ -274,7 +279,7 @@ class Model:
             x = self._block(i, x, B, L, cs, mask, drop_rng=None if seed is None else np.random.default_rng(seed))
         hn, s = rms_fwd(x, self.w["model.norm.weight"], self.args.rms_norm_eps)
         if keep is not None:
-            keep.update(shape=(B, L), pad=pad, final=s, hn=hn)
+            keep.update(shape=(B, L), pad=pad, segments=segments, final=s, hn=hn)
         return hn
 
     def logits(self, inputs, pad=None):
@@ -302,9 +307,9 @@ class Model:
                 kl[s : s + chunk] = (np.exp(lp) * (lp - lq)).sum(-1)
         return logp, lse, kl, lse_b
 
-    def token_logp(self, inputs, targets, pad=None, keep=None, drop_rng=None):
+    def token_logp(self, inputs, targets, pad=None, keep=None, drop_rng=None, segments=None):
         """(B, L) log-probabilities of `targets`; pass `keep={}` to allow `backward(keep, ...)`."""
-        hn = self.hidden(inputs, pad, keep, drop_rng)
+        hn = self.hidden(inputs, pad, keep, drop_rng, segments)
         logp, lse, _, _ = self._logp_chunks(hn, targets)
         if keep is not None:
             keep.update(lse=lse, targets=targets.reshape(-1))
@@ -345,7 +350,7 @@ class Model:
             dhn[s : s + chunk] = dz @ W
         dx, _ = rms_bwd(dhn, self.w["model.norm.weight"], keep["final"])
         grads: dict[str, np.ndarray] = {}
-        cs, mask = self._rope_tables(0, L), self._mask(L, L, 0, keep["pad"])
+        cs, mask = self._rope_tables(0, L), self._mask(L, L, 0, keep["pad"], keep.get("segments"))
         for i in range(self.args.num_hidden_layers - 1, self.first_trainable - 1, -1):
             x, seed = keep[i]
             st: dict = {}

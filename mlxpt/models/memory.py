@@ -39,6 +39,18 @@ class Shape:
         return cls(n, n, n * seq_len, f"batch {batch_size} x {seq_len} tokens")
 
     @classmethod
+    def packed(cls, batch_size: int, seq_len: int, capacity: int, efficiency: float | None = None) -> Shape:
+        """`batch_size` rows of up to `seq_len` tokens packed into bins of `capacity` positions
+        (the worst case: every row at `seq_len`). Attention is one (bin x bin) block per bin, of
+        which only the rows' own causal blocks count; the mask itself is computed whole.
+        `efficiency` (real tokens / computed positions of the data) goes into the label."""
+        per_bin = max(1, capacity // max(seq_len, 1))
+        bins = -(-batch_size // per_bin)
+        L = min(batch_size, per_bin) * seq_len
+        eff = f", {efficiency:.0%} real tokens" if efficiency is not None else ""
+        return cls(bins * L, bins * L, bins * L * L, f"batch {batch_size} packed into {bins} x {L} tokens{eff}")
+
+    @classmethod
     def shared_prompts(cls, prompts: int, group: int, prompt_len: int, completion_len: int) -> Shape:
         """Each of `prompts` prompts once, its `group` completions attending to it."""
         p, c = prompt_len, completion_len

@@ -57,6 +57,9 @@ class Method:
     # whether the method wants the shared-prompt layout ("grouped": each prompt once per group of
     # responses); the runner asks the backend once, and it falls back to "rows" where it cannot
     shares_prompts: Callable = lambda cfg: False
+    # whether the method wants its rows packed into bins ("packed": block-diagonal attention, no
+    # padding); the runner asks the backend once, and it falls back to "rows" where not exact
+    packs: Callable = lambda cfg: False
     check: Callable | None = None  # (cfg, resume_dir) -> None: refusals before anything is read
     # (TaskContext, train, valid, stop) after "start", e.g. reference log-probs; it returns early
     # once `stop.requested` (a signal), and the run then ends "interrupted" before its first step
@@ -86,9 +89,16 @@ def rows_shape(rows_per_example: int) -> Callable:
     return lambda cfg, longest: Shape.rows(cfg.data.batch_size * rows_per_example, min(longest, cfg.data.max_seq_len))
 
 
-def choose_layout(backend, wanted: bool, emit: Callable[[dict], None]) -> str:
+def choose_layout(backend, wanted: bool, emit: Callable[[dict], None], packs: bool = False) -> str:
     """ "grouped" where the method wants it and the backend reproduces this model's plain
-    log-probs that way (checked once, on load); else "rows", with a warning if it was wanted."""
+    log-probs that way (checked once, on load); "packed" likewise for packed rows; else "rows",
+    with a warning if another layout was wanted."""
+    if packs and hasattr(backend, "pack_rows"):
+        ok, found = backend.pack_rows()
+        if not ok:
+            emit({"event": "warning", "message": f"packing off (padded rows instead): packed rows do not "
+                  f"reproduce this model's log-probs ({found})"})  # fmt: skip
+        return "packed" if ok else "rows"
     if not wanted or not hasattr(backend, "share_prompts"):
         return "rows"
     ok, found = backend.share_prompts()
@@ -154,7 +164,7 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
     n_train, n_total = backend.param_counts()
     emit({
         "event": "start", "method": method.name, "run_dir": str(run_dir), "model": cfg.model.model,
-        "backend": cfg.train.backend, "resumed_from_step": state.step, "steps": cfg.train.steps,
+        "backend": cfg.train.backend, "layout": layout, "resumed_from_step": state.step, "steps": cfg.train.steps,
         "train_rows": data_report.get("train", {}).get("kept", len(train)), "valid_rows": len(valid), "trainable_params": n_train, "total_params": n_total,
         "load_time_s": time.perf_counter() - t_load, "blas": _blas.status(),
         "memory_estimate_mb": memory["total"] / 1e6, "data": data_report,
@@ -250,7 +260,7 @@ def _load_backend(method: Method, cfg, examples: list, emit, chain=None) -> tupl
     if chain is not None:
         backend.start_from(chaining.start_arrays(chain))
     memory = backend.check_memory(method.memory_shape(cfg, max(method.length(e) for e in examples)))
-    layout = choose_layout(backend, method.shares_prompts(cfg), emit)
+    layout = choose_layout(backend, method.shares_prompts(cfg), emit, method.packs(cfg))
     backend.set_objective(method.objective(cfg, layout))
     return backend, layout, memory
 

@@ -6,6 +6,9 @@ With `--replay FILE --replay-ratio R` each micro-batch also holds k replay rows 
 trained like any row; the data plan runs over the training rows with micro-batches of B - k.
 With `--kl-to-base B` the loss adds B * sum(mask * KL(p_tuned || p_base)) over the vocabulary at
 each trained position, the base being the adapter-off pass (LoRA/DoRA only; reported as `kl`).
+With `packing` (the default) the rows of each micro-batch are packed best-fit-decreasing into
+bins of max_seq_len positions with block-diagonal causal attention (layout "packed",
+backends/packing.py): the same rows per step and the same per-token loss, without the padding.
 Everything else (validation order, runs, checkpoints, resume) is the shared runner's.
 """
 
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from mlxpt.backends.base import no_base_error
 from mlxpt.config import SFTConfig
-from mlxpt.data.batching import collate
+from mlxpt.data.batching import collate, collate_packed, packing_efficiency
 from mlxpt.data.encode import encode_all, pad_id_of
 from mlxpt.data.formats import raise_if_errors, scan_splits
 from mlxpt.data.replay import (
@@ -31,6 +34,7 @@ from mlxpt.data.replay import (
     scan_replay,
 )
 from mlxpt.errors import MlxptError
+from mlxpt.models.memory import Shape
 from mlxpt.objectives import sft_kl_objective, sft_objective
 from mlxpt.train.loop import LoopState, MicroBatch, Task, iter_batches, rows_task
 from mlxpt.train.runner import Method, TaskContext, resume_command, rows_shape, run_training
@@ -66,6 +70,9 @@ def prepare_data(cfg: SFTConfig, tokenizer, rows=None):
     if not train:
         raise MlxptError("E170", "no trainable rows left after encoding", d.data, "check max_seq_len and the mask mode")
     report = {"train": train_report, "valid": valid_report}
+    if d.packing:  # real tokens / computed positions over one epoch, padded rows vs packed bins
+        lengths = [len(e.tokens) for e in train]
+        report["packing"] = packing_efficiency(lengths, d.batch_size, d.max_seq_len, cfg.train.seed)
     if replay_rows:
         replay, replay_report = encode_all(replay_rows, tokenizer, **kw)
         if not replay:
@@ -102,7 +109,10 @@ def iter_replay_batches(train: list, state: LoopState, cfg: SFTConfig, collate: 
 
 
 def sft_task(ctx: TaskContext) -> Task:
-    pad_collate = partial(collate, pad_id=pad_id_of(ctx.tokenizer))
+    pad_id = pad_id_of(ctx.tokenizer)
+    pad_collate = partial(collate, pad_id=pad_id)
+    if ctx.layout == "packed":  # the same rows per micro-batch, packed into bins
+        pad_collate = partial(collate_packed, pad_id=pad_id, capacity=ctx.cfg.data.max_seq_len)
     task = rows_task(
         collate=pad_collate,
         length=lambda e: len(e.tokens),
@@ -117,7 +127,14 @@ def _memory_shape(cfg: SFTConfig, longest: int):
     """Whole rows; with --kl-to-base the vocabulary head holds about three times as much (the
     base pass's logits and the KL's softmaxes beside the tuned ones)."""
     shape = rows_shape(1)(cfg, longest)
+    if packs(cfg):
+        shape = Shape.packed(cfg.data.batch_size, min(longest, cfg.data.max_seq_len), cfg.data.max_seq_len)
     return replace(shape, head_tokens=3 * shape.head_tokens) if cfg.reg.kl_to_base > 0 else shape
+
+
+def packs(cfg: SFTConfig) -> bool:
+    """Packing on, and a plain per-token objective (the KL pull scores whole rows)."""
+    return cfg.data.packing and cfg.reg.kl_to_base == 0
 
 
 def check_config(cfg: SFTConfig, resume_dir=None) -> None:
@@ -135,6 +152,7 @@ SFT = Method(
         partial(sft_kl_objective, beta=cfg.reg.kl_to_base) if cfg.reg.kl_to_base > 0 else sft_objective
     ),
     task=sft_task,
+    packs=packs,
     length=lambda e: len(e.tokens),
     memory_shape=lambda cfg, longest: _memory_shape(cfg, longest),
     check=check_config,

@@ -27,11 +27,12 @@ def inject(spec: dict) -> dict:
 
     def accumulate(self, batch):
         if kind.endswith("_input") and state["reduces"] + 1 in windows:
-            inputs, targets, mask, *rest = batch
-            mask = np.array(mask, dtype=np.float32)
+            # the loss mask: (inputs, targets, mask) padded rows, (inputs, targets, segments, mask) packed
+            at = 3 if len(batch) == 4 and np.asarray(batch[2]).dtype.kind in "iu" else 2
+            mask = np.array(batch[at], dtype=np.float32)
             b, t = np.argwhere(mask > 0)[0]
             mask[b, t] = value  # one element of one row
-            batch = (inputs, targets, mask, *rest)
+            batch = (*batch[:at], mask, *batch[at + 1 :])
         return orig_acc(self, batch)
 
     def reduce(self):
