@@ -25,6 +25,7 @@ from mlxpt.commands.generate import (
     check_strategy_args,
     decode_config,
     load_for,
+    run_with_strategy,
     stats_line,
     stream,
 )
@@ -44,26 +45,6 @@ def register(subparsers) -> None:
     add_sampling_args(p)
     add_strategy_args(p)
     p.set_defaults(func=run)
-
-
-def _strategy_answer(args, model, tokenizer, tokens, history, cfg) -> str:
-    """A non-streamed answer: the chosen text (stdout), votes/scores and auto's choice (stderr)."""
-    from mlxpt.commands.generate import describe
-    from mlxpt.decode.budget import describe as describe_auto
-    from mlxpt.decode.strategies import run_strategy
-
-    result = run_strategy(model, tokenizer, tokens, cfg, prompt=history)
-    print(result.text)
-    sys.stdout.flush()
-    if args.show_samples:
-        for i, text in enumerate(result.samples):
-            score = f" score {result.scores[i]:.3f}" if result.scores else ""
-            print(f"--- sample {i + 1} (answer {result.answers[i]}){score}\n{text}", file=sys.stderr)
-    if result.auto is not None:
-        print(f"[{describe_auto(result.auto)}]", file=sys.stderr)
-    for line in describe(result):
-        print(line, file=sys.stderr)
-    return result.text
 
 
 def _read(marker: str) -> str | None:
@@ -169,7 +150,7 @@ def run(args) -> int:
             reply = _answer(model, tokenizer, tokens, args, cfg, history)
         else:
             try:
-                reply = _strategy_answer(args, model, tokenizer, tokens, history, cfg)
+                reply = run_with_strategy(args, model, tokenizer, tokens, history, cfg)
             except KeyboardInterrupt:
                 print("\n[stopped]", file=sys.stderr)
                 reply = ""

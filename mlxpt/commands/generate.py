@@ -369,17 +369,21 @@ def describe(result) -> list[str]:
     return lines
 
 
-def run_with_strategy(args, model, tokenizer, tokens, prompt) -> str:
-    """Run args.strategy on `tokens`, print the answer (stdout) and its votes/scores (stderr)."""
+def run_with_strategy(args, model, tokenizer, tokens, prompt, cfg=None) -> str:
+    """Run args.strategy (or `cfg`) on `tokens`, print the answer (stdout) and its votes/scores and
+    auto's choice (stderr); `prompt` is what scorers see (chat: the history)."""
+    from mlxpt.decode.budget import describe as describe_auto
     from mlxpt.decode.strategies import run_strategy
 
-    result = run_strategy(model, tokenizer, tokens, decode_config(args), prompt=prompt)
+    result = run_strategy(model, tokenizer, tokens, cfg or decode_config(args), prompt=prompt)
     print(result.text)
     sys.stdout.flush()
     if args.show_samples:
         for i, text in enumerate(result.samples):
             score = f" score {result.scores[i]:.3f}" if result.scores else ""
             print(f"--- sample {i + 1} (answer {result.answers[i]}){score}\n{text}", file=sys.stderr)
+    if result.auto is not None:
+        print(f"[{describe_auto(result.auto)}]", file=sys.stderr)
     for line in describe(result):
         print(line, file=sys.stderr)
     return result.text
