@@ -243,7 +243,8 @@ def test_sigkill_during_sampling_resumes_where_it_stopped(tiny_dir, prompt_dir, 
     argv = ["train", "rft", "--events", "json", "--runs-dir", str(tmp_path / "b")]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)])
-    env = {**os.environ, "RFT_SLOW_REWARD": "0.03", "OPENBLAS_NUM_THREADS": "1"}
+    # the same BLAS threads as this process: the resumed half runs here (reduction order, exact resume)
+    env = {**os.environ, "RFT_SLOW_REWARD": "0.03"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlxpt.cli", *argv], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
     )
