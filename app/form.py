@@ -5,10 +5,9 @@ No Textual here."""
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from mlxpt.config import METHODS, build_config, section_names
+from mlxpt.config import METHODS, build_config, section_fields, section_names
 from mlxpt.errors import MlxptError
 
 
@@ -44,7 +43,7 @@ def form_fields(method: str) -> list[FormField]:
     out = []
     for section in section_names(cfg):
         obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
+        for f in section_fields(cfg, section):
             value = getattr(obj, f.name)
             kind = str(f.type)
             choices = tuple(f.metadata.get("choices") or ())

@@ -48,7 +48,8 @@ def _segments(tokenizer, tokens: list[int], mask: list[int]) -> list[tuple[str, 
 
 def check_data(kind: str, cfg) -> DataPreview:
     """Validate the data named in `cfg` and describe what training would see.
-    `kind`: "sft" (chat/completions/text rows), "pref" (preference pairs) or "prompts" (GRPO)."""
+    `kind`: "sft" (chat/completions/text rows), "pref" (preference pairs), "prompts" (GRPO, RFT)
+    or "stepwise" (a process reward model's labelled steps)."""
     from mlxpt.data.formats import resolve_splits
 
     out = DataPreview()
@@ -65,6 +66,13 @@ def check_data(kind: str, cfg) -> DataPreview:
         if valid_path:
             errors += scan_preference(valid_path)[2]
         out.summary = f"{len(rows)} preference pairs ({same} identical dropped)"
+    elif kind == "stepwise":
+        from mlxpt.data.stepwise import describe, scan_stepwise
+
+        rows, errors = scan_stepwise(train_path)
+        if valid_path:
+            errors += scan_stepwise(valid_path)[1]
+        out.summary = describe(rows)
     elif kind == "prompts":
         from mlxpt.data.prompts import scan_prompts
 
@@ -101,6 +109,20 @@ def check_data(kind: str, cfg) -> DataPreview:
             first = examples[0]
             out.example = _segments(tokenizer, first.tokens, [0] * len(first.tokens))
             out.example_where = first.row.where
+    elif kind == "stepwise":
+        from mlxpt.data.stepwise import DEFAULT_DELIMITER, encode_stepwise
+
+        try:
+            examples, _ = encode_stepwise(rows[:MAX_ROWS], tokenizer, DEFAULT_DELIMITER, 10**9, "truncate")
+        except MlxptError as e:
+            out.errors.extend(err.line() for err in getattr(e, "errors", [e])[:MAX_ERRORS])
+            return out
+        out.lengths = [len(ex.tokens) for ex in examples]
+        if examples:  # the step ends are what the head is trained on
+            first = examples[0]
+            ends = set(first.ends)
+            out.example = _segments(tokenizer, first.tokens, [int(i in ends) for i in range(len(first.tokens))])
+            out.example_where = first.where
     elif preference:
         from mlxpt.data.preference import encode_preference
 

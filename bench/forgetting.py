@@ -13,7 +13,8 @@ step counts never trained on). Each part writes `<out>/<part>.json` and prints a
   plain, with --kl-to-base, with --replay (the base model's own answers to the bundled general
   prompts, assets/general/self_answers.jsonl) and with both; the base and each adapter scored on
   the first --test rows of the previous held-out split and of the OOD split, and the default
-  forgetting monitor's KL to the base on the general prompts logged at step 0 and at the end.
+  forgetting monitor's KL to the base on the general prompts logged at step 0 and at the end;
+  `replay-sampled` replays the base model's sampled answers (temperature 1, --samples seeds).
 
 Usage: python bench/forgetting.py --part quickstart|monitor-v1|overtrain [--variants plain,kl,replay,both]
        [--steps 120] [--lr 1e-3] [--kl 0.5] [--replay-ratio 0.25] [--test 100] [--out bench-out/forgetting]
@@ -79,6 +80,21 @@ def evaluate(out: Path, run: Path | None, sets: list[str], limit: int | None, ta
     }
 
 
+def sampled_answers(out: Path, samples: int) -> Path:
+    """The base model's sampled answers (temperature 1, `samples` seeds) to the bundled general
+    prompts: draws from the base distribution, not its argmax, for the replay-sampled variant."""
+    path = out / "self_answers_sampled.jsonl"
+    if not path.is_file():
+        parts = []
+        for seed in range(samples):
+            one = out / f"self_answers_seed{seed}.jsonl"
+            sh([MLXPT, "data", "self-answers", "--prompts", "assets/general/prompts.jsonl", "--out", str(one),
+                "--temperature", "1.0", "--seed", str(seed)], out / "log.txt")  # fmt: skip
+            parts.append(one.read_text())
+        path.write_text("".join(parts))
+    return path
+
+
 def monitor_series(run: Path) -> list[dict]:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [
@@ -98,6 +114,7 @@ def main(argv=None) -> int:
     ap.add_argument("--kl", default="0.5", help="overtrain: --kl-to-base weight")
     ap.add_argument("--replay-ratio", default="0.25", help="overtrain: --replay-ratio")
     ap.add_argument("--variants", default="plain,kl,replay,both")
+    ap.add_argument("--samples", type=int, default=4, help="replay-sampled: sampled answers per general prompt")
     ap.add_argument("--regression-rows", default="60")
     ap.add_argument("--eval-every", default="10")
     args = ap.parse_args(argv)
@@ -127,6 +144,9 @@ def main(argv=None) -> int:
             "replay": replay,
             "both": ["--kl-to-base", args.kl, *replay],
         }
+        if "replay-sampled" in args.variants.split(","):
+            sampled = sampled_answers(out, args.samples)
+            flags["replay-sampled"] = ["--replay", str(sampled), "--replay-ratio", args.replay_ratio]
         sets = [str(data / "test.jsonl"), OOD, ARITH]
         result["base"] = evaluate(out, None, sets, args.test, "over-base")
         result["variants"] = {}

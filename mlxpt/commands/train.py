@@ -5,7 +5,6 @@ choices. simpo and orpo are dpo with that loss (and SimPO's usual beta of 2)."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 
@@ -115,7 +114,7 @@ def method_help(method: str, named: bool = True) -> str:
     for section in config.section_names(cfg):
         group = h.add_argument_group(section)
         obj = getattr(cfg, section)
-        for f in dataclasses.fields(obj):
+        for f in config.section_fields(cfg, section):
             value = getattr(obj, f.name)
             text = f.metadata.get("help", "")
             default = "" if value is None or "default" in text else f" (default: {_shown(value)})"

@@ -39,6 +39,7 @@ from mlxpt.config.sections import (
     default_prompt_data,
     load_yaml,
     opt,
+    section_fields,
     section_names,
     validate,
 )
@@ -48,5 +49,5 @@ __all__ = [
     "AnyConfig", "DPOConfig", "DataConfig", "GRPOConfig", "GRPOSection", "ModelConfig", "PreferenceConfig",
     "PRMConfig", "PRMSection", "RFTConfig", "RFTSection", "RMConfig", "RegulariseConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "all_fields", "apply_flat", "build_config",
     "config_class", "default_data", "default_pref_data", "default_prompt_data", "flatten", "load_yaml", "opt",
-    "resolve_method", "saved_method", "section_names", "validate",
+    "resolve_method", "saved_method", "section_fields", "section_names", "validate",
 ]  # fmt: skip

@@ -33,6 +33,8 @@ class PRMConfig(Sections):
     """Process reward model: a scalar head on a LoRA-tuned backbone, read at the end of every step
     of stepwise-supervision rows and trained by binary cross-entropy."""
 
+    UNUSED = ("packing",)  # rows are not packed for this method
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(data=default_step_data()))
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

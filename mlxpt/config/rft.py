@@ -62,6 +62,8 @@ class RFTConfig(Sections):
     """Rejection-sampling fine-tuning: GRPO's data (prompts) plus `rft`; batch_size = kept samples
     per micro-batch."""
 
+    UNUSED = ("packing",)  # rows are not packed for this method
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(data=default_prompt_data()))
     adapter: AdapterConfig = field(default_factory=AdapterConfig)

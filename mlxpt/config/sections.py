@@ -7,7 +7,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mlxpt.errors import ConfigError
 
@@ -52,7 +52,7 @@ class DataConfig:
     batch_size: int = opt(4, "sequences per micro-batch")
     packing: bool = opt(
         True,
-        "sft: pack each micro-batch's rows into bins of max_seq_len tokens (no padding, attention kept "
+        "pack each micro-batch's rows into bins of max_seq_len tokens (no padding, attention kept "
         "inside each row); off where a model's log-probs would change",
     )
 
@@ -111,7 +111,11 @@ class RegulariseConfig:
 
 
 class Sections:
-    """A run's settings grouped in sections (model, data, adapter, train, ...)."""
+    """A run's settings grouped in sections (model, data, adapter, train, ...). `UNUSED` names the
+    fields of a shared section that the method ignores: hidden from its help and form, refused on
+    its command line (E504 names the methods that use them), dropped from an older config.json."""
+
+    UNUSED: ClassVar[tuple[str, ...]] = ()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -126,6 +130,8 @@ class Sections:
                 flat.update(v)
             else:
                 flat[k] = v
+        for name in cls.UNUSED:  # written by versions that showed them for every method
+            flat.pop(name, None)
         apply_flat(cfg, flat, source="config")
         return cfg
 
@@ -143,12 +149,18 @@ def section_names(cfg) -> list[str]:
     return [f.name for f in fields(cfg)]
 
 
+def section_fields(cfg, section: str) -> list[dataclasses.Field]:
+    """The fields of one section that the config's method uses (its `UNUSED` left out)."""
+    unused = getattr(cfg, "UNUSED", ())
+    return [f for f in fields(getattr(cfg, section)) if f.name not in unused]
+
+
 def all_fields(cfg) -> dict[str, tuple[object, dataclasses.Field]]:
     """Flat name -> (section object, field) over the sections of a composite config."""
     out = {}
     for sec in fields(cfg):
         obj = getattr(cfg, sec.name)
-        for f in fields(obj):
+        for f in section_fields(cfg, sec.name):
             out[f.name] = (obj, f)
     return out
 
@@ -338,6 +350,8 @@ PREF_METHODS = {"dpo": {}, "simpo": {"loss_type": "simpo", "beta": 2.0}, "orpo":
 class DPOConfig(Sections):
     """Preference optimisation (dpo, simpo, orpo): SFT's sections plus `pref`."""
 
+    UNUSED = ("packing",)  # rows are not packed for this method
+
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(data=default_pref_data()))
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -355,6 +369,8 @@ class RewardConfig:
 @dataclass
 class RMConfig(Sections):
     """Reward model (`mlxpt train rm`): a scalar head on a LoRA-tuned backbone, on preference pairs."""
+
+    UNUSED = ("packing",)  # rows are not packed for this method
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(data=default_pref_data()))
@@ -410,6 +426,8 @@ class GRPOSection:
 @dataclass
 class GRPOConfig(Sections):
     """GRPO family: SFT's sections (data = prompts, batch_size = prompts per micro-batch) plus `grpo`."""
+
+    UNUSED = ("packing",)  # rows are not packed for this method
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=lambda: DataConfig(data=default_prompt_data(), batch_size=2))

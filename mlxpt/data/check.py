@@ -118,11 +118,11 @@ PAIR_METHODS = ("dpo", "simpo", "orpo", "rm")
 
 
 def data_kind(method: str) -> str:
-    """What a method trains on: "sft" rows, "pref" (preference pairs), "prompts" (GRPO) or
-    "stepwise" (a process reward model's labelled steps)."""
+    """What a method trains on: "sft" rows, "pref" (preference pairs), "prompts" (GRPO's and RFT's
+    prompts with answers) or "stepwise" (a process reward model's labelled steps)."""
     if method == "prm":
         return "stepwise"
-    return "pref" if method in PAIR_METHODS else ("prompts" if method == "grpo" else "sft")
+    return "pref" if method in PAIR_METHODS else ("prompts" if method in ("grpo", "rft") else "sft")
 
 
 def detect_data_kind(path: str, valid: str | None = None) -> str:

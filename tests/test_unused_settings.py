@@ -1,0 +1,57 @@
+"""Settings of a shared section that a method ignores (`Sections.UNUSED`, today `packing` outside
+sft) are hidden from its help and form and refused on its command line; the New-run preview and
+`data check` read each method's own data kind (prm: stepwise rows, rft: prompts)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from mlxpt.cli import main
+from mlxpt.config import ASSETS, DPOConfig, GRPOConfig, build_config
+from mlxpt.data.check import data_kind
+
+
+@pytest.mark.parametrize("method", ["dpo", "simpo", "rm", "grpo", "prm", "rft"])
+def test_packing_is_refused_and_hidden_where_rows_are_not_packed(capsys, method):
+    assert main(["train", method, "--packing"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "E504" in err[0] and "'packing' is a setting of sft" in err[0]
+    from app.form import form_fields
+
+    assert "packing" not in {f.name for f in form_fields(method)}
+    with pytest.raises(SystemExit):
+        main(["train", method, "--help"])
+    assert "--packing" not in capsys.readouterr().out
+
+
+def test_sft_still_packs_and_shows_it(capsys):
+    assert build_config("sft", {"packing": False}).data.packing is False
+    from app.form import form_fields
+
+    assert "packing" in {f.name for f in form_fields("sft")}
+
+
+@pytest.mark.parametrize("cls", [DPOConfig, GRPOConfig])
+def test_an_older_config_json_with_packing_still_loads(cls):
+    saved = json.loads(json.dumps(cls().to_dict()))
+    saved["data"]["packing"] = True  # what runs written before UNUSED carry
+    assert cls.from_dict(saved).to_dict()["data"]["packing"] is True  # the field is kept, unused
+
+
+def test_data_kinds_of_every_method():
+    assert [data_kind(m) for m in ("sft", "dpo", "rm", "grpo", "rft", "prm")] == [
+        "sft", "pref", "pref", "prompts", "prompts", "stepwise",
+    ]  # fmt: skip
+
+
+def test_the_preview_reads_stepwise_rows_for_prm():
+    from app.preview import check_data
+
+    cfg = build_config("prm", {"data": str(ASSETS / "prm")})
+    good = check_data("stepwise", cfg)
+    assert not good.errors and good.lengths and "steps" in good.summary
+    assert any(trained for _, trained in good.example)  # the step ends are marked
+    bad = check_data("stepwise", build_config("prm", {"data": str(ASSETS / "sft")}))
+    assert bad.errors and bad.errors[0].startswith("E1")  # SFT rows are not stepwise rows: file:line errors
