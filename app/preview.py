@@ -161,7 +161,8 @@ def estimate_memory(cfg, shape) -> dict:
     from mlxpt.models.memory import available_bytes, estimate_bytes
 
     a = cfg.adapter
-    key = (cfg.model.model, cfg.model.quantize, a.fine_tune_type, a.rank, a.num_layers, a.targets)
+    key = (cfg.model.model, cfg.model.quantize, a.fine_tune_type, a.rank, a.num_layers, a.targets,
+           a.prefix_length, a.prefix_projection, a.adapter_size)  # fmt: skip
     with _lock:
         model = _estimate_model.get(key)
         if model is None:

@@ -26,6 +26,7 @@ class RunLog:
     method: str = ""
     model: str = ""
     status: str = "starting"  # starting | running | finished | interrupted | failed | crashed
+    world_size: int = 1  # data-parallel ranks (train/distributed.py)
     total_steps: int | None = None
     steps: list[dict] = field(default_factory=list)
     evals: list[dict] = field(default_factory=list)
@@ -65,9 +66,12 @@ class RunLog:
             self.steps = [s for s in self.steps if s["step"] <= resumed]
             self.evals = [s for s in self.evals if s["step"] <= resumed]
             verb = f"resumed at step {resumed}" if resumed else "started"
-            self.say(f"{verb}: {self.run_dir} ({self.method}, {self.model})")
+            self.world_size = int(e.get("world_size") or 1)
+            ranks = f", {self.world_size} ranks" if self.world_size > 1 else ""
+            self.say(f"{verb}: {self.run_dir} ({self.method}, {self.model}{ranks})")
             if "memory_estimate_mb" in e:
-                self.say(f"memory estimate {e['memory_estimate_mb']:.0f} MB, BLAS {e.get('blas', '?')}")
+                per = " per rank" if self.world_size > 1 else ""
+                self.say(f"memory estimate {e['memory_estimate_mb']:.0f} MB{per}, BLAS {e.get('blas', '?')}")
         elif kind == "step":
             self.steps.append(e)
             if e.get("skipped"):

@@ -178,12 +178,13 @@ def fuse(
 
     from mlxpt.models.adapters import find_adapter, read_adapter_config
     from mlxpt.models.loader import check_folder, load, resolve
+    from mlxpt.models.peft import refuse_fuse
     from mlxpt.runs.atomic import disk_full_error, is_disk_full
 
     out = Path(out)
     export = (export or ExportConfig()).check()
     check_output(out, {"run": run}, "fused model", force, existing=False)  # before anything is read
-    read_adapter_config(find_adapter(run))
+    refuse_fuse(read_adapter_config(find_adapter(run)), str(run))  # prefix / bottleneck adapters: nothing to merge
     section = base_model_of(run) or {}
     ref = model or section.get("model")
     if ref is None:

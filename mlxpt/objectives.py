@@ -11,6 +11,8 @@ arrays alike; each comes with its closed-form dL/d(logp) for backends without au
 
 from __future__ import annotations
 
+import math
+
 
 def sft_objective(logp, mask):
     """Negative log-likelihood of the trained tokens: loss = -sum(mask * logp) over `mask.sum()` tokens."""
@@ -275,6 +277,61 @@ def grpo_grad(
         g = g + beta * (1 - xp.exp(ref_logp - logp))
     scale, _ = _grpo_norm(xp, mask, loss_type, max_completion_length)
     return scale * g
+
+
+# Distillation (GKD, train/distill.py). Here the backend hands the objective the student's
+# log-probs over the vocabulary at each trained position, (N, K): K = V, or the teacher's top-k
+# ids gathered (then both distributions are renormalised over those K). `weight` (N,) is the SFT
+# mask there, `teacher` (N, K) the teacher's log-probs. The closed forms are d/d(student logits):
+# a shift of a row leaves the loss unchanged, so log-probs and logits share the gradient.
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd")
+
+
+def _log_softmax(xp, x):
+    m = _detach(xp, x.max(axis=-1, keepdims=True))
+    return x - m - xp.log(xp.exp(x - m).sum(axis=-1, keepdims=True))
+
+
+def _distill_parts(xp, student, teacher, divergence, beta, temperature):
+    """(log q student, log p teacher, log m mixture or None) at `temperature`, each renormalised."""
+    ls, lt = _log_softmax(xp, student / temperature), _log_softmax(xp, teacher / temperature)
+    lm = None
+    if divergence == "jsd":
+        lm = xp.logaddexp(ls + float(math.log1p(-beta)), lt + float(math.log(beta)))
+    elif divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}")
+    return ls, lt, lm
+
+
+def distill_objective(student, weight, teacher, divergence="forward_kl", beta=0.5, temperature=1.0):
+    """Per trained position, TRL's generalised JSD on temperature-scaled distributions q (student)
+    and p (teacher): forward_kl KL(p||q), reverse_kl KL(q||p), jsd β KL(p||m) + (1-β) KL(q||m)
+    with m = (1-β) q + β p; summed with `weight` over `weight.sum()` trained tokens."""
+    xp = _xp(student)
+    ls, lt, lm = _distill_parts(xp, student, teacher, divergence, beta, temperature)
+    p, q = xp.exp(lt), xp.exp(ls)
+    if divergence == "forward_kl":
+        per = (p * (lt - ls)).sum(axis=-1)
+    elif divergence == "reverse_kl":
+        per = (q * (ls - lt)).sum(axis=-1)
+    else:
+        per = beta * (p * (lt - lm)).sum(axis=-1) + (1 - beta) * (q * (ls - lm)).sum(axis=-1)
+    return (weight * per).sum(), weight.sum(), {}
+
+
+def distill_grad(student, weight, teacher, divergence="forward_kl", beta=0.5, temperature=1.0):
+    """d(loss_sum)/d(student logits) (N, K) for `distill_objective`: forward (q - p)/T; reverse
+    q (r - E_q r)/T with r = log q - log p; jsd (1-β) q (r - E_q r)/T with r = log q - log m."""
+    xp = _xp(student)
+    ls, lt, lm = _distill_parts(xp, student, teacher, divergence, beta, temperature)
+    q = xp.exp(ls)
+    if divergence == "forward_kl":
+        g = q - xp.exp(lt)
+    else:
+        r = ls - (lt if divergence == "reverse_kl" else lm)
+        g = q * (r - (q * r).sum(axis=-1, keepdims=True))
+        g = g * (1 - beta) if divergence == "jsd" else g
+    return g * (weight / temperature)[:, None]
 
 
 # Objective -> closed-form dL/d(logp) for backends without autodiff (the NumPy backend): every

@@ -22,6 +22,7 @@ from mlxpt.config import (
     config_class,
     resolve_method,
 )
+from mlxpt.config.distill import DistillConfig
 from mlxpt.config.prm import PRMConfig
 from mlxpt.config.rft import RFTConfig
 from mlxpt.errors import ConfigError
@@ -34,6 +35,7 @@ CLASSES = {
     "rm": RMConfig,
     "grpo": GRPOConfig,
     "rft": RFTConfig,
+    "distill": DistillConfig,
     "prm": PRMConfig,
 }
 

@@ -138,18 +138,35 @@ def test_children_never_reprefill_their_parents(tok, V):
 
 
 def test_dvts_keeps_the_best_of_each_subtree(tok, V):
-    for seed in range(20):  # a seed whose first draw puts both right steps in one subtree
+    def three_way(done):
+        return {"A": 1.0} if len(done) >= 2 else {"g": 1 / 3, "h": 1 / 3, "b": 1 / 3}
+
+    for seed in range(40):  # a seed whose first draw puts both right steps in one subtree
         drawn: list = []
-        r = search(StepLM(tok, V), scorer=FakePRM(), seed=seed, beam_width=2, expand=2, dvts=True,
+        r = search(StepLM(tok, V, three_way), scorer=FakePRM(), seed=seed, beam_width=2, expand=2, dvts=True,
                    on_samples=drawn.append)  # fmt: skip
         first = [c.text[0] for c in drawn[0]]  # the root's 4 first steps: subtrees [0, 1] and [2, 3]
-        if first[:2] == ["g", "g"] and first[2:] == ["b", "b"]:
+        if sorted(first[:2]) == ["g", "h"] and first[2:] == ["b", "b"]:
             break
     else:
         pytest.skip("no seed gave the split")
     assert [s[0] for s in r.samples] == ["g", "b"]  # one solution per subtree, even the worse one
-    plain = search(StepLM(tok, V), scorer=FakePRM(), seed=seed, beam_width=2, expand=2)
-    assert [s[0] for s in plain.samples] == ["g", "g"]  # plain beam keeps the two best overall
+    plain = search(StepLM(tok, V, three_way), scorer=FakePRM(), seed=seed, beam_width=2, expand=2)
+    assert all(s[0] != "b" for s in plain.samples)  # plain beam keeps the two best overall
+    assert len(set(plain.samples)) == 2
+
+
+@pytest.mark.parametrize("strategy", ["step-beam", "tree"])
+def test_identical_partial_solutions_take_one_beam_slot(tok, V, strategy):
+    def always_good(done):  # every sample of a step is the same line: no diversity to keep
+        return {"A": 1.0} if len(done) >= 2 else {"g": 1.0}
+
+    drawn: list = []
+    r = search(StepLM(tok, V, always_good), strategy, beam_width=2, expand=3, on_samples=drawn.append)
+    assert r.samples == [GOOD + GOOD + ANSWER]  # one solution, not two copies of it
+    assert r.prefilled_tokens == len(StepLM(tok, V).prompt) + 2 * len(GOOD)  # one beam kept per step
+    root = 6 if strategy == "step-beam" else 3  # step-beam's root draws width x expand
+    assert [len(group) for group in drawn] == [root, 3, 3]  # then one beam is expanded per step
 
 
 def test_step_aggregates():
@@ -371,3 +388,32 @@ def test_generate_takes_auto_with_a_budget(tiny, capsys, tmp_path):
     assert main(["generate", "--model", str(tmp_path / "never-loaded"), "--prompt", "x", "--strategy", "auto"]) == 1
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "E651" in lines[0], lines
+
+
+def test_equal_values_go_to_the_likelier_partial_solution(tok, V):
+    def mostly_h(done):  # two steps the verifier both calls right; h is four times likelier
+        return {"A": 1.0} if len(done) >= 2 else {"g": 0.2, "h": 0.8}
+
+    for seed in range(40):  # a seed whose root draws g first (sample order alone would keep it)
+        drawn: list = []
+        r = search(StepLM(tok, V, mostly_h), beam_width=1, expand=3, seed=seed, on_samples=drawn.append)
+        first = [c.text[0] for c in drawn[0]]
+        if first[0] == "g" and "h" in first:
+            break
+    else:
+        pytest.skip("no seed drew g before h")
+    assert r.search["step_scores"][0] == 1.0 and r.search["steps"][0].startswith("h")
+
+
+@pytest.mark.parametrize("likelier", [0, 1])
+def test_best_of_n_ties_go_to_the_likelier_sample(likelier):
+    """The verifier gives 1.0 to every sample with right arithmetic: a tie goes to the sample the
+    model finds likelier (mean log-prob), not to the one drawn first (as in step-beam's rank)."""
+    from mlxpt.decode.batch import Completion
+    from mlxpt.decode.strategies import DecodeContext, best_of_n
+
+    texts = ["1 + 1 = 2\nAnswer: 2", "1 + 2 = 3\nAnswer: 3"]
+    pool = [Completion([1, 2], t, "stop", [-0.2 if i == likelier else -2.0] * 2) for i, t in enumerate(texts)]
+    cfg = DecodeConfig("best-of-n", 2, 8, SamplingConfig(temperature=1.0, seed=0), "verifier")
+    r = best_of_n(None, None, [0], cfg, DecodeContext(prompt="q", pool=pool))
+    assert r.scores == [1.0, 1.0] and r.answer == ["2", "3"][likelier]

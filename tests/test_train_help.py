@@ -54,7 +54,7 @@ def test_every_setting_of_the_method_and_nothing_else(capsys, method):
     want = {"--" + n.replace("_", "-") for n in all_fields(cfg)}
     # a yes/no setting also has its --no- form (packing is on by default)
     want |= {"--no-" + n.replace("_", "-") for n, (_, f) in all_fields(cfg).items() if str(f.type).startswith("bool")}
-    got = flags(help_of(capsys, method)) - {"--help", "--config", "--resume", "--events", "--from"}
+    got = flags(help_of(capsys, method)) - {"--help", "--config", "--resume", "--events", "--from", "--ranks"}
     assert got == want
     assert config_class(method) is type(cfg)
 

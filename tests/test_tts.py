@@ -160,7 +160,10 @@ def test_every_strategy_runs_from_one_decode_config(scripted_lm, tok, name):
     assert isinstance(r, StrategyResult) and r.strategy == name
     assert r.text in r.samples and set(r.samples) <= {t for t, _ in SCRIPT}
     want = r.auto["n"] if name == "auto" else (1 if name == "greedy" else 3)
-    assert r.n_used == want and r.generated_tokens > 0
+    if name in ("step-beam", "tree"):  # a partial solution sampled twice is one candidate (step_search.distinct)
+        assert 1 <= r.n_used <= want and r.generated_tokens > 0
+    else:
+        assert r.n_used == want and r.generated_tokens > 0
     assert r.answer == extract(r.text)
     direct = STRATEGIES[name](lm, tok, ids, cfg, DecodeContext(prompt="Q: how many?"))
     assert direct.samples == r.samples and direct.text == r.text  # run_strategy only dispatches

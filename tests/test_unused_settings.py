@@ -13,7 +13,7 @@ from mlxpt.config import ASSETS, DPOConfig, GRPOConfig, build_config
 from mlxpt.data.check import data_kind
 
 
-@pytest.mark.parametrize("method", ["dpo", "simpo", "rm", "grpo", "prm", "rft"])
+@pytest.mark.parametrize("method", ["dpo", "simpo", "rm", "grpo", "prm", "rft", "distill"])
 def test_packing_is_refused_and_hidden_where_rows_are_not_packed(capsys, method):
     assert main(["train", method, "--packing"]) == 1
     err = capsys.readouterr().err.strip().splitlines()

@@ -20,6 +20,7 @@ from mlxpt.models.memory import Shape
 DEBOUNCE_S = 0.4
 DATA_KEYS = ("data", "valid", "model", "mask", "trust_remote_code")
 MEMORY_KEYS = ("model", "quantize", "fine_tune_type", "rank", "num_layers", "targets", "batch_size", "max_seq_len")
+MEMORY_KEYS += ("prefix_length", "prefix_projection", "adapter_size")
 
 
 def example_text(segments: list[tuple[str, bool]], limit: int = 1200) -> Text:

@@ -17,6 +17,7 @@ from typing import Protocol
 import numpy as np
 
 from mlxpt.errors import ConfigError
+from mlxpt.models.peft import SUFFIXES as PEFT_SUFFIXES
 
 Batch = tuple[np.ndarray, ...]  # (inputs, targets, *objective arrays), e.g. (inputs, targets, mask)
 
@@ -88,6 +89,7 @@ def no_base_error(
 
 
 ADAPTER_SUFFIXES = (".lora_a", ".lora_b", ".m")  # LoRA/DoRA weights in mlx-lm's names
+ADAPTER_SUFFIXES += PEFT_SUFFIXES  # prefix tuning, bottleneck adapters (models/peft.py)
 
 
 def check_adapter_fits(arrays: dict[str, np.ndarray], shapes: dict[str, tuple]) -> None:

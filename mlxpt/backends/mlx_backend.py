@@ -90,6 +90,20 @@ def trained_token_logp(model, found, inputs, targets, index, segments=None):
     return -nn.losses.cross_entropy(logits, targets.reshape(-1)[index], reduction="none")[None]
 
 
+def position_logprobs(model, found, inputs, index, ids):
+    """(N, K) float32 log-softmax over the vocabulary at the flat positions `index` of (B, L),
+    gathered at `ids` (N, K) where it has any (a teacher's top-k), else all V (distillation).
+    With `found` (vocab_head), the head runs at those positions only."""
+    if found is not None:
+        hidden = found[0](inputs)
+        logits = found[1](hidden.reshape(-1, hidden.shape[-1])[index]).astype(mx.float32)
+    else:
+        logits = model(inputs).astype(mx.float32)
+        logits = logits.reshape(-1, logits.shape[-1])[index]
+    logp = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+    return mx.take_along_axis(logp, ids, axis=-1) if ids.size else logp
+
+
 def base_logits(model, initial, inputs):
     """(B, L, V) float32 logits with the trainable arrays `initial` (a tree) swapped in for one
     pass, in eval mode, no gradient. Works inside `value_and_grad` and `mx.compile`: the traced
@@ -160,6 +174,8 @@ class MLXBackend:
         found = vocab_head(model)
         self._head = found if found is not None and head_matches(model, found) else None
         self._compile = compile
+        # (model, grads, loss, weight, metrics) -> the same summed over data-parallel ranks, or None
+        self.sum_across = None
         self._build(compile)
 
     def set_objective(self, objective) -> None:
@@ -181,6 +197,8 @@ class MLXBackend:
             return head_rewards(model, batch[0], batch[1]), batch[2:]
         if self.output == "grouped":
             return grouped_token_logp(model, *batch[:3]), batch[3:]
+        if self.output == "distill":  # (inputs, targets, index, weight, ids, teacher): train/distill.py
+            return position_logprobs(model, self._head, batch[0], batch[2], batch[4]), (batch[3], batch[5])
         if self.output == "logp_kl":
             base = base_logits(model, self._initial_tree, batch[0])
             logits = model(batch[0]).astype(mx.float32)
@@ -283,6 +301,10 @@ class MLXBackend:
             self._aux = {k: self._aux[k] + v for k, v in aux.items()}
 
     def reduce(self) -> tuple[float, float, float, dict]:
+        if self.sum_across is not None:  # data-parallel: every rank's window (train/distributed.py)
+            self._grads, self._loss, self._ntok, self._aux = self.sum_across(
+                self.model, self._grads, self._loss, self._ntok, self._aux
+            )
         ntok = mx.maximum(self._ntok, 1)
         sq = sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(self._grads))
         norm = mx.sqrt(sq) / ntok
@@ -358,7 +380,7 @@ class MLXBackend:
             current = tree_flatten(self.model.trainable_parameters())
             self.model.load_weights(self._reference, strict=False)
         try:
-            if self.output == "packed" and len(arrays) == 2:  # whole rows (the forgetting monitor, eval)
+            if self.output in ("packed", "distill") and len(arrays) == 2:  # whole rows (forgetting monitor, eval)
                 out = token_logp(self.model, *(mx.array(a) for a in arrays))
             else:
                 out = self.outputs(self.model, [mx.array(a) for a in arrays])[0]
@@ -366,6 +388,21 @@ class MLXBackend:
         finally:
             if reference:
                 self.model.load_weights(current, strict=False)
+        return np.array(out)
+
+    def logprobs_with(self, arrays: list, inputs, index) -> np.ndarray:
+        """(N, V) float32 log-probs at the flat positions `index` of `inputs`, eval mode, no
+        gradient, with the trainable arrays `arrays` [(name, mx array)] swapped in for this pass
+        (a teacher that is this base + another adapter: no second copy of the weights)."""
+        self.model.eval()
+        current = tree_flatten(self.model.trainable_parameters())
+        self.model.load_weights(arrays, strict=False)
+        try:
+            ids = mx.zeros((0,), mx.int32)
+            out = position_logprobs(self.model, self._head, mx.array(inputs), mx.array(index), ids)
+            mx.eval(out)
+        finally:
+            self.model.load_weights(current, strict=False)
         return np.array(out)
 
     def kl_to_reference(self, inputs) -> np.ndarray:

@@ -126,14 +126,18 @@ class NumpyBackend:
     def accumulate(self, batch) -> None:
         inputs, targets, *rest = batch
         segments = rest.pop(0) if self.output == "packed" else None
+        rest, at = _distill_split(self.output, rest)
         if self._rng_at_start is None:  # window start: remember the RNG so an abandoned window can rewind
             self.begin_window()
         keep: dict = {}
-        out = self._outputs(inputs, targets, keep=keep, drop_rng=self.rng if self._dropout else None, segments=segments)
+        drop = self.rng if self._dropout else None
+        out = self._outputs(inputs, targets, keep=keep, drop_rng=drop, segments=segments, at=at)
         loss, weight, aux = self.objective(out, *rest)
         grad = self.grad_fn(out, *rest)
         if self.output == "logp_kl":
             grads = self.model.backward(keep, *(np.asarray(g, out[0].dtype) for g in grad))
+        elif self.output == "distill":
+            grads = distill_backward(self.model, keep, np.asarray(grad, out.dtype))
         else:
             grads = self.model.backward(keep, np.asarray(grad, out.dtype))
         self._note_memory()
@@ -144,9 +148,12 @@ class NumpyBackend:
             self._loss, self._weight = self._loss + loss, self._weight + weight
             self._aux = {k: self._aux[k] + v for k, v in aux.items()}
 
-    def _outputs(self, inputs, targets, keep=None, drop_rng=None, segments=None):
+    def _outputs(self, inputs, targets, keep=None, drop_rng=None, segments=None, at=None):
         """What the objective gets: log-probs (B, L), or with output="logp_kl" (logp, kl);
-        output="packed": log-probs with attention confined to each row of a bin (`segments`)."""
+        output="packed": log-probs with attention confined to each row of a bin (`segments`);
+        output="distill": log-probs over the vocabulary at the positions `at` = (index, ids)."""
+        if self.output == "distill":
+            return distill_logp(self.model, inputs, *at, keep=keep, drop_rng=drop_rng)
         if self.output == "logp_kl":
             return self.model.token_logp_kl(inputs, targets, self._initial, keep=keep, drop_rng=drop_rng)
         return self.model.token_logp(inputs, targets, keep=keep, drop_rng=drop_rng, segments=segments)
@@ -184,7 +191,8 @@ class NumpyBackend:
     def evaluate(self, batch) -> tuple[float, float, dict]:
         inputs, targets, *rest = batch
         segments = rest.pop(0) if self.output == "packed" else None
-        loss, weight, aux = self.objective(self._outputs(inputs, targets, segments=segments), *rest)
+        rest, at = _distill_split(self.output, rest)
+        loss, weight, aux = self.objective(self._outputs(inputs, targets, segments=segments, at=at), *rest)
         return float(loss), float(weight), {k: float(v) for k, v in aux.items()}
 
     def get_state(self) -> dict[str, dict[str, np.ndarray]]:
@@ -252,6 +260,15 @@ class NumpyBackend:
         finally:
             self.model.params = tuned
 
+    def logprobs_with(self, arrays: dict, inputs, index) -> np.ndarray:
+        """(N, V) log-probs at the flat positions `index` of `inputs`, no gradient, with the
+        trainable arrays `arrays` swapped in (a teacher that is this base + another adapter)."""
+        own, self.model.params = self.model.params, {**self.model.params, **arrays}
+        try:
+            return distill_logp(self.model, np.asarray(inputs), np.asarray(index), np.zeros((0,), np.int32))
+        finally:
+            self.model.params = own
+
     def kl_to_reference(self, inputs) -> np.ndarray:
         """(B, L) float32 KL(p_tuned || p_base) after each prefix of `inputs`, no gradient."""
         if self._initial is None:
@@ -310,6 +327,40 @@ def peak_rss() -> int:
         return 0
 
 
+def _distill_split(output: str, rest: list) -> tuple[list, tuple | None]:
+    """A distill batch's rest (index, weight, ids, teacher) -> (objective args, (index, ids))."""
+    if output != "distill":
+        return rest, None
+    index, weight, ids, teacher = rest
+    return [weight, teacher], (np.asarray(index), np.asarray(ids))
+
+
+def distill_logp(model: Model, inputs, index, ids, keep=None, drop_rng=None) -> np.ndarray:
+    """(N, K) log-softmax over the vocabulary at the flat positions `index`, gathered at `ids`
+    (N, K) where it has any (a teacher's top-k), else all V; `keep` records for distill_backward."""
+    hn = model.hidden(np.asarray(inputs), keep=keep, drop_rng=drop_rng)
+    z = hn[index] @ model._head_weight().T
+    m = z.max(-1, keepdims=True)
+    logp = z - m - np.log(np.exp(z - m).sum(-1, keepdims=True))
+    if keep is not None:
+        keep.update(index=index, ids=ids, vocab=z.shape[-1])
+    return np.take_along_axis(logp, ids, -1) if ids.size else logp
+
+
+def distill_backward(model: Model, keep: dict, dz: np.ndarray) -> dict[str, np.ndarray]:
+    """Gradients of sum(dz * logits at the recorded positions) (the divergences' closed forms are
+    d/d(logits): each row of dz sums to 0) for every trainable parameter, through the head at
+    those positions and then Model.backward_hidden."""
+    index, ids, hn = keep["index"], keep["ids"], keep["hn"]
+    if ids.size:  # the top-k columns back into the vocabulary
+        full = np.zeros((len(index), keep["vocab"]), dz.dtype)
+        np.put_along_axis(full, ids, dz, -1)
+        dz = full
+    dhn = np.zeros_like(hn)
+    np.add.at(dhn, index, dz @ model._head_weight())  # padded positions repeat index 0 with dz 0
+    return model.backward_hidden(keep, dhn)
+
+
 def grad_of(objective):
     """The closed-form dL/dlogp of an objective (the GRADS registry; functools.partial is followed)."""
     from mlxpt import objectives
@@ -349,6 +400,8 @@ def resolve_keys(targets: str) -> list[str] | None:
 def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective, output: str = "logp") -> NumpyBackend:
     """Load the folder's safetensors as float32, add adapters as the MLX path does, make the optimiser."""
     from mlxpt.models.loader import check_folder, resolve
+    from mlxpt.models.peft import PARAMS as PEFT_PARAMS
+    from mlxpt.models.peft import parameters_of
 
     if str(model_cfg.quantize) in ("4", "8"):
         raise ConfigError(
@@ -366,9 +419,12 @@ def create_numpy_backend(model_cfg, adapter_cfg, train_cfg, objective, output: s
     kind = adapter_cfg.fine_tune_type
     keys = None if kind == "full" else resolve_keys(adapter_cfg.targets)
     scale = adapter_cfg.alpha / adapter_cfg.rank
-    model.add_adapters(kind, num, adapter_cfg.rank, scale, adapter_cfg.dropout, keys, seed=train_cfg.seed)
+    peft = parameters_of(adapter_cfg) if kind in PEFT_PARAMS else None  # prefix / bottleneck adapters
+    model.add_adapters(kind, num, adapter_cfg.rank, scale, adapter_cfg.dropout, keys, seed=train_cfg.seed, peft=peft)
     config = {"fine_tune_type": kind, "num_layers": num}
-    if kind != "full":
+    if peft is not None:
+        config[PEFT_PARAMS[kind]] = peft
+    elif kind != "full":
         config["lora_parameters"] = {
             "rank": adapter_cfg.rank,
             "scale": scale,

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mlxpt.backends import numpy_peft
 from mlxpt.backends.numpy_ops import MLXKeys, make_sampler, rms_bwd, rms_fwd, rope, softmax
 from mlxpt.backends.numpy_weights import ModelArgs, load_weights, read_safetensors, rope_inv_freq
 
@@ -66,14 +67,17 @@ class Model:
 
     # -- adapters --
     def add_adapters(self, kind: str, num_layers: int, rank: int, scale: float, dropout: float,
-                     keys: list[str] | None, seed: int) -> None:  # fmt: skip
+                     keys: list[str] | None, seed: int, peft: dict | None = None) -> None:  # fmt: skip
         """Add LoRA/DoRA to `keys` (None: every linear) of the last `num_layers` layers, or make
-        those layers' weights trainable (`full`). LoRA A is drawn exactly as mlx-lm draws it after
+        those layers' weights trainable (`full`), or add `prefix`/`adapter` with the parameters
+        `peft` (numpy_peft.py). LoRA A is drawn exactly as mlx-lm draws it after
         `mx.random.seed(seed)` (see `MLXKeys`), so the same seed gives the same adapter."""
         n = self.args.num_hidden_layers
         first = n - num_layers
         self.first_trainable = min(self.first_trainable, first)
         keyseq = MLXKeys(seed)
+        if kind in ("prefix", "adapter"):
+            return numpy_peft.add(self, kind, first, peft or {}, keyseq)
         for i in range(first, n):
             p = f"model.layers.{i}."
             if kind == "full":
@@ -126,12 +130,18 @@ class Model:
                 b = None
         if b is not None:
             y = y + b
+        bn = None
+        if path + "#adapter" in self.adapters:  # a bottleneck adapter on this linear's output
+            y, bn = numpy_peft.bottleneck_fwd(self.params, path, y)
         if st is not None:
             st[path] = (x, keep, xa, pre, c)
+            st[path + "#adapter"] = bn
         return y
 
     def _lin_bwd(self, path, g, st, grads, need_dx=True):
         x, keep, xa, pre, c = st[path]
+        if st.get(path + "#adapter") is not None:
+            g = numpy_peft.bottleneck_bwd(self.params, path, g, st[path + "#adapter"], grads)
         W = self._get(path + ".weight")
         ad = self.adapters.get(path)
         if path + ".bias" in self.params:
@@ -195,6 +205,9 @@ class Model:
             ck, cv, off = cache
             ck[:, :, off : off + L], cv[:, :, off : off + L] = k, v
             k, v = ck[:, :, : off + L], cv[:, :, : off + L]
+        prefix = self.adapters.get(p + "self_attn#prefix")
+        if prefix is not None:  # P trained positions in front of the real keys (numpy_peft.py)
+            k, v, mask = numpy_peft.prefix_attend(self, prefix, k, v, mask)
         scale = self.dtype.type(hd**-0.5)
         qg = q.reshape(B, KV, G * L, hd)  # the G query heads of a KV head share its keys
         P = softmax((qg * scale) @ k.swapaxes(-1, -2) + mask)  # (B, KV, G*L, S)
@@ -237,6 +250,9 @@ class Model:
         ds = P * (dP - (dP * P).sum(-1, keepdims=True))
         dq = (ds @ k) * scale  # (B, KV, G*L, hd)
         dk = ds.swapaxes(-1, -2) @ (qg * scale)  # (B, KV, S, hd)
+        prefix = self.adapters.get(p + "self_attn#prefix")
+        if prefix is not None:
+            dk, dv = numpy_peft.prefix_bwd(self, prefix, dk, dv, grads)
         cos, sin = rope_cs
         dq = rope(dq.reshape(B, H, L, hd), cos, sin, inverse=True).transpose(0, 2, 1, 3)  # (B, L, H, hd)
         dk = rope(dk, cos, sin, inverse=True).transpose(0, 2, 1, 3)
@@ -333,7 +349,6 @@ class Model:
     def backward(self, keep: dict, glogp: np.ndarray, gkl=None, chunk: int = 512) -> dict[str, np.ndarray]:
         """Gradients of sum(glogp * logp) (+ sum(gkl * kl) after `token_logp_kl`) for every
         trainable parameter, from the forward's record."""
-        B, L = keep["shape"]
         W, t, lse, hn = self._head_weight(), keep["targets"], keep["lse"], keep["hn"]
         g = glogp.reshape(-1).astype(self.dtype)
         gk = None if gkl is None else gkl.reshape(-1).astype(self.dtype)
@@ -348,6 +363,12 @@ class Model:
                 dz += p * (lp - lq - keep["kl"][s : s + chunk, None]) * gk[s : s + chunk, None]
             dz[np.arange(len(z)), t[s : s + chunk]] += g[s : s + chunk]
             dhn[s : s + chunk] = dz @ W
+        return self.backward_hidden(keep, dhn)
+
+    def backward_hidden(self, keep: dict, dhn: np.ndarray) -> dict[str, np.ndarray]:
+        """Gradients of every trainable parameter from d(loss)/d(final normed hidden states) (B*L, d),
+        from the forward's record: the part of `backward` below the vocabulary head."""
+        B, L = keep["shape"]
         dx, _ = rms_bwd(dhn, self.w["model.norm.weight"], keep["final"])
         grads: dict[str, np.ndarray] = {}
         cs, mask = self._rope_tables(0, L), self._mask(L, L, 0, keep["pad"], keep.get("segments"))

@@ -35,7 +35,7 @@ def register(sub) -> None:
     _add_common(p)
     # Every method's settings parse (help hidden), so a setting of another method reaches
     # build_config, whose one-line E504 names the method it belongs to.
-    classes = (SFTConfig, DPOConfig, RMConfig, GRPOConfig, PRMConfig, RFTConfig)
+    classes = (SFTConfig, DPOConfig, RMConfig, GRPOConfig, PRMConfig, RFTConfig, config.config_class("distill"))
     for name, (_, f) in {k: v for cls in classes for k, v in all_fields(cls()).items()}.items():
         _add_setting(p, name, f, argparse.SUPPRESS)
     p.set_defaults(func=run)
@@ -58,6 +58,9 @@ def _add_common(p) -> None:
     p.add_argument("--resume", metavar="RUN", help="continue a run folder from its newest complete checkpoint")
     p.add_argument(
         "--events", choices=["text", "json"], default="text", help="progress as text lines or one JSON object per line"
+    )
+    p.add_argument(
+        "--ranks", type=int, metavar="N", help="data-parallel on N local processes (mlx.launch -n N --backend ring)"
     )
 
 
@@ -131,6 +134,7 @@ DESCRIPTIONS = {
     "grpo": "GRPO: reinforcement learning on prompts with verifiable rewards",
     "rft": "RFT: rounds of sampling, keeping the verified completions and fine-tuning on them",
     "prm": "a process reward model (a score per step) trained on stepwise-labelled solutions",
+    "distill": "distillation from a teacher (a model or a run): its token distributions (GKD) or its answers",
 }
 
 
@@ -251,17 +255,62 @@ def eval_summary(e: dict) -> str:
 def run(args) -> int:
     from mlxpt.runs.signals import exit_on_signal_after_stop
 
+    if getattr(args, "ranks", None) is not None:
+        return _launch(args.ranks)
     with exit_on_signal_after_stop():  # the process ends when a stopped run returns: a second signal exits 130
-        return _run(args)
+        code = _run(args)
+    from mlxpt.train import distributed
+
+    return distributed.leave(code)  # a rank of several exits at once, before mlx.launch stops it
+
+
+def _launch(ranks: int) -> int:
+    """`--ranks N`: this command line, less --ranks, on N ranks through mlx.launch
+    (docs/distributed.md). mlx.launch exits 0 whatever its ranks did, so the exit status is read
+    from its per-rank report lines: rank 0's when it failed, else the first failed rank's."""
+    import re
+    import signal
+    import subprocess
+
+    from mlxpt.train.distributed import launch_command
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip or a.startswith("--ranks="):
+            skip = False
+            continue
+        skip = a == "--ranks"
+        if not skip:
+            argv.append(a)
+    cmd = launch_command(ranks, argv)
+    sys.stdout.flush()
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
+    # Ctrl-C reaches the launcher from the terminal; a SIGTERM to this process is passed on to it
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    codes: dict[int, int] = {}
+    try:
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            if m := re.search(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)", line):
+                codes[int(m.group(1))] = int(m.group(2)) if m.group(2) else 1
+        status = proc.wait()
+    finally:
+        signal.signal(signal.SIGINT, old[0])
+        signal.signal(signal.SIGTERM, old[1])
+    failed = [codes[r] for r in sorted(codes) if codes[r] != 0]
+    return codes.get(0) or (failed[0] if failed else status)
 
 
 def _run(args) -> int:
     method, cfg = config_from_args(args)
+    from mlxpt.train import distributed
     from mlxpt.train.methods import run_method
     from mlxpt.train.runner import resume_command
 
     emit = _printer(args.events, cfg.train.steps)
     run_dir, outcome = run_method(method, cfg, resume_dir=args.resume, emit=emit)
+    if not distributed.is_main():  # rank 0 prints for every rank
+        return EXIT_INTERRUPTED if outcome == "interrupted" else 0
     if outcome == "interrupted":
         from mlxpt.runs import latest_checkpoint
 

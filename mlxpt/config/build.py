@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from mlxpt.config.distill import DistillConfig
 from mlxpt.config.mlx_lm_keys import from_mlx_lm
 from mlxpt.config.prm import PRMConfig
 from mlxpt.config.rft import RFTConfig
@@ -22,19 +23,26 @@ from mlxpt.config.sections import (
 )
 from mlxpt.errors import ConfigError
 
-METHODS = ("sft", *PREF_METHODS, "rm", "grpo", "prm", "rft")
+METHODS = ("sft", *PREF_METHODS, "rm", "grpo", "prm", "rft", "distill")
 # every method's section names
-SECTIONS = ("model", "data", "adapter", "train", "reg", "pref", "rm", "grpo", "prm", "rft")
+SECTIONS = ("model", "data", "adapter", "train", "reg", "pref", "rm", "grpo", "prm", "rft", "distill")
 # what a run's config.json records besides its settings (dropped when it is given to --config)
 RUN_RECORD = ("method", "mlxpt_version", "model_path", "data_report", "adapter_config", "lineage")
 RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps", "forgetting_warn"}
 
-AnyConfig = SFTConfig | DPOConfig | RMConfig | GRPOConfig | PRMConfig | RFTConfig
+AnyConfig = SFTConfig | DPOConfig | RMConfig | GRPOConfig | PRMConfig | RFTConfig | DistillConfig
 
 
 def config_class(method: str) -> type[AnyConfig]:
     """The config dataclass of a method: simpo and orpo (and dpo) are DPOConfig with a preset."""
-    classes = {"sft": SFTConfig, "rm": RMConfig, "grpo": GRPOConfig, "prm": PRMConfig, "rft": RFTConfig}
+    classes = {
+        "sft": SFTConfig,
+        "rm": RMConfig,
+        "grpo": GRPOConfig,
+        "prm": PRMConfig,
+        "rft": RFTConfig,
+        "distill": DistillConfig,
+    }
     return classes.get(method, DPOConfig)
 
 

@@ -60,13 +60,18 @@ class DataConfig:
 @dataclass
 class AdapterConfig:
     fine_tune_type: str = opt(
-        "lora", "what trains: LoRA, DoRA, or full weights of the last layers", ("lora", "dora", "full")
+        "lora",
+        "what trains: LoRA, DoRA, full weights of the last layers, a prefix (prefix tuning) or bottleneck adapters",
+        ("lora", "dora", "full", "prefix", "adapter"),
     )
     rank: int = opt(8, "LoRA/DoRA rank")
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank")
     dropout: float = opt(0.0, "dropout on the adapter input")
     num_layers: int = opt(16, "adapt the last N transformer layers (-1: all)")
     targets: str = opt("all", "comma-separated module names to adapt (e.g. q_proj,v_proj), or all linear layers")
+    prefix_length: int = opt(16, "prefix: trained key/value positions per layer")
+    prefix_projection: int = opt(0, "prefix: hidden size of the reparameterisation MLP (0: train the prefix directly)")
+    adapter_size: int = opt(16, "adapter: bottleneck width")
     from_run: str | None = opt(None, "start from this run's (or mlx-lm adapter folder's) adapter weights")
 
 
@@ -235,6 +240,9 @@ def validate(cfg, source: str = "config") -> None:
         "batch_size": (lambda v: v >= 1, ">= 1"),
         "max_seq_len": (lambda v: v >= 8, ">= 8"),
         "rank": (lambda v: v >= 1, ">= 1"),
+        "prefix_length": (lambda v: v >= 1, ">= 1"),
+        "prefix_projection": (lambda v: v >= 0, ">= 0 (0: off)"),
+        "adapter_size": (lambda v: v >= 1, ">= 1"),
         "alpha": (lambda v: v > 0, "> 0 (0 gives an adapter that can never change the model)"),
         "num_layers": (lambda v: v >= 1 or v == -1, ">= 1, or -1 for all"),
         "steps": (lambda v: v >= 1, ">= 1"),

@@ -392,7 +392,7 @@ def _run_row(model, tokenizer, ids, row, fields, cfg, cells, sampling, scorer, r
             record["_answer"] = answers[0]
             yield (s, n), (ok(answers[0]), *cost(1), 1, True)
         elif s == "best-of-n":
-            best = max(range(n), key=lambda j: (scores[j], -j))
+            best = max(range(n), key=lambda j: (scores[j], pool[j].mean_logprob, -j))  # as best_of_n
             record["_answer"] = answers[best]
             yield (s, n), (ok(answers[best]), *cost(n, True), n, True)
         elif s == "self-consistency":

@@ -20,6 +20,11 @@ re-prefills its parent's tokens (`prefilled_tokens` counts it). Deliberate simpl
 step runs through the model twice (decoded, then prefilled into its own cache); slicing per-row
 caches out of the decode batch, whose rows are dropped as they finish, would save that prefill.
 
+Ranking. Nodes are ranked by value, equal values by the mean log-prob of their path (the
+verifier scores every step with right arithmetic 1.0, and sample order is no reason to prefer
+one); a step sampled twice from one parent is one candidate, not two (`distinct`), so copies of
+one partial solution never fill several beam slots.
+
 Step scores lie in [0, 1] for the built-in scorers, so one --prune-threshold reads the same way:
 - `prm:RUN` (or any object with `score_many(prompt, steps_lists)`): the PRM's score per step prefix;
 - `verifier`: the share of right `a op b = c` steps in the step (1 with none); a finished
@@ -75,6 +80,27 @@ def aggregate(scores: Sequence[float], how: str) -> float:
     if how == "last":
         return scores[-1]
     return math.prod(scores)
+
+
+def rank(node: Node) -> tuple[float, float]:
+    """A node's sort key, best highest: its value, then on equal values (the verifier's 1.0 for
+    every step with right arithmetic) the mean log-prob of its path, so a tie goes to the partial
+    solution the model finds likelier rather than to the one sampled first."""
+    lps = [x for n in node.path() for x in n.logprobs]
+    return node.value, (sum(lps) / len(lps) if lps else 0.0)
+
+
+def distinct(nodes: list[Node]) -> list[Node]:
+    """`nodes` without repeats: a node whose step repeats a kept sibling's tokens (the same partial
+    solution, sampled twice) is dropped, so identical copies never fill several beam slots."""
+    seen: set = set()
+    out = []
+    for n in nodes:
+        key = (id(n.parent), tuple(n.tokens))
+        if key not in seen:
+            seen.add(key)
+            out.append(n)
+    return out
 
 
 def _final_methods(how: str) -> tuple[str, ...]:
@@ -278,7 +304,7 @@ class Search:
         pool = solutions or [n for n in self.seen if n.depth == max((m.depth for m in self.seen), default=0)]
         if not pool:
             pool = [self.root]
-        best = max(range(len(pool)), key=lambda i: (pool[i].value, -i))
+        best = max(range(len(pool)), key=lambda i: (*rank(pool[i]), -i))
         texts = [self.tok.decode(n.path_tokens()) for n in pool]
         answers = [extract(t, self.cfg.extract) for t in texts]
         if self.stopped_by is None:
@@ -316,7 +342,7 @@ def step_beam(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx) -> dict:
         children = S.expand(beams, W * M if beams[0] is S.root else M, first if beams[0] is S.root else None)
         parents, beams = beams, []
         for g, room in slots.items():
-            group = sorted(S.keep([c for c in children if c.subtree == g]), key=lambda n: -n.value)[:room]
+            group = distinct(sorted(S.keep([c for c in children if c.subtree == g]), key=rank, reverse=True))[:room]
             solutions += [n for n in group if n.finished]
             slots[g] = room - sum(1 for n in group if n.finished)
             beams += [n for n in group if not n.finished]

@@ -149,14 +149,16 @@ def sample(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContex
 
 
 def best_of_n(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx: DecodeContext) -> StrategyResult:
-    """n samples in one batch, the best by cfg.scorer is the answer (ties: the earliest sample)."""
+    """n samples in one batch, the best by cfg.scorer is the answer. Equal scores (the verifier's
+    1.0 for every sample with right arithmetic) go to the sample the model finds likelier (mean
+    log-prob), then to the earliest: a tie never goes to sampling order alone."""
     t0 = time.perf_counter()
     draw = drawer(model, tokenizer, prompt_tokens, cfg, ctx)
     score = scorer_for(cfg, model, tokenizer)
     completions = draw(cfg.n)
     texts, answers, ntok, reasons = _read(completions, cfg.extract)
     scores = score(ctx.prompt, completions, ctx.row)
-    best = max(range(len(texts)), key=lambda i: (scores[i], -i))
+    best = max(range(len(texts)), key=lambda i: (scores[i], completions[i].mean_logprob, -i))
     return _result(cfg.strategy, texts, best, answers, ntok, t0, scores=scores, finish_reasons=reasons)
 
 

@@ -17,7 +17,7 @@ Simplification: values come from the scorers only (no separate "vote on states" 
 from __future__ import annotations
 
 from mlxpt.decode.options import DecodeConfig
-from mlxpt.decode.step_search import Search
+from mlxpt.decode.step_search import Search, distinct, rank
 
 
 def tree_search(model, tokenizer, prompt_tokens, cfg: DecodeConfig, ctx) -> dict:
@@ -33,7 +33,7 @@ def _bfs(S: Search) -> list:
         S.stopped_by = S.limit()
         if S.stopped_by:
             break
-        kept = sorted(S.keep(S.expand(frontier, S.s.expand)), key=lambda n: -n.value)[: S.width]
+        kept = distinct(sorted(S.keep(S.expand(frontier, S.s.expand)), key=rank, reverse=True))[: S.width]
         solutions += [n for n in kept if n.finished]
         parents, frontier = frontier, [n for n in kept if not n.finished]
         for n in frontier:
@@ -55,7 +55,7 @@ def _dfs(S: Search) -> list:
             node.parent.pending -= 1
             if node.parent.pending == 0:
                 node.parent.state = None  # every child of it has its own cache now
-        children = sorted(S.keep(S.expand([node], S.s.expand)), key=lambda n: n.value)  # best last
+        children = sorted(S.keep(S.expand([node], S.s.expand)), key=rank)  # best last
         done = [n for n in children if n.finished]
         if done:
             solutions.append(done[-1])

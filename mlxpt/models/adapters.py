@@ -9,6 +9,9 @@ from pathlib import Path
 
 from mlxpt.config import AdapterConfig
 from mlxpt.errors import ConfigError, ModelError, SecurityError
+from mlxpt.models.peft import PARAMS as PEFT_PARAMS
+from mlxpt.models.peft import TYPES as PEFT_TYPES
+from mlxpt.models.peft import add_peft, check_config, load_peft, parameters_of
 
 ADAPTER_FILE = "adapters.safetensors"
 CONFIG_FILE = "adapter_config.json"
@@ -47,6 +50,13 @@ def apply_adapters(model, cfg: AdapterConfig, seed: int = 0) -> dict:
         for layer in model.layers[n_layers - num :]:
             layer.unfreeze()
         params = None
+    elif cfg.fine_tune_type in PEFT_TYPES:  # prefix / bottleneck adapters: models/peft.py
+        kind = cfg.fine_tune_type
+        return {
+            "fine_tune_type": kind,
+            "num_layers": num,
+            PEFT_PARAMS[kind]: add_peft(model, kind, num, parameters_of(cfg)),
+        }
     else:
         params = {
             "rank": cfg.rank,
@@ -114,8 +124,10 @@ def read_adapter_config(folder: Path) -> dict:
         cfg = json.loads(_config_file(folder).read_text())
         if not isinstance(cfg, dict):
             raise ValueError("not a JSON object")
-        if cfg.get("fine_tune_type", "lora") not in ("lora", "dora", "full") or "num_layers" not in cfg:
+        if cfg.get("fine_tune_type", "lora") not in ("lora", "dora", "full", *PEFT_TYPES) or "num_layers" not in cfg:
             raise ValueError("missing fine_tune_type/num_layers")
+        if cfg.get("fine_tune_type") in PEFT_TYPES:
+            check_config(cfg)
     except (ValueError, OSError, UnicodeDecodeError) as e:
         raise ModelError(
             "E222", f"invalid {CONFIG_FILE}: {e}", str(_config_file(folder)), "re-save the adapter"
@@ -131,7 +143,9 @@ def load_adapter(model, path: str | Path) -> dict:
     cfg = read_adapter_config(folder)
     _check_checkpoint(folder)
     try:
-        if (folder / CONFIG_FILE).is_file():
+        if cfg.get("fine_tune_type") in PEFT_TYPES:
+            load_peft(model, cfg, folder / ADAPTER_FILE)
+        elif (folder / CONFIG_FILE).is_file():
             load_adapters(model, str(folder))
         else:  # a checkpoint: the run's config, the checkpoint's weights (what load_adapters does)
             if cfg.get("fine_tune_type", "lora") != "full":

@@ -95,7 +95,8 @@ def _lineage(folder: Path, adapter_config: dict, data: bytes) -> dict:
     """What the new run records of its source (config.json's `lineage`)."""
     run = folder.parent.parent if folder.parent.name == "checkpoints" else folder
     out: dict = {"path": str(folder), "sha256": hashlib.sha256(data).hexdigest()}
-    out["adapter"] = {k: adapter_config.get(k) for k in ("fine_tune_type", "num_layers", "lora_parameters")}
+    shape = ("fine_tune_type", "num_layers", "lora_parameters", "prefix_parameters", "adapter_parameters")
+    out["adapter"] = {k: adapter_config.get(k) for k in shape if k in adapter_config or k in shape[:3]}
     if is_run_dir(run):
         try:
             config = read_config(run)
@@ -139,6 +140,11 @@ def source_settings(adapter_config: dict) -> dict:
     }
     keys = lora.get("keys")
     out["targets"] = "all" if not keys else ",".join(sorted(keys))
+    prefix, bottleneck = adapter_config.get("prefix_parameters"), adapter_config.get("adapter_parameters")
+    if isinstance(prefix, dict):  # prefix tuning: its length and projection are its shape (models/peft.py)
+        out |= {"prefix_length": int(prefix["length"]), "prefix_projection": int(prefix.get("projection", 0))}
+    if isinstance(bottleneck, dict):
+        out["adapter_size"] = int(bottleneck["size"])
     return out
 
 

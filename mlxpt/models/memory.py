@@ -32,6 +32,7 @@ class Shape:
     head_tokens: int
     attn_pairs: int
     label: str
+    teacher_bytes: int = 0  # a second model held beside the one trained (distillation's teacher)
 
     @classmethod
     def rows(cls, batch_size: int, seq_len: int) -> Shape:
@@ -65,6 +66,8 @@ class Shape:
 def estimate_bytes(model, shape: Shape) -> dict:
     from mlx.utils import tree_flatten
 
+    from mlxpt.models.peft import activation_bytes
+
     weights = sum(v.nbytes for _, v in tree_flatten(model.parameters()))
     train = sum(v.nbytes for _, v in tree_flatten(model.trainable_parameters()))
     args = getattr(model, "args", None)
@@ -75,8 +78,12 @@ def estimate_bytes(model, shape: Shape) -> dict:
     vocab = getattr(args, "vocab_size", 32000)
     per_layer = shape.tokens * (14 * hidden + 4 * inter) * 4 + heads * shape.attn_pairs * 4 * 2
     logits = shape.head_tokens * vocab * 4 * 3
-    acts = layers * per_layer + logits
-    return {"weights": weights, "optimizer": 3 * train, "activations": acts, "total": weights + 3 * train + acts}
+    acts = layers * per_layer + logits + activation_bytes(model, shape.tokens, heads)  # prefix / adapters
+    est = {"weights": weights, "optimizer": 3 * train, "activations": acts, "total": weights + 3 * train + acts}
+    if shape.teacher_bytes:
+        est["teacher"] = shape.teacher_bytes
+        est["total"] += shape.teacher_bytes
+    return est
 
 
 def linux_available_bytes() -> int | None:

@@ -41,6 +41,7 @@ from mlxpt.data.encode import pad_id_of
 from mlxpt.data.preference import PrefExample, encode_preference, load_preference
 from mlxpt.errors import MlxptError
 from mlxpt.runs import latest_checkpoint, save_safetensors_atomic
+from mlxpt.train import distributed
 from mlxpt.train.loop import Task, rows_task
 from mlxpt.train.runner import Method, TaskContext, rows_shape, run_training
 
@@ -153,6 +154,8 @@ def reference_logps(
     for i in range(0, len(pairs), batch_size):
         if stop is not None and stop.requested:
             return None
+        if (i // batch_size) % distributed.size() != distributed.WORLD.rank:
+            continue  # another rank's batch (train/distributed.py: gathered by _compute_reference)
         part = pairs[i : i + batch_size]
         *arrays, mask, _, _ = collate_pairs(part, pad_id, grouped)
         seq = (backend.token_logps(*arrays).astype(np.float32) * mask).sum(axis=1)
@@ -199,7 +202,8 @@ def before_train(ctx: TaskContext, train, valid, stop=None) -> None:
         if arrays is None:  # stopped: nothing is cached, and a resume computes it again
             return
         meta = {f"fingerprint_{s}": v for s, v in keys.items()}
-        save_safetensors_atomic(path, arrays, {**meta, "model": cfg.model.model})
+        if distributed.is_main():
+            save_safetensors_atomic(path, arrays, {**meta, "model": cfg.model.model})
         how = "computed"
     for split, pairs in (("train", train), ("valid", valid)):
         for p, c, r in zip(pairs, arrays[f"{split}_chosen"], arrays[f"{split}_rejected"], strict=True):
@@ -233,9 +237,14 @@ def _compute_reference(ctx: TaskContext, train, valid, stop) -> dict[str, np.nda
             ctx.backend, pairs, ctx.cfg.data.batch_size, pad_id, stop,
             lambda n, before=before: progress(before + n), grouped,
         )  # fmt: skip
-        if done is None:
+        if done is None and distributed.size() == 1:
             return None
-        arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = done
+        zeros = np.zeros(len(pairs), np.float32)
+        arrays[f"{split}_chosen"], arrays[f"{split}_rejected"] = done or (zeros, zeros)
+    if distributed.size() > 1:  # each rank scored its batches: stop together, or gather them all
+        if distributed.any_rank(stop is not None and stop.requested):
+            return None
+        arrays = distributed.sum_arrays(arrays)
     return arrays
 
 

@@ -45,6 +45,7 @@ from mlxpt.data.prompts import PromptExample, encode_prompts, load_prompts
 from mlxpt.errors import ConfigError, MlxptError
 from mlxpt.rewards import RewardGuard, parse_rewards
 from mlxpt.runs.atomic import append_jsonl
+from mlxpt.train import distributed
 from mlxpt.train.loop import MicroBatch, Task, iter_windows
 from mlxpt.train.rollouts import Rollout, RolloutSpec, sample_rollout, score
 from mlxpt.train.runner import Method, TaskContext, run_training
@@ -228,11 +229,12 @@ class GRPOTask:
             vals = [sc[name] for s in w for sc in s["per_fn"] if sc[name] is not None]
             out[f"reward/{name}"] = float(np.mean(vals)) if vals else None
             out[f"reward_std/{name}"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        out.update(distributed.rollout_stats(w, self.guard.names))  # every rank's groups
         fails = self.guard.failure_counts()
         if any(fails.values()):
             out["reward_failures"] = fails
         every = self.g.log_completions_every
-        if every and (step % every == 0 or step == 1) and self.run_dir is not None:
+        if every and (step % every == 0 or step == 1) and self.run_dir is not None and distributed.is_main():
             samples = [{"step": step, **x} for x in w[0]["samples"]]
             for x in samples:
                 append_jsonl(self.run_dir / SAMPLES_FILE, x)

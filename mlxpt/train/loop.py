@@ -28,6 +28,7 @@ from mlxpt.config import TrainConfig
 from mlxpt.data.batching import batch_plan
 from mlxpt.errors import MlxptError, NumericsError, ResourceError
 from mlxpt.models.memory import low_memory
+from mlxpt.train import distributed
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ def iter_windows(
     while True:
         window = [next(batches) for _ in range(grad_accum)]
         e, i, _ = window[-1]
-        yield (e, i + 1), [idx for _, _, idx in window]
+        # with several ranks (train/distributed.py), this rank's part of each global micro-batch
+        yield (e, i + 1), [distributed.shard(idx) for _, _, idx in window]
 
 
 def validate(backend: TrainBackend, examples: list, batch_size: int, collate, length, max_batches: int) -> dict:
@@ -262,6 +264,8 @@ def train_loop(
         valid = []  # validation switched off
 
     def evaluate(step: int, validation: bool) -> None:
+        if not distributed.is_main():  # validation and the monitor run on rank 0 only
+            return
         result = task.evaluate(backend, valid, batch_size, cfg.eval_batches) if validation else {}
         if monitor is not None:
             result.update(monitor(backend, step))
@@ -276,11 +280,13 @@ def train_loop(
         evaluate(0, bool(valid) and cfg.eval_every > 0)
     while state.step < cfg.steps:
         t0 = time.perf_counter()
+        distributed.sync_rng()  # several ranks: rank 0's RNG, the one its checkpoints hold
         window = _accumulate(backend, batches, state, checkpoint, stop)
         if window is None:  # interrupted; the data position moves only when a window is done
             backend.discard(rewind=True)
             break
         tokens, (state.epoch, state.batch_index, state.repeat_index) = window
+        tokens = int(distributed.sum_floats([tokens])[0])  # every rank's input tokens
         loss, gnorm = _update(backend, task, state, cfg, tokens, t0, emit)
         _stop_if_unsafe(state, cfg, loss, gnorm, checkpoint)
         if (cfg.eval_every > 0 and state.step % cfg.eval_every == 0) or state.step == cfg.steps:

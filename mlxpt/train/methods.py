@@ -11,6 +11,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mlxpt.errors import ConfigError
+from mlxpt.train.distill import DISTILL
 from mlxpt.train.dpo import DPO
 from mlxpt.train.grpo import GRPO
 from mlxpt.train.prm import PRM
@@ -28,6 +29,7 @@ METHODS: dict[str, Method] = {
     "grpo": GRPO,
     "rft": RFT,
     "prm": PRM,
+    "distill": DISTILL,
 }
 
 

@@ -37,6 +37,7 @@ from mlxpt.runs import (
 from mlxpt.runs.guards import RunLock, check_writable
 from mlxpt.runs.store import checkpoint_problems
 from mlxpt.train import chain as chaining
+from mlxpt.train import distributed
 from mlxpt.train.loop import LoopState, Task, train_loop, warmup_of
 from mlxpt.train.regression import ForgettingMonitor, baseline_from, load_probe
 
@@ -135,47 +136,66 @@ def run_training(
 
 
 def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path, str]:
+    world = distributed.init(cfg.train.backend)  # one process, or a rank of mlx.launch
+    distributed.check_method(method.name)
+    writes = distributed.is_main()  # rank 0 alone writes the run folder and prints
+    emit = emit if writes else (lambda e: None)
     if resume_dir is not None:  # before anything is read: a second writer, or a silent start over
-        locks.append(RunLock(resume_dir).acquire())
+        if writes:
+            locks.append(RunLock(resume_dir).acquire())
         checkpoint = check_resumable(Path(resume_dir))  # verified once: restored below
     chain = chaining.prepare(cfg, resume_dir)  # --from: checked, its adapter's shape adopted
     tokenizer, train, valid, data_report, monitor = _read_data(method, cfg, resume_dir, emit)
+    distributed.check_same(cfg.to_dict(), train, valid)  # every rank, same settings and data
+    distributed.check_batches(len(train), cfg.data.batch_size)
     t_load = time.perf_counter()
     backend, layout, memory = _load_backend(method, cfg, train + valid, emit, chain)
+    if world.size > 1:
+        backend.sum_across = distributed.sum_window
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        clean_temp(run_dir)  # the lock is ours: every temp file left here is a dead writer's
+        if writes:
+            clean_temp(run_dir)  # the lock is ours: every temp file left here is a dead writer's
     else:  # only now: rejected data, settings or memory leave no run folder behind
-        run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
-        locks.append(RunLock(run_dir).acquire())
-        if chain is not None:
-            chaining.keep_copy(chain, run_dir)  # before config.json names it in its lineage
+        run_dir = None
+        if writes:
+            run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
+            locks.append(RunLock(run_dir).acquire())
+            if chain is not None:
+                chaining.keep_copy(chain, run_dir)  # before config.json names it in its lineage
+        run_dir = Path(distributed.broadcast_text(str(run_dir)))  # rank 0's folder on every rank
+    world.run_dir = str(run_dir)
     ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
     task = method.task(ctx)
     state = _restore(run_dir, checkpoint, backend, task) if resume_dir is not None else LoopState()
+    world.step = state.step  # the last saved step, for a lost peer's line
     if monitor is not None and state.step > 0:
         monitor.baseline = baseline_from(run_dir / "metrics.jsonl")
-    write_config(run_dir, {
-        **cfg.to_dict(), "method": method.name, "mlxpt_version": __version__,
-        "model_path": str(resolve(cfg.model.model)), "data_report": data_report,
-        "adapter_config": backend.adapter_config, **({"lineage": chain.lineage} if chain else {}),
-    })  # fmt: skip
-    write_status(run_dir, "running", step=state.step, steps=cfg.train.steps)
+    if writes:
+        write_config(run_dir, {
+            **cfg.to_dict(), "method": method.name, "mlxpt_version": __version__,
+            "model_path": str(resolve(cfg.model.model)), "data_report": data_report,
+            "adapter_config": backend.adapter_config, **({"lineage": chain.lineage} if chain else {}),
+        })  # fmt: skip
+        write_status(run_dir, "running", step=state.step, steps=cfg.train.steps, world_size=world.size)
     n_train, n_total = backend.param_counts()
     emit({
         "event": "start", "method": method.name, "run_dir": str(run_dir), "model": cfg.model.model,
         "backend": cfg.train.backend, "layout": layout, "resumed_from_step": state.step, "steps": cfg.train.steps,
         "train_rows": data_report.get("train", {}).get("kept", len(train)), "valid_rows": len(valid), "trainable_params": n_train, "total_params": n_total,
-        "load_time_s": time.perf_counter() - t_load, "blas": _blas.status(),
+        "load_time_s": time.perf_counter() - t_load, "blas": _blas.status(), "world_size": world.size,
         "memory_estimate_mb": memory["total"] / 1e6, "data": data_report,
         **({"from_run": cfg.adapter.from_run, "adopted": chain.adopted} if chain else {}),
     })  # fmt: skip
     _warn_setup(cfg, chain, emit)
     outcome = _train(method, ctx, task, state, train, valid, stop, monitor)
     status = "finished" if outcome == "finished" else "interrupted"
-    write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss)
+    if writes:
+        write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss,
+                     world_size=world.size)  # fmt: skip
     emit({"event": "done", "status": status, "run_dir": str(run_dir), "step": state.step,
-          "best_val_loss": state.best_val_loss})  # fmt: skip
+          "best_val_loss": state.best_val_loss, **distributed.report()})  # fmt: skip
+    distributed.barrier()  # no rank leaves (mlx.launch would stop the others) before rank 0 has saved
     return run_dir, outcome
 
 
@@ -259,7 +279,9 @@ def _load_backend(method: Method, cfg, examples: list, emit, chain=None) -> tupl
     )  # fmt: skip
     if chain is not None:
         backend.start_from(chaining.start_arrays(chain))
-    memory = backend.check_memory(method.memory_shape(cfg, max(method.length(e) for e in examples)))
+    # per rank: a rank holds its shard of each micro-batch (train/distributed.py)
+    longest = max(method.length(e) for e in examples)
+    memory = backend.check_memory(method.memory_shape(distributed.per_rank(cfg), longest))
     layout = choose_layout(backend, method.shares_prompts(cfg), emit, method.packs(cfg))
     backend.set_objective(method.objective(cfg, layout))
     return backend, layout, memory
@@ -275,7 +297,8 @@ def _restore(run_dir: Path, ck: Path | None, backend, task: Task) -> LoopState:
     state = LoopState.from_dict(saved["loop"])
     if task.load_state is not None:
         task.load_state(arrays.get("task", {}), saved.get("task", {}))
-    _trim_logs(run_dir, state.step)
+    if distributed.is_main():
+        _trim_logs(run_dir, state.step)
     return state
 
 
@@ -303,6 +326,9 @@ def _checkpointer(ctx: TaskContext, task: Task) -> Callable[[LoopState], None]:
     backend, run_dir, cfg = ctx.backend, ctx.run_dir, ctx.cfg
 
     def checkpoint(st: LoopState) -> None:
+        distributed.WORLD.step = st.step
+        if not distributed.is_main():  # every rank holds the same state: rank 0 saves it
+            return
         saved = {"loop": st.to_dict(), "adapter_config": backend.adapter_config}
         arrays = backend.get_state()
         if task.state is not None:
@@ -311,7 +337,7 @@ def _checkpointer(ctx: TaskContext, task: Task) -> Callable[[LoopState], None]:
                 arrays["task"] = extra
         path = save_checkpoint(run_dir, st.step, arrays, saved, keep=cfg.train.keep)
         backend.save_adapter(run_dir)
-        write_status(run_dir, "running", step=st.step, steps=cfg.train.steps)
+        write_status(run_dir, "running", step=st.step, steps=cfg.train.steps, world_size=distributed.size())
         ctx.emit({"event": "checkpoint", "step": st.step, "path": str(path)})
 
     return checkpoint
@@ -322,7 +348,7 @@ def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train
     cfg, run_dir = ctx.cfg, ctx.run_dir
 
     def emit_and_log(event: dict) -> None:
-        if event["event"] in ("step", "eval", "forgetting"):
+        if event["event"] in ("step", "eval", "forgetting") and distributed.is_main():
             append_jsonl(run_dir / "metrics.jsonl", {**event, "time": time.time()})
         ctx.emit(event)
 
@@ -330,23 +356,27 @@ def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train
         monitor.emit = emit_and_log
 
     try:
-        with graceful_signals() as flag:
+        with graceful_signals() as local:
+            # a signal to any rank stops them all at the same point (the flag itself on one rank)
+            flag = distributed.agreed(local)
             if method.before_train is not None:  # after "start", so a long reference pass is visible
-                method.before_train(ctx, train, valid, flag)
+                method.before_train(ctx, train, valid, local)
             if flag.requested:  # stopped before step 1 of this session: nothing new to save
                 return "interrupted"
             return train_loop(
                 ctx.backend, task.batches(train, state, cfg), valid, cfg.train, cfg.data.batch_size, task, state,
-                emit_and_log, _checkpointer(ctx, task), stop=flag if stop is None else _Either(stop, flag),
+                emit_and_log, _checkpointer(ctx, task), stop=flag if stop is None else distributed.agreed(_Either(stop, local)),
                 monitor=monitor,
             )  # fmt: skip
     except MlxptError as e:
         if e.saved_step is not None:
             e.hint = f"{e.hint + '; ' if e.hint else ''}step {e.saved_step} is saved: {resume_command(run_dir)}"
-        write_status(run_dir, "failed", step=state.step, error=e.line())
+        if distributed.is_main():
+            write_status(run_dir, "failed", step=state.step, error=e.line())
         raise
     except BaseException as e:
-        write_status(run_dir, "failed", step=state.step, error=f"{type(e).__name__}: {e}")
+        if distributed.is_main():
+            write_status(run_dir, "failed", step=state.step, error=f"{type(e).__name__}: {e}")
         raise
 
 

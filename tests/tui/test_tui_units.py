@@ -76,6 +76,16 @@ def test_runlog_folds_the_event_protocol():
     assert exit_reason(1, ["noise", "error E101: file not found (x.jsonl) - check the path"]).endswith("check the path")
 
 
+def test_runlog_says_the_world_size_of_a_data_parallel_run():
+    log = RunLog("k")
+    start = {"event": "start", "run_dir": "/r/x", "method": "sft", "model": "m", "steps": 4, "memory_estimate_mb": 900}
+    log.feed_line(json.dumps({**start, "world_size": 2}))
+    assert log.world_size == 2 and "(sft, m, 2 ranks)" in log.log[0] and "900 MB per rank" in log.log[1]
+    one = RunLog("k")
+    one.feed_line(json.dumps(start))  # a single process (or a run from before world_size) says nothing of ranks
+    assert one.world_size == 1 and "ranks" not in one.log[0] and "per rank" not in one.log[1]
+
+
 def test_new_lines_survives_log_trimming():
     log = RunLog("k")
     for i in range(600):

@@ -1,0 +1,416 @@
+"""Data-parallel training (mlxpt/train/distributed.py): 2 ranks of the ring backend on loopback,
+started by mlx.launch, on the tiny model. Every process runs with OPENBLAS_NUM_THREADS=1.
+
+2 ranks x (global) batch 4 -- 2 rows a rank -- equal 1 rank x batch 4 after 5 steps (adapters,
+optimiser state and logged losses within 1e-6); resume 2 -> 1 and 1 -> 2 equal the straight run;
+a signal to rank 1 stops both at one step with one checkpoint; a rank killed with -9 makes rank 0
+exit with one line and a checkpoint that resumes; bad inputs are refused on every rank."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mlxpt.train.dpo import REFERENCE_FILE
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCH = Path(sys.executable).parent / "mlx.launch"
+pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed")
+ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+TOL = 1e-6
+REWARD = "def even(prompt, completion, **row):\n    return float(len(completion) % 2)\n"
+
+
+def _port() -> int:
+    """A free port and the one after it (the ring's two ranks)."""
+    for _ in range(50):
+        with socket.socket() as a, socket.socket() as b:
+            a.bind(("127.0.0.1", 0))
+            p = a.getsockname()[1]
+            try:
+                b.bind(("127.0.0.1", p + 1))
+            except OSError:
+                continue
+            return p
+    raise RuntimeError("no two free ports")
+
+
+def command(argv: list[str], ranks: int) -> list[str]:
+    me = [sys.executable, "-m", "mlxpt.cli", "train", *argv]
+    if ranks == 1:
+        return me
+    return [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--starting-port", str(_port()), "--", *me]
+
+
+def quiet_stdin() -> int:
+    """A stdin that never has data nor ends: mlx.launch polls its stdin, and on /dev/null (always
+    readable) that poll spins a CPU core the ranks need."""
+    r, w = os.pipe()
+    _KEEP.append(w)
+    return r
+
+
+_KEEP: list[int] = []  # their write ends, closed once the module is done
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _close_pipes():
+    yield
+    while _KEEP:
+        os.close(_KEEP.pop())
+
+
+def start_ranks(argvs: list[list[str]], tmp: Path) -> list[subprocess.Popen]:
+    """One process a rank, given the environment mlx.launch gives them (MLX_RANK and the ring's
+    MLX_HOSTFILE) but without mlx.launch: its polling loop keeps a core busy that a 2-core CI
+    machine needs for the ranks. (The fault tests and `--ranks` go through mlx.launch.)"""
+    port = _port()
+    hosts = tmp / f"hosts-{port}.json"
+    hosts.write_text(json.dumps([[f"127.0.0.1:{port + r}"] for r in range(len(argvs))]))
+    return [
+        subprocess.Popen(
+            command(argv, 1),
+            cwd=ROOT,
+            env={**ENV, "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hosts)},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for rank, argv in enumerate(argvs)
+    ]
+
+
+def train(argv: list[str], ranks: int, timeout: float = 120) -> subprocess.CompletedProcess:
+    """`mlxpt train argv` on 1 or 2 ranks: rank 0's stdout, every rank's stderr, the first
+    non-zero exit status (else 0)."""
+    if ranks == 1 or "--ranks" in argv:
+        stdin = quiet_stdin()
+        try:
+            return subprocess.run(
+                command(argv, 1), cwd=ROOT, env=ENV, stdin=stdin, capture_output=True, text=True, timeout=timeout
+            )
+        finally:
+            os.close(stdin)
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = start_ranks([argv] * ranks, Path(tmp))
+        try:
+            outs = [p.communicate(timeout=timeout) for p in procs]
+        finally:
+            for p in procs:
+                p.kill()
+    code = next((p.returncode for p in procs if p.returncode), 0)
+    return subprocess.CompletedProcess(argv, code, outs[0][0], "".join(err for _, err in outs))
+
+
+def events(out: str) -> list[dict]:
+    return [json.loads(x) for x in out.splitlines() if x.startswith("{")]
+
+
+def flags(model, data, runs, **kw) -> list[str]:
+    base = {
+        "model": model, "data": data, "runs_dir": runs, "steps": 5, "batch_size": 4, "max_seq_len": 256,
+        "eval_every": 0, "eval_batches": 2, "save_every": 1, "keep": 10, "learning_rate": 1e-4,
+        "warmup_steps": 0, "num_layers": -1, "regression_data": "none", "events": "json",
+    }  # fmt: skip
+    out = []
+    for k, v in {**base, **kw}.items():
+        out += [f"--{k.replace('_', '-')}", str(v)]
+    return out
+
+
+def the_run(runs: Path) -> Path:
+    found = [p for p in runs.iterdir() if p.is_dir()]
+    assert len(found) == 1, found  # rank 1 made no folder of its own
+    return found[0]
+
+
+def state(run: Path, step: int | None = None) -> dict:
+    from mlxpt.runs import latest_checkpoint, load_checkpoint
+
+    ck = latest_checkpoint(run) if step is None else run / "checkpoints" / f"step-{step:08d}"
+    arrays, saved = load_checkpoint(ck)
+    return {
+        **{f"{s}/{k}": v for s in ("adapters", "optimizer") for k, v in arrays[s].items()},
+        "step": saved["loop"]["step"],
+    }
+
+
+def losses(run: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if r["event"] == "step"]
+
+
+def assert_same(a: Path, b: Path) -> None:
+    sa, sb = state(a), state(b)
+    assert sa.keys() == sb.keys() and sa["step"] == sb["step"]
+    worst = max(float(np.abs(sa[k] - sb[k]).max()) for k in sa if k != "step")
+    assert worst < TOL, worst
+    la, lb = losses(a), losses(b)
+    assert len(la) == len(lb) == sa["step"]
+    assert max(abs(x - y) for x, y in zip(la, lb, strict=True)) < TOL
+
+
+def cut_back(run: Path, dest: Path, step: int) -> Path:
+    """A copy of `run` as it stood at `step`: later checkpoints removed (resume trims the logs)."""
+    shutil.copytree(run, dest)
+    for ck in (dest / "checkpoints").iterdir():
+        if int(ck.name.split("-")[1]) > step:
+            shutil.rmtree(ck)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def sft(tiny_dir, data_dir, tmp_path_factory):
+    """The straight SFT run on 1 rank and on 2 ranks (global batch 4 both), 5 steps, a checkpoint each."""
+    base = tmp_path_factory.mktemp("sft")
+    runs, starts = {}, {}
+    for n in (1, 2):
+        p = train(flags(tiny_dir, data_dir, base / f"r{n}"), n)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[n] = the_run(base / f"r{n}")
+        starts[n] = next(e for e in events(p.stdout) if e["event"] == "start")
+    return base, runs, starts
+
+
+def test_sft_two_ranks_equal_one(sft):
+    _, runs, starts = sft
+    assert_same(runs[1], runs[2])
+    # the ranks load the BLAS a single process does (mlx imported after mlxpt's BLAS choice)
+    assert starts[2]["blas"] == starts[1]["blas"] and starts[2]["world_size"] == 2
+    status = json.loads((runs[2] / "status.json").read_text())
+    assert status["status"] == "finished" and status["world_size"] == 2
+    # a non-averaged gradient (one rank's shard) would move the adapters by ~lr: far above TOL
+    assert max(float(np.abs(v).max()) for k, v in state(runs[2]).items() if k.startswith("adapters/")) > 1e-4
+
+
+@pytest.mark.parametrize("ranks_before,ranks_after", [(2, 1), (1, 2)])
+def test_resume_on_another_world_size_equals_straight(sft, ranks_before, ranks_after):
+    base, runs, _ = sft
+    run = cut_back(runs[ranks_before], base / f"cut{ranks_before}{ranks_after}", 3)
+    p = train(["--resume", str(run), "--events", "json"], ranks_after)
+    assert p.returncode == 0, p.stderr[-2000:]
+    start = next(e for e in events(p.stdout) if e["event"] == "start")
+    assert start["resumed_from_step"] == 3 and start["world_size"] == ranks_after
+    assert_same(runs[1], run)
+
+
+def test_dpo_two_ranks_equal_one(tiny_dir, pref_dir, tmp_path):
+    """Through the `--ranks 2` shortcut (mlx.launch -n 2 --backend ring): the reference pass is
+    sharded by batches and gathered once."""
+    runs = {}
+    for n in (1, 2):
+        argv = ["dpo", *flags(tiny_dir, pref_dir, tmp_path / f"r{n}", save_every=5)] + (
+            ["--ranks", "2"] if n > 1 else []
+        )
+        p = train(argv, 1)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[n] = the_run(tmp_path / f"r{n}")
+        assert (runs[n] / REFERENCE_FILE).exists()
+    assert_same(runs[1], runs[2])
+
+
+def test_grpo_on_two_ranks_resumes_exactly(tiny_dir, tmp_path):
+    """GRPO's samples depend on how the prompts are split (each rank samples its own groups), so
+    2 ranks cannot equal 1 draw for draw; a resume on the same ranks is exact."""
+    import tiny
+
+    (tmp_path / "prompts").mkdir()
+    prompts = tiny.write_prompt_dir(tmp_path / "prompts", train=(8, 1), test=(4, 2))
+    (tmp_path / "rules.py").write_text(REWARD)
+    kw = {"rewards": f"{tmp_path / 'rules.py'}:even", "num_generations": 4, "max_completion_length": 8,
+          "eval_batches": 0, "learning_rate": 1e-2}  # fmt: skip
+    p = train(["grpo", *flags(tiny_dir, prompts, tmp_path / "a", **kw)], 2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    straight = the_run(tmp_path / "a")
+    steps = [e for e in events(p.stdout) if e["event"] == "step"]
+    assert len(steps) == 5 and all(0.0 <= e["reward_mean"] <= 1.0 for e in steps)
+    # both ranks' groups are in the step report: 4 prompts x 4 completions
+    assert any(e["reward_std"] > 0 for e in steps)
+    run = cut_back(straight, tmp_path / "cut", 3)
+    p = train(["--resume", str(run), "--events", "json"], 2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert_same(straight, run)
+
+
+def _rank_pid(runs: Path, rank: int, timeout: float = 60) -> int:
+    """The pid of rank `rank` of the run writing to `runs` (its environment names the rank)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                if str(runs) not in (d / "cmdline").read_bytes().decode(errors="ignore"):
+                    continue
+                if f"MLX_RANK={rank}".encode() in (d / "environ").read_bytes().split(b"\0"):
+                    return int(d.name)
+            except OSError:
+                continue
+        time.sleep(0.2)
+    raise AssertionError(f"rank {rank} not found")
+
+
+def _start(argv: list[str]) -> subprocess.Popen:
+    stdin = quiet_stdin()
+    try:
+        return subprocess.Popen(
+            command(argv, 2), cwd=ROOT, env=ENV, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+    finally:
+        os.close(stdin)
+
+
+def _until_step(proc: subprocess.Popen, step: int, timeout: float = 90) -> None:
+    deadline = time.monotonic() + timeout
+    for line in proc.stdout:
+        if line.startswith("{") and json.loads(line).get("event") == "step" and json.loads(line)["step"] >= step:
+            return
+        assert time.monotonic() < deadline
+    raise AssertionError("the run ended early: " + proc.stderr.read()[-2000:])
+
+
+def test_signal_to_rank_1_stops_both_with_one_checkpoint(tiny_dir, data_dir, tmp_path):
+    """SIGTERM (SIGINT takes the same path) to rank 1 alone: both stop at one step, exit 130."""
+    runs, sig = tmp_path / "runs", signal.SIGTERM
+    proc = _start(flags(tiny_dir, data_dir, runs, steps=200, save_every=1000))
+    try:
+        _until_step(proc, 2)
+        os.kill(_rank_pid(runs, 1), sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert "Node with rank 0 exited with code 130" in err and "Node with rank 1 exited with code 130" in err, err
+    run = the_run(runs)
+    cks = list((run / "checkpoints").iterdir())
+    status = json.loads((run / "status.json").read_text())
+    assert len(cks) == 1 and status["status"] == "interrupted"
+    assert state(run)["step"] == status["step"] == len(losses(run)) < 200
+
+
+def test_killed_rank_makes_rank_0_exit_with_one_line_and_resume_works(tiny_dir, data_dir, tmp_path):
+    runs = tmp_path / "runs"
+    proc = _start(flags(tiny_dir, data_dir, runs, steps=30, save_every=2))
+    try:
+        _until_step(proc, 3)
+        os.kill(_rank_pid(runs, 1), signal.SIGKILL)
+        t0 = time.monotonic()
+        out, err = proc.communicate(timeout=60)
+        waited = time.monotonic() - t0
+    finally:
+        proc.kill()
+    lines = [x for x in err.splitlines() if "E725" in x]
+    assert len(lines) == 1 and "rank 0: rank 1 is gone" in lines[0] and "--resume" in lines[0], err
+    assert waited < 30
+    run = the_run(runs)
+    saved = state(run)["step"]
+    assert saved >= 2
+    p = train(["--resume", str(run), "--events", "json"], 1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    start = next(e for e in events(p.stdout) if e["event"] == "start")
+    assert start["resumed_from_step"] == saved and state(run)["step"] == 30
+
+
+def test_bad_inputs_are_refused_on_every_rank(tiny_dir, data_dir, tmp_path, capsys):
+    # --ranks 0 / -1: refused before anything starts
+    from mlxpt.cli import main
+
+    for n in ("0", "-1"):
+        assert main(["train", "--ranks", n]) == 1
+        err = capsys.readouterr().err
+        assert "E724" in err and len(err.strip().splitlines()) == 1, err
+    # the numpy backend has no collectives
+    p = train(flags(tiny_dir, data_dir, tmp_path / "np", backend="numpy"), 2)
+    assert p.stderr.count("E720") == 2 and not (tmp_path / "np").exists(), p.stderr
+    # a batch that cannot give each rank a row
+    p = train(flags(tiny_dir, data_dir, tmp_path / "bs", batch_size=1), 2)
+    assert p.stderr.count("E723") == 2 and not (tmp_path / "bs").exists(), p.stderr
+    # different settings on the two ranks (started by hand: mlx.launch gives every rank one command)
+    argvs = [flags(tiny_dir, data_dir, tmp_path / "mm", learning_rate=lr) for lr in (1e-4, 2e-4)]
+    procs = start_ranks(argvs, tmp_path)
+    for rank, proc in enumerate(procs):
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1 and "E722" in err and f"rank {rank}'s settings differ" in err, err
+    assert not (tmp_path / "mm").exists()
+
+
+def test_ranks_shortcut_exits_with_the_ranks_failure(tiny_dir, data_dir, tmp_path):
+    """mlx.launch itself exits 0 whatever its ranks did: `--ranks` returns the ranks' status."""
+    p = train(flags(tiny_dir, data_dir, tmp_path / "np", backend="numpy") + ["--ranks", "2"], 1)
+    assert p.returncode == 1 and "E720" in p.stderr and not (tmp_path / "np").exists(), p.stderr
+
+
+def test_watchdog_exits_a_rank_stuck_in_a_collective():
+    """A peer that hangs without closing its socket (a machine gone) blocks all_sum forever: the
+    watchdog prints the one line and exits 3 once MLXPT_DIST_TIMEOUT has passed."""
+    code = (
+        "import time\nfrom mlxpt.train import distributed as d\n"
+        "d.WORLD.size, d.WORLD.timeout, d.WORLD.run_dir, d.WORLD.step = 2, 0.5, 'runs/x', 7\n"
+        "d._guarded(lambda: time.sleep(30))\n"
+    )
+    t0 = time.monotonic()
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 3 and time.monotonic() - t0 < 20
+    line = p.stderr.strip()
+    assert (
+        line.count("\n") == 0 and "E725" in line and "last checkpoint: step 7" in line and "--resume runs/x" in line
+    ), line
+
+
+def test_one_process_is_a_world_of_one(monkeypatch):
+    """Without a launcher: no MLX import, every helper is the identity."""
+    from mlxpt.train import distributed as d
+
+    for k in ("MLX_RANK", "OMPI_COMM_WORLD_RANK", "PMI_RANK"):
+        monkeypatch.delenv(k, raising=False)
+    assert d.init("numpy").size == 1 and d.is_main() and d.shard([3, 1, 2]) == [3, 1, 2]
+    assert d.sum_floats([1.5, 2.0]) == [1.5, 2.0] and d.broadcast_text("x") == "x" and d.report() == {}
+    d.check_batches(7, 1)  # nothing to split
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+def test_shards_are_disjoint_contiguous_and_cover_the_batch(monkeypatch, world):
+    from mlxpt.errors import ConfigError
+    from mlxpt.train import distributed as d
+
+    batch = [9, 4, 7, 1, 0, 5, 8]
+    parts = []
+    for rank in range(world):
+        monkeypatch.setattr(d, "WORLD", d.World(rank=rank, size=world))
+        parts.append(d.shard(batch))
+    assert [i for p in parts for i in p] == batch and all(parts)
+    with pytest.raises(ConfigError) as e:  # 9 rows at batch 4: the last batch has 1 row
+        d.check_batches(9, 4)
+    assert e.value.code == "E723"
+    d.check_batches(8, 4)
+
+
+def test_refusals_without_a_launch(monkeypatch):
+    from mlxpt.errors import ConfigError
+    from mlxpt.train import distributed as d
+
+    def code(fn, *args) -> str:
+        with pytest.raises(ConfigError) as e:
+            fn(*args)
+        assert len(e.value.line().splitlines()) == 1
+        return e.value.code
+
+    assert code(d.launch_command, 0, []) == "E724"
+    monkeypatch.setenv("MLXPT_DIST_TIMEOUT", "soon")
+    assert code(d._timeout) == "E721"
+    monkeypatch.setenv("MLX_RANK", "0")
+    assert code(d.launch_command, 2, []) == "E726"  # --ranks inside mlx.launch
+    monkeypatch.setattr(d, "WORLD", d.World(rank=0, size=2))
+    assert code(d.check_method, "rft") == "E728"
+    d.check_method("grpo")
