@@ -162,26 +162,24 @@ def _die(reason: str) -> None:
     os._exit(EXIT_PEER_LOST)
 
 
-def _all_sum(x):
+def _collective(name: str, x):
+    """mx.distributed.<name>(x) over the world, evaluated under the watchdog (`_guarded`)."""
     import mlx.core as mx
 
     def run():
-        y = mx.distributed.all_sum(x, group=WORLD.group, stream=mx.cpu)
+        y = getattr(mx.distributed, name)(x, group=WORLD.group, stream=mx.cpu)
         mx.eval(y)
         return y
 
     return _guarded(run)
+
+
+def _all_sum(x):
+    return _collective("all_sum", x)
 
 
 def _all_gather(x):
-    import mlx.core as mx
-
-    def run():
-        y = mx.distributed.all_gather(x, group=WORLD.group, stream=mx.cpu)
-        mx.eval(y)
-        return y
-
-    return _guarded(run)
+    return _collective("all_gather", x)
 
 
 def sum_floats(values: list[float]) -> list[float]:
