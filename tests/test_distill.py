@@ -254,3 +254,12 @@ def test_a_distill_setting_given_to_another_method_is_e504():
 
         build_config("sft", {"divergence": "jsd"})
     assert e.value.code == "E504" and "distill" in e.value.line()
+
+
+def test_a_missing_teacher_is_named_as_the_teacher(tmp_path, capsys):
+    from mlxpt.cli import main
+
+    assert main(["train", "distill", "--teacher", str(tmp_path / "nope"), "--runs-dir", str(tmp_path / "r")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher:" in err[0] and f"--teacher {tmp_path / 'nope'}" in err[0], err
+    assert not (tmp_path / "r").exists()

@@ -67,7 +67,10 @@ def check_tokenizers(student, cfg: DistillConfig, spec: TeacherSpec, rows: list)
     and the chat template's output on the first row (E744, one line naming both models)."""
     if same_base(cfg, spec):
         return
-    teacher = load_tokenizer(spec.base, cfg.model.trust_remote_code)
+    try:
+        teacher = load_tokenizer(spec.base, cfg.model.trust_remote_code)
+    except MlxptError as e:  # its words name a model: say it is the teacher
+        raise type(e)(e.code, f"teacher: {e.what}", f"--teacher {spec.ref}", e.hint) from None
     found = None
     heads = [_vocab_size(ref) for ref in (spec.base, cfg.model.model)]
     if len(student.get_vocab()) != len(teacher.get_vocab()):
