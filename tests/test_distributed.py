@@ -351,6 +351,16 @@ def test_ranks_shortcut_exits_with_the_ranks_failure(tiny_dir, data_dir, tmp_pat
     assert p.returncode == 1 and "E720" in p.stderr and not (tmp_path / "np").exists(), p.stderr
 
 
+def test_ranks_status_prefers_a_ranks_own_failure_over_the_launchers_kill():
+    from mlxpt.commands.train import ranks_status
+
+    assert ranks_status({1: 1, 0: -15}, 0) == 1  # rank 1 failed first, rank 0 was then terminated
+    assert ranks_status({0: 3, 1: -15}, 0) == 3
+    assert ranks_status({1: 130, 0: 130}, 0) == 130
+    assert ranks_status({0: 0, 1: -9}, 0) == 1  # killed from outside
+    assert ranks_status({0: 0, 1: 0}, 0) == 0 and ranks_status({}, 0) == 0
+
+
 def test_watchdog_exits_a_rank_stuck_in_a_collective():
     """A peer that hangs without closing its socket (a machine gone) blocks all_sum forever: the
     watchdog prints the one line and exits 3 once MLXPT_DIST_TIMEOUT has passed."""

@@ -267,7 +267,7 @@ def run(args) -> int:
 def _launch(ranks: int) -> int:
     """`--ranks N`: this command line, less --ranks, on N ranks through mlx.launch
     (docs/distributed.md). mlx.launch exits 0 whatever its ranks did, so the exit status is read
-    from its per-rank report lines: rank 0's when it failed, else the first failed rank's."""
+    from its per-rank report lines: rank 0's own failure, else the first other rank's."""
     import re
     import signal
     import subprocess
@@ -297,8 +297,15 @@ def _launch(ranks: int) -> int:
     finally:
         signal.signal(signal.SIGINT, old[0])
         signal.signal(signal.SIGTERM, old[1])
-    failed = [codes[r] for r in sorted(codes) if codes[r] != 0]
-    return codes.get(0) or (failed[0] if failed else status)
+    return ranks_status(codes, status)
+
+
+def ranks_status(codes: dict[int, int], launcher: int) -> int:
+    """The exit status of a `--ranks` run from the ranks' statuses: a rank's own failure (a
+    positive status: 1, 3, 130), rank 0's first, over a rank the launcher then killed (negative:
+    mlx.launch terminates the others once one fails); 1 if ranks were only killed."""
+    own = [codes[r] for r in sorted(codes, key=lambda r: (r != 0, r)) if codes[r] > 0]
+    return own[0] if own else (1 if any(codes.values()) else launcher)
 
 
 def _run(args) -> int:
