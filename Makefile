@@ -25,7 +25,7 @@ run: setup
 	$(BIN)/mlxpt train --steps $(STEPS) --learning-rate 5e-4 --warmup-steps 20 --eval-every 30 --save-every 30 \
 	  --name quickstart
 	$(BIN)/mlxpt eval --compare $$(ls -d runs/*-quickstart* | tail -n 1) --strategies greedy --limit $(EVAL_ROWS) \
-	  --data assets/sft/test.jsonl --data assets/ood/test.jsonl --out $$(ls -d runs/*-quickstart* | tail -n 1)/eval.json
+	  --data assets/sft/test.jsonl --data assets/ood/test.jsonl --out runs/quickstart-eval.json
 	$(BIN)/mlxpt generate --adapter $$(ls -d runs/*-quickstart* | tail -n 1) --max-tokens 80 \
 	  --prompt "Mia has 12 apples. She buys 7 more and gives 5 to Leo. How many apples does Mia have now?"
 
