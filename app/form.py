@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mlxpt.config import METHODS, build_config, section_fields, section_names
+from mlxpt.config import METHODS, build_config, ignored_adapter_settings, section_fields, section_names
 from mlxpt.errors import MlxptError
 
 
@@ -60,12 +60,24 @@ def form_fields(method: str) -> list[FormField]:
     return out
 
 
-def changed_flags(method: str, values: dict[str, object]) -> dict[str, object]:
-    """The values that differ from the method's defaults (what the argv must carry)."""
+def hidden_fields(method: str, values: dict[str, object]) -> tuple[str, ...]:
+    """The settings the chosen fine-tune type ignores (rank for a prefix, ...): hidden in the form
+    and left out of its command; what was typed in them stays in the form for a switch back."""
     defaults = {f.name: f.default for f in form_fields(method)}
+    if "fine_tune_type" not in defaults:
+        return ()
+    kind = values.get("fine_tune_type") or defaults["fine_tune_type"]
+    return tuple(n for n in ignored_adapter_settings(str(kind)) if n in defaults)
+
+
+def changed_flags(method: str, values: dict[str, object]) -> dict[str, object]:
+    """The values that differ from the method's defaults (what the argv must carry), less the
+    settings the chosen fine-tune type ignores."""
+    defaults = {f.name: f.default for f in form_fields(method)}
+    hidden = hidden_fields(method, values)
     out = {}
     for name, value in values.items():
-        if name not in defaults:
+        if name not in defaults or name in hidden:
             continue
         default = defaults[name]
         if isinstance(default, bool) or isinstance(value, bool):
@@ -121,5 +133,8 @@ def continue_values(config: dict, run_dir) -> dict[str, object]:
     adapter's shape (rank, layers...) is taken from the adapter itself when the run starts."""
     model = config.get("model") if isinstance(config.get("model"), dict) else {}
     out: dict[str, object] = {k: model[k] for k in ("model", "quantize", "trust_remote_code") if k in model}
+    adapter = config.get("adapter") if isinstance(config.get("adapter"), dict) else {}
+    if adapter.get("fine_tune_type"):  # the form then shows that type's settings (it is taken anyway)
+        out["fine_tune_type"] = adapter["fine_tune_type"]
     out["from_run"] = str(run_dir)
     return out

@@ -11,8 +11,14 @@ the one-rank step time, stated below) plus the ring all-reduce, which moves 2(N-
 per rank and takes 2(N-1) latency hops: T_ar = 2(N-1)/N x B / bandwidth + 2(N-1) x latency.
 Speed-up = T_c / (T_c / N + T_ar).
 
+The 2-rank run goes through `python -m mlxpt.launch` (what `--ranks` runs: MLX's launcher with
+its per-rank I/O threads waiting instead of spinning, mlxpt/launch.py); `--launchers mlx,mlxpt`
+adds a run through `mlx.launch` itself, to show what its spinning threads cost. The launcher's
+own CPU seconds (utime + stime, from /proc) are reported for each.
+
     .venv/bin/python bench/distributed.py [--steps 8] [--warmup 2] [--batch-size 4]
                                           [--max-seq-len 256] [--step-time S] [--json out.json]
+                                          [--launchers mlxpt|mlx,mlxpt]
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -44,12 +51,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run(ranks: int, args, runs: Path) -> dict:
-    argv = [sys.executable, "-m", "mlxpt.cli", "train", "sft", "--runs-dir", str(runs / f"r{ranks}"),
+def cpu_seconds(pid: int) -> float | None:
+    """utime + stime of process `pid` (not its children), from /proc; None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def run(ranks: int, args, runs: Path, launcher: str = "mlxpt") -> dict:
+    argv = [sys.executable, "-m", "mlxpt.cli", "train", "sft", "--runs-dir", str(runs / f"r{ranks}-{launcher}"),
             "--steps", str(args.steps), "--batch-size", str(args.batch_size), "--max-seq-len", str(args.max_seq_len),
             "--eval-batches", "0", "--regression-data", "none", "--save-every", "100000", "--events", "json"]  # fmt: skip
     if ranks > 1:
-        argv = [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_port()), "--", *argv]
+        start = [str(LAUNCH)] if launcher == "mlx" else [sys.executable, "-m", "mlxpt.launch"]
+        argv = [*start, "-n", str(ranks), "--backend", "ring", "--starting-port", str(free_port()), "--", *argv]
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1"}
     # a stdin that never has data nor ends: mlx.launch polls its stdin, and on /dev/null (always
     # readable) that poll spins a core the ranks need
@@ -57,6 +74,14 @@ def run(ranks: int, args, runs: Path) -> dict:
     t0 = time.perf_counter()
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdin=r, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, start_new_session=True)  # fmt: skip
+    used = [0.0]
+
+    def watch() -> None:  # the launcher's CPU time, read until it exits
+        while (t := cpu_seconds(proc.pid)) is not None and proc.poll() is None:
+            used[0] = t
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
     try:
         out, err = proc.communicate(timeout=args.timeout)
     finally:  # a timeout or a signal: the launcher and its ranks go too
@@ -74,6 +99,8 @@ def run(ranks: int, args, runs: Path) -> dict:
         raise SystemExit(f"{ranks} ranks failed:\n{p.stderr[-3000:]}")
     out = {
         "ranks": ranks,
+        "launcher": launcher if ranks > 1 else "-",
+        "launcher_cpu_s": used[0] if ranks > 1 else 0.0,
         "tokens_per_s": statistics.median(e["tokens_per_s"] for e in steps),
         "step_time_s": statistics.median(e["step_time_s"] for e in steps),
         "tokens_per_step": statistics.median(e["tokens"] for e in steps),
@@ -105,21 +132,29 @@ def main() -> None:
     ap.add_argument("--step-time", type=float, default=None, help="T_c for the estimate (default: measured, 1 rank)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--timeout", type=float, default=280, help="seconds a run may take")
+    ap.add_argument(
+        "--launchers", default="mlxpt", help="comma list of mlxpt (python -m mlxpt.launch), mlx (mlx.launch)"
+    )
     args = ap.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` stops us: clean up the ranks
     load = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as tmp:
-        one, two = run(1, args, Path(tmp)), run(2, args, Path(tmp))
+        one = run(1, args, Path(tmp))
+        multi = [run(2, args, Path(tmp), name) for name in args.launchers.split(",")]
+    two = multi[-1]
     step_time = args.step_time or one["step_time_s"]
     rows = estimate(two["allreduce_bytes_per_step"], step_time)
     print(f"load average at start {load:.1f} ({os.cpu_count()} CPUs): timings are noisy on a shared machine")
-    print("| ranks | tokens/s | step s | tokens/step | all-reduce ms/step | all-reduce bytes/step |")
-    print("|---|---|---|---|---|---|")
-    for r in (one, two):
+    print(
+        "| ranks | launcher | launcher CPU s | tokens/s | step s | tokens/step | all-reduce ms/step | all-reduce bytes/step |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for r in (one, *multi):
         ar = f"{r['allreduce_s_per_step'] * 1e3:.1f}" if "allreduce_s_per_step" in r else "-"
         by = f"{r['allreduce_bytes_per_step']:,.0f}" if "allreduce_bytes_per_step" in r else "-"
         print(
-            f"| {r['ranks']} | {r['tokens_per_s']:.0f} | {r['step_time_s']:.2f} | {r['tokens_per_step']:.0f} | {ar} | {by} |"
+            f"| {r['ranks']} | {r['launcher']} | {r['launcher_cpu_s']:.1f} | {r['tokens_per_s']:.0f} | {r['step_time_s']:.2f} "
+            f"| {r['tokens_per_step']:.0f} | {ar} | {by} |"
         )
     print(
         f"\nestimate with T_c = {step_time:.3f} s a step on one rank and B = {two['allreduce_bytes_per_step']:,.0f} bytes:"
@@ -129,7 +164,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r['link']} | {r['ranks']} | {r['allreduce_ms']:.3f} | {r['speedup']:.2f}x |")
     if args.json:
-        args.json.write_text(json.dumps({"runs": [one, two], "estimate": rows, "load": load}, indent=1))
+        args.json.write_text(json.dumps({"runs": [one, *multi], "estimate": rows, "load": load}, indent=1))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@ bias correction (torch's `adamw_torch` with weight decay 0; mlx-lm with
 (the order rotates every repeat); each run is a child process whose peak RSS comes from `wait4`.
 
 Tools: `mlx-lm` (mlx_lm.lora, mlxpt's OpenBLAS swap applied first, as bench/sft.py's
-"same-blas"), `mlxpt` (packing on, the default), `mlxpt-padded` (packing off), `trl` (TRL
+"same-blas"), `mlxpt` (packing on, the default), `mlxpt-padded` (packing off), `mlxpt-ranks`
+(`--ranks THREADS`: data-parallel, one process of one BLAS thread per core, the same global
+batch; its peak RSS is one rank's, and every rank holds a copy of the model), `trl` (TRL
 1.16 + PEFT on torch CPU, gradient checkpointing off like the mlx tools, no packing: TRL's
 default; the peers harness's hooks/trl_inner.py).
 
@@ -46,7 +48,7 @@ TRL_VENV = Path(os.environ.get("VENV_TRL", "/tmp/venv-trl"))
 # as ../shared/peers/setup_envs.sh pins them; torch first and alone (the CPU wheel)
 TRL_PINS = [["torch==2.13.0"], ["torch==2.13.0", "trl==1.16.0", "peft==0.21.2", "transformers==5.24.0",
                                 "datasets==5.2.0", "accelerate==1.15.0"]]  # fmt: skip
-TOOLS = ("mlx-lm", "mlxpt", "mlxpt-padded", "trl")
+TOOLS = ("mlx-lm", "mlxpt", "mlxpt-padded", "mlxpt-ranks", "trl")
 
 
 def trl_python() -> Path:
@@ -60,15 +62,28 @@ def trl_python() -> Path:
     return py
 
 
+def trl_command(args: list[str], python_args: list[str] | None = None) -> tuple[list[str], dict]:
+    """(command, env) of the harness's hooks/trl_inner.py in the TRL venv with `args`; `python_args`
+    go before the script (e.g. `-c CODE` that patches TRL, then runs it). Its JSON lines are tagged
+    "BENCHJSON ": the shell untags them, and wait4 on the shell still sees the trainer's peak RSS."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    inner = [str(trl_python()), *(python_args or []), str(PEERS / "hooks" / "trl_inner.py"), *args]
+    return ["sh", "-c", " ".join(f"'{x}'" for x in inner) + " | sed -u 's/^BENCHJSON //'"], env
+
+
+def with_threads(env: dict, threads: int) -> dict:
+    """`env` with every BLAS/OpenMP thread count set to `threads` (the same for every tool)."""
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[var] = str(threads)
+    return env
+
+
 def command(tool: str, a, f32: Path, tmp: Path, tag: str) -> tuple[list[str], dict]:
     if tool == "trl":
-        env = dict(os.environ, PYTHONUNBUFFERED="1")
-        inner = [str(trl_python()), str(PEERS / "hooks" / "trl_inner.py"), "--mode", "sft", "--model", str(f32),
-                 "--data", str(a.data), "--out", str(tmp / tag), "--iters", str(a.steps), "--batch", str(a.batch_size),
-                 "--max-seq", str(a.max_seq_len), "--lr", str(a.learning_rate), "--num-layers", str(a.num_layers),
-                 "--gradient-checkpointing", "off"]  # fmt: skip
-        # its JSON lines are tagged "BENCHJSON "; wait4 on the shell still sees the trainer's peak RSS
-        cmd = ["sh", "-c", " ".join(f"'{x}'" for x in inner) + " | sed -u 's/^BENCHJSON //'"]
+        cmd, env = trl_command(["--mode", "sft", "--model", str(f32), "--data", str(a.data), "--out", str(tmp / tag),
+                                "--iters", str(a.steps), "--batch", str(a.batch_size), "--max-seq", str(a.max_seq_len),
+                                "--lr", str(a.learning_rate), "--num-layers", str(a.num_layers),
+                                "--gradient-checkpointing", "off"])  # fmt: skip
     else:
         cmd, env = sft_commands("same-blas", "mlxpt" if tool.startswith("mlxpt") else "mlx-lm", a, f32, tmp, tag)
         if tool == "mlx-lm":  # Adam with bias correction, like torch and mlxpt
@@ -81,17 +96,18 @@ def command(tool: str, a, f32: Path, tmp: Path, tag: str) -> tuple[list[str], di
         if tool == "mlxpt-padded":
             (tmp / "padded.yaml").write_text("packing: false\n")
             cmd += ["--config", str(tmp / "padded.yaml")]
-    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[var] = str(a.threads)
-    return cmd, env
+        if tool == "mlxpt-ranks":  # the same cores as one process of `threads` BLAS threads
+            return cmd + ["--ranks", str(a.threads)], with_threads(env, 1)
+    return cmd, with_threads(env, a.threads)
 
 
-def summarise_trl(events: list[dict], warmup: int, batch: int) -> dict:
-    """bench/sft.py's summary fields from trl_inner.py's step lines (attention_mask sums)."""
+def summarise_trl(events: list[dict], warmup: int, batch: int, rows: int = 1) -> dict:
+    """bench/sft.py's summary fields from trl_inner.py's step lines (attention_mask sums: row
+    lengths, one more than the next-token targets of each of the `rows` rows per example)."""
     losses = {e["step"]: e["loss"] for e in events if e.get("kind") == "log" and "loss" in e}
     steps = [
         {"step": e["step"], "loss": losses.get(e["step"]), "time": e["dt"], "raw": e["tokens"],
-         "norm": e["tokens"] - batch, "peak_mb": 0.0}
+         "norm": e["tokens"] - rows * batch, "peak_mb": 0.0}
         for e in events if e.get("kind") == "step" and e.get("tokens")
     ]  # fmt: skip
     meas = [s for s in steps if s["step"] > warmup]
@@ -104,6 +120,7 @@ def summarise_trl(events: list[dict], warmup: int, batch: int) -> dict:
         "tok_s": sum(s["norm"] for s in meas) / t,
         "s_step_median": statistics.median(s["time"] for s in meas),
         "tokens_per_seq": sum(s["norm"] for s in meas) / (batch * len(meas)),
+        "s_step_min": min(s["time"] for s in meas),
         "final_loss": next((s["loss"] for s in reversed(steps) if s["loss"] is not None), None),
         "padded_positions": sum(e.get("padded_tokens") or 0 for e in events if e.get("kind") == "step"),
     }
@@ -187,17 +204,21 @@ def report(runs: list[dict], a, f32: Path, tools: list[str]) -> None:
         loss = "–" if r.get("final_loss") is None else f"{r['final_loss']:.3f}"
         print(f"| {r['tool']} | {r['repeat']} | {r['tok_s']:.0f} | {r['s_step_median']:.2f} | {r['rss_mb']:.0f} "
               f"| {r['load_before']:.2f} | {loss} |")  # fmt: skip
-    if "mlxpt" not in tools:
-        return
-    print("\n| vs | mlxpt / tool, tok/s per repeat | RSS MB mlxpt / tool |")
+    if "mlxpt" in tools:
+        print_ratios(runs, tools, a.repeats, "tok_s", "tok/s")
+
+
+def print_ratios(runs: list[dict], tools: list[str], repeats: int, key: str, unit: str) -> None:
+    """A markdown table: mlxpt's `key` over each other tool's, per repeat, and the peak RSS of both."""
+    print(f"\n| vs | mlxpt / tool, {unit} per repeat | RSS MB mlxpt / tool |")
     print("|---|---|---|")
     for tool in [t for t in tools if t != "mlxpt"]:
         ratios, rss = [], []
-        for rep in range(a.repeats):
+        for rep in range(repeats):
             us = [r for r in runs if r["tool"] == "mlxpt" and r["repeat"] == rep and r.get("measured")]
             them = [r for r in runs if r["tool"] == tool and r["repeat"] == rep and r.get("measured")]
             if us and them:
-                ratios.append(us[0]["tok_s"] / them[0]["tok_s"])
+                ratios.append(us[0][key] / them[0][key])
                 rss.append(f"{us[0]['rss_mb']:.0f} / {them[0]['rss_mb']:.0f}")
         print(f"| {tool} | {', '.join(f'{x:.2f}' for x in ratios) or '–'} | {', '.join(rss) or '–'} |")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 # Bottom up. Packages on one line are independent: neither may import the other.
 LAYERS: list[tuple[str, ...]] = [
-    ("mlxpt", "mlxpt.errors", "mlxpt._blas"),  # "mlxpt" is the package's __init__ alone
+    ("mlxpt", "mlxpt.errors", "mlxpt._blas", "mlxpt.launch"),  # "mlxpt": the __init__ alone; launch: mlx.launch, fixed
     ("mlxpt.config",),
     ("mlxpt.runs",),
     ("mlxpt.data", "mlxpt.models"),

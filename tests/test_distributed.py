@@ -4,7 +4,9 @@ started by mlx.launch, on the tiny model. Every process runs with OPENBLAS_NUM_T
 2 ranks x (global) batch 4 -- 2 rows a rank -- equal 1 rank x batch 4 after 5 steps (adapters,
 optimiser state and logged losses within 1e-6); resume 2 -> 1 and 1 -> 2 equal the straight run;
 a signal to rank 1 stops both at one step with one checkpoint; a rank killed with -9 makes rank 0
-exit with one line and a checkpoint that resumes; bad inputs are refused on every rank."""
+exit with one line and a checkpoint that resumes; bad inputs are refused on every rank. RFT
+(rounds sampled in waves over the ranks) and distillation (token level with a top-k cache and
+on-policy batches, sequence level) equal one rank too, their files written once by rank 0."""
 
 from __future__ import annotations
 
@@ -47,10 +49,12 @@ def _port() -> int:
 
 
 def command(argv: list[str], ranks: int) -> list[str]:
+    """`mlxpt train argv`, on `ranks` ranks through mlx.launch as `--ranks` runs it (mlxpt.launch)."""
     me = [sys.executable, "-m", "mlxpt.cli", "train", *argv]
     if ranks == 1:
         return me
-    return [str(LAUNCH), "-n", str(ranks), "--backend", "ring", "--starting-port", str(_port()), "--", *me]
+    launch = [sys.executable, "-m", "mlxpt.launch"]
+    return [*launch, "-n", str(ranks), "--backend", "ring", "--starting-port", str(_port()), "--", *me]
 
 
 def quiet_stdin() -> int:
@@ -221,27 +225,112 @@ def test_dpo_two_ranks_equal_one(tiny_dir, pref_dir, tmp_path):
     assert_same(runs[1], runs[2])
 
 
-def test_grpo_on_two_ranks_resumes_exactly(tiny_dir, tmp_path):
-    """GRPO's samples depend on how the prompts are split (each rank samples its own groups), so
-    2 ranks cannot equal 1 draw for draw; a resume on the same ranks is exact."""
+def test_grpo_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
+    """Each completion draws from keys of its own (the prompt's index in the data), so the ranks'
+    groups are the groups one rank samples; a resume on 2 ranks is exact."""
     import tiny
 
     (tmp_path / "prompts").mkdir()
     prompts = tiny.write_prompt_dir(tmp_path / "prompts", train=(8, 1), test=(4, 2))
     (tmp_path / "rules.py").write_text(REWARD)
+    # lr 1e-3: at 1e-2 Adam's first steps blow float32 rounding of GRPO's near-zero gradients up
+    # to ~2e-6 between the two layouts (the samples and losses still agree)
     kw = {"rewards": f"{tmp_path / 'rules.py'}:even", "num_generations": 4, "max_completion_length": 8,
-          "eval_batches": 0, "learning_rate": 1e-2}  # fmt: skip
-    p = train(["grpo", *flags(tiny_dir, prompts, tmp_path / "a", **kw)], 2)
-    assert p.returncode == 0, p.stderr[-2000:]
-    straight = the_run(tmp_path / "a")
-    steps = [e for e in events(p.stdout) if e["event"] == "step"]
-    assert len(steps) == 5 and all(0.0 <= e["reward_mean"] <= 1.0 for e in steps)
-    # both ranks' groups are in the step report: 4 prompts x 4 completions
-    assert any(e["reward_std"] > 0 for e in steps)
-    run = cut_back(straight, tmp_path / "cut", 3)
+          "eval_batches": 0, "learning_rate": 1e-3}  # fmt: skip
+    runs, steps = {}, {}
+    for n in (1, 2):
+        p = train(["grpo", *flags(tiny_dir, prompts, tmp_path / f"r{n}", **kw)], n)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[n] = the_run(tmp_path / f"r{n}")
+        steps[n] = [e for e in events(p.stdout) if e["event"] == "step"]
+    assert_same(runs[1], runs[2])
+    assert len(steps[2]) == 5 and all(0.0 <= e["reward_mean"] <= 1.0 for e in steps[2])
+    # both ranks' groups are in the step report (4 prompts x 4 completions): as on one rank
+    for key in ("reward_mean", "reward_std", "completion_len_mean"):
+        got = [(a.get(key), b.get(key)) for a, b in zip(steps[1], steps[2], strict=True)]
+        assert all(x is not None and abs(x - y) < 1e-6 for x, y in got), (key, got)
+    assert any(e["reward_std"] > 0 for e in steps[2])
+    run = cut_back(runs[2], tmp_path / "cut", 3)
     p = train(["--resume", str(run), "--events", "json"], 2)
     assert p.returncode == 0, p.stderr[-2000:]
-    assert_same(straight, run)
+    assert_same(runs[1], run)
+
+
+def test_rft_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
+    """A round's chunks (2 prompts each: 3 chunks) are sampled in waves over the ranks and
+    gathered; rank 0 alone writes the round files. Every sample accepted, one kept a prompt, 5 of
+    8 prompts a round: a kept set of 5 at batch 4, whose 1-row batch leaves rank 0 an empty shard
+    (it adds a batch that trains nothing). A resume on 2 ranks inside round 2 reads it back."""
+    import tiny
+
+    (tmp_path / "prompts").mkdir()
+    prompts = tiny.write_prompt_dir(tmp_path / "prompts", train=(8, 1), test=(4, 2))
+    (tmp_path / "rules.py").write_text(REWARD)
+    kw = {"rewards": f"{tmp_path / 'rules.py'}:even", "accept": 0.0, "samples_per_prompt": 4, "max_completion_length": 8,
+          "steps": 4, "rounds": 2, "prompts_per_round": 5, "keep_per_prompt": 1, "sample_batch": 2, "grad_accum": 2,
+          "eval_batches": 0}  # fmt: skip
+    runs, rounds = {}, {}
+    for n in (1, 2):
+        p = train(["rft", *flags(tiny_dir, prompts, tmp_path / f"r{n}", **kw), "--keep-truncated"], n)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[n] = the_run(tmp_path / f"r{n}")
+        rounds[n] = [e for e in events(p.stdout) if e["event"] == "round"]
+    assert_same(runs[1], runs[2])
+    assert [e["kept"] for e in rounds[2]] == [5, 5] and len(rounds[1]) == 2
+    files = sorted(p.name for p in (runs[2] / "rft").iterdir())
+    assert files == ["round-001.json", "round-002.json"], files  # no part file left, no second copy
+    for name in files:  # the same samples, kept the same way
+        a, b = (json.loads((runs[n] / "rft" / name).read_text()) for n in (1, 2))
+        assert a["prompts"] == b["prompts"] and a["fingerprint"] == b["fingerprint"]
+    run = cut_back(runs[2], tmp_path / "cut", 3)
+    before = (run / "rft" / "round-002.json").stat().st_mtime_ns
+    p = train(["--resume", str(run), "--events", "json"], 2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert not [e for e in events(p.stdout) if e["event"] == "round"]  # read back, not sampled again
+    assert (run / "rft" / "round-002.json").stat().st_mtime_ns == before
+    assert_same(runs[1], run)
+
+
+@pytest.mark.parametrize("mode", ["token", "sequence"])
+def test_distill_two_ranks_equal_one(tiny_dir, data_dir, tmp_path, mode):
+    """Token level: each rank scores its shard with the teacher; the teacher's top-k cache is
+    computed by row batches over the ranks, gathered, written once by rank 0; on-policy batches
+    sample keyed rows. Sequence level: the teacher's answers, chunks over the ranks, gathered,
+    cached by rank 0. Both: 2 ranks equal 1, and the cached files are the same."""
+    import tiny
+
+    teacher = tiny.make_model(tmp_path / "teacher", seed=1)
+    extra = {"teacher_cache": "top-k", "top_k": 16, "on_policy_ratio": 0.7, "grad_accum": 2}
+    kw = {"teacher": teacher, "mode": mode, "steps": 3, "max_completion_length": 8, "eval_batches": 0,
+          **(extra if mode == "token" else {})}  # fmt: skip
+    runs, steps = {}, {}
+    for n in (1, 2):
+        p = train(["distill", *flags(tiny_dir, data_dir, tmp_path / f"r{n}", **kw)], n)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[n] = the_run(tmp_path / f"r{n}")
+        steps[n] = [e for e in events(p.stdout) if e["event"] == "step"]
+    assert_same(runs[1], runs[2])
+    counts = [[(e["teacher_tokens"], e["on_policy_batches"]) for e in steps[n]] for n in (1, 2)]
+    assert counts[0] == counts[1] and counts[1][-1][0] > 0, counts  # every rank's teacher tokens
+    cache = runs[2] / "distill"
+    if mode == "sequence":
+        assert sorted(p.name for p in cache.iterdir()) == ["answers.json"]
+        a, b = (json.loads((runs[n] / "distill/answers.json").read_text()) for n in (1, 2))
+        assert a == b and len(a["answers"]) > 16  # two chunks of 16: one answered on each rank
+        return
+    assert 0 < counts[1][-1][1] < 6, counts  # some batches on-policy, some from the cache
+    assert sorted(p.name for p in cache.iterdir()) == ["topk-16.json", "topk-16.safetensors"]
+    from mlxpt.backends.numpy_weights import read_safetensors
+
+    a, b = (read_safetensors(runs[n] / "distill/topk-16.safetensors") for n in (1, 2))
+    assert a.keys() == b.keys() and all(np.array_equal(np.array(a[k]), np.array(b[k])) for k in a)
+    # the 2-rank run resumed on 1 rank reads the cache back and ends where the straight run does
+    run = cut_back(runs[2], tmp_path / "cut", 1)
+    before = (run / "distill/topk-16.safetensors").stat().st_mtime_ns
+    p = train(["--resume", str(run), "--events", "json"], 1)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert (run / "distill/topk-16.safetensors").stat().st_mtime_ns == before
+    assert_same(runs[1], run)
 
 
 def _rank_pid(runs: Path, rank: int, timeout: float = 60) -> int:
@@ -386,6 +475,7 @@ def test_one_process_is_a_world_of_one(monkeypatch):
         monkeypatch.delenv(k, raising=False)
     assert d.init("numpy").size == 1 and d.is_main() and d.shard([3, 1, 2]) == [3, 1, 2]
     assert d.sum_floats([1.5, 2.0]) == [1.5, 2.0] and d.broadcast_text("x") == "x" and d.report() == {}
+    assert d.gather_texts("x") == ["x"]
     d.check_batches(7, 1)  # nothing to split
 
 
@@ -422,5 +512,6 @@ def test_refusals_without_a_launch(monkeypatch):
     monkeypatch.setenv("MLX_RANK", "0")
     assert code(d.launch_command, 2, []) == "E726"  # --ranks inside mlx.launch
     monkeypatch.setattr(d, "WORLD", d.World(rank=0, size=2))
-    assert code(d.check_method, "rft") == "E728"
-    d.check_method("grpo")
+    assert code(d.check_method, "a-new-method") == "E728"  # a method not yet checked on several ranks
+    for name in ("grpo", "rft", "distill"):
+        d.check_method(name)

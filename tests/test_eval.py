@@ -285,3 +285,18 @@ def test_eval_never_writes_over_its_data(tmp_path, capsys, flag):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "E617" in err[0] and "destroy" in err[0], err
     assert other.read_bytes() == before
+
+
+def test_progress_in_a_log_file_has_a_line_per_tenth_even_when_batches_jump(capsys):
+    """Batched decoding reports several prompts at once; a log file (not a terminal) still gets
+    a line each time a tenth is passed, and one at the end."""
+    from mlxpt.commands.generate import progress_printer
+
+    progress = progress_printer("[run]", 0.0)
+    for done in range(8, 100, 8):  # 8, 16, ..., 96: never lands on a multiple of 10
+        progress(done, 100)
+    progress(100, 100)
+    lines = capsys.readouterr().err.splitlines()
+    shown = [int(x.split()[1].split("/")[0]) for x in lines]
+    assert shown == [16, 24, 32, 40, 56, 64, 72, 80, 96, 100], shown
+    assert all(x.startswith("[run] ") and " prompts, " in x for x in lines)

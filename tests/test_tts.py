@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from test_tts_fakes import FakeLM, byte_tokenizer, scripted, uniform
 
-from mlxpt.decode.batch import generate_group
+from mlxpt.decode.batch import generate_group, generate_groups
 from mlxpt.decode.beam import beam_search
 from mlxpt.decode.options import STRATEGY_NAMES, DecodeConfig, check_strategy
-from mlxpt.decode.sampling import SamplingConfig, filter_logprobs, make_sampler
+from mlxpt.decode.sampling import SamplingConfig, filter_logprobs, make_keyed_sampler, make_sampler, row_key
 from mlxpt.decode.scorers import arithmetic_steps, arithmetic_verifier, check_spec, make_scorer
 from mlxpt.decode.strategies import STRATEGIES, DecodeContext, StrategyResult, run_strategy
 from mlxpt.errors import ConfigError
@@ -79,6 +79,40 @@ def test_temperature_zero_is_argmax_and_temperature_flattens():
     hot = make_sampler(temperature=5.0, seed=2)
     draws = np.array(hot(mx.repeat(logp, 4000, axis=0)).tolist())
     assert (draws == 3).mean() > 0.15  # p=0.05 at T=1, about 0.19 at T=5
+
+
+def test_keyed_sampler_draws_in_proportion_and_each_row_from_its_key():
+    logp = mx.repeat(mx.array(np.log(P))[None], 3000, axis=0)
+    keys = [row_key(5, i) for i in range(3000)]
+    draws = np.array(make_keyed_sampler(1.0, top_k=3)(logp, keys).tolist())
+    assert set(draws.tolist()) == {0, 1, 2}
+    assert (draws == 0).mean() == pytest.approx(0.5 / 0.95, abs=0.03)
+    assert (draws == 2).mean() == pytest.approx(0.15 / 0.95, abs=0.03)
+    # a row's draw is its key's, whatever rows share the batch and in what order
+    one = make_keyed_sampler(1.0)
+    alone = [one(logp[:1], [k]).item() for k in keys[:40]]
+    assert one(logp[:40], keys[:40]).tolist() == alone
+    assert one(logp[:40][::-1], keys[:40][::-1]).tolist() == alone[::-1]
+    assert make_keyed_sampler(0.0)(logp[:4], keys[:4]).tolist() == [0, 0, 0, 0]
+    assert len({row_key(1, 2, 3), row_key(1, 3, 2), row_key(2, 1, 3), row_key(1, 2), row_key(1, 2, 3, 0)}) == 5
+
+
+def test_keyed_groups_do_not_depend_on_the_batch(tok, V):
+    """GRPO's guarantee for several ranks: a prompt's completions are the same sampled alone or
+    beside other prompts (row_key of its key, sample number, token number)."""
+    lm = FakeLM(V, uniform(V))
+    a, b = prompt_ids(tok, "Q: one?"), prompt_ids(tok, "Q: a longer second prompt?")
+    sampler = make_keyed_sampler(temperature=1.0)
+
+    def toks(prompts, keys):
+        return [[c.tokens for c in g] for g in generate_groups(lm, tok, prompts, 3, 6, sampler, keys=keys)]
+
+    both = toks([a, b], [11, 12])
+    assert both == toks([a], [11]) + toks([b], [12])
+    assert toks([b, a], [12, 11]) == both[::-1]
+    assert toks([a], [13]) != both[0] and len({tuple(t) for t in both[0]}) == 3
+    with pytest.raises(ValueError):
+        generate_groups(lm, tok, [a], 2, 4, sampler)  # a keyed sampler without keys
 
 
 # ---- batched generation on fake models -------------------------------------------------------

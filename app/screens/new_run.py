@@ -110,7 +110,7 @@ class NewRunScreen(Screen):
             defaults = {f.name: f.default for f in form.form_fields(previous)}
             old = {k: v for k, v in self.values(previous).items() if str(v) != str(defaults.get(k))}
         await holder.remove_children()
-        widgets = []
+        widgets, rows, chosen = [], {}, {}
         section = None
         for f in form.form_fields(self.method):
             if f.section != section:
@@ -122,15 +122,26 @@ class NewRunScreen(Screen):
                 v = "true" if str(value).lower() in ("true", "1", "yes", "on") else "false"
                 w = Select([("false", "false"), ("true", "true")], value=v, allow_blank=False, id=wid, compact=True)
             elif f.kind == "choice":
-                v = str(value) if str(value) in f.choices else str(f.default)
+                v = chosen[f.name] = str(value) if str(value) in f.choices else str(f.default)
                 w = Select(
                     [(c, c) for c in f.choices], value=v, allow_blank=False, id=wid, compact=True, tooltip=f.help
                 )
             else:
                 w = Input("" if value is None else str(value), id=wid, compact=True, tooltip=f.help)
             w.help_text = f"{f.name}: {f.help}"
-            widgets.append(Horizontal(Label(f.name, classes="field-name"), w, classes="field"))
+            rows[f.name] = Horizontal(Label(f.name, classes="field-name"), w, classes="field")
+            widgets.append(rows[f.name])
+        for name in form.hidden_fields(self.method, chosen):  # chosen: the choices, fine_tune_type's among them
+            rows[name].display = False
         await holder.mount_all(widgets)
+
+    @on(Select.Changed, "#f-fine_tune_type")
+    def _show_type_fields(self) -> None:
+        """Only the settings the chosen fine-tune type reads are shown; the others keep their values."""
+        hidden = set(form.hidden_fields(self.method, self.values()))
+        for w in self.query("#fields Input, #fields Select"):
+            if w.id and w.id.startswith("f-") and w.parent is not None:
+                w.parent.display = w.id[2:] not in hidden
 
     def values(self, method: str | None = None) -> dict[str, object]:
         out: dict[str, object] = {}
@@ -192,10 +203,14 @@ class NewRunScreen(Screen):
         return form.data_kind(self.method)
 
     def _batch_shape(self, cfg, longest: int) -> Shape:
-        """One training pass as `mlxpt train` estimates it before step 1 (the method's own shape)."""
+        """One training pass as `mlxpt train` estimates it before step 1 (the method's own shape;
+        the MLX backend adds its gradient checkpointing, as here)."""
+        from dataclasses import replace
+
         from mlxpt.train.methods import METHODS
 
-        return METHODS[self.method].memory_shape(cfg, longest)
+        shape = METHODS[self.method].memory_shape(cfg, longest)
+        return replace(shape, grad_checkpoint=cfg.train.grad_checkpoint)
 
     @work(thread=True, exclusive=True, group="check")
     def _check(self, key: tuple, cfg) -> None:

@@ -27,7 +27,8 @@ def create_backend(
     `objective` (may be set later with `set_objective`), `output` ("logp" per token, "reward" per
     row: see MLXBackend), `extend_model(model, seed)` after the adapters are added (e.g. a reward
     head) and `save(folder, model, adapter_config)` in place of the adapter save. MLX only for
-    the hooks and "reward"."""
+    the hooks and "reward". `train_cfg.grad_checkpoint` recomputes each block in the backward on
+    MLX; the NumPy backend always does (numpy_model.py), so there it changes nothing."""
     if (output == "reward" or extend_model or save) and name != "mlx":
         raise ConfigError("E516", f"the {name} backend cannot train a reward model", "backend", "use --backend mlx")
     if name == "mlx":
@@ -40,7 +41,10 @@ def create_backend(
         if extend_model is not None:
             extend_model(model, seed=train_cfg.seed)
         optimizer = make_optimizer(train_cfg.optimizer, train_cfg.weight_decay)
-        return MLXBackend(model, optimizer, objective, adapter_config=adapter_config, output=output, save=save)
+        return MLXBackend(
+            model, optimizer, objective, adapter_config=adapter_config, output=output, save=save,
+            grad_checkpoint=train_cfg.grad_checkpoint,
+        )  # fmt: skip
     if name == "numpy":
         from mlxpt.backends.numpy_backend import create_numpy_backend
 

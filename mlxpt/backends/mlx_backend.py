@@ -10,10 +10,14 @@ Plain SFT (`sft_objective`, rows or packed bins) runs the vocabulary head and it
 at the trained positions: the backbone's hidden states are gathered at the flat positions the host
 reads off the mask (`data/batching.trained_positions`), where the head can be split off the model
 and gives its logits unchanged (`vocab_head`, `head_matches`); else, and for every other output
-and objective (--kl-to-base included), the full (B, L, V) logits."""
+and objective (--kl-to-base included), the full (B, L, V) logits.
+
+With `grad_checkpoint` (--grad-checkpoint) each transformer block is recomputed in the backward
+instead of keeping its activations (mlx_checkpoint.py): the same loss and gradients, less memory."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
@@ -27,7 +31,7 @@ import mlx.nn as nn  # noqa: E402
 import mlx.optimizers as optim  # noqa: E402
 from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
-from mlxpt.backends import packing  # noqa: E402
+from mlxpt.backends import mlx_checkpoint, packing  # noqa: E402
 from mlxpt.backends.base import check_adapter_fits, no_base_error  # noqa: E402
 from mlxpt.backends.mlx_packing import packed_token_logp, segment_caches  # noqa: E402
 from mlxpt.backends.shared_prefix import grouped_token_logp, self_check  # noqa: E402
@@ -142,7 +146,7 @@ class MLXBackend:
 
     def __init__(
         self, model, optimizer, objective=sft_objective, compile: bool = True, adapter_config=None, output="logp",
-        save=None,
+        save=None, grad_checkpoint: bool = False,
     ):  # fmt: skip
         """`objective(logp, *batch[2:]) -> (loss_sum, weight, aux)`; see mlxpt/objectives.py.
 
@@ -151,7 +155,11 @@ class MLXBackend:
         output="reward" (a reward model): batches are `(inputs, last index per row, *rest)` and the
         objective gets `head_rewards` (B,) instead of per-token log-probs; the model carries a
         trainable `reward_head` (models/heads.py). `save(folder, model, adapter_config)` replaces
-        the adapter save (a reward model saves its head too)."""
+        the adapter save (a reward model saves its head too). `grad_checkpoint`: recompute each
+        block in the backward (mlx_checkpoint.py; E780/E781 where the model does not allow it)."""
+        if grad_checkpoint:
+            mlx_checkpoint.enable(model)
+        self.grad_checkpoint = grad_checkpoint
         self.model, self.optimizer = model, optimizer
         self.objective = sft_objective if objective is None else objective
         self._save = save or save_adapter
@@ -327,8 +335,7 @@ class MLXBackend:
 
     @staticmethod
     def _set_rng(key) -> None:
-        hi, lo = (int(x) for x in np.array(key).tolist())
-        mx.random.seed((hi << 32) | lo)  # key(seed) == [seed >> 32, seed & 0xffffffff]
+        mlx_checkpoint.set_rng(key)
 
     def evaluate(self, batch) -> tuple[float, float, dict]:
         self.model.eval()
@@ -420,7 +427,7 @@ class MLXBackend:
         return int(trainable), int(sum(v.size for _, v in tree_flatten(self.model.parameters())))
 
     def check_memory(self, shape) -> dict:
-        return check_fits(self.model, shape)
+        return check_fits(self.model, replace(shape, grad_checkpoint=self.grad_checkpoint))
 
     def save_adapter(self, folder) -> None:
         self._save(folder, self.model, self.adapter_config)

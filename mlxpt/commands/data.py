@@ -176,10 +176,9 @@ def self_answers(
 def run_self_answers(args) -> int:
     import json
 
-    from mlxpt.commands.generate import DEFAULT_MODEL, load_for
+    from mlxpt.commands.generate import DEFAULT_MODEL, check_adapter, load_for, model_ref, progress_printer
     from mlxpt.data.formats import raise_if_errors
     from mlxpt.data.prompts import scan_prompts
-    from mlxpt.fuse import base_model_of
     from mlxpt.models.loader import resolve
     from mlxpt.runs.atomic import atomic_write_text
 
@@ -196,25 +195,14 @@ def run_self_answers(args) -> int:
     rows, errors = scan_prompts(args.prompts)
     raise_if_errors(errors, Path(args.prompts).name)  # every prompt checked before any weights load
     if args.adapter is not None:
-        from mlxpt.models.adapters import find_adapter, read_adapter_config
-
-        read_adapter_config(find_adapter(args.adapter))
+        check_adapter(args.adapter)
     if args.model is None:  # load_for's choice: the run's base model, else the default
-        args.model = ((base_model_of(args.adapter) or {}) if args.adapter else {}).get("model") or DEFAULT_MODEL
+        args.model = model_ref(None, args.adapter) or DEFAULT_MODEL
     check_self_answers_out(out, {**inputs, "model": resolve(args.model)})
     model, tokenizer = load_for(args)
     t0 = time.perf_counter()
+    progress = progress_printer("self-answers:", t0)
     live = sys.stderr.isatty()
-
-    shown = [0]  # prompts done at the last line
-
-    def progress(done: int, total: int) -> None:  # a log file gets a line per 10 %, not \r updates
-        line = f"self-answers: {done}/{total} prompts, {time.perf_counter() - t0:.0f} s"
-        if live:
-            print(f"\r{line}", end="", file=sys.stderr, flush=True)
-        elif done == total or done * 10 // total > shown[0] * 10 // total:
-            print(line, file=sys.stderr, flush=True)
-        shown[0] = done
 
     sampler = None
     if args.temperature > 0:  # greedy stays the default: the replay rows are then the model's most likely answers
@@ -252,7 +240,7 @@ def _convert_stepwise(path: str):
 
 
 def register_label_steps(dsub) -> None:
-    from mlxpt.commands.generate import add_load_args
+    from mlxpt.commands.generate import add_extract_arg, add_load_args
     from mlxpt.decode.label_steps import LabelSettings
 
     d = LabelSettings("", "")
@@ -301,9 +289,7 @@ def register_label_steps(dsub) -> None:
     )
     s.add_argument("--seed", type=int, default=d.seed, help="seed; prompt i samples from seed + i")
     s.add_argument("--step-delimiter", default="\\n", help="text that ends a step (default \\n, a newline)")
-    s.add_argument(
-        "--extract", default=d.extract, help="answer extractor: auto, tag, boxed, hash, answer, last_number, re:REGEX"
-    )
+    add_extract_arg(s, d.extract)
     s.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N prompts")
     add_load_args(s)
     s.set_defaults(func=run_label_steps)
@@ -311,14 +297,14 @@ def register_label_steps(dsub) -> None:
 
 def _policy(policy: str) -> tuple[str, str | None]:
     """(model reference, adapter or None) of --policy: a run or adapter folder, else a model."""
+    from mlxpt.commands.generate import check_adapter
     from mlxpt.fuse import base_model_of
-    from mlxpt.models.adapters import find_adapter, read_adapter_config
     from mlxpt.runs.guards import is_run_dir
 
     p = Path(policy)
     if not (p.is_dir() and (is_run_dir(p) or (p / "adapter_config.json").is_file())):
         return policy, None
-    read_adapter_config(find_adapter(p))
+    check_adapter(p)
     base = base_model_of(p)
     if base is None:
         raise ConfigError(

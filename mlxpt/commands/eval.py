@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 from mlxpt.errors import ConfigError, MlxptError
 
 
 def register(subparsers) -> None:
-    from mlxpt.commands.generate import add_model_args, add_search_args
+    from mlxpt.commands.generate import add_extract_arg, add_model_args, add_search_args
     from mlxpt.decode.evaluate import EVAL_STRATEGIES, EvalConfig
 
     d = EvalConfig()
@@ -52,9 +51,7 @@ def register(subparsers) -> None:
     p.add_argument("--min-p", type=float, default=d.min_p, help="min-p filter (0: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="prompt i samples with seed + i")
     p.add_argument("--scorer", default=d.scorer, help="best-of-n scorer: logprob, verifier, reward:NAME, rm:RUN, ...")
-    p.add_argument(
-        "--extract", default=d.extract, help="answer extractor: auto, tag, boxed, hash, answer, last_number, re:REGEX"
-    )
+    add_extract_arg(p, d.extract)
     p.add_argument("--weighting", default=d.weighting, help="self-consistency vote weights: none, logprob, reward")
     p.add_argument("--batch", type=int, default=d.batch, help="adaptive: samples drawn between stopping checks")
     p.add_argument(
@@ -228,7 +225,7 @@ def model_inputs(model: str | None, adapters: list[str]) -> dict[str, Path]:
 
 
 def run(args) -> int:
-    from mlxpt.commands.generate import check_common, load_for, model_ref
+    from mlxpt.commands.generate import check_adapter, check_common, load_for, model_ref, progress_printer
     from mlxpt.decode.evaluate import check_config, evaluate, read_rows
     from mlxpt.decode.plot import TOKENS_AXIS, terminal_chart, token_ticks, write_png
     from mlxpt.runs.atomic import atomic_write_json
@@ -269,13 +266,8 @@ def run(args) -> int:
             raise ConfigError(
                 "E621", "--compare and --adapter together", "--compare", "give the tuned run to --compare only"
             )
-        from mlxpt.models.adapters import find_adapter, read_adapter_config
-
-        read_adapter_config(find_adapter(args.compare))
-        if args.model is None:  # the base is the run's own base model
-            from mlxpt.fuse import base_model_of
-
-            args.model = (base_model_of(args.compare) or {}).get("model")
+        check_adapter(args.compare)
+        args.model = model_ref(args.model, args.compare)  # the base is the run's own base model by default
         runs.append(("adapter", args.compare))
     for path in outputs:  # nor the adapter's run or the model (checked before any weights load)
         check_output(path, model_inputs(args.model, [a for _, a in runs if a]), "eval", existing=False)
@@ -293,24 +285,15 @@ def run(args) -> int:
         args.adapter = adapter
         model, tokenizer = load_for(args)
         t0 = time.perf_counter()
-
-        live = sys.stderr.isatty()  # a log file gets a line per 10 %, not one line of \r updates
-
-        def progress(done, total, label=label, t0=t0, live=live):
-            line = f"[{label}] {done}/{total} prompts, {time.perf_counter() - t0:.0f} s"
-            if live:
-                print(f"\r{line}", end="", file=sys.stderr)
-            elif done == total or done * 10 // total != (done - 1) * 10 // total:
-                print(line, file=sys.stderr)
-
         details[label] = []
         for name, rows in sets.items():
             tag = label if len(sets) == 1 else f"{label} {name}"
-            for r in evaluate(model, tokenizer, rows, cfg, partial(progress, label=tag), details[label]):
+            progress = progress_printer(f"[{tag}]", t0)  # a log file: a line per tenth passed
+            for r in evaluate(model, tokenizer, rows, cfg, progress, details[label]):
                 results.append(
                     {**r, "label": label, "data": name, "model": args.model or "default", "adapter": adapter}
                 )
-        if live:
+        if sys.stderr.isatty():  # end the line updated in place
             print(file=sys.stderr)
         del model, tokenizer
     print(table(results))

@@ -31,6 +31,41 @@ def add_model_args(p) -> None:
     add_load_args(p)
 
 
+def check_adapter(adapter: str | Path) -> None:
+    """A run or adapter folder (--adapter, --compare, --policy) with adapter files and a config
+    that can be loaded (E221, E703, ...), checked before any weights load."""
+    from mlxpt.models.adapters import find_adapter, read_adapter_config
+
+    read_adapter_config(find_adapter(adapter))
+
+
+def add_extract_arg(p, default: str = "auto") -> None:
+    """--extract: how a final answer is read from a completion (rewards/extract.py's METHODS; not
+    imported here, which would load the reward functions and NumPy for a --help)."""
+    p.add_argument(
+        "--extract", default=default, help="answer extractor: auto, tag, boxed, hash, answer, last_number, re:REGEX"
+    )
+
+
+def progress_printer(prefix: str, t0: float):
+    """`progress(done, total)` for a command that works through prompts: on a terminal one line
+    updated in place; in a log file a line each time a tenth is passed and at the end, also when
+    `done` jumps several prompts at once (batched decoding)."""
+    import time
+
+    live, shown = sys.stderr.isatty(), [0]
+
+    def progress(done: int, total: int) -> None:
+        line = f"{prefix} {done}/{total} prompts, {time.perf_counter() - t0:.0f} s"
+        if live:
+            print(f"\r{line}", end="", file=sys.stderr, flush=True)
+        elif done == total or done * 10 // total > shown[0] * 10 // total:
+            print(line, file=sys.stderr, flush=True)
+        shown[0] = done
+
+    return progress
+
+
 def add_load_args(p, quantize: str | None = "auto", quantize_help: str = "auto, none (float), 4 or 8 bit") -> None:
     """--quantize and --trust-remote-code: how the base weights load (generate, chat, eval, fuse)."""
     p.add_argument(
@@ -109,9 +144,7 @@ def add_strategy_args(p) -> None:
         default=None,
         help="best-of-n scorer: logprob (default), verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn, rm:RUN",
     )
-    g.add_argument(
-        "--extract", default="auto", help="answer extractor: auto, tag, boxed, hash, answer, last_number, re:REGEX"
-    )
+    add_extract_arg(g)
     g.add_argument(
         "--weighting", default="none", help="self-consistency vote weights: none, logprob, reward (uses --scorer)"
     )
@@ -217,7 +250,8 @@ def check_strategy_args(args) -> None:
 
 
 def model_ref(model: str | None, adapter: str | None) -> str | None:
-    """The model an evaluation loads for `adapter` (load_for's rule: the run's base model by default)."""
+    """The model to load for `adapter`: `model`, else the run's base model (None where neither is
+    known; load_for then loads DEFAULT_MODEL)."""
     if model is None and adapter is not None:
         from mlxpt.fuse import base_model_of
 
@@ -292,21 +326,15 @@ def check_common(args) -> None:
             "use a value > 0",
         )
     if args.adapter is not None:
-        from mlxpt.models.adapters import find_adapter, read_adapter_config
-
-        read_adapter_config(find_adapter(args.adapter))
+        check_adapter(args.adapter)
 
 
 def load_for(args):
     """(model, tokenizer) for --model/--adapter; the model defaults to the run's base model."""
-    from mlxpt.fuse import base_model_of
     from mlxpt.models.loader import load
 
-    ref = args.model
-    if ref is None and args.adapter is not None:
-        ref = (base_model_of(args.adapter) or {}).get("model")
     return load(
-        ref or DEFAULT_MODEL,
+        model_ref(args.model, args.adapter) or DEFAULT_MODEL,
         adapter=args.adapter,
         quantize=args.quantize,
         trust_remote_code=args.trust_remote_code,

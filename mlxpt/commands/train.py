@@ -308,8 +308,28 @@ def ranks_status(codes: dict[int, int], launcher: int) -> int:
     return own[0] if own else (1 if any(codes.values()) else launcher)
 
 
+def ignored_settings_line(cfg) -> str | None:
+    """A warning for adapter settings set (flag or YAML) that the fine-tune type ignores, such as
+    `--fine-tune-type prefix --rank 16`; None when there are none. With --from the type is the
+    adapter's own (taken when the run starts), so nothing is said."""
+    adapter = getattr(cfg, "adapter", None)
+    if not isinstance(adapter, config.AdapterConfig) or adapter.from_run:
+        return None
+    kind, default = adapter.fine_tune_type, config.AdapterConfig()
+    given = [n for n in config.ignored_adapter_settings(kind) if getattr(adapter, n) != getattr(default, n)]
+    if not given:
+        return None
+    reads = [n for n in config.adapter_settings(kind) if n not in ("fine_tune_type", "from_run")]
+    return (
+        f"{', '.join(f'{n}={getattr(adapter, n)}' for n in given)} ignored by fine_tune_type {kind} "
+        f"(it reads {', '.join(reads)}); drop {'it' if len(given) == 1 else 'them'}"
+    )
+
+
 def _run(args) -> int:
     method, cfg = config_from_args(args)
+    if not args.resume and (line := ignored_settings_line(cfg)):
+        print(f"warning: {line}", file=sys.stderr)
     from mlxpt.train import distributed
     from mlxpt.train.methods import run_method
     from mlxpt.train.runner import resume_command

@@ -32,11 +32,13 @@ from mlxpt.config.sections import (
     Sections,
     SFTConfig,
     TrainConfig,
+    adapter_settings,
     all_fields,
     apply_flat,
     default_data,
     default_pref_data,
     default_prompt_data,
+    ignored_adapter_settings,
     load_yaml,
     opt,
     section_fields,
@@ -47,7 +49,7 @@ from mlxpt.config.sections import (
 __all__ = [
     "ASSETS", "DEFAULT_MODEL", "METHODS", "PREF_METHODS", "RESUME_MUTABLE", "SECTIONS", "AdapterConfig",
     "AnyConfig", "DPOConfig", "DataConfig", "GRPOConfig", "GRPOSection", "ModelConfig", "PreferenceConfig",
-    "PRMConfig", "PRMSection", "RFTConfig", "RFTSection", "RMConfig", "RegulariseConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "all_fields", "apply_flat", "build_config",
-    "config_class", "default_data", "default_pref_data", "default_prompt_data", "flatten", "load_yaml", "opt",
+    "PRMConfig", "PRMSection", "RFTConfig", "RFTSection", "RMConfig", "RegulariseConfig", "RewardConfig", "SFTConfig", "Sections", "TrainConfig", "adapter_settings", "all_fields", "apply_flat", "build_config",
+    "config_class", "default_data", "default_pref_data", "default_prompt_data", "flatten", "ignored_adapter_settings", "load_yaml", "opt",
     "resolve_method", "saved_method", "section_fields", "section_names", "validate",
 ]  # fmt: skip

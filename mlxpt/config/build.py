@@ -28,7 +28,10 @@ METHODS = ("sft", *PREF_METHODS, "rm", "grpo", "prm", "rft", "distill")
 SECTIONS = ("model", "data", "adapter", "train", "reg", "pref", "rm", "grpo", "prm", "rft", "distill")
 # what a run's config.json records besides its settings (dropped when it is given to --config)
 RUN_RECORD = ("method", "mlxpt_version", "model_path", "data_report", "adapter_config", "lineage")
-RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps", "forgetting_warn"}
+# settings a resume may change: none of them changes what a step computes (grad_checkpoint only
+# trades memory for compute: turn it on to resume a run that ran out of memory)
+RESUME_MUTABLE = {"steps", "eval_every", "save_every", "keep", "eval_batches", "max_bad_steps", "forgetting_warn",
+                  "grad_checkpoint"}  # fmt: skip
 
 AnyConfig = SFTConfig | DPOConfig | RMConfig | GRPOConfig | PRMConfig | RFTConfig | DistillConfig
 

@@ -28,7 +28,6 @@ IGNORED = {
     "test": "evaluate a run with `mlxpt eval --adapter RUN`",
     "test_batches": "evaluate a run with `mlxpt eval --adapter RUN`",
     "steps_per_report": "mlxpt prints about 40 progress lines a run (every step with --events json)",
-    "grad_checkpoint": "not supported; lower batch_size or max_seq_len, or raise grad_accum, if memory is short",
     "clear_cache_threshold": "not needed",
     "report_to": "metrics are in the run's metrics.jsonl (--events json streams them)",
     "wandb": "metrics are in the run's metrics.jsonl (--events json streams them)",

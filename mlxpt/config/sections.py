@@ -66,13 +66,41 @@ class AdapterConfig:
     )
     rank: int = opt(8, "LoRA/DoRA rank")
     alpha: float = opt(16.0, "LoRA alpha; the update is scaled by alpha / rank")
-    dropout: float = opt(0.0, "dropout on the adapter input")
+    dropout: float = opt(0.0, "LoRA/DoRA: dropout on the adapter input")
     num_layers: int = opt(16, "adapt the last N transformer layers (-1: all)")
-    targets: str = opt("all", "comma-separated module names to adapt (e.g. q_proj,v_proj), or all linear layers")
+    targets: str = opt(
+        "all", "LoRA/DoRA: comma-separated module names to adapt (e.g. q_proj,v_proj), or all linear layers"
+    )
     prefix_length: int = opt(16, "prefix: trained key/value positions per layer")
     prefix_projection: int = opt(0, "prefix: hidden size of the reparameterisation MLP (0: train the prefix directly)")
     adapter_size: int = opt(16, "adapter: bottleneck width")
     from_run: str | None = opt(None, "start from this run's (or mlx-lm adapter folder's) adapter weights")
+
+
+# The adapter settings that belong to one fine-tune type; the others (fine_tune_type, num_layers,
+# from_run) serve every type. A new type in fine_tune_type's choices gets a line here.
+TYPE_SETTINGS = {
+    "lora": ("rank", "alpha", "dropout", "targets"),
+    "dora": ("rank", "alpha", "dropout", "targets"),
+    "full": (),
+    "prefix": ("prefix_length", "prefix_projection"),
+    "adapter": ("adapter_size",),
+}
+
+
+def adapter_settings(fine_tune_type: str) -> tuple[str, ...]:
+    """The AdapterConfig settings `fine_tune_type` reads, in field order (every one for an unknown
+    type: validation names that error). Another type's own settings do nothing for it: the TUI form
+    hides them, `mlxpt train` accepts them with a one-line warning."""
+    own = TYPE_SETTINGS.get(fine_tune_type)
+    others = set() if own is None else {n for names in TYPE_SETTINGS.values() for n in names} - set(own)
+    return tuple(f.name for f in fields(AdapterConfig) if f.name not in others)
+
+
+def ignored_adapter_settings(fine_tune_type: str) -> tuple[str, ...]:
+    """The AdapterConfig settings `fine_tune_type` ignores (the rest of `adapter_settings`)."""
+    used = adapter_settings(fine_tune_type)
+    return tuple(f.name for f in fields(AdapterConfig) if f.name not in used)
 
 
 @dataclass
@@ -95,6 +123,10 @@ class TrainConfig:
     runs_dir: str = opt("runs", "where run folders are created")
     name: str | None = opt(None, "run name (default: method)")
     backend: str = opt("mlx", "compute backend: mlx, or numpy (the reference, CPU only, slow)", ("mlx", "numpy"))
+    grad_checkpoint: bool = opt(
+        False, "recompute each transformer block in the backward pass instead of keeping its activations: "
+        "much less memory, about a third more compute, the same results",
+    )  # fmt: skip
     regression_data: str = opt(
         "general",
         "forgetting monitor: JSONL whose greedy accuracy and KL to the base are logged at each evaluation; "

@@ -139,6 +139,7 @@ def generate_groups(
     stop_strings: Sequence[str] = (),
     logits_processors: Sequence[Callable] | None = None,
     stats: GroupStats | None = None,
+    keys: Sequence[int] | None = None,
 ) -> list[list[Completion]]:
     """`n` completions of each prompt, all decoded as one batch: each prompt is prefilled once,
     its cache copied to `n` rows, the rows of different prompts left-padded into one batch cache
@@ -154,7 +155,7 @@ def generate_groups(
     prefilled = [_prefill(model, p) for p in prompts]
     stats.prefill_s += time.perf_counter() - t0
     states = [(cache, logits, list(p)) for (cache, logits), p in zip(prefilled, prompts, strict=True)]
-    return generate_from(model, tokenizer, states, n, max_tokens, sampler, stop_strings, logits_processors, stats)
+    return generate_from(model, tokenizer, states, n, max_tokens, sampler, stop_strings, logits_processors, stats, keys)
 
 
 def generate_from(
@@ -167,16 +168,22 @@ def generate_from(
     stop_strings: Sequence[str] = (),
     logits_processors: Sequence[Callable] | None = None,
     stats: GroupStats | None = None,
+    keys: Sequence[int] | None = None,
 ) -> list[list[Completion]]:
     """`n` completions of each already-prefilled state `(cache, next-token logits (1, V), history)`,
     all decoded as one batch; `history` is the token ids the cache holds (for the logits
     processors). The caches are consumed (copy them first to keep them). `max_tokens` may be one
-    limit per state. Used by generate_groups (states = prompts) and step search (states = nodes)."""
+    limit per state. Used by generate_groups (states = prompts) and step search (states = nodes).
+
+    A keyed sampler (`sampling.make_keyed_sampler`) needs `keys`, one whole number per state:
+    sample j's token t of state i draws from `row_key(keys[i], j, t)`, whatever else is in the
+    batch (a ValueError without them: a caller's bug, not an input)."""
     # One function on purpose (~100 lines): cache copy and the decode loop share the per-row
     # caches, stop state and timing; split, each piece would need all of them passed back.
     import mlx.core as mx
 
     from mlxpt.decode.generate import add_stop_tokens
+    from mlxpt.decode.sampling import row_key
 
     tok = add_stop_tokens(tokenizer)
     stop_ids = set(tok.eos_token_ids)
@@ -184,15 +191,19 @@ def generate_from(
         from mlxpt.decode.sampling import make_sampler
 
         sampler = make_sampler()
+    keyed = getattr(sampler, "keyed", False)
+    if keyed and (keys is None or len(keys) != len(states)):
+        raise ValueError("a keyed sampler needs one key per state")
     stats = stats if stats is not None else GroupStats()
     limits = [max_tokens] * len(states) if isinstance(max_tokens, int) else list(max_tokens)
     t0 = time.perf_counter()
     try:
         cache = _merge_rows([c for c, _, _ in states], n)
     except _Unmergeable:
+        one = [None] * len(states) if keys is None else [[k] for k in keys]
         return [
-            generate_from(model, tokenizer, [s], n, [m], sampler, stop_strings, logits_processors, stats)[0]
-            for s, m in zip(states, limits, strict=True)
+            generate_from(model, tokenizer, [s], n, [m], sampler, stop_strings, logits_processors, stats, k)[0]
+            for s, m, k in zip(states, limits, one, strict=True)
         ]
     logits = mx.concatenate([mx.repeat(lg, n, axis=0) for _, lg, _ in states], axis=0)
     mx.eval(logits)
@@ -222,7 +233,10 @@ def generate_from(
                 rows.append(row)
             logits = mx.concatenate(rows, axis=0)
         base = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
-        chosen = sampler(base)
+        if keyed:
+            chosen = sampler(base, [row_key(keys[seq // n], seq % n, len(tokens[seq])) for seq in live])
+        else:
+            chosen = sampler(base)
         chosen_logp = mx.take_along_axis(base, chosen[:, None], axis=-1)[:, 0]
         mx.eval(chosen, chosen_logp)
         ids, lps = chosen.tolist(), chosen_logp.tolist()

@@ -2,6 +2,12 @@
 
 Temperature 0 is greedy (argmax). Top-p, top-k and min-p filter the distribution before a
 categorical draw at the given temperature; `seed` seeds MLX's global generator once.
+
+`make_keyed_sampler` draws each row from a key of its own instead of the global generator
+(`row_key` of the row's identity: run seed, data position, sample number, token number), so what
+a row samples does not depend on which other rows share its batch. GRPO and RFT sample this way:
+their samples are the same on one rank or split over several (train/distributed.py), and a
+resumed run draws what the straight one drew without saving any generator state.
 """
 
 from __future__ import annotations
@@ -82,6 +88,46 @@ def make_sampler(
     if seed is not None:
         mx.random.seed(seed)
     return _mlx_make_sampler(temp=temperature, top_p=top_p, min_p=min_p, top_k=top_k)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def row_key(*parts: int) -> int:
+    """A 64-bit key from whole numbers (splitmix64 over each part): distinct tuples give
+    unrelated keys, so neighbouring rows, samples and tokens draw independent numbers."""
+    h = 0x9E3779B97F4A7C15
+    for part in parts:
+        z = (h + (int(part) & _MASK64) + 0x9E3779B97F4A7C15) & _MASK64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h = z ^ (z >> 31)
+    return h
+
+
+def make_keyed_sampler(temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0) -> Callable:
+    """A function `(log-probs (B, V), keys: one row_key per row) -> tokens (B,)`: the same filter
+    chain as `make_sampler` (`filter_logprobs`), then a Gumbel-max draw at `temperature` (what
+    `mx.random.categorical` does) with each row's noise from its own key. Temperature 0 is
+    greedy. `sampler.keyed` is True (generate_from passes the keys)."""
+    validate_sampling(temperature, top_p, top_k, min_p)
+    from mlxpt import _blas
+
+    _blas.activate()
+    import mlx.core as mx
+    import numpy as np
+
+    def sample(logprobs, keys):
+        if temperature == 0:
+            return mx.argmax(logprobs, axis=-1)
+        logprobs = filter_logprobs(logprobs, top_p, top_k, min_p)
+        k = mx.array(np.array([[key >> 32, key & 0xFFFFFFFF] for key in keys], dtype=np.uint32))
+        vocab = logprobs.shape[-1]
+        noise = mx.vmap(lambda one: mx.random.gumbel((vocab,), key=one))(k)
+        return mx.argmax(logprobs * (1 / temperature) + noise, axis=-1)
+
+    sample.keyed = True
+    return sample
 
 
 def sampler_from(cfg: SamplingConfig) -> Callable:

@@ -12,6 +12,10 @@ completion token is predicted (`Shape.shared_prompts`), several times less than 
 Its estimate counts every completion at the length cap: 9.3 GB for 4 prompts x 8 completions of
 up to 96 tokens on the default model, whose MLX peak measured 4.2 GB with its ~27-token
 completions (the whole-row shape said 15.2 GB and refused 8 prompts on a 24 GB machine).
+
+With gradient checkpointing (`Shape.grad_checkpoint`, `--grad-checkpoint`) the backward recomputes
+each block from its input: the pass keeps the hidden state at every block boundary (and its
+gradient) plus one block's activations at a time, instead of every block's.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 from mlxpt.errors import ResourceError
 
@@ -33,6 +38,7 @@ class Shape:
     attn_pairs: int
     label: str
     teacher_bytes: int = 0  # a second model held beside the one trained (distillation's teacher)
+    grad_checkpoint: bool = False  # blocks recomputed in the backward: one block's activations kept
 
     @classmethod
     def rows(cls, batch_size: int, seq_len: int) -> Shape:
@@ -78,7 +84,12 @@ def estimate_bytes(model, shape: Shape) -> dict:
     vocab = getattr(args, "vocab_size", 32000)
     per_layer = shape.tokens * (14 * hidden + 4 * inter) * 4 + heads * shape.attn_pairs * 4 * 2
     logits = shape.head_tokens * vocab * 4 * 3
-    acts = layers * per_layer + logits + activation_bytes(model, shape.tokens, heads)  # prefix / adapters
+    if shape.grad_checkpoint:  # block inputs and their gradients, one block (and its prefix / adapters) at a time
+        boundary = shape.tokens * hidden * 4 * 2
+        extra = max(activation_bytes(SimpleNamespace(layers=[b]), shape.tokens, heads) for b in model.layers)
+        acts = layers * boundary + per_layer + logits + extra
+    else:
+        acts = layers * per_layer + logits + activation_bytes(model, shape.tokens, heads)  # prefix / adapters
     est = {"weights": weights, "optimizer": 3 * train, "activations": acts, "total": weights + 3 * train + acts}
     if shape.teacher_bytes:
         est["teacher"] = shape.teacher_bytes
@@ -122,9 +133,9 @@ def check_fits(model, shape: Shape) -> dict:
             "E310",
             f"estimated peak memory {est['total'] / gb:.1f} GB (weights {est['weights'] / gb:.1f}, "
             f"activations {est['activations'] / gb:.1f}) exceeds the {avail / gb:.1f} GB available",
-            shape.label,
-            "lower --batch-size (use --grad-accum to keep the effective batch), --max-seq-len, or use --quantize 4; "
-            "MLXPT_SKIP_MEMORY_CHECK=1 overrides",
+            shape.label + (", each block recomputed (--grad-checkpoint)" if shape.grad_checkpoint else ""),
+            "lower --batch-size (use --grad-accum to keep the effective batch), --max-seq-len, or use --quantize 4"
+            f"{'' if shape.grad_checkpoint else ' or --grad-checkpoint'}; MLXPT_SKIP_MEMORY_CHECK=1 overrides",
         )
     return est
 

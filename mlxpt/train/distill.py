@@ -24,6 +24,10 @@ Deviations and simplifications:
   before the first trained token); a run killed while the teacher answers starts them again.
 - Sampling (sequence mode sampled, on-policy) needs the MLX backend; so does a teacher that is
   not this run's base.
+- On several ranks (train/distributed.py) each rank scores its shard of every micro-batch with the
+  teacher; the top-k cache and the teacher's answers are computed in parts (row batch or prompt
+  chunk k on rank k mod N), gathered to every rank and written by rank 0. On-policy rows draw
+  from keys of their own (data position, row index), so 2 ranks train what 1 rank trains.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from mlxpt.models.loader import resolve
 from mlxpt.objectives import distill_objective, sft_objective
 from mlxpt.runs import atomic_write_json
 from mlxpt.runs.atomic import save_safetensors_atomic
-from mlxpt.train import sft
+from mlxpt.train import distributed, sft
 from mlxpt.train.loop import LoopState, MicroBatch, Task, iter_windows, rows_task, validate
 from mlxpt.train.runner import Method, TaskContext, rows_shape, run_training
 from mlxpt.train.teacher import Teacher, check_tokenizers, resolve_teacher, same_base, top_k
@@ -153,12 +157,13 @@ class DistillTask:
             for j, idx in enumerate(window):
                 examples = [train[i] for i in idx]
                 cached = idx if self.cache is not None else None
-                draw = np.random.default_rng([t.seed % 2**32, *after, j]).random()
+                draw = np.random.default_rng([t.seed % 2**32, *after, j]).random()  # one draw a global micro-batch
                 if draw < self.d.on_policy_ratio:
-                    examples, cached = self._student_samples(examples, [t.seed % 2**32, *after, j]), None
+                    examples, cached = self._student_samples(examples, idx, [t.seed % 2**32, *after, j]), None
                     self.on_policy += 1
                 arrays = self.arrays(examples, cached)
-                self.teacher_tokens += int((arrays[3] > 0).sum())
+                # every rank's share (this rank's on one): the count a checkpoint holds is the run's
+                self.teacher_tokens += int(distributed.sum_floats([float((arrays[3] > 0).sum())])[0])
                 tokens = sum(len(e.tokens) - 1 for e in examples)
                 yield MicroBatch(arrays, tokens, j == len(window) - 1, (*after, 0))
 
@@ -167,22 +172,21 @@ class DistillTask:
 
         return make_sampler(temp=self.d.temperature)
 
-    def _student_samples(self, examples: list, seed: list) -> list[Example]:
-        """The rows with their responses replaced by the student's samples (the MLX RNG is put
-        back afterwards, so training draws do not depend on what was sampled)."""
-        import mlx.core as mx
+    def _student_samples(self, examples: list, idx: list[int], position: list[int]) -> list[Example]:
+        """The rows with their responses replaced by the student's samples. Each row draws from
+        keys of its own (the micro-batch's data position and the row's index in the data:
+        `sampling.make_keyed_sampler`), so a row samples the same on any rank and whatever rows
+        share its batch, and training draws nothing from the global RNG here."""
+        from mlxpt.decode.batch import generate_groups
+        from mlxpt.decode.sampling import make_keyed_sampler, row_key
 
-        from mlxpt.decode.batch import generate_many
-
-        key = mx.array(mx.random.state[0])
-        mx.random.seed(int.from_bytes(hashlib.sha256(str(seed).encode()).digest()[:4], "little"))
         model = self.backend.model
         model.eval()
-        try:
-            prompts = [prompt_of(e) for e in examples]
-            done = generate_many(model, self.tokenizer, prompts, self.d.max_completion_length, self._sampler())
-        finally:
-            self.backend._set_rng(key)
+        prompts = [prompt_of(e) for e in examples]
+        keys = [row_key(*position, i) for i in idx]
+        sampler = make_keyed_sampler(self.d.temperature)
+        groups = generate_groups(model, self.tokenizer, prompts, 1, self.d.max_completion_length, sampler, keys=keys)
+        done = [g[0] for g in groups]
         return [self._answered(e, p, c) for e, p, c in zip(examples, prompts, done, strict=True)]
 
     def _answered(self, e: Example, prompt: list[int], c) -> Example:
@@ -194,34 +198,56 @@ class DistillTask:
 
     def _topk_cache(self, train: list) -> dict:
         """The teacher's top-k at every trained position of the training rows, read back from the
-        run folder when it was computed before (same teacher, k and rows)."""
+        run folder when it was computed before (same teacher, k and rows). On several ranks, row
+        batch b is rank b mod N's, the parts are summed into the whole cache on every rank, and
+        rank 0 writes it (a resume on any number of ranks reads it back)."""
         k = self.d.top_k
         path = self.run_dir / CACHE_DIR / f"topk-{k}.safetensors"
         fp = _fingerprint(self.spec.ref, k, [e.tokens for e in train], [e.mask for e in train])
         meta = path.with_suffix(".json")
+        saved = None
         if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp and path.is_file():
             from mlxpt.backends.numpy_weights import read_safetensors
 
-            return {name: np.array(v) for name, v in read_safetensors(path).items()}
-        offsets, ids, logp = [0], [], []
-        bs = self.cfg.data.batch_size
-        for s in range(0, len(train), bs):
+            saved = {name: np.array(v) for name, v in read_safetensors(path).items()}
+        if not distributed.any_rank(saved is None):  # every rank read it (else all compute it again)
+            return saved
+        offsets = np.cumsum([0] + [int(np.count_nonzero(e.mask[1:])) for e in train]).astype(np.int64)
+        parts, bs, ranks, me = {}, self.cfg.data.batch_size, distributed.size(), distributed.WORLD.rank
+        for b, s in enumerate(range(0, len(train), bs)):
+            if b % ranks != me:
+                continue
             self.emit({"event": "progress", "stage": "teacher", "done": s, "total": len(train),
                        "message": f"teacher top-{k}: rows {s + 1}-{min(s + bs, len(train))} of {len(train)}"})  # fmt: skip
-            rows = train[s : s + bs]
-            inputs, _, mask = collate(rows, self.pad)
+            inputs, _, mask = collate(train[s : s + bs], self.pad)
             index, weight = trained_positions(mask)
             n = int((weight > 0).sum())
-            i, v = top_k(self.teacher.logprobs(inputs, index)[:n], k)
-            ids.append(i)
-            logp.append(v.astype(np.float32))
-            for e in rows:
-                offsets.append(offsets[-1] + int(np.count_nonzero(e.mask[1:])))
-        cache = {"offsets": np.asarray(offsets, np.int64), "ids": np.concatenate(ids), "logp": np.concatenate(logp)}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_safetensors_atomic(path, cache, {"format": "mlxpt-distill"})
-        atomic_write_json(meta, {"fingerprint": fp, "teacher": self.spec.ref, "k": k, "positions": offsets[-1]})
+            parts[s] = top_k(self.teacher.logprobs(inputs, index)[:n], k)
+        cache = {"offsets": offsets, **self._whole(parts, offsets, train, bs)}
+        if distributed.is_main():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_safetensors_atomic(path, cache, {"format": "mlxpt-distill"})
+            atomic_write_json(
+                meta, {"fingerprint": fp, "teacher": self.spec.ref, "k": k, "positions": int(offsets[-1])}
+            )
         return cache
+
+    @staticmethod
+    def _whole(parts: dict, offsets: np.ndarray, train: list, bs: int) -> dict:
+        """{"ids", "logp"} of every trained position from the batches this rank computed ({row
+        start: (ids, logp)}); on several ranks summed over the ranks (each fills its own rows,
+        zeros elsewhere: exact; ids stay below 2^24, exact in float32)."""
+        if distributed.size() == 1:
+            return {"ids": np.concatenate([parts[s][0] for s in sorted(parts)]),
+                    "logp": np.concatenate([parts[s][1].astype(np.float32) for s in sorted(parts)])}  # fmt: skip
+        k = parts[min(parts)][0].shape[1] if parts else 0
+        have = distributed.sum_floats([float(k), float(bool(parts))])
+        k = round(have[0] / have[1])  # the ranks that computed a batch agree on k = min(top_k, vocabulary)
+        ids, logp = np.zeros((int(offsets[-1]), k), np.int32), np.zeros((int(offsets[-1]), k), np.float32)
+        for s, (i, v) in parts.items():
+            a, b = int(offsets[s]), int(offsets[min(s + bs, len(train))])
+            ids[a:b], logp[a:b] = i, v
+        return distributed.sum_arrays({"ids": ids, "logp": logp})
 
     # -- sequence mode ---------------------------------------------------------------------
     def answer_batches(self, train: list, state: LoopState, cfg: DistillConfig) -> Iterator[MicroBatch]:
@@ -230,39 +256,63 @@ class DistillTask:
         yield from plain.batches(answered, state, cfg)
 
     def _answers(self, train: list) -> list[Example]:
-        """The teacher's answer to every training prompt: generated once, then read back from the run folder."""
-        import mlx.core as mx
-
+        """The teacher's answer to every training prompt: generated once, then read back from the
+        run folder (rank 0 reads it and writes it; every rank gets its text)."""
         d = self.d
         path = self.run_dir / CACHE_DIR / "answers.json"
         prompts = [prompt_of(e) for e in train]
         fp = _fingerprint(self.spec.ref, d.teacher_greedy, d.temperature, d.max_completion_length,
                           self.cfg.train.seed, prompts)  # fmt: skip
+        text = "null"
+        if distributed.is_main():
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, ValueError):
+                pass
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError):
+            saved = json.loads(distributed.broadcast_text(text))
+        except ValueError:
             saved = None
         if not (isinstance(saved, dict) and saved.get("fingerprint") == fp):
-            key = mx.array(mx.random.state[0])
-            mx.random.seed(self.cfg.train.seed)
-            sampler = None if d.teacher_greedy else self._sampler()
-            answers = []
-            try:
-                for s in range(0, len(prompts), GEN_CHUNK):
-                    self.emit({"event": "progress", "stage": "teacher", "done": s, "total": len(prompts),
-                               "message": f"teacher answers: prompts {s + 1}-{min(s + GEN_CHUNK, len(prompts))} of {len(prompts)}"})  # fmt: skip
-                    for c in self.teacher.generate(self.tokenizer, prompts[s : s + GEN_CHUNK], d.max_completion_length, sampler):  # fmt: skip
-                        answers.append({"tokens": list(map(int, c.tokens)), "finish_reason": c.finish_reason})
-            finally:
-                self.backend._set_rng(key)
-            saved = {"fingerprint": fp, "teacher": self.spec.ref, "answers": answers}
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(path, saved)
+            saved = {"fingerprint": fp, "teacher": self.spec.ref, "answers": self._teacher_answers(prompts)}
+            if distributed.is_main():
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic_write_json(path, saved)
         out = []
         for e, p, a in zip(train, prompts, saved["answers"], strict=True):
             out.append(self._answered(e, p, _Answer(a["tokens"], a["finish_reason"])))
         self.teacher_tokens = sum(len(a["tokens"]) for a in saved["answers"])
         return out
+
+    def _teacher_answers(self, prompts: list) -> list[dict]:
+        """One answer per prompt, GEN_CHUNK prompts a batched generation. Chunk c is sampled under
+        its own seed (train.seed, c), so it is the same whichever rank answers it: on several
+        ranks chunk c is rank c mod N's and the answers are gathered to every rank. The training
+        RNG is put back afterwards."""
+        import mlx.core as mx
+
+        d, ranks, me = self.d, distributed.size(), distributed.WORLD.rank
+        sampler = None if d.teacher_greedy else self._sampler()
+        key = mx.array(mx.random.state[0])
+        mine: dict[int, list] = {}
+        try:
+            for c, s in enumerate(range(0, len(prompts), GEN_CHUNK)):
+                if c % ranks != me:
+                    continue
+                self.emit({"event": "progress", "stage": "teacher", "done": s, "total": len(prompts),
+                           "message": f"teacher answers: prompts {s + 1}-{min(s + GEN_CHUNK, len(prompts))} of {len(prompts)}"})  # fmt: skip
+                seed = hashlib.sha256(f"{self.cfg.train.seed}:teacher:{c}".encode()).digest()[:4]
+                mx.random.seed(int.from_bytes(seed, "little"))
+                done = self.teacher.generate(
+                    self.tokenizer, prompts[s : s + GEN_CHUNK], d.max_completion_length, sampler
+                )
+                mine[c] = [{"tokens": list(map(int, a.tokens)), "finish_reason": a.finish_reason} for a in done]
+        finally:
+            self.backend._set_rng(key)
+        if ranks > 1:  # JSON keys are text: back to chunk numbers
+            parts = [json.loads(text) for text in distributed.gather_texts(json.dumps(mine))]
+            mine = {int(c): a for part in parts for c, a in part.items()}
+        return [a for c in sorted(mine) for a in mine[c]]
 
 
 @dataclass

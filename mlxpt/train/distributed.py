@@ -215,6 +215,22 @@ def broadcast_text(text: str) -> str:
     return bytes(np.array(_all_sum(mx.array(buf)))).decode()
 
 
+def gather_texts(text: str) -> list[str]:
+    """Every rank's `text` on every rank, in rank order (`[text]` on one rank): the parts of a
+    job split over the ranks (RFT's sampled chunks, a teacher's answers), as JSON."""
+    if WORLD.size == 1:
+        return [text]
+    import mlx.core as mx
+    import numpy as np
+
+    raw = np.frombuffer(text.encode(), np.uint8)
+    sizes = np.array(_all_gather(mx.array([raw.size], dtype=mx.int32))).reshape(-1)
+    buf = np.zeros(max(1, int(sizes.max())), np.uint8)  # one length for all; never an empty array
+    buf[: raw.size] = raw
+    every = np.array(_all_gather(mx.array(buf))).reshape(WORLD.size, -1)
+    return [bytes(every[r, : int(sizes[r])]).decode() for r in range(WORLD.size)]
+
+
 def check_same(cfg_dict: dict, train: list, valid: list) -> None:
     """Every rank has the same resolved settings and encoded data (E722 on every rank if not)."""
     if WORLD.size == 1:
@@ -325,18 +341,22 @@ def sum_arrays(arrays: dict) -> dict:
 
 
 def launch_command(ranks: int, argv: list[str]) -> list[str]:
-    """`mlx.launch -n RANKS --backend ring -- <this mlxpt> argv` (the `--ranks` shortcut)."""
+    """`mlx.launch -n RANKS --backend ring -- <this mlxpt> argv` (the `--ranks` shortcut), run as
+    `python -m mlxpt.launch` (mlxpt/launch.py: mlx.launch without its busy I/O threads)."""
     if ranks < 1:
         raise ConfigError("E724", f"--ranks {ranks} is not a number of processes", "--ranks",
                           "give 1 or more, e.g. --ranks 2")  # fmt: skip
     if launched():
         raise ConfigError("E726", "--ranks inside mlx.launch would start ranks of ranks", "--ranks",
                           "drop --ranks when starting through mlx.launch")  # fmt: skip
-    launcher = os.path.join(os.path.dirname(sys.executable), "mlx.launch")
-    if not os.path.exists(launcher):
-        raise MlxptError("E727", "mlx.launch is not installed beside this Python", launcher,
+    import importlib.util
+
+    if importlib.util.find_spec("mlx._distributed_utils.launch") is None:
+        raise MlxptError("E727", "mlx.launch is not installed beside this Python", sys.executable,
                          "install mlx (it ships mlx.launch), or start the ranks with your own mlx.launch")  # fmt: skip
-    return [launcher, "-n", str(ranks), "--backend", "ring", "--", sys.executable, "-m", "mlxpt.cli", *argv]
+    # MLX's launcher through mlxpt.launch: the same launcher without its rank threads' spin
+    launcher = [sys.executable, "-m", "mlxpt.launch"]
+    return [*launcher, "-n", str(ranks), "--backend", "ring", "--", sys.executable, "-m", "mlxpt.cli", *argv]
 
 
 def rollout_stats(stats: list[dict], names: list[str]) -> dict:
@@ -424,9 +444,9 @@ def per_rank(cfg):
     return replace(cfg, data=replace(cfg.data, batch_size=-(-cfg.data.batch_size // WORLD.size)))
 
 
-# methods checked on several ranks; rft and distill write files of their own (rounds, a
-# teacher cache) that would need rank-0 guards first
-DATA_PARALLEL = ("sft", "dpo", "simpo", "orpo", "rm", "grpo", "prm")
+# methods checked on several ranks (2 ranks equal 1: tests/test_distributed.py); a new method
+# joins once its own files (caches, rounds) are written by rank 0 alone
+DATA_PARALLEL = ("sft", "dpo", "simpo", "orpo", "rm", "grpo", "prm", "rft", "distill")
 
 
 def check_method(name: str) -> None:

@@ -22,9 +22,12 @@ Deviations and simplifications:
   val_accuracy), not a loss: a GRPO "loss" says little about progress.
 - A run started `--from` an earlier run (models/chaining.py) starts with that run's adapter, and
   the KL reference is that model (base + the earlier adapter), kept as a copy of its small arrays.
-- Exact resume: the sampling RNG is part of every checkpoint, so a resumed run samples the same
-  completions. With mu > 1, a run stopped between the mu steps of one generated batch samples
-  that batch again on resume (the rollouts are not checkpointed).
+- Sampling keys: each completion draws from keys of its own, a function of the run's seed, the
+  window's data position and the prompt's index in the data (`sample_keys`,
+  `sampling.make_keyed_sampler`). A resumed run samples the completions the straight run sampled,
+  and a step split over several ranks (train/distributed.py) samples those of one rank, so
+  2 ranks equal 1 like every other method. With mu > 1, a run stopped between the mu updates of
+  one window resumes with the checkpoint's rollouts.
 - The NumPy backend has the closed-form gradients of every loss type (objectives.GRADS) but no
   sampler, so `mlxpt train grpo` needs the MLX backend.
 """
@@ -136,10 +139,10 @@ def make_spec(ctx: TaskContext, g) -> RolloutSpec:
         timeout_s=g.reward_timeout,
         log_path=Path(ctx.run_dir) / FAILURES_FILE,
     )
-    from mlxpt.decode.sampling import make_sampler  # imports MLX (after the BLAS is chosen)
+    from mlxpt.decode.sampling import make_keyed_sampler  # imports MLX (after the BLAS is chosen)
 
-    # no seed here: the sampling RNG is the backend's, saved in every checkpoint
-    sampler = make_sampler(g.temperature, g.top_p, g.top_k, g.min_p)
+    # each completion draws from keys of its own (sample_keys), not from a shared generator
+    sampler = make_keyed_sampler(g.temperature, g.top_p, g.top_k, g.min_p)
     pad = pad_id_of(ctx.tokenizer)
     return RolloutSpec(ctx.cfg, ctx.tokenizer, ctx.backend, guard, sampler, pad, ctx.layout == "grouped", g)
 
@@ -294,6 +297,7 @@ def iter_rollouts(
     first = True
     for after, idxs in iter_windows(lengths, cfg.data.batch_size, t.grad_accum, t.seed, *start):
         groups = [[train[i] for i in idx] for idx in idxs]
+        keys = [sample_keys(t.seed, start, k, idx) for k, idx in enumerate(idxs)]
         if repeat == 0:
             window.clear()
         else:
@@ -303,12 +307,21 @@ def iter_rollouts(
                 if r == 0:
                     if first and progress is not None:
                         progress(state.step + 1, k + 1, len(groups), len(examples))
-                    window.append(sample_rollout(spec, examples))
+                    window.append(sample_rollout(spec, examples, keys[k]))
                 rollout = window[k]
                 tokens = rollout.stats["seq_tokens"] // max(1, len(examples)) * len(examples)
                 position = (*after, 0) if r == mu - 1 else (*start, r + 1)
                 yield MicroBatch(rollout.batch, tokens, k == len(groups) - 1, position)
         start, repeat, first = after, 0, False
+
+
+def sample_keys(seed: int, start: tuple[int, int], k: int, idx: list[int]) -> list[int]:
+    """The sampling keys of micro-batch `k` of the window that starts at data position `start`
+    (epoch, batch): one per prompt, from the prompt's index in the training data. They do not
+    depend on how the micro-batch is split over ranks, so 2 ranks sample what 1 rank samples."""
+    from mlxpt.decode.sampling import row_key
+
+    return [row_key(seed, *start, k, i) for i in idx]
 
 
 def _check_saved_prompts(window: list[Rollout], groups: list[list[PromptExample]], where) -> None:

@@ -35,11 +35,10 @@ from mlxpt.data.batching import batch_plan
 from mlxpt.data.encode import pad_id_of
 from mlxpt.data.stepwise import StepExample, check_delimiter, encode_stepwise, load_stepwise
 from mlxpt.decode.prm import collate_steps, sigmoid, step_metrics
-from mlxpt.errors import ConfigError, MlxptError
-from mlxpt.models.heads import add_reward_head, save_reward_model
-from mlxpt.runs import read_config
+from mlxpt.errors import MlxptError
 from mlxpt.train.loop import Task, rows_task
-from mlxpt.train.runner import Method, TaskContext, rows_shape, run_training
+from mlxpt.train.rm import head_check, head_method
+from mlxpt.train.runner import TaskContext, rows_shape, run_training
 
 
 def bce_objective(logits, labels, weights):
@@ -114,37 +113,22 @@ def make_objective(cfg: PRMConfig, layout: str = "rows"):
     return bce_objective
 
 
-def check(cfg: PRMConfig, resume_dir) -> None:
-    """MLX only, a step delimiter, and a resume must be of a prm run (before anything is read)."""
-    if cfg.train.backend != "mlx":
-        raise ConfigError(
-            "E525", f"the {cfg.train.backend} backend cannot train a process reward model", "backend",
-            "use --backend mlx",
-        )  # fmt: skip
+def _check_delimiter(cfg: PRMConfig) -> None:
     check_delimiter(cfg.prm.step_delimiter, "--step-delimiter")
-    if resume_dir is not None:
-        method = read_config(resume_dir).get("method", "sft")
-        if method != "prm":
-            raise ConfigError(
-                "E526",
-                f"this is a {method} run, not a process reward model",
-                str(resume_dir),
-                f"resume it with `mlxpt train --resume {resume_dir}`, or start a new prm run",
-            )
 
 
-PRM = Method(
-    name="prm",
+# MLX only, a step delimiter, and a resume must be of a prm run (before anything is read)
+check = head_check("prm", "process reward model", ("E525", "E526"), _check_delimiter)
+
+PRM = head_method(
+    "prm",
+    check,
     read=read_rows,
     encode=prepare_data,
     objective=make_objective,
     task=prm_task,
     length=length,
     memory_shape=rows_shape(1),
-    check=check,
-    output="reward",
-    extend_model=add_reward_head,
-    save=save_reward_model,
 )
 
 

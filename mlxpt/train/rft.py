@@ -18,9 +18,10 @@ sees micro-batches, nothing else.
 Deviations and simplifications:
 - The kept completions are trained as sampled (token ids, never re-tokenised text), after the
   prompt as the chat template rendered it: SFT's "assistant" mask for a one-turn chat.
-- Each generation chunk is sampled under its own seed (train.seed, round, chunk), and the training
-  RNG is re-seeded from (train.seed, round) after sampling, so a round's samples do not depend on
-  how the run was interrupted. Chunks are appended to `rft/round-NNN.part.jsonl` as they finish
+- Each prompt's completions draw from keys of their own (train.seed, round, prompt index:
+  `sampling.make_keyed_sampler`), and the training RNG is re-seeded from (train.seed, round) after
+  sampling, so a round's samples depend neither on how the run was interrupted nor on how the
+  prompts were chunked. Chunks are appended to `rft/round-NNN.part.jsonl` as they finish
   and the round's kept set is written atomically to `rft/round-NNN.json`: a resume (even after
   SIGKILL mid-sampling) reads them back instead of sampling again.
 - A round that accepts nothing stops the run (`on_empty stop`: the round file and the last
@@ -29,6 +30,11 @@ Deviations and simplifications:
 - `steps_per_round` counts optimiser steps, not epochs over the kept set: the schedule needs the
   run's length before the first sample.
 - Like GRPO it needs the MLX backend (the numpy backend has no sampler).
+- On several ranks (train/distributed.py) the round's chunks are sampled in waves, chunk k of a
+  wave on rank k, each wave's results gathered to every rank; rank 0 alone reads and writes the
+  round files and sends what it read. Every rank trains on the same kept set, each on its shard
+  of each micro-batch; a rank whose shard is empty (a last batch with fewer rows than ranks)
+  adds a batch that trains nothing. Keyed sampling makes 2 ranks sample what 1 rank samples.
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ from mlxpt.models.memory import Shape
 from mlxpt.objectives import sft_objective
 from mlxpt.rewards import parse_rewards
 from mlxpt.runs.atomic import append_jsonl, atomic_write_text, read_jsonl
-from mlxpt.train import grpo
+from mlxpt.train import distributed, grpo
 from mlxpt.train.loop import LoopState, MicroBatch, Task, iter_windows
 from mlxpt.train.rollouts import sample_scored
 from mlxpt.train.runner import Method, TaskContext, run_training
@@ -180,10 +186,18 @@ class RFTTask:
                 for k, idx in enumerate(idxs):
                     ex = [self.kept[i] for i in idx]
                     tokens = sum(len(e.tokens) - 1 for e in ex)
-                    yield MicroBatch(collate(ex, self.pad), tokens, k == len(idxs) - 1, (*after, 0))
+                    arrays = collate(ex, self.pad) if ex else self._nothing()
+                    yield MicroBatch(arrays, tokens, k == len(idxs) - 1, (*after, 0))
                 step, pos = step + 1, after
                 if step >= self.round_start + self.per_round:
                     break
+
+    def _nothing(self) -> tuple:
+        """A micro-batch that trains nothing (one row, mask 0: zero loss, weight and gradient): a
+        rank's share of a kept-set batch with fewer rows than ranks (the kept set's size is the
+        samples', so its last batch may be that small); the ranks still sum one window each."""
+        e = self.kept[0]
+        return collate([Example(e.tokens, [0] * len(e.tokens), e.where)], self.pad)
 
     def _next_round(self, train: list, step: int) -> None:
         """Sample (or read back) the rounds after the current one until one keeps something."""
@@ -238,10 +252,16 @@ class RFTTask:
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _read_round(self, train: list, r: int, step: int) -> dict | None:
+        """Round r's saved kept set if it was sampled for this step and data (rank 0 reads it,
+        every rank gets its text: the ranks agree whether to sample)."""
         path = self._round_file(r)
         try:
-            saved = json.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8") if distributed.is_main() else ""
         except (OSError, ValueError):
+            text = "null"
+        try:
+            saved = json.loads(distributed.broadcast_text(text or "null"))
+        except ValueError:
             return None
         if not isinstance(saved, dict) or saved.get("fingerprint") != self._fingerprint(train, r, step):
             return None
@@ -249,46 +269,37 @@ class RFTTask:
 
     def _sample_round(self, train: list, r: int, step: int) -> dict:
         """N completions of each of round r's prompts, chunk by chunk (each chunk appended to the
-        part file as it finishes, and read back from it on resume), then the round file."""
-        import mlx.core as mx  # imports MLX (after the BLAS is chosen)
-
+        part file as it finishes, and read back from it on resume), then the round file. On
+        several ranks, chunk i of each wave of N_ranks chunks is rank i's; the wave's results are
+        gathered to every rank and rank 0 writes them."""
         N, fp = self.r.samples_per_prompt, self._fingerprint(train, r, step)
         picks = round_prompts(len(train), self.r.prompts_per_round, self.cfg.train.seed, r)
         size = self.r.sample_batch or max(1, SAMPLE_ROWS // N)
         chunks = [picks[i : i + size] for i in range(0, len(picks), size)]
         part = self._round_file(r).with_suffix(".part.jsonl")
-        done = []  # the finished chunks of an interrupted sampling of this round, in order
-        for x in read_jsonl(part):
-            if not (isinstance(x, dict) and x.get("fingerprint") == fp and x.get("chunk") == len(done)):
-                break
-            done.append(x)
-        if part.exists():  # only that prefix stays (a line torn by a crash, another run's lines go)
-            atomic_write_text(part, "".join(json.dumps(x) + "\n" for x in done))
+        done = self._read_part(part, fp)  # the finished chunks of an interrupted sampling of this round
         if done:
             self.emit({"event": "progress", "stage": "sampling", "round": r + 1, "step": step + 1,
                        "done": len(done), "total": len(chunks),
                        "message": f"round {r + 1}: {len(done)}/{len(chunks)} sampled chunks read back from {part}"})  # fmt: skip
-        part.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.perf_counter()
-        for i in range(len(done), len(chunks)):
+        if distributed.is_main():
+            part.parent.mkdir(parents=True, exist_ok=True)
+        t0, ranks = time.perf_counter(), distributed.size()
+        for first in range(len(done), len(chunks), ranks):
+            wave = list(range(first, min(first + ranks, len(chunks))))
+            what = f"{wave[0] + 1}" if len(wave) == 1 else f"{wave[0] + 1}-{wave[-1] + 1}"
             self.emit({"event": "progress", "stage": "sampling", "round": r + 1, "step": step + 1,
-                       "done": i, "total": len(chunks),
-                       "message": f"round {r + 1}: sampling chunk {i + 1}/{len(chunks)} ({len(chunks[i])} prompts x "
+                       "done": first, "total": len(chunks),
+                       "message": f"round {r + 1}: sampling chunk {what}/{len(chunks)} ({len(chunks[first])} prompts x "
                        f"{N} completions, up to {self.r.max_completion_length} tokens each)"})  # fmt: skip
-            mx.random.seed(_seed(self.cfg.train.seed, "sample", r, i))
-            seqs, totals, per_fn, samples, gs, _ = sample_scored(self.spec, [train[p] for p in chunks[i]], N)
-            prompts = []
-            for j, p in enumerate(chunks[i]):
-                results = [
-                    (seqs[q][1], samples[q]["completion"], seqs[q][2], totals[q], per_fn[q])
-                    for q in range(j * N, (j + 1) * N)
-                ]
-                prompts.append({"prompt": p, "samples": N, "truncated": sum(x[2] for x in results),
-                                **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)})  # fmt: skip
-            append_jsonl(
-                part, {"fingerprint": fp, "chunk": i, "prompts": prompts, "gen_tokens": gs.generated_tokens}, fsync=True
-            )
-            done.append({"prompts": prompts, "gen_tokens": gs.generated_tokens})
+            me = distributed.WORLD.rank  # rank k samples the wave's k-th chunk (one rank: the chunk)
+            mine = self._sample_chunk(train, r, wave[me], chunks[wave[me]], fp) if me < len(wave) else None
+            if ranks > 1:  # every rank's chunk, in chunk order (ranks past the last chunk sent null)
+                mine = [json.loads(x) for x in distributed.gather_texts(json.dumps(mine))][: len(wave)]
+            for x in mine if ranks > 1 else [mine]:
+                if distributed.is_main():
+                    append_jsonl(part, x, fsync=True)
+                done.append({"prompts": x["prompts"], "gen_tokens": x["gen_tokens"]})
         prompts = [p for x in done for p in x["prompts"]]
         samples = sum(p["samples"] for p in prompts)
         kept = sum(len(p["kept"]) for p in prompts)
@@ -304,9 +315,40 @@ class RFTTask:
             "gen_s": time.perf_counter() - t0,
         }
         saved = {"round": r + 1, "start_step": step, "fingerprint": fp, "stats": stats, "prompts": prompts}
-        atomic_write_text(self._round_file(r), json.dumps(saved) + "\n")
-        part.unlink(missing_ok=True)
+        if distributed.is_main():
+            atomic_write_text(self._round_file(r), json.dumps(saved) + "\n")
+            part.unlink(missing_ok=True)
         return saved
+
+    def _read_part(self, part: Path, fp: str) -> list[dict]:
+        """The finished chunks of an interrupted sampling of this round, in order (rank 0 reads
+        them and trims the file to them; every rank gets the list)."""
+        done = []
+        if distributed.is_main():
+            for x in read_jsonl(part):
+                if not (isinstance(x, dict) and x.get("fingerprint") == fp and x.get("chunk") == len(done)):
+                    break
+                done.append(x)
+            if part.exists():  # only that prefix stays (a line torn by a crash, another run's lines go)
+                atomic_write_text(part, "".join(json.dumps(x) + "\n" for x in done))
+        return done if distributed.size() == 1 else json.loads(distributed.broadcast_text(json.dumps(done)))
+
+    def _sample_chunk(self, train: list, r: int, i: int, chunk: list[int], fp: str) -> dict:
+        """Chunk i of round r: N scored completions of each of its prompts, and what each keeps."""
+        from mlxpt.decode.sampling import row_key
+
+        N = self.r.samples_per_prompt
+        keys = [row_key(self.cfg.train.seed, r, p) for p in chunk]  # a prompt's draws: its own
+        seqs, totals, per_fn, samples, gs, _ = sample_scored(self.spec, [train[p] for p in chunk], N, keys)
+        prompts = []
+        for j, p in enumerate(chunk):
+            results = [
+                (seqs[q][1], samples[q]["completion"], seqs[q][2], totals[q], per_fn[q])
+                for q in range(j * N, (j + 1) * N)
+            ]
+            prompts.append({"prompt": p, "samples": N, "truncated": sum(x[2] for x in results),
+                            **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)})  # fmt: skip
+        return {"fingerprint": fp, "chunk": i, "prompts": prompts, "gen_tokens": gs.generated_tokens}
 
     # -- reporting -------------------------------------------------------------------------
     def report(self, step: int) -> dict:

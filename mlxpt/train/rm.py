@@ -38,6 +38,40 @@ from mlxpt.train.loop import Task, rows_task
 from mlxpt.train.runner import Method, TaskContext, rows_shape, run_training
 
 
+def head_check(name: str, what: str, codes: tuple[str, str], then: Callable | None = None) -> Callable:
+    """A `Method.check` for a method that trains the reward head (`name`, a `what`: rm here, prm
+    in prm.py), before anything is read: codes[0] on a backend other than MLX, then `then(cfg)`
+    (the method's own refusals), codes[1] when the run to resume is of another method."""
+    backend_code, resume_code = codes
+
+    def check(cfg, resume_dir) -> None:
+        if cfg.train.backend != "mlx":
+            raise ConfigError(
+                backend_code, f"the {cfg.train.backend} backend cannot train a {what}", "backend", "use --backend mlx"
+            )
+        if then is not None:
+            then(cfg)
+        if resume_dir is not None:
+            method = read_config(resume_dir).get("method", "sft")
+            if method != name:
+                raise ConfigError(
+                    resume_code,
+                    f"this is a {method} run, not a {what}",
+                    str(resume_dir),
+                    f"resume it with `mlxpt train --resume {resume_dir}`, or start a new {name} run",
+                )
+
+    return check
+
+
+def head_method(name: str, check: Callable, **fields) -> Method:
+    """A `Method` that trains the reward head with the adapter (rm; prm): the backend adds the
+    head to the model, hands the objective its outputs ("reward") and saves it beside the adapter."""
+    return Method(
+        name=name, check=check, output="reward", extend_model=add_reward_head, save=save_reward_model, **fields
+    )
+
+
 def collate_pairs(pairs: list[PrefExample], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """2B rows, B chosen then B rejected (prompt + response each)."""
     return collate_rm([p.prompt + p.chosen for p in pairs] + [p.prompt + p.rejected for p in pairs], pad_id)
@@ -55,35 +89,18 @@ def make_objective(cfg: RMConfig, layout: str = "rows"):
     return partial(objectives.bt_objective, center_coef=cfg.rm.center_rewards_coefficient)
 
 
-def check(cfg: RMConfig, resume_dir) -> None:
-    """MLX only, and a resume must be of an rm run (before anything is read)."""
-    if cfg.train.backend != "mlx":
-        raise ConfigError(
-            "E516", f"the {cfg.train.backend} backend cannot train a reward model", "backend", "use --backend mlx"
-        )
-    if resume_dir is not None:
-        method = read_config(resume_dir).get("method", "sft")
-        if method != "rm":
-            raise ConfigError(
-                "E517",
-                f"this is a {method} run, not a reward model",
-                str(resume_dir),
-                f"resume it with `mlxpt train --resume {resume_dir}`, or start a new rm run",
-            )
+# MLX only, and a resume must be of an rm run (before anything is read)
+check = head_check("rm", "reward model", ("E516", "E517"))
 
-
-RM = Method(
-    name="rm",
+RM = head_method(
+    "rm",
+    check,
     read=read_rows,
     encode=prepare_data,
     objective=make_objective,
     task=rm_task,
     length=pair_length,
     memory_shape=rows_shape(2),
-    check=check,
-    output="reward",
-    extend_model=add_reward_head,
-    save=save_reward_model,
 )
 
 

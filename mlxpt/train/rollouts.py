@@ -2,9 +2,10 @@
 and turn them into one batch for the objective (group-relative advantages, the loss mask, and
 the old/reference log-probs the clipped surrogate and the KL need).
 
-`sample_rollout` is a function of its inputs (the policy's sampling RNG is the backend's, saved
-in every checkpoint); what a window keeps for its `num_iterations` updates, and what a step
-reports, is grpo.py's.
+`sample_rollout` is a function of its inputs: each completion draws from keys of its own
+(`keys`, one per prompt, see `sampling.make_keyed_sampler`), so a prompt's samples are the same
+whichever rank samples it and whatever prompts share its batch. What a window keeps for its
+`num_iterations` updates, and what a step reports, is grpo.py's.
 """
 
 from __future__ import annotations
@@ -82,9 +83,10 @@ def score(spec: RolloutSpec, e: PromptExample, text: str, n_tokens: int) -> tupl
     return spec.guard.total(scores), scores
 
 
-def sample_scored(spec: RolloutSpec, examples: list[PromptExample], G: int):
+def sample_scored(spec: RolloutSpec, examples: list[PromptExample], G: int, keys: list[int] | None = None):
     """G completions of each prompt in one batched generation, each scored: (seqs as (example,
-    ids with the stop token, truncated), total rewards, rewards per function, samples, stats, seconds)."""
+    ids with the stop token, truncated), total rewards, rewards per function, samples, stats, seconds).
+    `keys`: one sampling key per prompt (the spec's sampler is keyed)."""
     from mlxpt.decode.batch import GroupStats, generate_groups  # imports MLX (after the BLAS is chosen)
 
     model = spec.backend.model
@@ -93,7 +95,7 @@ def sample_scored(spec: RolloutSpec, examples: list[PromptExample], G: int):
     t0 = time.perf_counter()
     groups = generate_groups(
         model, spec.tokenizer, [e.tokens for e in examples], G, spec.g.max_completion_length, spec.sampler,
-        stats=gs,
+        stats=gs, keys=keys,
     )  # fmt: skip
     seqs, totals, per_fn, samples = [], [], [], []
     for e, comps in zip(examples, groups, strict=True):
@@ -107,10 +109,10 @@ def sample_scored(spec: RolloutSpec, examples: list[PromptExample], G: int):
     return seqs, totals, per_fn, samples, gs, time.perf_counter() - t0
 
 
-def sample_rollout(spec: RolloutSpec, examples: list[PromptExample]) -> Rollout:
-    """Sample, score and batch one micro-batch of prompts."""
+def sample_rollout(spec: RolloutSpec, examples: list[PromptExample], keys: list[int] | None = None) -> Rollout:
+    """Sample, score and batch one micro-batch of prompts (`keys`: one sampling key per prompt)."""
     g, G = spec.cfg.grpo, spec.cfg.grpo.num_generations
-    seqs, totals, per_fn, samples, gs, t_gen = sample_scored(spec, examples, G)
+    seqs, totals, per_fn, samples, gs, t_gen = sample_scored(spec, examples, G, keys)
     rewards = np.array(totals, dtype=np.float64).reshape(len(examples), G)  # a float32 cast could overflow
     adv, zero = group_advantages(rewards, g.scale_rewards)
     keep = np.ones(len(seqs), bool)

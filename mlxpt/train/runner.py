@@ -109,14 +109,82 @@ def choose_layout(backend, wanted: bool, emit: Callable[[dict], None], packs: bo
     return "grouped" if ok else "rows"
 
 
-def _trim_logs(run_dir: Path, step: int) -> None:
-    """Drop metric and sample lines written after the checkpoint we resume from (they will be
-    redone), and any line a crash tore."""
-    for name in ("metrics.jsonl", "samples.jsonl"):
-        path = run_dir / name
-        if path.exists():
-            rows = [r for r in read_jsonl(path) if isinstance(r, dict) and r.get("step", 0) <= step]
-            atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+class RunFolder:
+    """Every write of the runner to the run folder, in one place: rank 0 makes it, and on the
+    other ranks (the same state, one writer a folder) each is a no-op. Status files carry the
+    world size."""
+
+    def __init__(self, locks: list[RunLock]):
+        self.writes = distributed.is_main()
+        self.locks = locks  # one writer per run folder, held until run_training returns
+        self.path: Path | None = None
+
+    def lock(self, path: str | Path) -> None:
+        if self.writes:
+            self.locks.append(RunLock(path).acquire())
+
+    def reopen(self, path: Path) -> Path:
+        """The folder of a resumed run (locked before anything was read)."""
+        self.path = path
+        if self.writes:
+            clean_temp(path)  # the lock is ours: every temp file left here is a dead writer's
+        return path
+
+    def create(self, cfg, name: str, chain) -> Path:
+        """A new run folder, made and locked by rank 0 (with --from's adapter copy); its path on
+        every rank."""
+        path = None
+        if self.writes:
+            path = new_run_dir(cfg.train.runs_dir, name)
+            self.lock(path)
+            if chain is not None:
+                chaining.keep_copy(chain, path)  # before config.json names it in its lineage
+        self.path = Path(distributed.broadcast_text(str(path)))  # rank 0's folder on every rank
+        return self.path
+
+    def config(self, cfg, method: str, data_report: dict, adapter_config: dict, chain) -> None:
+        """config.json: the settings, and what this run was made from."""
+        if self.writes:
+            write_config(self.path, {
+                **cfg.to_dict(), "method": method, "mlxpt_version": __version__,
+                "model_path": str(resolve(cfg.model.model)), "data_report": data_report,
+                "adapter_config": adapter_config, **({"lineage": chain.lineage} if chain else {}),
+            })  # fmt: skip
+
+    def status(self, status: str, **extra) -> None:
+        if self.writes:
+            write_status(self.path, status, **extra, world_size=distributed.size())
+
+    def metrics(self, event: dict) -> None:
+        if self.writes:
+            append_jsonl(self.path / "metrics.jsonl", {**event, "time": time.time()})
+
+    def trim_logs(self, step: int) -> None:
+        """Drop metric and sample lines written after the checkpoint we resume from (they will be
+        redone), and any line a crash tore."""
+        if not self.writes:
+            return
+        for name in ("metrics.jsonl", "samples.jsonl"):
+            path = self.path / name
+            if path.exists():
+                rows = [r for r in read_jsonl(path) if isinstance(r, dict) and r.get("step", 0) <= step]
+                atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+    def checkpoint(self, st: LoopState, backend, task: Task, cfg) -> Path | None:
+        """The checkpoint of step `st.step`, the adapter beside it and the status (None off rank 0:
+        every rank holds the same state, so rank 0 saves it)."""
+        if not self.writes:
+            return None
+        saved = {"loop": st.to_dict(), "adapter_config": backend.adapter_config}
+        arrays = backend.get_state()
+        if task.state is not None:
+            extra, saved["task"] = task.state(st)
+            if extra:
+                arrays["task"] = extra
+        path = save_checkpoint(self.path, st.step, arrays, saved, keep=cfg.train.keep)
+        backend.save_adapter(self.path)
+        self.status("running", step=st.step, steps=cfg.train.steps)
+        return path
 
 
 def run_training(
@@ -138,11 +206,10 @@ def run_training(
 def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path, str]:
     world = distributed.init(cfg.train.backend)  # one process, or a rank of mlx.launch
     distributed.check_method(method.name)
-    writes = distributed.is_main()  # rank 0 alone writes the run folder and prints
-    emit = emit if writes else (lambda e: None)
+    folder = RunFolder(locks)  # rank 0 alone writes the run folder and prints
+    emit = emit if folder.writes else (lambda e: None)
     if resume_dir is not None:  # before anything is read: a second writer, or a silent start over
-        if writes:
-            locks.append(RunLock(resume_dir).acquire())
+        folder.lock(resume_dir)
         checkpoint = check_resumable(Path(resume_dir))  # verified once: restored below
     chain = chaining.prepare(cfg, resume_dir)  # --from: checked, its adapter's shape adopted
     tokenizer, train, valid, data_report, monitor = _read_data(method, cfg, resume_dir, emit)
@@ -153,31 +220,18 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
     if world.size > 1:
         backend.sum_across = distributed.sum_window
     if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        if writes:
-            clean_temp(run_dir)  # the lock is ours: every temp file left here is a dead writer's
+        run_dir = folder.reopen(Path(resume_dir))
     else:  # only now: rejected data, settings or memory leave no run folder behind
-        run_dir = None
-        if writes:
-            run_dir = new_run_dir(cfg.train.runs_dir, cfg.train.name or method.name)
-            locks.append(RunLock(run_dir).acquire())
-            if chain is not None:
-                chaining.keep_copy(chain, run_dir)  # before config.json names it in its lineage
-        run_dir = Path(distributed.broadcast_text(str(run_dir)))  # rank 0's folder on every rank
+        run_dir = folder.create(cfg, cfg.train.name or method.name, chain)
     world.run_dir = str(run_dir)
     ctx = TaskContext(cfg, tokenizer, layout, backend, run_dir, emit)
     task = method.task(ctx)
-    state = _restore(run_dir, checkpoint, backend, task) if resume_dir is not None else LoopState()
+    state = _restore(folder, checkpoint, backend, task) if resume_dir is not None else LoopState()
     world.step = state.step  # the last saved step, for a lost peer's line
     if monitor is not None and state.step > 0:
         monitor.baseline = baseline_from(run_dir / "metrics.jsonl")
-    if writes:
-        write_config(run_dir, {
-            **cfg.to_dict(), "method": method.name, "mlxpt_version": __version__,
-            "model_path": str(resolve(cfg.model.model)), "data_report": data_report,
-            "adapter_config": backend.adapter_config, **({"lineage": chain.lineage} if chain else {}),
-        })  # fmt: skip
-        write_status(run_dir, "running", step=state.step, steps=cfg.train.steps, world_size=world.size)
+    folder.config(cfg, method.name, data_report, backend.adapter_config, chain)
+    folder.status("running", step=state.step, steps=cfg.train.steps)
     n_train, n_total = backend.param_counts()
     emit({
         "event": "start", "method": method.name, "run_dir": str(run_dir), "model": cfg.model.model,
@@ -188,11 +242,9 @@ def _run(method: Method, cfg, resume_dir, emit, stop, locks: list) -> tuple[Path
         **({"from_run": cfg.adapter.from_run, "adopted": chain.adopted} if chain else {}),
     })  # fmt: skip
     _warn_setup(cfg, chain, emit)
-    outcome = _train(method, ctx, task, state, train, valid, stop, monitor)
+    outcome = _train(method, ctx, folder, task, state, train, valid, stop, monitor)
     status = "finished" if outcome == "finished" else "interrupted"
-    if writes:
-        write_status(run_dir, status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss,
-                     world_size=world.size)  # fmt: skip
+    folder.status(status, step=state.step, steps=cfg.train.steps, best_val_loss=state.best_val_loss)
     emit({"event": "done", "status": status, "run_dir": str(run_dir), "step": state.step,
           "best_val_loss": state.best_val_loss, **distributed.report()})  # fmt: skip
     distributed.barrier()  # no rank leaves (mlx.launch would stop the others) before rank 0 has saved
@@ -287,7 +339,7 @@ def _load_backend(method: Method, cfg, examples: list, emit, chain=None) -> tupl
     return backend, layout, memory
 
 
-def _restore(run_dir: Path, ck: Path | None, backend, task: Task) -> LoopState:
+def _restore(folder: RunFolder, ck: Path | None, backend, task: Task) -> LoopState:
     """Checkpoint `ck` (check_resumable's) into the backend and the task (a fresh state if none)."""
     if ck is None:
         return LoopState()
@@ -297,8 +349,7 @@ def _restore(run_dir: Path, ck: Path | None, backend, task: Task) -> LoopState:
     state = LoopState.from_dict(saved["loop"])
     if task.load_state is not None:
         task.load_state(arrays.get("task", {}), saved.get("task", {}))
-    if distributed.is_main():
-        _trim_logs(run_dir, state.step)
+    folder.trim_logs(state.step)
     return state
 
 
@@ -322,34 +373,25 @@ def _check_shapes(ck: Path, saved: dict, model: dict) -> None:
     )  # fmt: skip
 
 
-def _checkpointer(ctx: TaskContext, task: Task) -> Callable[[LoopState], None]:
-    backend, run_dir, cfg = ctx.backend, ctx.run_dir, ctx.cfg
-
+def _checkpointer(ctx: TaskContext, folder: RunFolder, task: Task) -> Callable[[LoopState], None]:
     def checkpoint(st: LoopState) -> None:
         distributed.WORLD.step = st.step
-        if not distributed.is_main():  # every rank holds the same state: rank 0 saves it
-            return
-        saved = {"loop": st.to_dict(), "adapter_config": backend.adapter_config}
-        arrays = backend.get_state()
-        if task.state is not None:
-            extra, saved["task"] = task.state(st)
-            if extra:
-                arrays["task"] = extra
-        path = save_checkpoint(run_dir, st.step, arrays, saved, keep=cfg.train.keep)
-        backend.save_adapter(run_dir)
-        write_status(run_dir, "running", step=st.step, steps=cfg.train.steps, world_size=distributed.size())
-        ctx.emit({"event": "checkpoint", "step": st.step, "path": str(path)})
+        path = folder.checkpoint(st, ctx.backend, task, ctx.cfg)
+        if path is not None:
+            ctx.emit({"event": "checkpoint", "step": st.step, "path": str(path)})
 
     return checkpoint
 
 
-def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train, valid, stop, monitor) -> str:
+def _train(
+    method: Method, ctx: TaskContext, folder: RunFolder, task: Task, state: LoopState, train, valid, stop, monitor
+) -> str:
     """before_train, then the loop, under signal handling; a failure is written to the status."""
     cfg, run_dir = ctx.cfg, ctx.run_dir
 
     def emit_and_log(event: dict) -> None:
-        if event["event"] in ("step", "eval", "forgetting") and distributed.is_main():
-            append_jsonl(run_dir / "metrics.jsonl", {**event, "time": time.time()})
+        if event["event"] in ("step", "eval", "forgetting"):
+            folder.metrics(event)
         ctx.emit(event)
 
     if monitor is not None:
@@ -365,18 +407,16 @@ def _train(method: Method, ctx: TaskContext, task: Task, state: LoopState, train
                 return "interrupted"
             return train_loop(
                 ctx.backend, task.batches(train, state, cfg), valid, cfg.train, cfg.data.batch_size, task, state,
-                emit_and_log, _checkpointer(ctx, task), stop=flag if stop is None else distributed.agreed(_Either(stop, local)),
+                emit_and_log, _checkpointer(ctx, folder, task), stop=flag if stop is None else distributed.agreed(_Either(stop, local)),
                 monitor=monitor,
             )  # fmt: skip
     except MlxptError as e:
         if e.saved_step is not None:
             e.hint = f"{e.hint + '; ' if e.hint else ''}step {e.saved_step} is saved: {resume_command(run_dir)}"
-        if distributed.is_main():
-            write_status(run_dir, "failed", step=state.step, error=e.line())
+        folder.status("failed", step=state.step, error=e.line())
         raise
     except BaseException as e:
-        if distributed.is_main():
-            write_status(run_dir, "failed", step=state.step, error=f"{type(e).__name__}: {e}")
+        folder.status("failed", step=state.step, error=f"{type(e).__name__}: {e}")
         raise
 
 
