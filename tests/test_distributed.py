@@ -477,6 +477,9 @@ def test_one_process_is_a_world_of_one(monkeypatch):
     assert d.sum_floats([1.5, 2.0]) == [1.5, 2.0] and d.broadcast_text("x") == "x" and d.report() == {}
     assert d.gather_texts("x") == ["x"]
     d.check_batches(7, 1)  # nothing to split
+    assert d.launch_rank() == 0
+    monkeypatch.setenv("MLX_RANK", "1")  # what a launcher sets: known before init (one warning, rank 0's)
+    assert d.launch_rank() == 1
 
 
 @pytest.mark.parametrize("world", [2, 3, 4])

@@ -328,9 +328,10 @@ def ignored_settings_line(cfg) -> str | None:
 
 def _run(args) -> int:
     method, cfg = config_from_args(args)
-    if not args.resume and (line := ignored_settings_line(cfg)):
-        print(f"warning: {line}", file=sys.stderr)
     from mlxpt.train import distributed
+
+    if not args.resume and distributed.launch_rank() == 0 and (line := ignored_settings_line(cfg)):
+        print(f"warning: {line}", file=sys.stderr)  # once, not once a rank
     from mlxpt.train.methods import run_method
     from mlxpt.train.runner import resume_command
 

@@ -54,6 +54,16 @@ def launched() -> bool:
     return any(os.environ.get(k) is not None for k in _LAUNCH_ENV)
 
 
+def launch_rank() -> int:
+    """This process's rank as its launcher set it (0 without a launcher): known before `init`,
+    for what only rank 0 should print that early."""
+    for k in _LAUNCH_ENV:
+        raw = os.environ.get(k)
+        if raw is not None:
+            return int(raw) if raw.strip().isdigit() else 0
+    return 0
+
+
 def init(backend: str) -> World:
     """Join the launcher's group once (a plain process: a world of one, without importing MLX).
     The numpy backend has no collectives: more than one rank is refused (E720)."""
