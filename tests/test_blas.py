@@ -81,3 +81,36 @@ def test_a_blas_that_crashes_or_is_wrong_is_refused_not_loaded(kind, tmp_path, m
     assert ("signal" in found) if kind == "trap" else ("wrong" in found)
     assert _blas.probe(str(lib)) == (ok, found)  # cached verdict, same answer
     assert list((tmp_path / "home" / "blas").glob("probe-*.json"))
+
+
+HEAP = (
+    "import resource\n"
+    "from mlxpt import _blas\n"
+    "print(_blas.activate() and _blas.keep_heap())\n"
+    "import mlx.core as mx\n"
+    "def faults():\n"
+    "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+    "mx.eval((mx.ones((4096, 4096)) * 2).sum())  # a 64 MB array: glibc would mmap it\n"
+    "before = faults()\n"
+    "for _ in range(5):\n"
+    "    mx.eval((mx.ones((4096, 4096)) * 2).sum())\n"
+    "print(faults() - before)\n"
+)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's malloc only")
+def test_big_blocks_come_from_a_kept_heap_unless_opted_out():
+    """keep_heap: the same 64 MB arrays again and again fault no fresh pages in (without it each
+    is a new mmap the kernel zeroes: ~16,000 page faults an array); MLXPT_MALLOC=off keeps glibc's default."""
+
+    def run(env):
+        out = subprocess.run([sys.executable, "-c", HEAP], cwd=ROOT, capture_output=True, text=True,
+                             env={**os.environ, **env}, check=True)  # fmt: skip
+        status, faults = out.stdout.strip().splitlines()
+        return status, int(faults)
+
+    status, kept = run({})
+    assert status == "kept (no mmap per block)"
+    off_status, fresh = run({"MLXPT_MALLOC": "off"})
+    assert off_status == "glibc defaults (MLXPT_MALLOC=off)"
+    assert kept < 2_000 and fresh > 20_000, (kept, fresh)

@@ -33,6 +33,7 @@ from mlx.utils import tree_flatten, tree_map, tree_unflatten  # noqa: E402
 
 from mlxpt.backends import mlx_checkpoint, packing  # noqa: E402
 from mlxpt.backends.base import check_adapter_fits, no_base_error  # noqa: E402
+from mlxpt.backends.mlx_logprob import token_logprob  # noqa: E402
 from mlxpt.backends.mlx_packing import packed_token_logp, segment_caches  # noqa: E402
 from mlxpt.backends.shared_prefix import grouped_token_logp, self_check  # noqa: E402
 from mlxpt.data.batching import trained_positions  # noqa: E402
@@ -45,7 +46,7 @@ from mlxpt.objectives import sft_objective  # noqa: E402
 def token_logp(model, inputs, targets):
     """(B, L) float32 log-probability of each target token."""
     logits = model(inputs).astype(mx.float32)
-    return -nn.losses.cross_entropy(logits, targets, reduction="none")
+    return token_logprob(logits, targets)
 
 
 def vocab_head(model):
@@ -91,7 +92,7 @@ def trained_token_logp(model, found, inputs, targets, index, segments=None):
     hidden = backbone(inputs, None if segments is None else segment_caches(model, segments))
     picked = hidden.reshape(-1, hidden.shape[-1])[index]
     logits = head(picked).astype(mx.float32)
-    return -nn.losses.cross_entropy(logits, targets.reshape(-1)[index], reduction="none")[None]
+    return token_logprob(logits, targets.reshape(-1)[index])[None]
 
 
 def position_logprobs(model, found, inputs, index, ids):
@@ -210,7 +211,7 @@ class MLXBackend:
         if self.output == "logp_kl":
             base = base_logits(model, self._initial_tree, batch[0])
             logits = model(batch[0]).astype(mx.float32)
-            logp = -nn.losses.cross_entropy(logits, batch[1], reduction="none")  # as token_logp
+            logp = token_logprob(logits, batch[1])  # as token_logp
             return (logp, kl_per_position(logits, base)), batch[2:]
         return token_logp(model, batch[0], batch[1]), batch[2:]
 

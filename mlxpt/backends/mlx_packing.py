@@ -10,7 +10,8 @@ values straight back. The mask is one boolean (B, 1, L, L) array per forward, wh
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
+
+from mlxpt.backends.mlx_logprob import token_logprob
 
 
 class _SegmentCache:
@@ -42,4 +43,4 @@ def segment_caches(model, segments) -> list:
 def packed_token_logp(model, inputs, targets, segments):
     """(B, L) float32 log-probs of `targets` with attention confined to each position's row."""
     logits = model(inputs, cache=segment_caches(model, segments)).astype(mx.float32)
-    return -nn.losses.cross_entropy(logits, targets, reduction="none")
+    return token_logprob(logits, targets)

@@ -29,8 +29,9 @@ rows.
 from __future__ import annotations
 
 import mlx.core as mx
-import mlx.nn as nn
 import numpy as np
+
+from mlxpt.backends.mlx_logprob import token_logprob
 
 
 class _PrefixCache:
@@ -90,7 +91,7 @@ def grouped_token_logp(model, prompts, left_pad, completions):
     last = mx.repeat(prompts[:, -1:], G, axis=0)
     inputs = mx.concatenate([last, completions[:, :-1]], axis=1)
     logits = model(inputs, cache=caches).astype(mx.float32)
-    return -nn.losses.cross_entropy(logits, completions, reduction="none")
+    return token_logprob(logits, completions)
 
 
 def layout(prompts: list[list[int]], completions: list[list[int]], pad: int, pad_to: int = 1) -> tuple[np.ndarray, ...]:
