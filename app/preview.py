@@ -151,8 +151,24 @@ def check_data(kind: str, cfg) -> DataPreview:
             out.lengths.append(len(ex.tokens))
             if not out.example:
                 out.example, out.example_where = _segments(tokenizer, ex.tokens, ex.mask), ex.where
+        if out.lengths:
+            out.summary += "\n" + packing_line(out.lengths, cfg.data)
     out.longest = max(out.lengths, default=0)
     return out
+
+
+def packing_line(lengths: list[int], data) -> str:
+    """Real tokens / computed positions at the form's batch and length (`mlxpt data check`'s
+    figure, data/batching.py), packed into bins when --packing is on, else as padded rows."""
+    from mlxpt.data.batching import packing_efficiency
+
+    cap = data.max_seq_len
+    eff = packing_efficiency([min(n, cap) for n in lengths], data.batch_size, cap)
+    first = f" (first {len(lengths)} rows)" if len(lengths) >= MAX_ROWS else ""
+    if data.packing:
+        return (f"real tokens / computed positions{first}: {eff['packed_efficiency']:.0%} packed into bins of "
+                f"{cap}, {eff['padded_efficiency']:.0%} as padded rows")  # fmt: skip
+    return f"real tokens / computed positions{first}: {eff['padded_efficiency']:.0%} as padded rows (packing off)"
 
 
 def estimate_memory(cfg, shape) -> dict:

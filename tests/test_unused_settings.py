@@ -55,3 +55,20 @@ def test_the_preview_reads_stepwise_rows_for_prm():
     assert any(trained for _, trained in good.example)  # the step ends are marked
     bad = check_data("stepwise", build_config("prm", {"data": str(ASSETS / "sft")}))
     assert bad.errors and bad.errors[0].startswith("E1")  # SFT rows are not stepwise rows: file:line errors
+
+
+def test_the_preview_shows_the_packing_efficiency_at_the_forms_batch_and_length():
+    """The New run form's data check says what `--packing` saves (issue 20), as `data check` does."""
+    from app.preview import check_data, packing_line
+    from mlxpt.data.batching import packing_efficiency
+
+    cfg = build_config("sft", {"data": str(ASSETS / "sft")})
+    p = check_data(data_kind("sft"), cfg)
+    assert not p.errors and p.lengths
+    eff = packing_efficiency(
+        [min(n, cfg.data.max_seq_len) for n in p.lengths], cfg.data.batch_size, cfg.data.max_seq_len
+    )
+    assert f"{eff['packed_efficiency']:.0%} packed into bins of {cfg.data.max_seq_len}" in p.summary
+    assert eff["packed_efficiency"] > eff["padded_efficiency"]  # bundled rows differ in length: packing saves
+    off = build_config("sft", {"data": str(ASSETS / "sft"), "packing": False}).data
+    assert packing_line([10, 200, 30], off).endswith("as padded rows (packing off)")
