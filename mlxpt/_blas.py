@@ -9,8 +9,9 @@ Opt out with MLXPT_BLAS=off (or choose MLXPT_BLAS=system|wheel). No-op on macOS 
 The same call keeps glibc's malloc from handing big blocks back to the kernel (`keep_heap`): MLX's
 CPU allocator mallocs and frees every array, glibc serves blocks over 32 MB with fresh mmaps, and
 the kernel zeroes those pages on first touch each time (about 1 GB a default-model SFT step,
-~250,000 page faults). Served from a heap that is kept, a step ran 1.37x faster. Opt out with
-MLXPT_MALLOC=off. The cost: the process keeps its peak heap until it exits.
+~250,000 page faults). Served from a heap that is kept, a step ran 1.2-1.3x faster
+(docs/performance.md). Opt out with MLXPT_MALLOC=off. The cost: the process keeps its peak heap
+until it exits.
 
 Safety: a library is used only after a child process has run `cblas_sgemm` from it on small and
 large shapes (all four transposes, beta 0 and 1) and matched NumPy. Builds exist whose kernels
@@ -219,8 +220,9 @@ _heap: str | None = None
 
 
 def keep_heap() -> str:
-    """mallopt(M_MMAP_MAX, 0) and a trim threshold of 2 GiB (the most mallopt takes) on Linux glibc: every block from the
-    heap, freed memory kept for the next step (see the module docstring). Returns what it did."""
+    """On Linux glibc, mallopt(M_MMAP_MAX, 0) and a trim threshold of 2 GiB (the most mallopt
+    takes): every block from the heap, freed memory kept for the next step (see the module
+    docstring). Returns what it did."""
     global _heap
     if _heap is not None:
         return _heap
