@@ -89,6 +89,24 @@ def test_chooser_reads_only_the_bucket_and_skips_unknown_strategies():
     assert choose(table, "9/9", 20, 1000).key == choose(table, "all", 20, 1000).key  # unseen bucket: all
 
 
+def test_chooser_shrinks_a_small_bucket_toward_the_overall_rates():
+    """A 2-prompt bucket where the cheap cell happened to win both: the `all` row (60 prompts)
+    says the vote is far better, and the shrunk estimate follows it; a large bucket keeps its own."""
+    overall = Bucket(60, 20.0, {"greedy@1": Cell("greedy", 1, 0.2, 10.0),
+                                "self-consistency@4": Cell("self-consistency", 4, 0.6, 40.0)})  # fmt: skip
+    small = Bucket(2, 20.0, {"greedy@1": Cell("greedy", 1, 1.0, 10.0),
+                             "self-consistency@4": Cell("self-consistency", 4, 0.5, 40.0)})  # fmt: skip
+    table = CalibrationTable(2, {"1/2": small, "all": overall}, "m")
+    c = choose(table, "1/2", 20, 100)
+    # greedy (2 x 1.0 + 4 x 0.2) / 6 = 0.467 < the vote's (2 x 0.5 + 4 x 0.6) / 6 = 0.567
+    assert c.key == "self-consistency@4" and c.accuracy == pytest.approx(3.4 / 6)
+    big = CalibrationTable(2, {"1/2": Bucket(40, 20.0, small.cells), "all": overall}, "m")
+    assert choose(big, "1/2", 20, 100).key == "greedy@1"  # 40 prompts: (40 + 0.8) / 44 = 0.93
+    tied = Bucket(3, 20.0, {k: Cell(c.strategy, c.n, 1 / 3, c.tokens) for k, c in small.cells.items()})
+    assert choose(CalibrationTable(2, {"1/2": tied, "all": overall}, "m"), "1/2", 20, 100).key == "self-consistency@4"
+    assert choose(table, "all", 0, 100).accuracy == 0.6  # the all row is not shrunk
+
+
 def test_builtin_rule_stops_on_agreement_else_votes_within_the_budget():
     c = builtin_choice("2/2", 30, 2, 1000)
     assert (c.key, c.tokens, c.rule) == ("self-consistency@2", 30, "built-in")

@@ -12,7 +12,10 @@ The choice reads a calibration table that `mlxpt eval --calibrate OUT.json` writ
 calibration set (never the test set): per bucket and cell (`strategy@N`), the accuracy and mean
 generated tokens measured there, and the probe's mean tokens. The chooser takes the most accurate
 cell whose expected tokens fit the budget, the cheaper on equal accuracy; when nothing fits, the
-probe's own vote (no more tokens). A budget below the probe's mean cost skips the probe and
+probe's own vote (no more tokens). A bucket's accuracies are shrunk toward the same cell's in
+the `all` row, as if the bucket had `SHRINK_PROMPTS` more prompts scoring the overall rate
+(empirical Bayes): a bucket of 3 calibration prompts, where most cells tie, then ranks its cells
+mostly by how they did overall instead of taking the cheapest of the tie. A budget below the probe's mean cost skips the probe and
 chooses from the table's `all` row. A table records the model and adapter it was measured on and
 is refused for another.
 
@@ -43,6 +46,7 @@ MAX_BUDGET = 10_000_000
 POOLED = ("best-of-n", "self-consistency")  # cells that read the probe as the start of their pool
 SKIPPED = ("auto", "adaptive", "sample")  # never chosen: auto itself, and cells the pool answers better
 BUILTIN_MAX_N = 64
+SHRINK_PROMPTS = 4  # pseudo-prompts of the `all` row's rate added to each bucket's (see the module doc)
 
 
 @dataclass
@@ -114,13 +118,26 @@ def expected_tokens(cell: Cell, probe: int, spent: float, probe_mean: float) -> 
     return spent + cell.tokens
 
 
+def shrunk(table: CalibrationTable, bucket: str, cell: Cell) -> float:
+    """`cell`'s accuracy in `bucket`, shrunk toward its `all`-row accuracy by SHRINK_PROMPTS
+    pseudo-prompts (unchanged for the `all` row itself, or a cell the `all` row lacks)."""
+    row, overall = table.buckets.get(bucket), table.buckets.get("all")
+    prior = overall.cells.get(cell.key) if overall is not None and bucket != "all" else None
+    if row is None or prior is None:
+        return cell.accuracy
+    return (row.prompts * cell.accuracy + SHRINK_PROMPTS * prior.accuracy) / (row.prompts + SHRINK_PROMPTS)
+
+
 def choose(
     table: CalibrationTable, bucket: str, spent: float, budget: float, allowed: tuple[str, ...] | None = None
 ) -> Choice:
-    """The most accurate cell of `bucket` whose expected tokens fit `budget` (ties: the cheaper,
-    then the first in the table); nothing fits: the probe's vote. Reads only the table."""
-    row = table.buckets.get(bucket) or table.buckets["all"]
-    probed = bucket != "all"
+    """The most accurate cell of `bucket` (accuracy shrunk toward the `all` row's: `shrunk`)
+    whose expected tokens fit `budget` (ties: the cheaper, then the first in the table); nothing
+    fits: the probe's vote. Reads only the table."""
+    probed = bucket != "all"  # an unseen bucket reads the `all` row, its probe still spent
+    if bucket not in table.buckets:
+        bucket = "all"
+    row = table.buckets[bucket]
     fallback = Choice("self-consistency", table.probe, math.nan, spent, "table")
     best: Choice | None = None
     for cell in row.cells.values():
@@ -129,9 +146,10 @@ def choose(
         cost = expected_tokens(cell, table.probe, spent, row.probe_tokens) if probed else cell.tokens
         if cost > budget:
             continue
+        accuracy = shrunk(table, bucket, cell)
         if probed and cell.key == fallback.key:
-            fallback.accuracy = cell.accuracy
-        c = Choice(cell.strategy, cell.n, cell.accuracy, cost, "table")
+            fallback.accuracy = accuracy
+        c = Choice(cell.strategy, cell.n, accuracy, cost, "table")
         if best is None or (round(c.accuracy, 9), -c.tokens) > (round(best.accuracy, 9), -best.tokens):
             best = c
     if best is None:
