@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -52,6 +53,12 @@ def command(name: str, args, runs: Path) -> list[str]:
     ]  # fmt: skip
 
 
+def _trainable(log: Path) -> str | None:
+    """The trainable-parameter count the child printed at its start ("trainable 1.30M of ...")."""
+    found = re.search(r"trainable (\S+) of", log.read_text(errors="replace")) if log.is_file() else None
+    return found.group(1) if found else None
+
+
 def summarise(name: str, runs: Path, rss_kb: int, wall: float, rc: int) -> dict:
     folder = next((runs / name).glob("*peft-*"), None)
     rows = []
@@ -70,7 +77,7 @@ def summarise(name: str, runs: Path, rss_kb: int, wall: float, rc: int) -> dict:
         "step_time_s": statistics.median(times) if times else None,
         "peak_memory_mb": max((r["peak_memory_mb"] for r in steps), default=None),
         "peak_rss_mb": rss_kb / 1024,
-        "trainable": (json.loads((folder / "config.json").read_text()).get("trainable_params") if folder else None),
+        "trainable": _trainable(runs / f"{name}.log"),
         "wall_s": wall,
     }
 
