@@ -61,13 +61,19 @@ def form_fields(method: str) -> list[FormField]:
 
 
 def hidden_fields(method: str, values: dict[str, object]) -> tuple[str, ...]:
-    """The settings the chosen fine-tune type ignores (rank for a prefix, ...): hidden in the form
-    and left out of its command; what was typed in them stays in the form for a switch back."""
+    """The settings the chosen fine-tune type ignores (rank for a prefix, ...), and RFT's step-search
+    settings under `strategy sample`: hidden in the form and left out of its command; what was
+    typed in them stays in the form for a switch back."""
+    from mlxpt.config.rft import SEARCH_SETTINGS
+
     defaults = {f.name: f.default for f in form_fields(method)}
-    if "fine_tune_type" not in defaults:
-        return ()
-    kind = values.get("fine_tune_type") or defaults["fine_tune_type"]
-    return tuple(n for n in ignored_adapter_settings(str(kind)) if n in defaults)
+    hidden: list[str] = []
+    if "fine_tune_type" in defaults:
+        kind = values.get("fine_tune_type") or defaults["fine_tune_type"]
+        hidden += [n for n in ignored_adapter_settings(str(kind)) if n in defaults]
+    if method == "rft" and (values.get("strategy") or defaults.get("strategy")) == "sample":
+        hidden += [n for n in SEARCH_SETTINGS if n in defaults]
+    return tuple(hidden)
 
 
 def changed_flags(method: str, values: dict[str, object]) -> dict[str, object]:

@@ -108,6 +108,8 @@ def test_round_plan_and_bad_settings_are_refused(tiny_dir, prompt_dir, tmp_path,
         ({"samples_per_prompt": 0}, "E586"),
         ({"temperature": 0}, "E505"),
         ({"on_empty": "retry"}, "E503"),
+        ({"strategy": "beam"}, "E503"),  # sample, step-beam or tree
+        ({"step_aggregate": "mean"}, "E503"),
     ):
         with pytest.raises(ConfigError) as e:
             plan(**kw)
@@ -118,6 +120,12 @@ def test_round_plan_and_bad_settings_are_refused(tiny_dir, prompt_dir, tmp_path,
         ({"save_every": 3}, "E588"),  # rounds of 2 steps
         ({"accept": None}, "E589"),  # the default rule needs the accuracy reward
         ({"rewards": "nosuch"}, "E540"),
+        # a step search's settings, checked before anything is read
+        ({"strategy": "step-beam", "scorer": "nosuch"}, "E622"),
+        ({"strategy": "tree", "expand": 0}, "E631"),
+        ({"strategy": "step-beam", "step_delimiter": ""}, "E632"),
+        ({"strategy": "step-beam", "max_steps": 0}, "E634"),
+        ({"strategy": "step-beam", "scorer": f"prm:{tmp_path / 'no-run'}"}, "E628"),
     ):
         with pytest.raises(ConfigError) as e:
             run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, **kw))
@@ -179,6 +187,34 @@ def test_rounds_sample_keep_train_and_report(tiny_dir, prompt_dir, tmp_path, rew
 
     charted = {label for spec in CHARTS for label, _, _ in series_for(spec, steps, evals)}
     assert {"rft_kept_share", "rft_pass_at_n"} <= charted
+
+
+def test_step_search_rounds_keep_finished_solutions_as_generated(tiny_dir, prompt_dir, tmp_path, reward_file):
+    """--strategy step-beam: each prompt's candidates are the search's solutions (at most N), kept
+    as the ids the search generated (their text decodes from them), and a prompt's search finds
+    the same solutions whatever chunk it is in (its own seed)."""
+    from mlxpt.models.loader import load_tokenizer
+
+    kw = {"strategy": "step-beam", "scorer": "logprob", "samples_per_prompt": 2, "expand": 2, "steps": 2,
+          "rounds": 1, "save_every": 2, "eval_every": 0, "regression_data": "none"}  # fmt: skip
+    events = []
+    run_dir, outcome = run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file, **kw), emit=events.append)
+    assert outcome == "finished"
+    saved = json.loads((run_dir / ROUNDS_DIR / "round-001.json").read_text())
+    s = saved["stats"]
+    assert 8 <= s["samples"] <= 8 * 2 and 0 < s["kept"] <= s["samples"] and s["gen_tokens"] > 0
+    assert all(1 <= p["samples"] <= 2 for p in saved["prompts"])
+    tok = load_tokenizer(str(tiny_dir))
+    stops = set(getattr(tok, "eos_token_ids", None) or [tok.eos_token_id])
+    for p in saved["prompts"]:
+        for k in p["kept"]:
+            ids = k["ids"][:-1] if k["ids"] and k["ids"][-1] in stops else k["ids"]
+            assert tok.decode(ids) == k["text"] and len(ids) <= 8
+    # one prompt a chunk: the same solutions, prompt by prompt
+    other, _ = run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, sample_batch=1, **kw))
+    again = json.loads((other / ROUNDS_DIR / "round-001.json").read_text())
+    assert [p["kept"] for p in again["prompts"]] == [p["kept"] for p in saved["prompts"]]
+    assert again["stats"]["samples"] == s["samples"]
 
 
 @pytest.mark.parametrize(("reads", "saved_step"), [(5, 2), (7, 3)])

@@ -136,8 +136,10 @@ class NewRunScreen(Screen):
         await holder.mount_all(widgets)
 
     @on(Select.Changed, "#f-fine_tune_type")
+    @on(Select.Changed, "#f-strategy")
     def _show_type_fields(self) -> None:
-        """Only the settings the chosen fine-tune type reads are shown; the others keep their values."""
+        """Only the settings the chosen fine-tune type (and RFT strategy) reads are shown; the others
+        keep their values."""
         hidden = set(form.hidden_fields(self.method, self.values()))
         for w in self.query("#fields Input, #fields Select"):
             if w.id and w.id.startswith("f-") and w.parent is not None:

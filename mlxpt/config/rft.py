@@ -18,6 +18,9 @@ from mlxpt.config.sections import (
 from mlxpt.errors import ConfigError
 
 DEFAULT_ROUNDS = 3  # rounds when neither --rounds nor --steps-per-round is given
+SEARCH_STRATEGIES = ("sample", "step-beam", "tree")  # --strategy: plain sampling or a step search
+# the settings only a step search reads (the TUI form hides them under --strategy sample)
+SEARCH_SETTINGS = ("scorer", "expand", "step_delimiter", "step_aggregate", "max_steps", "prune_threshold")
 
 
 @dataclass
@@ -38,6 +41,22 @@ class RFTSection:
         "stop", "a round that accepts nothing: stop the run (checkpoint kept) or sample the next round",
         ("stop", "continue"),
     )  # fmt: skip
+    strategy: str = opt(
+        "sample",
+        "how a round draws each prompt's candidates: sample (N keyed samples, prompts decoded together) or a "
+        "step-level search (step-beam, tree) of width N whose finished solutions are the candidates",
+        SEARCH_STRATEGIES,
+    )
+    scorer: str = opt("verifier", "step search: what scores partial solutions: verifier, logprob, prm:RUN or rm:RUN")
+    expand: int = opt(4, "step search: sampled next steps per expanded partial solution")
+    step_delimiter: str = opt("\\n", "step search: text that ends a step (\\n, \\t and \\\\ are read as escapes)")
+    step_aggregate: str = opt(
+        "min", "step search: step scores -> a partial solution's value", ("min", "last", "product")
+    )
+    max_steps: int = opt(16, "step search: most steps in one solution")
+    prune_threshold: float | None = opt(
+        None, "step search: drop partial solutions valued below this (default: keep all)"
+    )
     max_completion_length: int = opt(128, "most tokens generated per completion")
     temperature: float = opt(1.0, "sampling temperature of the completions")
     top_p: float = opt(1.0, "nucleus sampling mass of the completions (1: off)")

@@ -59,6 +59,7 @@ class Node:
     finished: str | None = None  # "stop" (end of turn) | "answer" | "length" | "max-steps"
     state: tuple | None = None  # (cache, next-token logits) while it may be expanded
     pending: int = 0  # tree dfs: children on the stack that still need this node's cache
+    stop_token: int | None = None  # the end-of-turn token that finished it (`stop`), if any
 
     def path(self) -> list[Node]:
         out, node = [], self
@@ -261,6 +262,7 @@ class Search:
                 self.ctx.on_samples(group)
             for j, c in enumerate(group):
                 node = Node(p, list(c.tokens), list(c.logprobs), p.depth + 1, p.length + len(c.tokens))
+                node.stop_token = c.stop_token
                 node.subtree = subtrees[i * k + j] if subtrees is not None else p.subtree
                 node.finished = self._finish(node, c, finals)
                 children.append(node)
@@ -323,6 +325,7 @@ class Search:
             n_used=len(pool), generated_tokens=self.generated, seconds=time.perf_counter() - self.t0,
             strategy=strategy, answers=answers, finish_reasons=[n.finished or "incomplete" for n in pool],
             prefilled_tokens=self.prefilled, stopped_by=self.stopped_by, search=search,
+            sample_tokens=[n.path_tokens() + ([n.stop_token] if n.stop_token is not None else []) for n in pool],
         )  # fmt: skip
 
 

@@ -43,6 +43,8 @@ class StrategyResult:
     stopped_by: str | None = None  # step-beam, tree: solution | exhausted | max-steps | max-nodes | ...
     search: dict | None = None  # step-beam, tree: nodes, pruned, backtracks, depth, the best path's steps
     auto: dict | None = None  # auto: what it chose, the difficulty estimate and the tokens spent (budget.py)
+    # step-beam, tree: each sample's token ids, the end-of-turn token it stopped at included
+    sample_tokens: list[list[int]] | None = None
 
 
 @dataclass

@@ -82,6 +82,10 @@ def check_config(cfg: RFTConfig, resume_dir=None) -> None:
             f"give --save-every {per_round} or a divisor of it",
         )
     grpo.check_rewards(r)
+    if r.strategy != "sample":
+        from mlxpt.decode.options import check_decode
+
+        check_decode(search_config(r, 0))  # scorer spec, search settings, temperature (E62x/E63x)
     names = [n for n, _, _ in parse_rewards(r.rewards, r.reward_weights)]
     if r.accept is None and "accuracy" not in names:
         raise ConfigError(
@@ -90,6 +94,24 @@ def check_config(cfg: RFTConfig, resume_dir=None) -> None:
             "--accept",
             "give --accept T (accept a total reward >= T), or add accuracy to --rewards",
         )
+
+
+def search_config(r, seed: int, scorer=None):
+    """The step search (`--strategy step-beam | tree`) one prompt's candidates come from: width N
+    (`samples_per_prompt`), the round's sampling settings under `seed`, the step settings; `scorer`
+    a built scorer (one per run) or, by default, the spec."""
+    from mlxpt.data.stepwise import step_delimiter
+    from mlxpt.decode.options import DecodeConfig, SearchConfig
+    from mlxpt.decode.sampling import SamplingConfig
+
+    search = SearchConfig(
+        beam_width=r.samples_per_prompt, expand=r.expand, delimiter=step_delimiter(r.step_delimiter),
+        aggregate=r.step_aggregate, max_steps=r.max_steps, prune_threshold=r.prune_threshold,
+    )  # fmt: skip
+    return DecodeConfig(
+        r.strategy, n=r.samples_per_prompt, max_tokens=r.max_completion_length, extract=r.extract, search=search,
+        sampling=SamplingConfig(r.temperature, r.top_p, r.top_k, r.min_p, seed), scorer=scorer or r.scorer,
+    )  # fmt: skip
 
 
 def _seed(*parts) -> int:
@@ -145,6 +167,7 @@ class RFTTask:
         self.round, self.round_start = -1, 0
         self.kept: list[Example] | None = None
         self.stats: dict = {}
+        self.scorer = None  # a step search's scorer, built at the first search (a prm:RUN loads a model)
 
     def task(self) -> Task:
         return Task(
@@ -337,6 +360,8 @@ class RFTTask:
         """Chunk i of round r: N scored completions of each of its prompts, and what each keeps."""
         from mlxpt.decode.sampling import row_key
 
+        if self.r.strategy != "sample":
+            return self._search_chunk(train, r, i, chunk, fp)
         N = self.r.samples_per_prompt
         keys = [row_key(self.cfg.train.seed, r, p) for p in chunk]  # a prompt's draws: its own
         seqs, totals, per_fn, samples, gs, _ = sample_scored(self.spec, [train[p] for p in chunk], N, keys)
@@ -349,6 +374,35 @@ class RFTTask:
             prompts.append({"prompt": p, "samples": N, "truncated": sum(x[2] for x in results),
                             **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)})  # fmt: skip
         return {"fingerprint": fp, "chunk": i, "prompts": prompts, "gen_tokens": gs.generated_tokens}
+
+    def _search_chunk(self, train: list, r: int, i: int, chunk: list[int], fp: str) -> dict:
+        """Chunk i of round r by step search: each prompt's finished solutions (at most N) are its
+        candidates, scored and kept like samples. Each prompt's search runs under a seed of its
+        own (run seed, round, prompt), so it finds the same solutions in any chunk, on any rank."""
+        from mlxpt.decode.scorers import make_scorer
+        from mlxpt.decode.strategies import run_strategy
+        from mlxpt.train.rollouts import score
+
+        model = self.backend.model
+        model.eval()
+        if self.scorer is None:
+            self.scorer = make_scorer(self.r.scorer, model, self.tokenizer)
+        eos = self.tokenizer.eos_token_id
+        prompts, gen = [], 0
+        for p in chunk:
+            e = train[p]
+            cfg = search_config(self.r, _seed(self.cfg.train.seed, "search", r, p), self.scorer)
+            res = run_strategy(model, self.tokenizer, e.tokens, cfg, prompt=e.row.prompt, row=dict(e.row.fields))
+            gen += res.generated_tokens
+            results = []
+            for text, ids, why in zip(res.samples, res.sample_tokens, res.finish_reasons, strict=True):
+                # ended by the model (its stop token is in `ids`) or at a final-answer line (trained to stop there)
+                ids = list(ids) + ([eos] if why == "answer" else [])
+                total, scores = score(self.spec, e, text, len(ids))
+                results.append((ids, text, why not in ("stop", "answer"), total, scores))
+            prompts.append({"prompt": p, "samples": len(results), "truncated": sum(x[2] for x in results),
+                            **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)})  # fmt: skip
+        return {"fingerprint": fp, "chunk": i, "prompts": prompts, "gen_tokens": gen}
 
     # -- reporting -------------------------------------------------------------------------
     def report(self, step: int) -> dict:

@@ -58,6 +58,21 @@ def test_hidden_fields_follow_the_type_and_stay_out_of_the_command():
     assert "fine_tune_type" not in form.continue_values({"model": {"model": "m"}, "adapter": None}, "runs/x")
 
 
+def test_rft_step_search_settings_show_only_under_a_search_strategy():
+    from mlxpt.config.rft import SEARCH_SETTINGS
+
+    lora = form.hidden_fields("sft", {})
+    assert form.hidden_fields("rft", {}) == (*lora, *SEARCH_SETTINGS)  # strategy sample: nothing to search with
+    assert form.hidden_fields("rft", {"strategy": "step-beam"}) == lora
+    values = {"strategy": "sample", "expand": "0", "steps": "6"}  # a bad hidden value neither blocks nor travels
+    assert " ".join(form.to_argv("rft", values)) == "train rft --steps 6 --events json"
+    assert form.validate("rft", values)[1] is None
+    cfg, err = form.validate("rft", {**values, "strategy": "tree", "scorer": "logprob", "expand": "2"})
+    assert err is None and (cfg.rft.strategy, cfg.rft.expand) == ("tree", 2)
+    argv = " ".join(form.to_argv("rft", {**values, "strategy": "tree", "scorer": "logprob", "expand": "2"}))
+    assert argv == "train rft --strategy tree --expand 2 --steps 6 --scorer logprob --events json"
+
+
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])
 async def test_switching_the_type_shows_its_fields_and_keeps_what_was_typed(tmp_path, tiny_dir, data_dir, size):
     app = create_app(tmp_path / "runs", poll_runs=False)
