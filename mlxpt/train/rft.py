@@ -308,13 +308,14 @@ class RFTTask:
         if distributed.is_main():
             part.parent.mkdir(parents=True, exist_ok=True)
         t0, ranks = time.perf_counter(), distributed.size()
+        each = f"{N} completions" if self.r.strategy == "sample" else f"a {self.r.strategy} search of width {N}"
         for first in range(len(done), len(chunks), ranks):
             wave = list(range(first, min(first + ranks, len(chunks))))
             what = f"{wave[0] + 1}" if len(wave) == 1 else f"{wave[0] + 1}-{wave[-1] + 1}"
             self.emit({"event": "progress", "stage": "sampling", "round": r + 1, "step": step + 1,
                        "done": first, "total": len(chunks),
                        "message": f"round {r + 1}: sampling chunk {what}/{len(chunks)} ({len(chunks[first])} prompts x "
-                       f"{N} completions, up to {self.r.max_completion_length} tokens each)"})  # fmt: skip
+                       f"{each}, up to {self.r.max_completion_length} tokens each)"})  # fmt: skip
             me = distributed.WORLD.rank  # rank k samples the wave's k-th chunk (one rank: the chunk)
             mine = self._sample_chunk(train, r, wave[me], chunks[wave[me]], fp) if me < len(wave) else None
             if ranks > 1:  # every rank's chunk, in chunk order (ranks past the last chunk sent null)
