@@ -397,9 +397,10 @@ class RFTTask:
             gen += res.generated_tokens
             results = []
             for text, ids, why in zip(res.samples, res.sample_tokens, res.finish_reasons, strict=True):
-                # ended by the model (its stop token is in `ids`) or at a final-answer line (trained to stop there)
+                # scored on the generated tokens (a stop token is not one); ended by the model (its stop token
+                # is in `ids`) or at a final-answer line (trained to stop there)
+                total, scores = score(self.spec, e, text, len(ids) - (why == "stop"))
                 ids = list(ids) + ([eos] if why == "answer" else [])
-                total, scores = score(self.spec, e, text, len(ids))
                 results.append((ids, text, why not in ("stop", "answer"), total, scores))
             prompts.append({"prompt": p, "samples": len(results), "truncated": sum(x[2] for x in results),
                             **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)})  # fmt: skip
