@@ -242,6 +242,20 @@ def test_resume_at_and_inside_a_round_equals_uninterrupted(
     assert_same_state(straight, resumed)
 
 
+def test_step_search_resume_inside_a_round_equals_uninterrupted(tiny_dir, prompt_dir, tmp_path, reward_file):
+    """Stopped inside round 2 of a step-beam run: the resumed run reads the round's kept
+    solutions back and ends where the straight run does."""
+    kw = {"strategy": "step-beam", "scorer": "logprob", "samples_per_prompt": 2, "expand": 2}
+    straight, _ = run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file, **kw))
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, **kw)
+    part, outcome = run_rft(cfg, stop=tiny.StopAfter(7))
+    assert outcome == "interrupted" and _load_state(part)[1]["loop"]["step"] == 3
+    events = []
+    resumed, outcome = run_rft(cfg, resume_dir=part, emit=events.append)
+    assert outcome == "finished" and not [e for e in events if e["event"] == "progress"]
+    assert_same_state(straight, resumed)
+
+
 def test_a_round_that_accepts_nothing_stops_or_continues(tiny_dir, prompt_dir, tmp_path, reward_file):
     from mlxpt.runs import read_status
 
