@@ -591,3 +591,32 @@ def _exact(step: str) -> bool:
     a, op, b, _, c = step.split()
     a, b, c = int(a), int(b), int(c)
     return {"+": a + b, "-": a - b, "*": a * b, "/": a / b}[op] == c
+
+
+def test_a_prm_of_another_base_model_is_refused_before_any_weights_load(prm_run, tiny_dir, tmp_path, capsys):
+    """eval, generate and an RFT step search with `--scorer prm:RUN` on a model the PRM was not
+    trained on: E528 from the PRM run's config, exit 1, no output and no run folder; the same
+    commands on the PRM's own base model get past the check."""
+    from mlxpt.cli import main
+
+    run_dir = prm_run[0]
+    other = tiny.make_model(tmp_path / "other", seed=1, hidden_size=32, intermediate_size=64)
+    (tmp_path / "prompts").mkdir()
+    prompts = tiny.write_prompt_dir(tmp_path / "prompts", train=(4, 1), test=(2, 2))
+    out, runs = tmp_path / "ev.json", tmp_path / "runs"
+    search = ["--strategy", "step-beam", "--scorer", f"prm:{run_dir}", "--n", "2", "--temperature", "0.7"]
+    commands = [
+        ["eval", "--strategies", "step-beam", "--scorer", f"prm:{run_dir}", "--n", "2", "--temperature", "0.7",
+         "--data", str(prompts / "test.jsonl"), "--out", str(out)],
+        ["generate", *search, "--prompt", "2 + 2 = ?"],
+        ["train", "rft", "--data", str(prompts), "--strategy", "step-beam", "--scorer", f"prm:{run_dir}",
+         "--steps", "2", "--rounds", "1", "--save-every", "1", "--regression-data", "none", "--runs-dir", str(runs)],
+    ]  # fmt: skip
+    for cmd in commands:
+        assert main([*cmd, "--model", str(other)]) == 1, cmd
+        err = capsys.readouterr().err
+        assert err.startswith("error E528") and "trained on" in err and err.count("\n") == 1, (cmd, err)
+    assert not out.exists() and not runs.exists()
+    # the PRM's own base model passes the check (the run then fails later or not at all, not with E528)
+    main([*commands[1], "--model", str(tiny_dir), "--max-tokens", "4"])
+    assert "E528" not in capsys.readouterr().err

@@ -225,7 +225,14 @@ def model_inputs(model: str | None, adapters: list[str]) -> dict[str, Path]:
 
 
 def run(args) -> int:
-    from mlxpt.commands.generate import check_adapter, check_common, load_for, model_ref, progress_printer
+    from mlxpt.commands.generate import (
+        DEFAULT_MODEL,
+        check_adapter,
+        check_common,
+        load_for,
+        model_ref,
+        progress_printer,
+    )
     from mlxpt.decode.evaluate import check_config, evaluate, read_rows
     from mlxpt.decode.plot import TOKENS_AXIS, terminal_chart, token_ticks, write_png
     from mlxpt.runs.atomic import atomic_write_json
@@ -271,6 +278,10 @@ def run(args) -> int:
         runs.append(("adapter", args.compare))
     for path in outputs:  # nor the adapter's run or the model (checked before any weights load)
         check_output(path, model_inputs(args.model, [a for _, a in runs if a]), "eval", existing=False)
+    from mlxpt.decode.scorers import check_base_model
+
+    for _, adapter in runs:  # a prm:RUN scorer was trained on the base model of every model scored (E528)
+        check_base_model(cfg.scorer, model_ref(args.model, adapter) or DEFAULT_MODEL)
     if "auto" in cfg.strategies and cfg.calibration:  # the table fits every model scored, and not the test set
         from mlxpt.decode.budget import check_identity, check_not_test_set, load_table
 

@@ -264,6 +264,21 @@ def _check_steps(steps, where: str) -> list[str]:
     return list(steps)
 
 
+def check_base(run_dir: str | Path, expect_model: str | Path | None) -> bool:
+    """Refuse (E528) a PRM run whose saved base model is not `expect_model` (a model reference or a
+    run folder), from the run's config alone: nothing loads. False where either is not known (the
+    load's checks then decide)."""
+    if expect_model is None or not Path(run_dir, "config.json").is_file():
+        return False
+    from mlxpt.runs import read_config
+
+    saved = read_config(run_dir)
+    if saved.get("method") != "prm" or not saved.get("model_path"):
+        return False
+    check_same_model(saved["model_path"], expect_model)
+    return True
+
+
 def load_process_reward_model(
     run_dir: str | Path, expect_model: str | Path | None = None, tokenizer=None, batch_size: int = 32
 ) -> ProcessRewardModel:
@@ -271,14 +286,7 @@ def load_process_reward_model(
     (the policy's model reference or run folder) and/or `tokenizer` (the policy's), a PRM trained
     on another base model or tokenizer is refused (E528), after the cheap checks and before the
     PRM's weights load for `expect_model`."""
-    checked = False
-    if expect_model is not None and Path(run_dir, "config.json").is_file():
-        from mlxpt.runs import read_config
-
-        saved = read_config(run_dir)
-        if saved.get("method") == "prm" and saved.get("model_path"):
-            check_same_model(saved["model_path"], expect_model)  # before the PRM's weights load
-            checked = True
+    checked = check_base(run_dir, expect_model)  # before the PRM's weights load
     model, tok, cfg, saved = load_head_run(run_dir, "prm", PRMConfig, "E527", "process reward model")
     delimiter = check_delimiter(cfg.prm.step_delimiter)
     prm = ProcessRewardModel(model, tok, delimiter, saved.get("model_path") or cfg.model.model, batch_size)

@@ -71,6 +71,19 @@ def check_spec(spec: str | None) -> None:
         raise _bad(f"unknown verifier {rest!r}", spec)
 
 
+def check_base_model(spec: str | None, model_ref: str | Path | None) -> None:
+    """Refuse (E528) a `prm:RUN` scorer trained on another base model than the policy's
+    (`model_ref`: a model reference or a run folder), from the PRM run's config: before any
+    weights load. Other scorers score text and may come from any model."""
+    if not isinstance(spec, str) or not spec.startswith("prm:") or model_ref is None:
+        return
+    try:
+        from mlxpt.decode.prm import check_base
+    except ImportError:  # no PRMs in this install: make_scorer says so (E628)
+        return
+    check_base(Path(spec[4:]).expanduser(), model_ref)
+
+
 def arithmetic_steps(text: str) -> tuple[int, int]:
     """(correct, total) `a op b = c` steps in `text`, evaluated left to right with * and / first."""
     ok = total = 0

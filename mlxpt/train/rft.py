@@ -427,10 +427,21 @@ def memory_shape(cfg: RFTConfig, prompt: int) -> Shape:
     return Shape.rows(cfg.data.batch_size, min(prompt + cfg.rft.max_completion_length, cfg.data.max_seq_len))
 
 
+def encode(cfg: RFTConfig, tokenizer, rows=None) -> tuple:
+    """GRPO's prompt encoding, after a step search's `prm:RUN` scorer is checked against the base
+    model (E528; the model is local once its tokenizer loaded): before any weights load or a run
+    folder is made, not when the first round starts sampling."""
+    if cfg.rft.strategy != "sample":
+        from mlxpt.decode.scorers import check_base_model
+
+        check_base_model(cfg.rft.scorer, cfg.model.model)
+    return grpo.prepare_data(cfg, tokenizer, rows, cfg.rft)
+
+
 RFT = Method(
     name="rft",
     read=lambda cfg: grpo.read_prompts(cfg, cfg.rft),
-    encode=lambda cfg, tokenizer, rows=None: grpo.prepare_data(cfg, tokenizer, rows, cfg.rft),
+    encode=encode,
     objective=lambda cfg, layout: sft_objective,
     task=lambda ctx: RFTTask(ctx).task(),
     length=lambda e: len(e.tokens),
