@@ -617,6 +617,9 @@ def test_a_prm_of_another_base_model_is_refused_before_any_weights_load(prm_run,
         err = capsys.readouterr().err
         assert err.startswith("error E528") and "trained on" in err and err.count("\n") == 1, (cmd, err)
     assert not out.exists() and not runs.exists()
-    # the PRM's own base model passes the check (the run then fails later or not at all, not with E528)
+    # the PRM's own base model passes the check, and so does a command that does not use the scorer
     main([*commands[1], "--model", str(tiny_dir), "--max-tokens", "4"])
+    assert "E528" not in capsys.readouterr().err
+    main(["generate", "--strategy", "greedy", "--scorer", f"prm:{run_dir}", "--prompt", "2 + 2 = ?",
+          "--model", str(other), "--max-tokens", "4"])  # fmt: skip
     assert "E528" not in capsys.readouterr().err

@@ -240,7 +240,8 @@ def check_strategy_args(args) -> None:
         check_search(search_config(args), args.strategy, args.temperature)
     if args.scorer is not None:
         check_spec(args.scorer)
-        check_base_model(args.scorer, model_ref(args.model, args.adapter) or DEFAULT_MODEL)
+        if args.strategy in ("best-of-n", "auto", *STEP_STRATEGIES) or args.weighting == "reward":  # it scores
+            check_base_model(args.scorer, model_ref(args.model, args.adapter) or DEFAULT_MODEL)
     if args.strategy in ("best-of-n", "self-consistency", "sample") and args.n > 1 and args.temperature == 0:
         raise ConfigError(
             "E626",

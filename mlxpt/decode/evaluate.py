@@ -145,7 +145,7 @@ def parse_ns(text: str) -> tuple[int, ...]:
     return ns
 
 
-def _uses_scorer(cfg: EvalConfig) -> bool:
+def uses_scorer(cfg: EvalConfig) -> bool:
     """Whether --scorer is used: best-of-n, auto, step search (its step values), reward weighting."""
     scored = ("best-of-n", "auto", *STEP_STRATEGIES)
     return any(s in scored for s in cfg.strategies) or cfg.weighting == "reward"
@@ -178,7 +178,7 @@ def check_config(cfg: EvalConfig) -> None:
     for s in cfg.strategies:
         if s in STEP_STRATEGIES:
             check_search(cfg.search, s, cfg.temperature)
-    if _uses_scorer(cfg):
+    if uses_scorer(cfg):
         check_spec(cfg.scorer)
     from mlxpt.decode.budget import check_budget, check_probe, resolve_table
 
@@ -253,7 +253,7 @@ def evaluate(
         return _greedy_batched(model, tokenizer, rows, cfg, progress, details)
     tallies = {c: _Tally() for c in cells}
     scorer = None
-    if _uses_scorer(cfg):
+    if uses_scorer(cfg):
         from mlxpt.decode.scorers import make_scorer
 
         scorer = make_scorer(cfg.scorer, model, tokenizer)
