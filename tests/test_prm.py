@@ -617,6 +617,18 @@ def test_a_prm_of_another_base_model_is_refused_before_any_weights_load(prm_run,
         err = capsys.readouterr().err
         assert err.startswith("error E528") and "trained on" in err and err.count("\n") == 1, (cmd, err)
     assert not out.exists() and not runs.exists()
+    # a PRM whose base-model folder is gone since (a cleared cache) is checked by its model reference
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(run_dir, moved)
+    saved = json.loads((moved / "config.json").read_text())
+    saved["model_path"], saved["model"]["model"] = str(tmp_path / "gone"), str(tiny_dir)
+    (moved / "config.json").write_text(json.dumps(saved))
+    assert P.check_base(moved, str(tiny_dir))
+    with pytest.raises(MlxptError) as e:
+        P.check_base(moved, str(other))
+    assert e.value.code == "E528"
     # the PRM's own base model passes the check, and so does a command that does not use the scorer
     main([*commands[1], "--model", str(tiny_dir), "--max-tokens", "4"])
     assert "E528" not in capsys.readouterr().err
