@@ -233,7 +233,7 @@ def run(args) -> int:
         model_ref,
         progress_printer,
     )
-    from mlxpt.decode.evaluate import check_config, evaluate, read_rows, uses_scorer
+    from mlxpt.decode.evaluate import check_config, evaluate, read_rows
     from mlxpt.decode.plot import TOKENS_AXIS, terminal_chart, token_ticks, write_png
     from mlxpt.runs.atomic import atomic_write_json
     from mlxpt.runs.guards import check_output, check_writable
@@ -278,10 +278,11 @@ def run(args) -> int:
         runs.append(("adapter", args.compare))
     for path in outputs:  # nor the adapter's run or the model (checked before any weights load)
         check_output(path, model_inputs(args.model, [a for _, a in runs if a]), "eval", existing=False)
+    from mlxpt.decode.options import reads_scorer
     from mlxpt.decode.scorers import check_base_model
 
-    for _, adapter in runs:  # a prm:RUN scorer in use was trained on the base model of every model scored (E528)
-        if uses_scorer(cfg):
+    if reads_scorer(cfg.strategies, cfg.weighting):  # a prm:RUN scorer fits every model scored (E528)
+        for _, adapter in runs:
             check_base_model(cfg.scorer, model_ref(args.model, adapter) or DEFAULT_MODEL)
     if "auto" in cfg.strategies and cfg.calibration:  # the table fits every model scored, and not the test set
         from mlxpt.decode.budget import check_identity, check_not_test_set, load_table

@@ -218,7 +218,7 @@ def default_temperature(args) -> float:
 def check_strategy_args(args) -> None:
     """Validate the strategy flags (E620+) before any weights load."""
     from mlxpt.decode.beam import check_beam
-    from mlxpt.decode.options import STEP_STRATEGIES, check_search, check_strategy
+    from mlxpt.decode.options import STEP_STRATEGIES, check_search, check_strategy, reads_scorer
     from mlxpt.decode.scorers import check_base_model, check_spec
     from mlxpt.rewards.extract import check_method
 
@@ -240,7 +240,7 @@ def check_strategy_args(args) -> None:
         check_search(search_config(args), args.strategy, args.temperature)
     if args.scorer is not None:
         check_spec(args.scorer)
-        if args.strategy in ("best-of-n", "auto", *STEP_STRATEGIES) or args.weighting == "reward":  # it scores
+        if reads_scorer(args.strategy, args.weighting):
             check_base_model(args.scorer, model_ref(args.model, args.adapter) or DEFAULT_MODEL)
     if args.strategy in ("best-of-n", "self-consistency", "sample") and args.n > 1 and args.temperature == 0:
         raise ConfigError(

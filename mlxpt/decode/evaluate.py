@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlxpt.decode.options import DEFAULT_TEMPERATURE, STEP_STRATEGIES, DecodeConfig, SearchConfig
+from mlxpt.decode.options import DEFAULT_TEMPERATURE, STEP_STRATEGIES, DecodeConfig, SearchConfig, reads_scorer
 from mlxpt.decode.strategies import STRATEGIES
 from mlxpt.errors import ConfigError, DataError
 
@@ -145,12 +145,6 @@ def parse_ns(text: str) -> tuple[int, ...]:
     return ns
 
 
-def uses_scorer(cfg: EvalConfig) -> bool:
-    """Whether --scorer is used: best-of-n, auto, step search (its step values), reward weighting."""
-    scored = ("best-of-n", "auto", *STEP_STRATEGIES)
-    return any(s in scored for s in cfg.strategies) or cfg.weighting == "reward"
-
-
 def check_config(cfg: EvalConfig) -> None:
     """Everything that can be checked before a model loads."""
     from mlxpt.decode.options import check_strategy
@@ -178,7 +172,7 @@ def check_config(cfg: EvalConfig) -> None:
     for s in cfg.strategies:
         if s in STEP_STRATEGIES:
             check_search(cfg.search, s, cfg.temperature)
-    if uses_scorer(cfg):
+    if reads_scorer(cfg.strategies, cfg.weighting):
         check_spec(cfg.scorer)
     from mlxpt.decode.budget import check_budget, check_probe, resolve_table
 
@@ -253,7 +247,7 @@ def evaluate(
         return _greedy_batched(model, tokenizer, rows, cfg, progress, details)
     tallies = {c: _Tally() for c in cells}
     scorer = None
-    if uses_scorer(cfg):
+    if reads_scorer(cfg.strategies, cfg.weighting):
         from mlxpt.decode.scorers import make_scorer
 
         scorer = make_scorer(cfg.scorer, model, tokenizer)

@@ -27,6 +27,15 @@ STRATEGY_NAMES = (
 )  # strategies.STRATEGIES' keys
 SAMPLED = ("sample", "best-of-n", "self-consistency", "step-beam", "tree", "auto")  # the strategies that draw samples
 STEP_STRATEGIES = ("step-beam", "tree")  # step-level search (step_search.py)
+
+
+def reads_scorer(strategies, weighting: str | None) -> bool:
+    """Whether `--scorer` is used by these strategies (a name or several): best-of-n, auto, a step
+    search (its step values), or reward-weighted votes."""
+    names = (strategies,) if isinstance(strategies, str) else tuple(strategies)
+    return any(s in ("best-of-n", "auto", *STEP_STRATEGIES) for s in names) or weighting == "reward"
+
+
 STEP_AGGREGATES = ("min", "last", "product")
 TREE_SEARCHES = ("bfs", "dfs")
 WEIGHTINGS = ("none", "logprob", "reward")

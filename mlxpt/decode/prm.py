@@ -273,11 +273,13 @@ def check_base(run_dir: str | Path, expect_model: str | Path | None) -> bool:
     from mlxpt.runs import read_config
 
     saved = read_config(run_dir)
+    if saved.get("method") != "prm":
+        return False
     # the folder the PRM trained on, or (moved or cleared since, e.g. a converted alias) its reference
     trained_on = saved.get("model_path")
-    if trained_on and not Path(trained_on).is_dir():
+    if not trained_on or not Path(trained_on).is_dir():
         trained_on = (saved.get("model") or {}).get("model")
-    if saved.get("method") != "prm" or not trained_on:
+    if not trained_on:
         return False
     check_same_model(trained_on, expect_model)
     return True
