@@ -431,6 +431,7 @@ CHILD_BODY = textwrap.dedent(
         shutil.rmtree = rmtree
 
     sys.stdin.readline()  # imported; wait until the previous writer is dead
+    os.makedirs(run, exist_ok=True)  # as the runner makes it: a checkpoint never makes its run folder
     folder.clean_temp(run)
     ck = store.latest_checkpoint(run)
     step = store.load_checkpoint(ck)[1]["step"] if ck else 0

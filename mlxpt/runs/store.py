@@ -98,7 +98,7 @@ def save_checkpoint(
     tmp = ckdir / f"{TMP_PREFIX}{name}-{secrets.token_hex(4)}"
     try:
         if not ckdir.is_dir():
-            ckdir.mkdir(parents=True, exist_ok=True)
+            ckdir.mkdir(exist_ok=True)  # never the run folder itself: a deleted run stays deleted (E305)
             fsync_dir(run_dir)
         os.mkdir(tmp)
         for fname, data in files.items():

@@ -225,7 +225,7 @@ class DistillTask:
             parts[s] = top_k(self.teacher.logprobs(inputs, index)[:n], k)
         cache = {"offsets": offsets, **self._whole(parts, offsets, train, bs)}
         if distributed.is_main():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(exist_ok=True)  # not the run folder: a deleted run stays deleted
             save_safetensors_atomic(path, cache, {"format": "mlxpt-distill"})
             atomic_write_json(
                 meta, {"fingerprint": fp, "teacher": self.spec.ref, "k": k, "positions": int(offsets[-1])}
@@ -276,7 +276,7 @@ class DistillTask:
         if not (isinstance(saved, dict) and saved.get("fingerprint") == fp):
             saved = {"fingerprint": fp, "teacher": self.spec.ref, "answers": self._teacher_answers(prompts)}
             if distributed.is_main():
-                path.parent.mkdir(parents=True, exist_ok=True)
+                path.parent.mkdir(exist_ok=True)  # not the run folder: a deleted run stays deleted
                 atomic_write_json(path, saved)
         out = []
         for e, p, a in zip(train, prompts, saved["answers"], strict=True):

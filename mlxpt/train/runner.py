@@ -411,11 +411,18 @@ def _train(
                 monitor=monitor,
             )  # fmt: skip
     except MlxptError as e:
-        if e.saved_step is not None:
+        if e.saved_step is not None and Path(run_dir).is_dir():
             e.hint = f"{e.hint + '; ' if e.hint else ''}step {e.saved_step} is saved: {resume_command(run_dir)}"
-        folder.status("failed", step=state.step, error=e.line())
+        if Path(run_dir).is_dir():
+            folder.status("failed", step=state.step, error=e.line())
         raise
     except BaseException as e:
+        if isinstance(e, OSError) and not Path(run_dir).is_dir():  # deleted or moved under the running run
+            raise MlxptError(
+                "E305", f"the run folder was removed or moved while the run was going ({type(e).__name__})",
+                str(run_dir), "nothing more of this run can be saved: start a new one, and stop a run "
+                "(Ctrl-C, or s in the TUI) before deleting or moving its folder",
+            ) from e  # fmt: skip
         folder.status("failed", step=state.step, error=f"{type(e).__name__}: {e}")
         raise
 

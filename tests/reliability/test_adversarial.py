@@ -354,3 +354,32 @@ def test_two_fuses_to_one_out_leave_one_complete_model(world, tmp_path, scoreboa
     ok = ok and [p.name for p in tmp_path.iterdir()] == ["fused"]
     record(scoreboard, ok)
     assert ok, results
+
+
+# ---- a run folder deleted under a running run ---------------------------------------------------
+
+
+def test_a_run_folder_deleted_while_it_trains_is_one_line(world, tmp_path, scoreboard):
+    """`rm -rf runs/<run>` (or a move) while the run trains: a one-line E305 that says nothing more
+    can be saved, not a traceback reported as a bug in mlxpt (found when a session deleted the
+    runs of processes it had just signalled)."""
+    from mlxpt.config import SFTConfig, build_config
+    from mlxpt.errors import MlxptError
+    from mlxpt.train.sft import run_sft
+
+    root, _ = world
+    cfg = build_config("sft", {"model": str(root / "model"), "data": str(root / "data"), "runs_dir": str(tmp_path),
+                               "steps": 4, "batch_size": 2, "eval_every": 0, "save_every": 1, "warmup_steps": 0,
+                               "regression_data": "none"})  # fmt: skip
+    assert isinstance(cfg, SFTConfig)
+
+    def emit(e):
+        if e["event"] == "step" and e["step"] == 2:
+            shutil.rmtree(e.get("run_dir") or next(tmp_path.iterdir()))
+
+    with pytest.raises(MlxptError) as got:
+        run_sft(cfg, emit=emit)
+    ok = got.value.code == "E305" and "removed or moved while the run was going" in got.value.line()
+    record(scoreboard, ok)
+    assert ok, got.value.line()
+    assert not list(tmp_path.iterdir())  # nothing written back in its place
