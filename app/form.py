@@ -61,8 +61,9 @@ def form_fields(method: str) -> list[FormField]:
 
 
 def hidden_fields(method: str, values: dict[str, object]) -> tuple[str, ...]:
-    """The settings the chosen fine-tune type ignores (rank for a prefix, ...), and RFT's step-search
-    settings under `strategy sample`: hidden in the form and left out of its command; what was
+    """The settings the chosen fine-tune type ignores (rank for a prefix, ...), RFT's step-search
+    settings under `strategy sample`, its hint unless it rationalizes, and its rationalization
+    under a step search: hidden in the form and left out of its command; what was
     typed in them stays in the form for a switch back."""
     from mlxpt.config.rft import SEARCH_SETTINGS
 
@@ -73,6 +74,10 @@ def hidden_fields(method: str, values: dict[str, object]) -> tuple[str, ...]:
         hidden += [n for n in ignored_adapter_settings(str(kind)) if n in defaults]
     if method == "rft" and (values.get("strategy") or defaults.get("strategy")) == "sample":
         hidden += [n for n in SEARCH_SETTINGS if n in defaults]
+        if not values.get("rationalize", defaults.get("rationalize")):
+            hidden += [n for n in ("hint",) if n in defaults]
+    elif method == "rft":  # a step search: rationalization samples, so neither applies
+        hidden += [n for n in ("rationalize", "hint") if n in defaults]
     return tuple(hidden)
 
 

@@ -30,6 +30,8 @@ REWARD = (
     "def even(prompt, completion, **row):\n"
     "    time.sleep(float(os.environ.get('RFT_SLOW_REWARD', '0')))\n"
     "    return float(len(completion.encode()) % 2 == 0)\n"
+    "def unhinted(prompt, completion, **row):  # `even`, and 0 when the rationalization hint reached the reward\n"
+    "    return float(len(completion.encode()) % 2 == 0 and 'The answer is' not in str(prompt))\n"
     "calls = [0]\n"
     "def late(prompt, completion, **row):  # nothing for the first 32 calls (one round), then everything\n"
     "    calls[0] += 1\n"
@@ -254,6 +256,97 @@ def test_step_search_resume_inside_a_round_equals_uninterrupted(tiny_dir, prompt
     resumed, outcome = run_rft(cfg, resume_dir=part, emit=events.append)
     assert outcome == "finished" and not [e for e in events if e["event"] == "progress"]
     assert_same_state(straight, resumed)
+
+
+def test_rationalize_hints_only_failed_prompts_and_trains_without_the_hint(
+    tiny_dir, prompt_dir, tmp_path, reward_file, monkeypatch
+):
+    """--rationalize (STaR): the prompts whose samples were all rejected are sampled again with
+    "The answer is N." in their prompt; the rewards see the prompt without it (the `unhinted`
+    reward rejects anything that saw the hint), and what they keep trains after the prompt's own
+    tokens, never the hinted ones. A resumed run reads the hinted samples back."""
+    import mlxpt.train.rft as rft
+    from mlxpt.models.loader import load_tokenizer
+
+    sampled, trained = [], []
+    real_sample, real_collate = rft.sample_scored, rft.collate
+    monkeypatch.setattr(
+        rft, "sample_scored", lambda spec, ex, *a: sampled.append([e.tokens for e in ex]) or real_sample(spec, ex, *a)
+    )
+    monkeypatch.setattr(
+        rft, "collate", lambda ex, pad: trained.extend(list(e.tokens) for e in ex) or real_collate(ex, pad)
+    )
+    kw = {"rationalize": True, "samples_per_prompt": 1, "rewards": f"{reward_file}:unhinted"}
+    events = []
+    run_dir, outcome = run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file, **kw), emit=events.append)
+    assert outcome == "finished"
+    tok = load_tokenizer(str(tiny_dir))
+    rows = [json.loads(x) for x in (prompt_dir / "train.jsonl").read_text().splitlines()]
+    saved = json.loads((run_dir / ROUNDS_DIR / "round-001.json").read_text())
+    failed = [p for p in saved["prompts"] if not p["accepted"]]
+    assert 0 < len(failed) < 8  # `even` on one sample each: some prompts fail, some do not
+    for p in saved["prompts"]:
+        assert ("hint_samples" in p) == (not p["accepted"])  # only the failed prompts are hinted
+        assert all(k.get("hint") for k in p["kept"]) == (not p["accepted"]) or not p["kept"]
+    s = saved["stats"]
+    assert s["hinted"] == len(failed) and s["hint_samples"] == len(failed) and 0 < s["hint_kept"] <= len(failed)
+    assert s["samples"] == 8 + len(failed) and s["pass_at_n"] == (8 - len(failed)) / 8
+    # round 1's second generation: the failed prompts, each with its answer as the hint
+    hinted = [tok.decode(t) for t in sampled[1]]
+    assert len(hinted) == len(failed)
+    for text, p in zip(hinted, failed, strict=True):
+        assert f"The answer is {rows[p['prompt']]['answer']}." in text
+    # every trained row starts with an unhinted prompt; no hinted prompt is ever trained
+    starts = {tuple(t) for t in sampled[0]}
+    hinted_sets = {tuple(t) for t in sampled[1]}
+    for row in trained:
+        assert any(tuple(row[: len(t)]) == t for t in starts)
+        assert not any(tuple(row[: len(t)]) == t for t in hinted_sets)
+    said = [e for e in events if e["event"] == "round"][0]
+    assert said["hinted"] == len(failed)
+    # stopped inside round 2: the resumed run reads the hinted round back and ends where the straight run does
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, **kw)
+    part, outcome = run_rft(cfg, stop=tiny.StopAfter(7))
+    assert outcome == "interrupted"
+    events = []
+    resumed, outcome = run_rft(cfg, resume_dir=part, emit=events.append)
+    assert outcome == "finished" and not [e for e in events if e["event"] == "progress"]
+    assert_same_state(run_dir, resumed)
+
+
+def test_rationalize_bad_settings_and_rows_without_an_answer(tiny_dir, prompt_dir, tmp_path, reward_file):
+    """A hint without {answer} (or with another field, or an unpaired brace), --rationalize with
+    a step search, and prompt rows without an answer are refused before any run folder; a run
+    that does not rationalize samples as before (its round files stay valid: the hint is not
+    in their fingerprint)."""
+    from mlxpt.cli import main
+
+    for kw in (
+        {"hint": "Think hard."},
+        {"hint": "The answer is {answer}, not {other}."},
+        {"hint": "The answer is {answer"},
+        {"strategy": "step-beam", "scorer": "logprob"},
+    ):
+        with pytest.raises(ConfigError) as e:
+            run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, rationalize=True, **kw))
+        assert e.value.code == "E592", (kw, e.value.line())
+    # the `even` reward does not read answers; the hint does
+    (tmp_path / "train.jsonl").write_text('{"prompt": "What is 2+2?"}\n')
+    runs = tmp_path / "runs"
+    argv = ["train", "rft", "--model", str(tiny_dir), "--data", str(tmp_path / "train.jsonl"), "--runs-dir", str(runs),
+            "--rewards", f"{reward_file}:even", "--accept", "1"]  # fmt: skip
+    assert main([*argv, "--rationalize"]) == 1
+    assert main([*argv, "--rationalize", "--hint", "no field"]) == 1
+    assert not runs.exists()
+    from mlxpt.train.rft import RFTTask
+
+    fps = []
+    for hint in ("The answer is {answer}.", "Answer: {answer}"):
+        t = RFTTask.__new__(RFTTask)
+        t.cfg = cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, hint=hint)
+        t.r = t.cfg.rft
+        fps.append(t._fingerprint([], 0, 0))
+    assert fps[0] == fps[1]
 
 
 def test_a_round_that_accepts_nothing_stops_or_continues(tiny_dir, prompt_dir, tmp_path, reward_file):

@@ -120,6 +120,7 @@ class NewRunScreen(Screen):
             wid = f"f-{f.name}"
             if f.kind == "bool":
                 v = "true" if str(value).lower() in ("true", "1", "yes", "on") else "false"
+                chosen[f.name] = v == "true"  # a switch may show or hide others (rationalize: hint)
                 w = Select([("false", "false"), ("true", "true")], value=v, allow_blank=False, id=wid, compact=True)
             elif f.kind == "choice":
                 v = chosen[f.name] = str(value) if str(value) in f.choices else str(f.default)
@@ -137,9 +138,10 @@ class NewRunScreen(Screen):
 
     @on(Select.Changed, "#f-fine_tune_type")
     @on(Select.Changed, "#f-strategy")
+    @on(Select.Changed, "#f-rationalize")
     def _show_type_fields(self) -> None:
-        """Only the settings the chosen fine-tune type (and RFT strategy) reads are shown; the others
-        keep their values."""
+        """Only the settings the chosen fine-tune type (and RFT strategy and rationalization) reads
+        are shown; the others keep their values."""
         hidden = set(form.hidden_fields(self.method, self.values()))
         for w in self.query("#fields Input, #fields Select"):
             if w.id and w.id.startswith("f-") and w.parent is not None:

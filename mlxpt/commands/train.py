@@ -215,8 +215,10 @@ def _printer(mode: str, steps: int):
         elif kind == "progress":
             print(e["message"])
         elif kind == "round":  # RFT: one round's sampling
+            hinted = (f"; {e['hinted']} prompts hinted, {e['hint_kept']} of their {e['hint_samples']} samples kept"
+                      if "hinted" in e else "")  # fmt: skip
             print(f"round {e['round']}: kept {e['kept']} of {e['samples']} samples ({e['kept_share']:.1%}), "
-                  f"pass@N {e['pass_at_n']:.1%} over {e['prompts']} prompts")  # fmt: skip
+                  f"pass@N {e['pass_at_n']:.1%} over {e['prompts']} prompts{hinted}")  # fmt: skip
         elif kind == "warning":
             print(f"warning: {e['message']}", file=sys.stderr)
         sys.stdout.flush()

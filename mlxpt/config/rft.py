@@ -41,6 +41,15 @@ class RFTSection:
         "stop", "a round that accepts nothing: stop the run (checkpoint kept) or sample the next round",
         ("stop", "continue"),
     )  # fmt: skip
+    rationalize: bool = opt(
+        False,
+        "STaR rationalization: a prompt none of whose samples is accepted is sampled again with its answer as a "
+        "hint (--hint); what that accepts is trained after the prompt without the hint",
+    )
+    hint: str = opt(
+        "The answer is {answer}.",
+        "rationalization: the hint added on a new line to the prompt's last user message; {answer} is the row's answer",
+    )
     strategy: str = opt(
         "sample",
         "how a round draws each prompt's candidates: sample (N keyed samples, prompts decoded together) or a "

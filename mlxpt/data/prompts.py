@@ -87,7 +87,11 @@ def _check(obj: dict, where: str, err, require: tuple[str, ...]) -> PromptRow | 
         msgs, chat = [{"role": "system", "content": system}, *msgs], True
     for name in require:
         if rest.get(name) is None:
-            return err("E173", f"no {name!r} field", f"the chosen reward functions need {name!r} on every row")
+            return err(
+                "E173",
+                f"no {name!r} field",
+                f"the chosen reward functions (or rft's --rationalize) need {name!r} on every row",
+            )
     return PromptRow(where, given, msgs, chat, rest)
 
 

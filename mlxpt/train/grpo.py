@@ -96,9 +96,10 @@ def read_rows(cfg: GRPOConfig):
 
 
 def read_prompts(cfg, g):
-    """(train, valid) prompt rows; an `answer` is required where the accuracy reward reads it."""
+    """(train, valid) prompt rows; an `answer` is required where the accuracy reward reads it,
+    or RFT's rationalization hints it."""
     names = [n for n, _, _ in parse_rewards(g.rewards, g.reward_weights)]
-    require = ("answer",) if "accuracy" in names else ()
+    require = ("answer",) if "accuracy" in names or getattr(g, "rationalize", False) else ()
     return load_prompts(cfg.data.data, cfg.data.valid, require=require)
 
 

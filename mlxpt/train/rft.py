@@ -51,6 +51,7 @@ from mlxpt.config import RFTConfig
 from mlxpt.config.rft import round_plan
 from mlxpt.data.batching import collate
 from mlxpt.data.encode import Example, pad_id_of
+from mlxpt.data.prompts import PromptExample, PromptRow, encode_prompts
 from mlxpt.errors import ConfigError, MlxptError
 from mlxpt.models.memory import Shape
 from mlxpt.objectives import sft_objective
@@ -62,6 +63,7 @@ from mlxpt.train.rollouts import sample_scored
 from mlxpt.train.runner import Method, TaskContext, run_training
 
 ROUNDS_DIR = "rft"  # in the run folder: round-NNN.json (kept samples), round-NNN.part.jsonl (in progress)
+HINT_KEY = 0x48494E54  # the last part of a hinted prompt's sampling key ("HINT"): draws of their own
 SAMPLE_ROWS = 32  # completions decoded together when --sample-batch is 0
 
 
@@ -86,6 +88,8 @@ def check_config(cfg: RFTConfig, resume_dir=None) -> None:
         from mlxpt.decode.options import check_decode
 
         check_decode(search_config(r, 0))  # scorer spec, search settings, temperature (E62x/E63x)
+    if r.rationalize:
+        check_hint(r)
     names = [n for n, _, _ in parse_rewards(r.rewards, r.reward_weights)]
     if r.accept is None and "accuracy" not in names:
         raise ConfigError(
@@ -94,6 +98,27 @@ def check_config(cfg: RFTConfig, resume_dir=None) -> None:
             "--accept",
             "give --accept T (accept a total reward >= T), or add accuracy to --rewards",
         )
+
+
+def check_hint(r) -> None:
+    """--rationalize: plain sampling only, and a hint that names {answer} and nothing else (E592)."""
+    import string
+
+    if r.strategy != "sample":
+        raise ConfigError(
+            "E592", f"--rationalize samples the hinted prompts; it does not combine with --strategy {r.strategy}",
+            "--rationalize", "drop --rationalize, or use --strategy sample",
+        )  # fmt: skip
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(r.hint) if f is not None]
+        what = "" if fields == ["answer"] else f"has {', '.join('{' + f + '}' for f in fields) or 'no field'}"
+    except ValueError as e:
+        what = f"is not a template ({str(e).lower()})"
+    if what:
+        raise ConfigError(
+            "E592", f"--hint {r.hint!r} {what}: it must name {{answer}} once and no other field", "--hint",
+            "e.g. --hint 'The answer is {answer}.' (write a literal brace as {{ or }})",
+        )  # fmt: skip
 
 
 def search_config(r, seed: int, scorer=None):
@@ -271,7 +296,12 @@ class RFTTask:
     def _fingerprint(self, train: list, r: int, step: int) -> str:
         """What a round's samples depend on besides the weights at its start (which `step` pins)."""
         picks = round_prompts(len(train), self.r.prompts_per_round, self.cfg.train.seed, r)
-        what = [r, step, self.cfg.train.seed, vars(self.r), [train[i].tokens for i in picks]]
+        settings = dict(vars(self.r))
+        if not settings.pop("rationalize"):  # a run without it fingerprints as before the setting existed
+            settings.pop("hint")
+        else:
+            settings["rationalize"] = True
+        what = [r, step, self.cfg.train.seed, settings, [train[i].tokens for i in picks]]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def _read_round(self, train: list, r: int, step: int) -> dict | None:
@@ -306,7 +336,7 @@ class RFTTask:
                        "done": len(done), "total": len(chunks),
                        "message": f"round {r + 1}: {len(done)}/{len(chunks)} sampled chunks read back from {part}"})  # fmt: skip
         if distributed.is_main():
-            part.parent.mkdir(parents=True, exist_ok=True)
+            part.parent.mkdir(exist_ok=True)  # not the run folder: a deleted run stays deleted
         t0, ranks = time.perf_counter(), distributed.size()
         each = f"{N} completions" if self.r.strategy == "sample" else f"a {self.r.strategy} search of width {N}"
         for first in range(len(done), len(chunks), ranks):
@@ -325,7 +355,7 @@ class RFTTask:
                     append_jsonl(part, x, fsync=True)
                 done.append({"prompts": x["prompts"], "gen_tokens": x["gen_tokens"]})
         prompts = [p for x in done for p in x["prompts"]]
-        samples = sum(p["samples"] for p in prompts)
+        samples = sum(p["samples"] + p.get("hint_samples", 0) for p in prompts)  # every draw, hinted ones too
         kept = sum(len(p["kept"]) for p in prompts)
         stats = {
             "prompts": len(prompts),
@@ -335,6 +365,7 @@ class RFTTask:
             "kept_share": kept / max(1, samples),
             "pass_at_n": sum(p["accepted"] > 0 for p in prompts) / max(1, len(prompts)),
             "truncated": sum(p["truncated"] for p in prompts),
+            **self._hint_stats(prompts),
             "gen_tokens": sum(x["gen_tokens"] for x in done),
             "gen_s": time.perf_counter() - t0,
         }
@@ -343,6 +374,18 @@ class RFTTask:
             atomic_write_text(self._round_file(r), json.dumps(saved) + "\n")
             part.unlink(missing_ok=True)
         return saved
+
+    def _hint_stats(self, prompts: list[dict]) -> dict:
+        """A rationalizing round's numbers: prompts hinted, their samples, accepted and kept."""
+        if not self.r.rationalize:
+            return {}
+        hinted = [p for p in prompts if "hint_samples" in p]
+        return {
+            "hinted": len(hinted),
+            "hint_samples": sum(p["hint_samples"] for p in hinted),
+            "hint_accepted": sum(p["hint_accepted"] for p in hinted),
+            "hint_kept": sum(len(p["kept"]) for p in hinted),
+        }
 
     def _read_part(self, part: Path, fp: str) -> list[dict]:
         """The finished chunks of an interrupted sampling of this round, in order (rank 0 reads
@@ -374,7 +417,47 @@ class RFTTask:
             ]
             prompts.append({"prompt": p, "samples": N, "truncated": sum(x[2] for x in results),
                             **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)})  # fmt: skip
-        return {"fingerprint": fp, "chunk": i, "prompts": prompts, "gen_tokens": gs.generated_tokens}
+        gen = gs.generated_tokens + (self._rationalize(train, r, chunk, prompts) if self.r.rationalize else 0)
+        return {"fingerprint": fp, "chunk": i, "prompts": prompts, "gen_tokens": gen}
+
+    def _rationalize(self, train: list, r: int, chunk: list[int], prompts: list[dict]) -> int:
+        """STaR's rationalization of a chunk's prompts that accepted nothing: N samples of each
+        with the hint (its answer) in the prompt, under keys of their own, scored as the prompt
+        without it; what they keep (marked "hint") is trained after the prompt without the hint,
+        like any kept sample. Adds "hint_samples" and "hint_accepted" to each hinted prompt's
+        entry; returns the tokens generated."""
+        from mlxpt.decode.sampling import row_key
+
+        todo = [(j, e) for j, q in enumerate(prompts) if not q["accepted"] and (e := self._hinted(train[chunk[j]]))]
+        if not todo:
+            return 0
+        N = self.r.samples_per_prompt
+        keys = [row_key(self.cfg.train.seed, r, chunk[j], HINT_KEY) for j, _ in todo]
+        seqs, totals, per_fn, samples, gs, _ = sample_scored(self.spec, [e for _, e in todo], N, keys)
+        for k, (j, _) in enumerate(todo):
+            results = [
+                (seqs[q][1], samples[q]["completion"], seqs[q][2], totals[q], per_fn[q])
+                for q in range(k * N, (k + 1) * N)
+            ]
+            got = select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)
+            prompts[j].update(hint_samples=N, hint_accepted=got["accepted"],
+                              kept=[{**x, "hint": True} for x in got["kept"]])  # fmt: skip
+            prompts[j]["truncated"] += sum(x[2] for x in results)
+        return gs.generated_tokens
+
+    def _hinted(self, e: PromptExample) -> PromptExample | None:
+        """Prompt `e` with the hint on a new line of its last user message: the hinted tokens,
+        `e`'s row (so the rewards see the prompt and fields without the hint); None when the row
+        has no answer or the hinted prompt no longer fits --max-seq-len."""
+        answer = e.row.fields.get("answer")
+        if answer is None or str(answer).strip() == "":
+            return None
+        msgs = [dict(m) for m in e.row.messages]
+        msgs[-1]["content"] = msgs[-1]["content"].rstrip() + "\n" + self.r.hint.format(answer=answer)
+        row = PromptRow(e.row.where, e.row.prompt, msgs, e.row.chat, e.row.fields)
+        d = self.cfg.data
+        got, _ = encode_prompts([row], self.tokenizer, d.max_seq_len, self.r.max_completion_length, "drop")
+        return PromptExample(got[0].tokens, e.row) if got else None
 
     def _search_chunk(self, train: list, r: int, i: int, chunk: list[int], fp: str) -> dict:
         """Chunk i of round r by step search: each prompt's finished solutions (at most N) are its

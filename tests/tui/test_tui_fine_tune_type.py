@@ -62,8 +62,15 @@ def test_rft_step_search_settings_show_only_under_a_search_strategy():
     from mlxpt.config.rft import SEARCH_SETTINGS
 
     lora = form.hidden_fields("sft", {})
-    assert form.hidden_fields("rft", {}) == (*lora, *SEARCH_SETTINGS)  # strategy sample: nothing to search with
-    assert form.hidden_fields("rft", {"strategy": "step-beam"}) == lora
+    # strategy sample: nothing to search with; the hint only when rationalizing
+    assert form.hidden_fields("rft", {}) == (*lora, *SEARCH_SETTINGS, "hint")
+    assert form.hidden_fields("rft", {"rationalize": True}) == (*lora, *SEARCH_SETTINGS)
+    assert form.hidden_fields("rft", {"strategy": "step-beam"}) == (*lora, "rationalize", "hint")
+    values = {"strategy": "step-beam", "scorer": "logprob", "rationalize": True, "hint": "A: {answer}", "steps": "6"}
+    assert form.validate("rft", values)[1] is None  # hidden: neither refused (E592) nor sent
+    assert "--rationalize" not in form.to_argv("rft", values)
+    argv = form.to_argv("rft", {**values, "strategy": "sample"})
+    assert argv[argv.index("--rationalize") :][:3] == ["--rationalize", "--hint", "A: {answer}"]
     values = {"strategy": "sample", "expand": "0", "steps": "6"}  # a bad hidden value neither blocks nor travels
     assert " ".join(form.to_argv("rft", values)) == "train rft --steps 6 --events json"
     assert form.validate("rft", values)[1] is None
