@@ -377,9 +377,12 @@ def test_a_round_that_accepts_nothing_stops_or_continues(tiny_dir, prompt_dir, t
     assert e.value.code == "E591"
 
 
-def test_sigkill_during_sampling_resumes_where_it_stopped(tiny_dir, prompt_dir, tmp_path, reward_file):
-    """A process killed while sampling round 2 (one prompt a chunk): the resumed run reads the
-    finished chunks back, samples the rest and ends where an uninterrupted run does."""
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_a_signal_during_sampling_resumes_where_it_stopped(tiny_dir, prompt_dir, tmp_path, reward_file, sig):
+    """A process killed while sampling round 2 (one prompt a chunk), or Ctrl-C'd there (it stops
+    at the next chunk, not after the round: exit 130, status interrupted at round 2's first step):
+    the resumed run reads the finished chunks back, samples the rest and ends where an
+    uninterrupted run does."""
     kw = flags(reward_file, sample_batch=1, eval_every=0, regression_data="none", learning_rate=1e-2, num_layers=-1)
     kw.update(model=str(tiny_dir), data=str(prompt_dir), max_seq_len=256, warmup_steps=0)
     straight, _ = run_rft(build_config("rft", {**kw, "runs_dir": str(tmp_path / "a")}))
@@ -397,14 +400,26 @@ def test_sigkill_during_sampling_resumes_where_it_stopped(tiny_dir, prompt_dir, 
             e = json.loads(line) if line.startswith("{") else {}
             run_dir = Path(e["run_dir"]) if e.get("event") == "start" else run_dir
             if e.get("event") == "progress" and e.get("round") == 2 and e["done"] >= 3:
-                proc.send_signal(signal.SIGKILL)
+                proc.send_signal(sig)
                 break
             assert time.monotonic() < deadline
+        if sig == signal.SIGINT:  # it stops by itself at the next chunk, long before the round's 8
+            rest = [json.loads(x) for x in proc.communicate(timeout=60)[0].splitlines() if x.startswith("{")]
     finally:
         proc.kill()
         proc.wait(30)
-    assert proc.returncode == -signal.SIGKILL and run_dir is not None
-    assert len((run_dir / ROUNDS_DIR / "round-002.part.jsonl").read_text().splitlines()) >= 3
+    assert run_dir is not None
+    chunks = len((run_dir / ROUNDS_DIR / "round-002.part.jsonl").read_text().splitlines())
+    assert chunks >= 3
+    if sig == signal.SIGKILL:
+        assert proc.returncode == -signal.SIGKILL
+    else:
+        from mlxpt.runs import read_status
+
+        assert proc.returncode == 130 and chunks < 8, (proc.returncode, chunks)
+        said = [e["message"] for e in rest if e.get("event") == "progress"]
+        assert said and said[-1].startswith(f"round 2: sampling stopped after {chunks}/8 chunks"), said
+        assert read_status(run_dir)["status"] == "interrupted" and read_status(run_dir)["step"] == 2
     events = []
     from mlxpt.runs import read_config
 

@@ -13,7 +13,9 @@ with exit 4), then clip + update. The loop yields plain-number step reports thro
 A stop request (Ctrl-C, SIGTERM, a TUI button) abandons the open window, so the checkpoint
 always sits on a step boundary and resume replays exactly the same micro-batches. A user error
 raised while a batch is built (GRPO: a reward function above its failure rate) does the same:
-the window is abandoned, the last completed step is saved, and the error says so.
+the window is abandoned, the last completed step is saved, and the error says so. A batch
+source that prepares a window for long (RFT samples a whole round) may also raise `Stopped` on a
+stop request before the window's first micro-batch: the loop stops as on any stop request.
 """
 
 from __future__ import annotations
@@ -29,6 +31,24 @@ from mlxpt.data.batching import batch_plan
 from mlxpt.errors import MlxptError, NumericsError, ResourceError
 from mlxpt.models.memory import low_memory
 from mlxpt.train import distributed
+
+
+class Stopped(Exception):
+    """Raised by a task's batch source that stopped preparing a window on a stop request (RFT's
+    sampling, between chunks): the loop stops there as it does on a stop request at a window's
+    micro-batch, saving the last completed step."""
+
+
+class StopSignal:
+    """The Ctrl-C/SIGTERM flag (agreed over ranks) as a task may read it while it prepares a
+    window: the runner sets `flag` once signals are handled; `requested` is False until then. A
+    caller's own stop object (the Python API's `stop=`) is not in it: it is read by the loop only."""
+
+    flag = None
+
+    @property
+    def requested(self) -> bool:
+        return self.flag is not None and bool(self.flag.requested)
 
 
 @dataclass(frozen=True)
@@ -166,6 +186,8 @@ def _accumulate(backend, batches: Iterator[MicroBatch], state: LoopState, checkp
     while True:
         try:
             mb = next(batches)
+        except Stopped:  # the window never began: nothing to discard but what _update would
+            return None
         except MlxptError as e:
             backend.discard(rewind=True)
             checkpoint(state)

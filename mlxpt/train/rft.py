@@ -24,6 +24,9 @@ Deviations and simplifications:
   prompts were chunked. Chunks are appended to `rft/round-NNN.part.jsonl` as they finish
   and the round's kept set is written atomically to `rft/round-NNN.json`: a resume (even after
   SIGKILL mid-sampling) reads them back instead of sampling again.
+- Ctrl-C / SIGTERM while a round samples stops between chunks (the finished ones are in the part
+  file) instead of after the whole round: the run ends "interrupted" at the round's first step,
+  whose checkpoint the previous round closed, and a resume samples only the rest.
 - A round that accepts nothing stops the run (`on_empty stop`: the round file and the last
   checkpoint stay) or samples the next round for the same steps (`continue`); `rounds` empty
   rounds in a row stop it in either case.
@@ -58,7 +61,7 @@ from mlxpt.objectives import sft_objective
 from mlxpt.rewards import parse_rewards
 from mlxpt.runs.atomic import append_jsonl, atomic_write_text, read_jsonl
 from mlxpt.train import distributed, grpo
-from mlxpt.train.loop import LoopState, MicroBatch, Task, iter_windows
+from mlxpt.train.loop import LoopState, MicroBatch, Stopped, Task, iter_windows
 from mlxpt.train.rollouts import sample_scored
 from mlxpt.train.runner import Method, TaskContext, run_training
 
@@ -185,6 +188,7 @@ class RFTTask:
     def __init__(self, ctx: TaskContext):
         self.cfg, self.r, self.tokenizer = ctx.cfg, ctx.cfg.rft, ctx.tokenizer
         self.run_dir, self.emit, self.backend = Path(ctx.run_dir), ctx.emit, ctx.backend
+        self.signal = ctx.signal  # Ctrl-C/SIGTERM: read between sampled chunks
         self.spec = grpo.make_spec(ctx, self.r)
         self.rounds, self.per_round = round_plan(ctx.cfg)
         self.pad = pad_id_of(ctx.tokenizer)
@@ -340,6 +344,12 @@ class RFTTask:
         t0, ranks = time.perf_counter(), distributed.size()
         each = f"{N} completions" if self.r.strategy == "sample" else f"a {self.r.strategy} search of width {N}"
         for first in range(len(done), len(chunks), ranks):
+            if self.signal.requested:  # the finished chunks are in the part file: a resume reads them back
+                self.emit({"event": "progress", "stage": "sampling", "round": r + 1, "step": step + 1,
+                           "done": first, "total": len(chunks),
+                           "message": f"round {r + 1}: sampling stopped after {first}/{len(chunks)} chunks "
+                           f"(kept in {part}: a resume reads them back)"})  # fmt: skip
+                raise Stopped
             wave = list(range(first, min(first + ranks, len(chunks))))
             what = f"{wave[0] + 1}" if len(wave) == 1 else f"{wave[0] + 1}-{wave[-1] + 1}"
             self.emit({"event": "progress", "stage": "sampling", "round": r + 1, "step": step + 1,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlxpt import __version__, _blas
@@ -38,7 +38,7 @@ from mlxpt.runs.guards import RunLock, check_writable
 from mlxpt.runs.store import checkpoint_problems
 from mlxpt.train import chain as chaining
 from mlxpt.train import distributed
-from mlxpt.train.loop import LoopState, Task, train_loop, warmup_of
+from mlxpt.train.loop import LoopState, StopSignal, Task, train_loop, warmup_of
 from mlxpt.train.regression import ForgettingMonitor, baseline_from, load_probe
 
 
@@ -82,6 +82,7 @@ class TaskContext:
     backend: object
     run_dir: Path
     emit: Callable[[dict], None]
+    signal: StopSignal = field(default_factory=StopSignal)  # Ctrl-C/SIGTERM, readable while a window is prepared
 
 
 def rows_shape(rows_per_example: int) -> Callable:
@@ -401,6 +402,7 @@ def _train(
         with graceful_signals() as local:
             # a signal to any rank stops them all at the same point (the flag itself on one rank)
             flag = distributed.agreed(local)
+            ctx.signal.flag = flag
             if method.before_train is not None:  # after "start", so a long reference pass is visible
                 method.before_train(ctx, train, valid, local)
             if flag.requested:  # stopped before step 1 of this session: nothing new to save
