@@ -40,7 +40,7 @@ CHARTS = (
     ChartSpec("zero-std groups / truncated", ("zero_std_fraction", "truncated_fraction")),
     ChartSpec("generation tokens/s", ("gen_tokens_per_s",)),
     ChartSpec("RFT round: kept share, accept rate, pass@N", ("rft_kept_share", "rft_accept_rate", "rft_pass_at_n")),
-    ChartSpec("RFT round: kept samples", ("rft_kept",)),
+    ChartSpec("RFT round: kept samples (all; from a hint)", ("rft_kept", "rft_hint_kept")),
 )
 
 

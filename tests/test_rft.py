@@ -304,6 +304,12 @@ def test_rationalize_hints_only_failed_prompts_and_trains_without_the_hint(
         assert not any(tuple(row[: len(t)]) == t for t in hinted_sets)
     said = [e for e in events if e["event"] == "round"][0]
     assert said["hinted"] == len(failed)
+    steps = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps = [m for m in steps if m["event"] == "step"]
+    assert steps[0]["rft_hint_kept"] == s["hint_kept"]  # the TUI monitor charts it beside rft_kept
+    from app.charts import CHARTS, series_for
+
+    assert "rft_hint_kept" in {label for spec in CHARTS for label, _, _ in series_for(spec, steps, [])}
     # stopped inside round 2: the resumed run reads the hinted round back and ends where the straight run does
     cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, **kw)
     part, outcome = run_rft(cfg, stop=tiny.StopAfter(7))

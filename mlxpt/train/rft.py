@@ -512,6 +512,7 @@ class RFTTask:
             "rft_kept_share": s["kept_share"],
             "rft_accept_rate": s["accepted"] / max(1, s["samples"]),
             "rft_pass_at_n": s["pass_at_n"],
+            **({"rft_hint_kept": s["hint_kept"]} if "hint_kept" in s else {}),  # --rationalize
         }
 
 
