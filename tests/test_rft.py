@@ -291,6 +291,7 @@ def test_rationalize_hints_only_failed_prompts_and_trains_without_the_hint(
     s = saved["stats"]
     assert s["hinted"] == len(failed) and s["hint_samples"] == len(failed) and 0 < s["hint_kept"] <= len(failed)
     assert s["samples"] == 8 + len(failed) and s["pass_at_n"] == (8 - len(failed)) / 8
+    assert s["accepted"] == 8 - len(failed) + s["hint_accepted"]  # every accepted draw, hinted ones too
     # round 1's second generation: the failed prompts, each with its answer as the hint
     hinted = [tok.decode(t) for t in sampled[1]]
     assert len(hinted) == len(failed)

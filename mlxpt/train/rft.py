@@ -370,7 +370,7 @@ class RFTTask:
         stats = {
             "prompts": len(prompts),
             "samples": samples,
-            "accepted": sum(p["accepted"] for p in prompts),
+            "accepted": sum(p["accepted"] + p.get("hint_accepted", 0) for p in prompts),  # hinted draws too
             "kept": kept,
             "kept_share": kept / max(1, samples),
             "pass_at_n": sum(p["accepted"] > 0 for p in prompts) / max(1, len(prompts)),
