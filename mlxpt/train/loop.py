@@ -186,7 +186,7 @@ def _accumulate(backend, batches: Iterator[MicroBatch], state: LoopState, checkp
     while True:
         try:
             mb = next(batches)
-        except Stopped:  # the window never began: nothing to discard but what _update would
+        except Stopped:  # a stop request while the window was prepared (RFT's sampling): as below
             return None
         except MlxptError as e:
             backend.discard(rewind=True)

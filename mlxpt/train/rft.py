@@ -301,10 +301,8 @@ class RFTTask:
         """What a round's samples depend on besides the weights at its start (which `step` pins)."""
         picks = round_prompts(len(train), self.r.prompts_per_round, self.cfg.train.seed, r)
         settings = dict(vars(self.r))
-        if not settings.pop("rationalize"):  # a run without it fingerprints as before the setting existed
-            settings.pop("hint")
-        else:
-            settings["rationalize"] = True
+        if not settings["rationalize"]:  # a run without it fingerprints as before the settings existed
+            del settings["rationalize"], settings["hint"]
         what = [r, step, self.cfg.train.seed, settings, [train[i].tokens for i in picks]]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -416,19 +414,24 @@ class RFTTask:
 
         if self.r.strategy != "sample":
             return self._search_chunk(train, r, i, chunk, fp)
-        N = self.r.samples_per_prompt
         keys = [row_key(self.cfg.train.seed, r, p) for p in chunk]  # a prompt's draws: its own
-        seqs, totals, per_fn, samples, gs, _ = sample_scored(self.spec, [train[p] for p in chunk], N, keys)
-        prompts = []
-        for j, p in enumerate(chunk):
-            results = [
-                (seqs[q][1], samples[q]["completion"], seqs[q][2], totals[q], per_fn[q])
-                for q in range(j * N, (j + 1) * N)
-            ]
-            prompts.append({"prompt": p, "samples": N, "truncated": sum(x[2] for x in results),
-                            **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)})  # fmt: skip
-        gen = gs.generated_tokens + (self._rationalize(train, r, chunk, prompts) if self.r.rationalize else 0)
+        groups, gen = self._sample([train[p] for p in chunk], keys)
+        prompts = [
+            {"prompt": p, "samples": len(results), "truncated": sum(x[2] for x in results),
+             **select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)}
+            for p, results in zip(chunk, groups, strict=True)
+        ]  # fmt: skip
+        if self.r.rationalize:
+            gen += self._rationalize(train, r, chunk, prompts)
         return {"fingerprint": fp, "chunk": i, "prompts": prompts, "gen_tokens": gen}
+
+    def _sample(self, examples: list[PromptExample], keys: list[int]) -> tuple[list[list[tuple]], int]:
+        """N scored completions of each example under its key, in one batched generation: (each
+        example's N results as `select` takes them, tokens generated)."""
+        N = self.r.samples_per_prompt
+        seqs, totals, per_fn, samples, gs, _ = sample_scored(self.spec, examples, N, keys)
+        results = [(seqs[q][1], samples[q]["completion"], seqs[q][2], totals[q], per_fn[q]) for q in range(len(seqs))]
+        return [results[k * N : (k + 1) * N] for k in range(len(examples))], gs.generated_tokens
 
     def _rationalize(self, train: list, r: int, chunk: list[int], prompts: list[dict]) -> int:
         """STaR's rationalization of a chunk's prompts that accepted nothing: N samples of each
@@ -441,19 +444,14 @@ class RFTTask:
         todo = [(j, e) for j, q in enumerate(prompts) if not q["accepted"] and (e := self._hinted(train[chunk[j]]))]
         if not todo:
             return 0
-        N = self.r.samples_per_prompt
         keys = [row_key(self.cfg.train.seed, r, chunk[j], HINT_KEY) for j, _ in todo]
-        seqs, totals, per_fn, samples, gs, _ = sample_scored(self.spec, [e for _, e in todo], N, keys)
-        for k, (j, _) in enumerate(todo):
-            results = [
-                (seqs[q][1], samples[q]["completion"], seqs[q][2], totals[q], per_fn[q])
-                for q in range(k * N, (k + 1) * N)
-            ]
+        groups, gen = self._sample([e for _, e in todo], keys)
+        for (j, _), results in zip(todo, groups, strict=True):
             got = select(results, self.r.accept, self.r.keep_per_prompt, self.r.keep_truncated)
-            prompts[j].update(hint_samples=N, hint_accepted=got["accepted"],
+            prompts[j].update(hint_samples=len(results), hint_accepted=got["accepted"],
                               kept=[{**x, "hint": True} for x in got["kept"]])  # fmt: skip
             prompts[j]["truncated"] += sum(x[2] for x in results)
-        return gs.generated_tokens
+        return gen
 
     def _hinted(self, e: PromptExample) -> PromptExample | None:
         """Prompt `e` with the hint on a new line of its last user message: the hinted tokens,
