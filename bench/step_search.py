@@ -15,7 +15,7 @@ labelled steps.
 `rescore`: the sample pools that `mlxpt eval --save-samples` stored (the same samples, hence the
 same generated tokens, as its self-consistency and best-of-n rows) picked again with other
 scorers: pass@N (the oracle), best-of-n by the arithmetic verifier, by the PRM's last step (the PRM as an outcome
-model), by its lowest step, and a PRM-weighted vote (each answer's summed last-step scores).
+model), by its lowest step, by its lowest step times the verifier's score, and a PRM-weighted vote (each answer's summed last-step scores).
 Prints one row per data set, scorer and N with accuracy and generated tokens per prompt.
 """
 
@@ -93,7 +93,7 @@ def rescore(eval_json: str, prm_run: str | None, out: str | None, data: list[str
         if "per_prompt" in r:
             continue
         print(
-            f"{r['data']:<24} {r['scorer']:<9} N={r['n']:<3} {r['accuracy'] * 100:6.1f}%  {r['mean_tokens']:7.1f} tok/prompt"
+            f"{r['data']:<24} {r['scorer']:<18} N={r['n']:<3} {r['accuracy'] * 100:6.1f}%  {r['mean_tokens']:7.1f} tok/prompt"
         )
     if out:
         Path(out).write_text(json.dumps(rows, indent=1), encoding="utf-8")
@@ -113,6 +113,7 @@ def _rescored(label: str, pairs: list, prm) -> list[dict]:
             got = prm.score_many(prompt, [_steps(t) for t in pool["texts"]])
             rec["prm_last"] = [s[-1] for s in got]
             rec["prm_min"] = [min(s) for s in got]
+            rec["prm_min_x_verifier"] = [a * b for a, b in zip(rec["prm_min"], rec["verifier"], strict=True)]
         per.append(rec)
 
     def pick(p: dict, name: str, n: int):
@@ -131,7 +132,7 @@ def _rescored(label: str, pairs: list, prm) -> list[dict]:
 
     right = [bool(same_answer(a, p["gold"])) for p in per for a in p["answers"]]
     aucs = {name: roc_auc([x for p in per for x in p[name]], right)
-            for name in ("verifier", "prm_last", "prm_min") if name in per[0]}  # fmt: skip
+            for name in ("verifier", "prm_last", "prm_min", "prm_min_x_verifier") if name in per[0]}  # fmt: skip
     print(f"{label}: {len(right)} samples, {sum(right)} right; sample-level AUC "
           + ", ".join(f"{k} {v:.3f}" for k, v in aucs.items() if v is not None))  # fmt: skip
     rows = [{"data": label, "per_prompt": per}]  # every sample's scores, for sub-slices
@@ -139,7 +140,7 @@ def _rescored(label: str, pairs: list, prm) -> list[dict]:
         if n > min(len(p["answers"]) for p in per):
             continue
         tokens = sum(sum(p["tokens"][:n]) for p in per) / len(per)
-        for name in ("pass", "verifier", "prm_last", "prm_min", "prm_vote"):
+        for name in ("pass", "verifier", "prm_last", "prm_min", "prm_min_x_verifier", "prm_vote"):
             if name.startswith("prm") and prm is None:
                 continue
             correct = sum(bool(same_answer(pick(p, name, n), p["gold"])) for p in per)

@@ -635,3 +635,23 @@ def test_a_prm_of_another_base_model_is_refused_before_any_weights_load(prm_run,
     main(["generate", "--strategy", "greedy", "--scorer", f"prm:{run_dir}", "--prompt", "2 + 2 = ?",
           "--model", str(other), "--max-tokens", "4"])  # fmt: skip
     assert "E528" not in capsys.readouterr().err
+
+
+def test_prm_plus_verifier_is_checked_like_prm_and_scores_through_the_cli(prm_run, tiny_dir, tmp_path, capsys):
+    """`--scorer prm+verifier:RUN`: the same base-model check (E528, exit 1), a missing folder
+    E628, and on the PRM's own base model every step score is the PRM's times the verifier's."""
+    from mlxpt.cli import main
+
+    run_dir = prm_run[0]
+    other = tiny.make_model(tmp_path / "other", seed=1, hidden_size=32, intermediate_size=64)
+    cmd = ["generate", "--strategy", "step-beam", "--n", "2", "--temperature", "0.7", "--prompt", "2 + 2 = ?",
+           "--max-tokens", "6", "--step-delimiter", " ", "--max-steps", "3"]  # fmt: skip
+    assert main([*cmd, "--scorer", f"prm+verifier:{run_dir}", "--model", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error E528") and err.count("\n") == 1
+    assert main([*cmd, "--scorer", f"prm+verifier:{tmp_path / 'nope'}", "--model", str(tiny_dir)]) == 1
+    assert capsys.readouterr().err.startswith("error E628")
+    assert main([*cmd, "--scorer", f"prm+verifier:{run_dir}", "--model", str(tiny_dir)]) == 0
+    err = capsys.readouterr().err
+    scores = [float(x) for x in err.split("step scores: ")[1].split("]")[0].split(", ")]
+    assert scores and all(0 <= x < 1 for x in scores)

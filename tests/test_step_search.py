@@ -188,6 +188,48 @@ def test_prm_scores_every_prefix_and_the_aggregate_decides(tok, V):
     assert math.isclose(prod.scores[0], 0.81)
 
 
+def test_prm_plus_verifier_drops_a_slip_the_prm_is_fooled_by(tok, V):
+    """A PRM that likes the step with wrong arithmetic (`b`: 2 + 2 = 5) leads a plain PRM search
+    into it; `prm+verifier` multiplies each step's PRM score by the verifier's check, so that step
+    scores 0 and the search keeps the right one."""
+    from mlxpt.decode.scorers import Scorer
+
+    class Fooled(FakePRM):
+        VALUES = {"g": 0.6, "h": 0.6, "b": 0.9, "A": 1.0}
+
+    plain = search(StepLM(tok, V), scorer=Fooled(), beam_width=1, expand=4, seed=3)
+    assert BAD in plain.text and plain.search["step_scores"][0] == 0.9
+    both = Scorer("prm+verifier:fake", lambda p, c, r: [0.0] * len(c))
+    both.prm, both.verify_steps = Fooled(), True
+    r = search(StepLM(tok, V), scorer=both, beam_width=1, expand=4, seed=3)
+    assert r.text == GOOD + GOOD + ANSWER and r.search["step_scores"] == [0.6, 0.6, 1.0]
+
+
+def test_step_checks_per_step_and_the_final_answer():
+    from mlxpt.decode.scorers import prm_run, step_checks
+
+    assert step_checks(["2 + 2 = 4", "2 + 2 = 5, 3 * 3 = 9", "Answer: 4"], True) == [1.0, 0.5, 1.0]
+    assert step_checks(["two and two", "so four"], True) == [1.0, 0.0]  # finished, no answer
+    assert step_checks(["two and two", "so four"], False) == [1.0, 1.0]  # may still give one
+    assert prm_run("prm+verifier:runs/x") == "runs/x" and prm_run("prm:runs/y") == "runs/y"
+    assert prm_run("rm:runs/x") is None and prm_run(None) is None and prm_run("prm:") is None
+
+
+def test_best_of_n_with_prm_plus_verifier_takes_the_lowest_product(tmp_path, monkeypatch):
+    import mlxpt.decode.scorers as scorers
+
+    monkeypatch.setattr(scorers, "load_prm", lambda run, tokenizer=None: FakePRM())
+    both = scorers.make_scorer(f"prm+verifier:{tmp_path}")
+    plain = scorers.make_scorer(f"prm:{tmp_path}")
+    texts = ["g 2 + 2 = 4\nAnswer: 4", "b 2 + 2 = 5\nAnswer: 5", "g two and two\nh so four"]
+    assert plain(PROMPT, texts) == [0.9, 0.1, 0.6]
+    assert both(PROMPT, texts) == [0.9, 0.0, 0.0]  # a slip, and no final answer, score 0
+    with pytest.raises(ConfigError, match="E628"):
+        check_decode(DecodeConfig("best-of-n", scorer=f"prm+verifier:{tmp_path / 'nope'}"))
+    with pytest.raises(ConfigError, match="E622"):
+        check_decode(DecodeConfig("best-of-n", scorer="prm+verify:x"))
+
+
 def test_a_prm_giving_the_wrong_shape_is_a_clear_error(tok, V):
     class Short(FakePRM):
         def score_many(self, prompt, step_lists):

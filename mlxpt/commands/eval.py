@@ -50,7 +50,11 @@ def register(subparsers) -> None:
     p.add_argument("--top-k", type=int, default=d.top_k, help="keep the K most likely tokens (0: off)")
     p.add_argument("--min-p", type=float, default=d.min_p, help="min-p filter (0: off)")
     p.add_argument("--seed", type=int, default=d.seed, help="prompt i samples with seed + i")
-    p.add_argument("--scorer", default=d.scorer, help="best-of-n scorer: logprob, verifier, reward:NAME, rm:RUN, ...")
+    p.add_argument(
+        "--scorer",
+        default=d.scorer,
+        help="best-of-n and step-search scorer: logprob, verifier, reward:NAME, rm:RUN, prm:RUN, prm+verifier:RUN, ...",
+    )
     add_extract_arg(p, d.extract)
     p.add_argument("--weighting", default=d.weighting, help="self-consistency vote weights: none, logprob, reward")
     p.add_argument("--batch", type=int, default=d.batch, help="adaptive: samples drawn between stopping checks")

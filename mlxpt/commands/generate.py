@@ -142,7 +142,7 @@ def add_strategy_args(p) -> None:
     g.add_argument(
         "--scorer",
         default=None,
-        help="best-of-n scorer: logprob (default), verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn, rm:RUN",
+        help="best-of-n scorer: logprob (default), verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn, rm:RUN, prm:RUN, prm+verifier:RUN",
     )
     add_extract_arg(g)
     g.add_argument(

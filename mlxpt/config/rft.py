@@ -56,7 +56,9 @@ class RFTSection:
         "step-level search (step-beam, tree) of width N whose finished solutions are the candidates",
         SEARCH_STRATEGIES,
     )
-    scorer: str = opt("verifier", "step search: what scores partial solutions: verifier, logprob, prm:RUN or rm:RUN")
+    scorer: str = opt(
+        "verifier", "step search: what scores partial solutions: verifier, logprob, prm:RUN, prm+verifier:RUN or rm:RUN"
+    )
     expand: int = opt(4, "step search: sampled next steps per expanded partial solution")
     step_delimiter: str = opt("\\n", "step search: text that ends a step (\\n, \\t and \\\\ are read as escapes)")
     step_aggregate: str = opt(

@@ -10,7 +10,10 @@ Specs (the `--scorer` flag):
   `reward:accuracy` needs the row's gold `answer` (an oracle: useful in `mlxpt eval`, not in chat);
 - `rm:RUN`: a trained reward-model run (`mlxpt train rm`), scored in batches;
 - `prm:RUN`: a process reward model run (`mlxpt train prm`, decode/prm.py): a completion's lines
-  are its steps, and its score is the lowest step score (step-beam and tree read every step).
+  are its steps, and its score is the lowest step score (step-beam and tree read every step);
+- `prm+verifier:RUN`: the same, each step's PRM score times the arithmetic verifier's check of
+  that step (`step_checks`): the verifier rules out a slip, the PRM judges the rest (a wrong
+  operation or a missing number, which no arithmetic check sees).
 
 `check_spec` validates a spec before any model loads; `make_scorer` builds it (lazy imports).
 """
@@ -25,8 +28,12 @@ from pathlib import Path
 
 from mlxpt.errors import ConfigError
 
-KINDS = ("logprob", "verifier", "reward:NAME", "reward:file.py:fn", "verifier:file.py:fn", "rm:RUN", "prm:RUN")
-_HINT = "use logprob, verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn, rm:RUN or prm:RUN"
+KINDS = ("logprob", "verifier", "reward:NAME", "reward:file.py:fn", "verifier:file.py:fn", "rm:RUN", "prm:RUN",
+         "prm+verifier:RUN")  # fmt: skip
+_HINT = (
+    "use logprob, verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn, rm:RUN, prm:RUN or prm+verifier:RUN"
+)
+PRM_KINDS = ("prm", "prm+verifier")
 
 # "12 * 3 = 36", "36 - 4 = 32", "7 + 5 + 2 = 14"; x and × for multiplication, ÷ for division.
 _NUM = r"-?\d+(?:\.\d+)?"
@@ -46,19 +53,19 @@ def check_spec(spec: str | None) -> None:
     if spec in ("logprob", "verifier"):
         return
     kind, _, rest = spec.partition(":")
-    if kind not in ("reward", "verifier", "rm", "prm") or not rest:
+    if kind not in ("reward", "verifier", "rm", *PRM_KINDS) or not rest:
         raise _bad(f"unknown scorer {spec!r}", spec)
     if kind == "rm":
         if not Path(rest).expanduser().is_dir():
             raise ConfigError("E622", "reward-model run folder not found", rest, "pass rm:runs/<id> of an rm run")
         return
-    if kind == "prm":
+    if kind in PRM_KINDS:
         if not Path(rest).expanduser().is_dir():
             raise ConfigError(
                 "E628",
                 "process-reward-model run folder not found",
                 f"--scorer {spec}",
-                "pass prm:runs/<id> of a prm run",
+                f"pass {kind}:runs/<id> of a prm run",
             )
         return
     if ":" in rest or rest.endswith(".py"):
@@ -72,16 +79,39 @@ def check_spec(spec: str | None) -> None:
 
 
 def check_base_model(spec: str | None, model_ref: str | Path | None) -> None:
-    """Refuse (E528) a `prm:RUN` scorer trained on another base model than the policy's
-    (`model_ref`: a model reference or a run folder), from the PRM run's config: before any
-    weights load. Other scorers score text and may come from any model."""
-    if not isinstance(spec, str) or not spec.startswith("prm:") or model_ref is None:
+    """Refuse (E528) a `prm:RUN` (or `prm+verifier:RUN`) scorer trained on another base model than
+    the policy's (`model_ref`: a model reference or a run folder), from the PRM run's config:
+    before any weights load. Other scorers score text and may come from any model."""
+    run = prm_run(spec)
+    if run is None or model_ref is None:
         return
     try:
         from mlxpt.decode.prm import check_base
     except ImportError:  # no PRMs in this install: make_scorer says so (E628)
         return
-    check_base(Path(spec[4:]).expanduser(), model_ref)
+    check_base(Path(run).expanduser(), model_ref)
+
+
+def prm_run(spec) -> str | None:
+    """The run folder of a `prm:RUN` or `prm+verifier:RUN` spec; None for any other scorer."""
+    if not isinstance(spec, str):
+        return None
+    kind, _, rest = spec.partition(":")
+    return rest if kind in PRM_KINDS and rest else None
+
+
+def step_checks(steps: Sequence[str], finished: bool, extract_how: str = "auto") -> list[float]:
+    """The arithmetic verifier per step: each step's share of right `a op b = c` equations (1.0
+    with none); the last step of a finished solution with no extractable answer scores 0."""
+    from mlxpt.rewards.extract import extract
+
+    out = []
+    for text in steps:
+        ok, total = arithmetic_steps(text)
+        out.append(ok / total if total else 1.0)
+    if finished and out and extract("\n".join(steps), extract_how) is None:
+        out[-1] = 0.0
+    return out
 
 
 def arithmetic_steps(text: str) -> tuple[int, int]:
@@ -213,15 +243,23 @@ def make_scorer(spec: str | None, model=None, tokenizer=None) -> Scorer:
             return rm.score_batch([prompt] * len(completions), [_text(c) for c in completions])
 
         return Scorer(spec, by_rm)
-    if kind == "prm":
+    if kind in PRM_KINDS:
         prm = load_prm(rest, tokenizer)
+        verify = kind == "prm+verifier"
 
         def by_prm(prompt, completions, row):
             steps = [[x for x in _text(c).split("\n") if x.strip()] or [""] for c in completions]
-            return [min(s) if s else -math.inf for s in prm.score_many(prompt, steps)]
+            got = prm.score_many(prompt, steps)
+            if verify:
+                got = [
+                    [a * b for a, b in zip(s, step_checks(t, True), strict=True)]
+                    for s, t in zip(got, steps, strict=True)
+                ]
+            return [min(s) if s else -math.inf for s in got]
 
         scorer = Scorer(spec, by_prm)
         scorer.prm = prm  # step search scores every step with it (step_search.make_step_scorer)
+        scorer.verify_steps = verify
         return scorer
     if kind == "reward" and ":" not in rest and not rest.endswith(".py"):
         try:

@@ -27,6 +27,8 @@ one partial solution never fill several beam slots.
 
 Step scores lie in [0, 1] for the built-in scorers, so one --prune-threshold reads the same way:
 - `prm:RUN` (or any object with `score_many(prompt, steps_lists)`): the PRM's score per step prefix;
+- `prm+verifier:RUN`: the PRM's score per step prefix times the verifier's check of that step
+  (scorers.step_checks), so a step with a slip scores 0 whatever the PRM says;
 - `verifier`: the share of right `a op b = c` steps in the step (1 with none); a finished
   solution with no extractable answer scores 0 on its last step;
 - `logprob` (default): exp(mean token log-prob of the step), the model's own confidence;
@@ -112,23 +114,32 @@ def _final_methods(how: str) -> tuple[str, ...]:
 def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimiter: str = "\n") -> Callable:
     """`score(prompt, nodes, row) -> list[list[float]]`: every step score of each node's path (see
     the module doc for the specs; `spec` may also be a PRM-like object or a scorers.Scorer)."""
-    from mlxpt.decode.scorers import Scorer, arithmetic_steps, load_prm, make_scorer
+    from mlxpt.decode.scorers import Scorer, arithmetic_steps, load_prm, make_scorer, prm_run, step_checks
     from mlxpt.rewards.extract import extract
 
     def steps_of(node: Node) -> list[str]:
         texts = [tokenizer.decode(n.tokens) for n in node.path()]
         return [t[: -len(delimiter)] if t.endswith(delimiter) else t for t in texts]
 
+    verify = False
     if isinstance(spec, Scorer):  # a built scorer (e.g. `mlxpt eval`'s): its per-step form where there is one
+        verify = getattr(spec, "verify_steps", False)
         spec = getattr(spec, "prm", None) or (spec.name if spec.name in ("logprob", "verifier") else spec)
-    if isinstance(spec, str) and spec.startswith("prm:"):
-        spec = load_prm(spec[4:], tokenizer)
+    if prm_run(spec) is not None:
+        verify = spec.startswith("prm+verifier:")
+        spec = load_prm(prm_run(spec), tokenizer)
     if hasattr(spec, "score_many"):
         prm = spec
 
         def by_prm(prompt, nodes, row):
-            got = prm.score_many(prompt, [steps_of(n) for n in nodes])
-            return _checked_prm(got, [n.depth for n in nodes])
+            texts = [steps_of(n) for n in nodes]
+            got = _checked_prm(prm.score_many(prompt, texts), [n.depth for n in nodes])
+            if not verify:
+                return got
+            return [
+                [a * b for a, b in zip(s, step_checks(t, n.finished is not None, extract_how), strict=True)]
+                for s, t, n in zip(got, texts, nodes, strict=True)
+            ]
 
         return by_prm
     if spec in (None, "logprob"):
