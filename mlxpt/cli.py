@@ -111,12 +111,53 @@ def _bug_line(e: BaseException) -> str:
     return f"error E001: unexpected {what} - this is a bug in mlxpt; {where}"
 
 
+_TEMP_VARS = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")  # what std::filesystem::temp_directory_path reads, in order
+
+
+def temp_dir_error(cause: BaseException | None = None):
+    """E306 when the temporary folder the environment names does not exist. MLX's CPU backend
+    compiles kernels there, and a missing one fails at the first computation with a bare C++
+    `temp_directory_path` error (Python's tempfile falls back silently, so nothing else notices).
+    Without `cause`: the preflight, on CPU backends (not macOS, whose GPU needs no such folder);
+    with it: that C++ error, translated, on any platform. None when neither applies."""
+    import os
+
+    if cause is not None and "temp_directory_path" not in str(cause):
+        return None
+    if cause is None and sys.platform == "darwin":
+        return None
+    from mlxpt.errors import ConfigError
+
+    for var in _TEMP_VARS:
+        value = os.environ.get(var)
+        if value:
+            if os.path.isdir(value) and cause is None:
+                return None
+            return ConfigError(
+                "E306", f"the temporary folder {var}={value!r} is not an existing folder", "environment",
+                f"MLX compiles its kernels there: unset {var} or point it at a folder (export {var}=/tmp)",
+            )  # fmt: skip
+    if cause is not None:
+        return ConfigError("E306", "no temporary folder for MLX's kernels", "environment",
+                           "set TMPDIR to an existing, writable folder")  # fmt: skip
+    return None
+
+
+def _computes(args) -> bool:
+    """Whether the command runs the model (so needs MLX's temporary folder on a CPU backend)."""
+    if args.command in ("doctor", "tui"):
+        return False
+    return args.command != "data" or getattr(args, "data_command", None) not in ("check", "convert")
+
+
 def run_command(args) -> int:
     from mlxpt.errors import MlxptError
 
     if args.command != "tui" and not isinstance(sys.stdout, _QuietWhenClosed):  # the TUI owns its terminal
         sys.stdout = _QuietWhenClosed(sys.stdout)
     try:
+        if _computes(args) and (bad := temp_dir_error()) is not None:
+            raise bad  # before any output or run folder
         return int(args.func(args) or 0)
     except MlxptError as e:
         if getattr(args, "debug", False):
@@ -133,7 +174,8 @@ def run_command(args) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if getattr(args, "debug", False):
             raise
-        print(_bug_line(e), file=sys.stderr)
+        known = temp_dir_error(e) if isinstance(e, RuntimeError) else None
+        print(f"error {known.line()}" if known else _bug_line(e), file=sys.stderr)
         return 1
 
 

@@ -383,3 +383,41 @@ def test_a_run_folder_deleted_while_it_trains_is_one_line(world, tmp_path, score
     record(scoreboard, ok)
     assert ok, got.value.line()
     assert not list(tmp_path.iterdir())  # nothing written back in its place
+
+
+def test_a_temporary_folder_that_does_not_exist_is_one_line_and_writes_nothing(world, tmp_path, scoreboard):
+    """TEMP (or TMPDIR, TMP, TEMPDIR) naming a missing folder: MLX's CPU backend compiles its kernels
+    there and failed at the first computation with a C++ `temp_directory_path` error, reported as
+    a bug (E001) after the run folder was made. Now: E306 naming the variable, before any output;
+    `data check` (no model) still works."""
+    root, run = world
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "TEMP": str(tmp_path / "gone")}
+    env.pop("TMPDIR", None), env.pop("TMP", None)
+    runs = tmp_path / "runs"
+
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "mlxpt.cli", *map(str, args)], cwd=ROOT, env=env,
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    got = [
+        cli("generate", "--adapter", run, "--prompt", "hi", "--max-tokens", "2"),
+        cli("train", "--model", root / "model", "--data", root / "data", "--runs-dir", runs, *TRAIN),
+    ]
+    ok = all(
+        g.returncode == 1 and g.stderr.startswith("error E306") and g.stderr.count("\n") == 1 and "TEMP=" in g.stderr
+        for g in got
+    )
+    ok = ok and not runs.exists() and cli("data", "check", root / "data").returncode == 0
+    record(scoreboard, ok)
+    assert ok, [(g.returncode, g.stderr[-500:]) for g in got]
+
+
+def test_the_temp_folder_error_from_mlx_is_translated_wherever_it_comes_from(monkeypatch):
+    from mlxpt.cli import temp_dir_error
+
+    monkeypatch.setenv("TMPDIR", "/nonexistent/mlxpt")
+    e = temp_dir_error(RuntimeError("filesystem error: temp_directory_path: No such file or directory"))
+    assert e.code == "E306" and "TMPDIR='/nonexistent/mlxpt'" in e.line()
+    assert temp_dir_error(RuntimeError("something else")) is None
+    monkeypatch.setenv("TMPDIR", "/")
+    assert temp_dir_error() is None
