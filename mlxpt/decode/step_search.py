@@ -114,12 +114,14 @@ def _final_methods(how: str) -> tuple[str, ...]:
 def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimiter: str = "\n") -> Callable:
     """`score(prompt, nodes, row) -> list[list[float]]`: every step score of each node's path (see
     the module doc for the specs; `spec` may also be a PRM-like object or a scorers.Scorer)."""
-    from mlxpt.decode.scorers import Scorer, arithmetic_steps, load_prm, make_scorer, prm_run, step_checks
-    from mlxpt.rewards.extract import extract
+    from mlxpt.decode.scorers import Scorer, load_prm, make_scorer, prm_run, step_checks
 
     def steps_of(node: Node) -> list[str]:
         texts = [tokenizer.decode(n.tokens) for n in node.path()]
         return [t[: -len(delimiter)] if t.endswith(delimiter) else t for t in texts]
+
+    def checks(node: Node) -> list[float]:  # the verifier's score of every step of the node's path
+        return step_checks(steps_of(node), node.finished is not None, extract_how)
 
     verify = False
     if isinstance(spec, Scorer):  # a built scorer (e.g. `mlxpt eval`'s): its per-step form where there is one
@@ -136,10 +138,7 @@ def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimite
             got = _checked_prm(prm.score_many(prompt, texts), [n.depth for n in nodes])
             if not verify:
                 return got
-            return [
-                [a * b for a, b in zip(s, step_checks(t, n.finished is not None, extract_how), strict=True)]
-                for s, t, n in zip(got, texts, nodes, strict=True)
-            ]
+            return [[a * b for a, b in zip(s, checks(n), strict=True)] for s, n in zip(got, nodes, strict=True)]
 
         return by_prm
     if spec in (None, "logprob"):
@@ -153,14 +152,7 @@ def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimite
     if spec == "verifier":
 
         def by_verifier(prompt, nodes, row):
-            out = []
-            for n in nodes:
-                ok, total = arithmetic_steps(tokenizer.decode(n.tokens))
-                s = ok / total if total else 1.0
-                if n.finished and extract(tokenizer.decode(n.path_tokens()), extract_how) is None:
-                    s = 0.0
-                out.append(n.parent.scores + [s])
-            return out
+            return [n.parent.scores + [checks(n)[-1]] for n in nodes]
 
         return by_verifier
     scorer = spec if isinstance(spec, Scorer) else make_scorer(spec, model, tokenizer)
