@@ -130,7 +130,7 @@ def temp_dir_error(cause: BaseException | None = None):
 
     for var in _TEMP_VARS:
         value = os.environ.get(var)
-        if value:
+        if value is not None:  # set, even to "": the C++ library takes it (an empty one fails too)
             if os.path.isdir(value) and cause is None:
                 return None
             return ConfigError(

@@ -419,5 +419,7 @@ def test_the_temp_folder_error_from_mlx_is_translated_wherever_it_comes_from(mon
     e = temp_dir_error(RuntimeError("filesystem error: temp_directory_path: No such file or directory"))
     assert e.code == "E306" and "TMPDIR='/nonexistent/mlxpt'" in e.line()
     assert temp_dir_error(RuntimeError("something else")) is None
+    monkeypatch.setenv("TMPDIR", "")  # set but empty: the C++ library takes it and fails, so the preflight refuses it
+    assert sys.platform == "darwin" or "TMPDIR=''" in temp_dir_error().line()
     monkeypatch.setenv("TMPDIR", "/")
     assert temp_dir_error() is None
