@@ -20,7 +20,9 @@ from mlxpt.decode.budget import (
     build_table,
     builtin_choice,
     choose,
+    expected_tokens,
     load_table,
+    plan,
 )
 from mlxpt.decode.strategies import STRATEGIES, run_strategy
 from mlxpt.errors import ConfigError
@@ -107,6 +109,72 @@ def test_chooser_shrinks_a_small_bucket_toward_the_overall_rates():
     assert choose(table, "all", 0, 100).accuracy == 0.6  # the all row is not shrunk
 
 
+def _two_buckets(easy_share=60, hard_share=40):
+    """Easy prompts (2/2 agree) are right from the probe's vote; hard ones need a step search
+    that costs more than a per-prompt budget allows after the 20-token probe."""
+    cells = {
+        "2/2": [("self-consistency", 2, 0.9, 20.0), ("self-consistency", 4, 0.92, 40.0), ("step-beam", 1, 0.9, 60.0)],
+        "1/2": [("self-consistency", 2, 0.3, 20.0), ("self-consistency", 4, 0.4, 40.0), ("step-beam", 1, 0.6, 60.0)],
+    }
+    table = _table(cells)
+    table.buckets["2/2"].prompts, table.buckets["1/2"].prompts = easy_share, hard_share
+    table.buckets["all"] = Bucket(easy_share + hard_share, 20.0, {})  # no shrinkage toward an `all` row
+    table.buckets["all"].cells["greedy@1"] = Cell("greedy", 1, 0.5, 10.0)
+    return table
+
+
+def test_mean_budget_plan_spends_on_the_hard_prompts():
+    table = _two_buckets()
+    # per prompt, 50 tokens: step-beam (20 + 60) never fits, so hard prompts get sc@4 (40 %)
+    assert choose(table, "1/2", 20, 50).key == "self-consistency@4"
+    chosen = plan(table, 50)
+    assert {b: c.key for b, c in chosen.items()} == {"2/2": "self-consistency@2", "1/2": "step-beam@1"}
+    assert chosen["1/2"].tokens == 80 and chosen["1/2"].rule == "table-mean"
+    assert 0.6 * 20 + 0.4 * 80 <= 50  # the mean of the plan fits where one hard prompt does not
+    # a lower mean budget: the hard prompts drop to what fits on average
+    assert plan(table, 35)["1/2"].key == "self-consistency@4" and plan(table, 35)["2/2"].key == "self-consistency@2"
+    # more hard prompts: the same budget no longer pays for step-beam on each of them
+    assert plan(_two_buckets(20, 80), 50)["1/2"].key == "self-consistency@4"
+    assert plan(table, 19) == {}  # under the probe: no plan, auto chooses per prompt
+
+
+def test_mean_budget_plan_is_the_best_of_every_combination():
+    import itertools
+    import random
+
+    rng = random.Random(0)
+    for trial in range(40):
+        names = ["0/3", "1/3", "2/3", "3/3"][: rng.randint(1, 4)]
+        cells = {
+            b: [(rng.choice(["greedy", "best-of-n", "step-beam", "beam"]), n, round(rng.random(), 2),
+                 float(rng.randint(1, 120))) for n in (1, 2, 3)]
+            for b in names
+        }  # fmt: skip
+        table = _table(cells, probe=3, probe_tokens=15.0)
+        table.buckets["all"] = Bucket(1, 15.0, {})
+        for b in names:
+            table.buckets[b].prompts = rng.randint(1, 30)
+        total = sum(table.buckets[b].prompts for b in names)
+        budget = rng.randint(10, 150)
+        best = None
+        options = {b: [*table.buckets[b].cells.values(), None] for b in names}  # None: the probe's vote
+        for combo in itertools.product(*(options[b] for b in names)):
+            cost = acc = 0.0
+            for b, c in zip(names, combo, strict=True):
+                w = table.buckets[b].prompts / total
+                cost += w * (expected_tokens(c, 3, 15.0, 15.0) if c else 15.0)  # pooled cells read the probe
+                acc += w * (c.accuracy if c else 0.0)
+            if cost <= budget + 1e-9 and (best is None or acc > best + 1e-9):
+                best = acc
+        chosen = plan(table, budget)
+        if best is None:
+            assert chosen == {}, trial
+            continue
+        got_acc = sum(table.buckets[b].prompts / total * c.accuracy for b, c in chosen.items())
+        got_cost = sum(table.buckets[b].prompts / total * c.tokens for b, c in chosen.items())
+        assert got_acc == pytest.approx(best) and got_cost <= budget + 1e-9, trial
+
+
 def test_builtin_rule_stops_on_agreement_else_votes_within_the_budget():
     c = builtin_choice("2/2", 30, 2, 1000)
     assert (c.key, c.tokens, c.rule) == ("self-consistency@2", 30, "built-in")
@@ -170,6 +238,21 @@ def test_auto_without_a_table_uses_the_builtin_rule(fake):
     assert {i["bucket"] for i in seen} >= {"1/2", "2/2"}  # both branches ran
 
 
+def test_auto_in_mean_mode_runs_the_plan_of_its_bucket(fake):
+    easy = [("self-consistency", 2, 0.9, 13.0), ("greedy", 1, 0.95, 30.0)]
+    hard = [("self-consistency", 2, 0.2, 13.0), ("greedy", 1, 0.9, 30.0)]
+    table = _table({"2/2": easy, "1/2": hard, "0/2": hard}, probe_tokens=13.0)
+    table.buckets["0/2"].prompts = 1  # 10 easy, 10 hard, 1 unanswered: mean (130 + 430 + 43) / 21 < 30
+    table.buckets["all"] = Bucket(21, 13.0, {})
+    seen = [_auto(fake, 30, table, seed=s, budget_mode="mean").auto for s in range(6)]
+    assert {i["bucket"] for i in seen} >= {"1/2", "2/2"}
+    for info in seen:  # per prompt, 30 tokens fit no greedy after the probe; the mean plan gives it to 1/2
+        assert info["budget_mode"] == "mean" and info["rule"] == "table-mean"
+        assert info["chose"] == ("self-consistency@2" if info["bucket"] == "2/2" else "greedy@1")
+    per_prompt = _auto(fake, 30, table, seed=0).auto
+    assert per_prompt["chose"] == "self-consistency@2" and per_prompt["rule"] == "table"
+
+
 def test_auto_is_registered_and_checks_its_settings(fake):
     assert "auto" in STRATEGIES
     lm, tok, ids = fake
@@ -179,6 +262,8 @@ def test_auto_is_registered_and_checks_its_settings(fake):
         run_strategy(lm, tok, ids, "auto", budget=0)
     with pytest.raises(ConfigError, match="E652"):
         run_strategy(lm, tok, ids, "auto", budget=10, calibration="/no/such/table.json")
+    with pytest.raises(ConfigError, match="E658"):
+        run_strategy(lm, tok, ids, "auto", budget=10, budget_mode="mean")
 
 
 def _details(buckets_and_cells):
@@ -333,6 +418,27 @@ def test_eval_auto_and_tokens_curve(base, calibrated, capsys):
     assert main(argv) == 1 and "E656" in capsys.readouterr().err and not (d / "leak.json").exists()
 
 
+def test_eval_auto_with_a_mean_budget_prints_and_follows_its_plan(base, calibrated, capsys):
+    d, _, test, cal = calibrated
+    out = d / "auto-mean.json"
+    argv = ["eval", "--model", str(base), "--data", str(test), "--strategies", "auto", "--budget", "40",
+            "--budget-mode", "mean", "--calibration", str(cal), "--max-tokens", "4", "--out", str(out)]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "auto plan, mean budget 40:" in printed and "expected" in printed
+    doc = json.loads(out.read_text())
+    assert doc["config"]["budget_mode"] == "mean"
+    table = load_table(cal)
+    chosen = plan(table, 40)
+    for c in doc["auto_choices"]["base"]:
+        assert c["budget_mode"] == "mean"
+        if c["bucket"] in chosen:
+            assert c["rule"] == "table-mean" and c["chose"] == chosen[c["bucket"]].key
+        else:  # a bucket the calibration prompts never reached: chosen for per prompt
+            assert c["rule"] == "table"
+
+
 def test_tokens_series_and_chart():
     from mlxpt.commands.eval import series_of
     from mlxpt.decode.plot import TOKENS_AXIS, png_chart, terminal_chart, token_ticks
@@ -365,6 +471,8 @@ def test_tokens_series_and_chart():
         (["--strategies", "auto", "--budget", "100", "--calibration", "/no/such.json"], "E652"),
         (["--strategies", "auto", "--budget", "100", "--calibration", "BAD"], "E652"),
         (["--strategies", "auto", "--budget", "100", "--temperature", "0"], "E655"),
+        (["--strategies", "auto", "--budget", "100", "--budget-mode", "mean"], "E658"),
+        (["--strategies", "auto", "--budget", "100", "--budget-mode", "total"], "E658"),
         (["--probe", "0", "--calibrate", "CAL"], "E655"),
         (["--strategies", "greedy", "--calibrate", "CAL"], "E654"),
         (["--n", "1", "--calibrate", "CAL"], "E654"),

@@ -86,6 +86,10 @@ def register(subparsers) -> None:
     g.add_argument(
         "--calibrate", metavar="OUT.json", default=None, help="write a calibration table for auto from this evaluation"
     )
+    g.add_argument(
+        "--budget-mode", default=d.budget_mode, help="auto: --budget bounds each prompt (prompt) or the mean over "
+        "prompts (mean: easy prompts stop early, hard ones get more; needs --calibration)",
+    )  # fmt: skip
     g.add_argument("--probe", type=int, default=d.probe, help="--calibrate: probe samples that bucket difficulty")
     add_search_args(p)
     p.set_defaults(func=run)
@@ -113,7 +117,7 @@ def config_from(args):
         scorer=args.scorer, extract=args.extract, weighting=args.weighting, batch=args.batch,
         confidence=confidence, limit=args.limit, independent=args.independent,
         budgets=parse_budgets(budget) if budget is not None else (), calibration=getattr(args, "calibration", None),
-        probe=getattr(args, "probe", 2), search=search_config(args) if hasattr(args, "expand") else SearchConfig(),
+        probe=getattr(args, "probe", 2), budget_mode=getattr(args, "budget_mode", "prompt"), search=search_config(args) if hasattr(args, "expand") else SearchConfig(),
     )  # fmt: skip
 
 
@@ -197,6 +201,20 @@ def series_of(results: list[dict], x: str = "samples") -> dict:
             pos = mean_tokens(r)
         out.setdefault(key, []).append((pos, r["accuracy"]))
     return out
+
+
+def plan_text(table, budget: int) -> str:
+    """One line: what auto's mean-budget plan runs per difficulty bucket, and what it expects."""
+    from mlxpt.decode.budget import plan
+
+    chosen = plan(table, budget)
+    if not chosen:
+        return f"auto plan, mean budget {budget}: below the probe's cost; each prompt is chosen for on its own"
+    total = sum(table.buckets[b].prompts for b in chosen)
+    acc = sum(table.buckets[b].prompts * c.accuracy for b, c in chosen.items()) / total
+    tok = sum(table.buckets[b].prompts * c.tokens for b, c in chosen.items()) / total
+    cells = ", ".join(f"{b} agree -> {c.key}" for b, c in chosen.items())
+    return f"auto plan, mean budget {budget}: {cells}; expected {acc * 100:.1f}% at {tok:.1f} tokens a prompt"
 
 
 def tokens_plot_path(plot: Path) -> Path:
@@ -295,6 +313,9 @@ def run(args) -> int:
         for _, adapter in runs:
             check_identity(cal, cfg.calibration, model_ref(args.model, adapter), adapter)
         check_not_test_set(cal, cfg.calibration, paths)
+        if cfg.budget_mode == "mean":
+            for b in cfg.budgets:
+                print(plan_text(cal, b))
     results: list[dict] = []
     details: dict[str, list] = {}
     started = time.time()

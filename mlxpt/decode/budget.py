@@ -23,9 +23,17 @@ Built-in rule (no table): all probe samples agree -> their answer, no more token
 self-consistency with the largest N whose expected tokens (the probe's mean sample length x N)
 fit the budget.
 
-Simplifications: the budget is per prompt and on expected tokens (the table's means), so one
-prompt may spend more than it; Snell et al. bin difficulty by verifier scores and also spread a
-total budget over prompts, which this does not.
+Budget modes. `prompt` (the default): each prompt's expected tokens fit the budget. `mean`: the
+budget is the mean over prompts, as in Snell et al.'s compute-optimal allocation. `plan` picks
+one cell per difficulty bucket so that the table's expected accuracy, weighted by how many
+calibration prompts fell in each bucket, is highest while the weighted expected tokens (probe
+included) stay within the budget: easy prompts can stop at the probe and hard ones get more than
+the budget. An exact multiple-choice knapsack over the buckets' cells, kept small by dropping
+dominated partial plans. A bucket the table lacks is chosen for per prompt. Mean mode needs a table.
+
+Simplifications: the budget is on expected tokens (the table's means), so a prompt, or in mean
+mode a test set whose buckets are shared otherwise than the calibration set's, may spend more
+than it; Snell et al. bin difficulty by verifier scores, not by sample agreement.
 """
 
 from __future__ import annotations
@@ -47,6 +55,7 @@ POOLED = ("best-of-n", "self-consistency")  # cells that read the probe as the s
 SKIPPED = ("auto", "adaptive", "sample")  # never chosen: auto itself, and cells the pool answers better
 BUILTIN_MAX_N = 64
 SHRINK_PROMPTS = 4  # pseudo-prompts of the `all` row's rate added to each bucket's (see the module doc)
+BUDGET_MODES = ("prompt", "mean")  # what --budget bounds: each prompt's expected tokens, or their mean
 
 
 @dataclass
@@ -88,7 +97,7 @@ class Choice:
     n: int
     accuracy: float  # expected (the table's), nan under the built-in rule
     tokens: float  # expected generated tokens, the probe included
-    rule: str  # "table" or "built-in"
+    rule: str  # "table", "table-mean" (mean mode's plan) or "built-in"
 
     @property
     def key(self) -> str:
@@ -160,6 +169,45 @@ def choose(
     return best
 
 
+def plan(table: CalibrationTable, budget: float, allowed: tuple[str, ...] | None = None) -> dict[str, Choice]:
+    """Mean mode: one Choice per probed bucket of `table`, maximising the expected accuracy over
+    the calibration prompts (each bucket weighted by its share of them) with the weighted mean of
+    expected tokens, the probe included, at most `budget`. Exact: partial plans are merged bucket
+    by bucket and any plan that costs more without being more accurate is dropped. Each bucket
+    may always stop at the probe's vote. Empty when even the probes exceed the budget."""
+    names = [b for b in table.buckets if b != "all"]
+    total = sum(table.buckets[b].prompts for b in names)
+    if not names or total <= 0:
+        return {}
+    frontier: list[tuple[float, float, dict]] = [(0.0, 0.0, {})]
+    for name in names:
+        row = table.buckets[name]
+        w = row.prompts / total
+        options = []
+        for cell in row.cells.values():
+            if cell.strategy in SKIPPED or (allowed is not None and cell.strategy not in allowed):
+                continue
+            cost = expected_tokens(cell, table.probe, row.probe_tokens, row.probe_tokens)
+            options.append(Choice(cell.strategy, cell.n, shrunk(table, name, cell), cost, "table-mean"))
+        vote_key = f"self-consistency@{table.probe}"
+        if not any(o.key == vote_key for o in options):  # the probe's vote: no more tokens
+            options.append(Choice("self-consistency", table.probe, 0.0, row.probe_tokens, "table-mean"))
+        merged = [
+            (cost + w * o.tokens, acc + w * o.accuracy, {**chosen, name: o})
+            for cost, acc, chosen in frontier
+            for o in options
+            if cost + w * o.tokens <= budget + 1e-9
+        ]
+        merged.sort(key=lambda t: (t[0], -t[1]))
+        frontier = []
+        for t in merged:  # keep a plan only if it is more accurate than every cheaper one
+            if not frontier or round(t[1], 12) > round(frontier[-1][1], 12):
+                frontier.append(t)
+        if not frontier:
+            return {}
+    return frontier[-1][2]
+
+
 def builtin_choice(bucket: str, spent: float, probe: int, budget: float) -> Choice:
     """The documented rule without a table: agreement -> the probe's answer; otherwise
     self-consistency with the largest N whose expected tokens fit the budget."""
@@ -187,13 +235,18 @@ def run_auto(model, tokenizer, prompt_tokens, cfg, ctx, strategies: dict, drawer
     probe_cfg = replace(cfg, strategy="sample", n=probe)
     pool: list = []
     bucket, difficulty, spent = None, None, 0
-    if table is not None and cfg.budget < table.buckets["all"].probe_tokens:
+    planned = plan(table, cfg.budget, allowed) if table is not None and cfg.budget_mode == "mean" else {}
+    if table is not None and cfg.budget < table.buckets["all"].probe_tokens and not planned:
         choice = choose(table, "all", 0, cfg.budget, allowed)
     else:
         pool = drawer(model, tokenizer, prompt_tokens, probe_cfg, ctx)(probe)
         bucket, difficulty = agreement([extract(c.text, cfg.extract) for c in pool])
         spent = sum(len(c.tokens) for c in pool)
-        if table is not None:
+        if bucket in planned:
+            cell = table.buckets[bucket].cells.get(planned[bucket].key)
+            extra = expected_tokens(cell, probe, spent, table.buckets[bucket].probe_tokens) if cell else spent
+            choice = replace(planned[bucket], tokens=extra)
+        elif table is not None:
             choice = choose(table, bucket, spent, cfg.budget, allowed)
         else:
             choice = builtin_choice(bucket, spent, probe, cfg.budget)
@@ -210,7 +263,7 @@ def run_auto(model, tokenizer, prompt_tokens, cfg, ctx, strategies: dict, drawer
     info = {
         "chose": choice.key, "strategy": choice.strategy, "n": choice.n, "rule": choice.rule,
         "bucket": bucket, "difficulty": difficulty, "probe": probe if pool else 0, "probe_tokens": spent,
-        "budget": cfg.budget, "expected_tokens": round(choice.tokens, 1),
+        "budget": cfg.budget, "budget_mode": cfg.budget_mode, "expected_tokens": round(choice.tokens, 1),
         "expected_accuracy": None if math.isnan(choice.accuracy) else round(choice.accuracy, 4), "spent": total,
     }  # fmt: skip
     return replace(r, strategy="auto", generated_tokens=total, seconds=time.perf_counter() - t0, auto=info)
@@ -252,6 +305,17 @@ def parse_budgets(text: str) -> tuple[int, ...]:
     return budgets
 
 
+def check_budget_mode(mode, calibration) -> None:
+    """E658: an unknown budget mode, or `mean` without a calibration table (its bucket shares)."""
+    if mode not in BUDGET_MODES:
+        raise ConfigError("E658", f"unknown budget mode {mode!r}", "--budget-mode", f"use {' or '.join(BUDGET_MODES)}")
+    if mode == "mean" and calibration is None:
+        raise ConfigError(
+            "E658", "--budget-mode mean needs a calibration table (how prompts spread over difficulty)",
+            "--budget-mode", "add --calibration TABLE (from mlxpt eval --calibrate), or use --budget-mode prompt",
+        )  # fmt: skip
+
+
 def check_probe(probe) -> None:
     if isinstance(probe, bool) or not isinstance(probe, int) or not 1 <= probe <= MAX_PROBE:
         raise ConfigError(
@@ -266,6 +330,7 @@ def check_auto(cfg) -> None:
     if cfg.budget is None:
         raise ConfigError("E651", "strategy auto needs a token budget", "--budget", "e.g. --budget 400")
     check_budget(cfg.budget)
+    check_budget_mode(cfg.budget_mode, cfg.calibration)
     resolve_table(cfg.calibration)
     if cfg.sampling is not None and cfg.sampling.temperature == 0:
         raise ConfigError(

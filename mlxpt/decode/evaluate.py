@@ -60,6 +60,7 @@ class EvalConfig:
     budgets: tuple[int, ...] = ()  # auto: generated-token budgets per prompt, one cell each
     calibration: object = None  # auto: calibration table path or budget.CalibrationTable (None: built-in rule)
     probe: int = 2  # --calibrate: probe samples that bucket a prompt's difficulty (budget.py)
+    budget_mode: str = "prompt"  # auto: --budget bounds each prompt's expected tokens, or (mean) their mean
     search: SearchConfig = field(default_factory=SearchConfig)  # step-beam / tree (N: the beam width)
 
 
@@ -174,7 +175,7 @@ def check_config(cfg: EvalConfig) -> None:
             check_search(cfg.search, s, cfg.temperature)
     if reads_scorer(cfg.strategies, cfg.weighting):
         check_spec(cfg.scorer)
-    from mlxpt.decode.budget import check_budget, check_probe, resolve_table
+    from mlxpt.decode.budget import check_budget, check_budget_mode, check_probe, resolve_table
 
     if ("auto" in cfg.strategies) != bool(cfg.budgets):
         raise ConfigError(
@@ -183,6 +184,8 @@ def check_config(cfg: EvalConfig) -> None:
         )  # fmt: skip
     for b in cfg.budgets:
         check_budget(b)
+    if cfg.budgets:
+        check_budget_mode(cfg.budget_mode, cfg.calibration)
     check_probe(cfg.probe)
     resolve_table(cfg.calibration)
     if "auto" in cfg.strategies and cfg.temperature == 0:
@@ -335,6 +338,7 @@ def decode_config(cfg: EvalConfig, strategy: str, n: int, sampling, scorer=None)
         "self-consistency" if strategy == "adaptive" else strategy, 1 if auto else n, cfg.max_tokens, sampling,
         scorer, cfg.extract, cfg.weighting, strategy == "adaptive", cfg.batch, cfg.confidence,
         budget=n if auto else None, calibration=cfg.calibration if auto else None, search=cfg.search,
+        budget_mode=cfg.budget_mode,
     )  # fmt: skip
 
 

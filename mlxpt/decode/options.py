@@ -76,6 +76,7 @@ class DecodeConfig:
     search: SearchConfig = field(default_factory=SearchConfig)  # step-beam, tree: step-level search
     budget: int | None = None  # auto: generated tokens per prompt (budget.py)
     calibration: object = None  # auto: a calibration table path or budget.CalibrationTable (None: built-in rule)
+    budget_mode: str = "prompt"  # auto: the budget bounds each prompt's expected tokens, or (mean) their mean
 
     @property
     def streamed(self) -> bool:
