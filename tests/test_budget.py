@@ -473,6 +473,7 @@ def test_tokens_series_and_chart():
         (["--strategies", "auto", "--budget", "100", "--temperature", "0"], "E655"),
         (["--strategies", "auto", "--budget", "100", "--budget-mode", "mean"], "E658"),
         (["--strategies", "auto", "--budget", "100", "--budget-mode", "total"], "E658"),
+        (["--strategies", "greedy", "--budget-mode", "mean"], "E658"),
         (["--probe", "0", "--calibrate", "CAL"], "E655"),
         (["--strategies", "greedy", "--calibrate", "CAL"], "E654"),
         (["--n", "1", "--calibrate", "CAL"], "E654"),

@@ -186,6 +186,11 @@ def check_config(cfg: EvalConfig) -> None:
         check_budget(b)
     if cfg.budgets:
         check_budget_mode(cfg.budget_mode, cfg.calibration)
+    elif cfg.budget_mode != "prompt":
+        raise ConfigError(
+            "E658", f"--budget-mode {cfg.budget_mode} without auto", "--budget-mode",
+            "add --strategies ...,auto --budget TOKENS --calibration TABLE, or drop --budget-mode",
+        )  # fmt: skip
     check_probe(cfg.probe)
     resolve_table(cfg.calibration)
     if "auto" in cfg.strategies and cfg.temperature == 0:
