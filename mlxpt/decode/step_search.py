@@ -120,8 +120,8 @@ def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimite
         texts = [tokenizer.decode(n.tokens) for n in node.path()]
         return [t[: -len(delimiter)] if t.endswith(delimiter) else t for t in texts]
 
-    def checks(node: Node) -> list[float]:  # the verifier's score of every step of the node's path
-        return step_checks(steps_of(node), node.finished is not None, extract_how)
+    def checks(node: Node, steps: list[str] | None = None) -> list[float]:  # the verifier's, per path step
+        return step_checks(steps_of(node) if steps is None else steps, node.finished is not None, extract_how)
 
     verify = False
     if isinstance(spec, Scorer):  # a built scorer (e.g. `mlxpt eval`'s): its per-step form where there is one
@@ -138,7 +138,9 @@ def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimite
             got = _checked_prm(prm.score_many(prompt, texts), [n.depth for n in nodes])
             if not verify:
                 return got
-            return [[a * b for a, b in zip(s, checks(n), strict=True)] for s, n in zip(got, nodes, strict=True)]
+            return [
+                [a * b for a, b in zip(s, checks(n, t), strict=True)] for s, t, n in zip(got, texts, nodes, strict=True)
+            ]
 
         return by_prm
     if spec in (None, "logprob"):
