@@ -541,3 +541,145 @@ def test_memory_estimate_counts_each_prompt_once(tiny_dir, prompt_dir, tmp_path,
         with pytest.raises(ResourceError) as e:
             run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path / str(plain), reward_file, plain_scoring=plain))
         assert label in e.value.line() and "--batch-size" in e.value.line()
+
+
+# -- dynamic sampling (DAPO) -----------------------------------------------------------------
+
+
+def _scripted_draws(rewards_per_prompt: list[list[float]], per_draw: int):
+    """Draws of `per_draw` prompts whose G completions get the scripted rewards; (draws, fake
+    sample_scored) for rollouts.sample_dynamic."""
+    from mlxpt.data.prompts import PromptExample, PromptRow
+
+    examples = [
+        PromptExample([1, 2, 10 + i], PromptRow(f"p:{i + 1}", f"prompt {i}", [], False)) for i in range(len(rewards_per_prompt))
+    ]  # fmt: skip
+    by_tokens = {tuple(e.tokens): r for e, r in zip(examples, rewards_per_prompt, strict=True)}
+
+    def draws():
+        for k in range(0, len(examples), per_draw):
+            yield examples[k : k + per_draw], [0] * per_draw, (0, k // per_draw + 1)
+
+    def fake_scored(spec, part, G, keys=None):
+        seqs, totals, per_fn, samples = [], [], [], []
+        for e in part:
+            for j, r in enumerate(by_tokens[tuple(e.tokens)]):
+                seqs.append((e, [20 + j, 3], False))
+                totals.append(r)
+                per_fn.append({"scripted": r})
+                samples.append({"prompt": e.row.prompt, "completion": str(j), "reward": r, "rewards": {"scripted": r}})
+        from mlxpt.decode.batch import GroupStats
+
+        return seqs, totals, per_fn, samples, GroupStats(), 0.0
+
+    return draws(), fake_scored
+
+
+def _spec(**grpo):
+    from mlxpt.train.rollouts import RolloutSpec
+
+    cfg = GRPOConfig()
+    for k, v in {"num_generations": 2, "beta": 0.0, **grpo}.items():
+        setattr(cfg.grpo, k, v)
+    return RolloutSpec(cfg, None, None, None, None, 0, grouped=False)
+
+
+@pytest.mark.parametrize(
+    ("rewards", "want", "most", "kept", "draws", "after"),
+    [
+        # prompts 0-1 alike, 2 unequal, 3 alike, 4-5 unequal: fills 2 groups at the second draw
+        ([[1, 1], [0, 0], [1, 0], [0, 0], [0, 1], [1, 0]], 2, 5, [2, 4], 3, 3),
+        # the first `want` unequal groups in data order; the rest of the draw is dropped
+        ([[1, 0], [0, 1], [1, 0], [0, 0]], 2, 5, [0, 1], 1, 1),
+        # at most `most` draws beyond the first: a short batch
+        ([[1, 1], [0, 0], [1, 1], [1, 0], [0, 1], [1, 0]], 2, 1, [3], 2, 2),
+    ],
+)
+def test_dynamic_sampling_fills_the_batch_with_unequal_groups(monkeypatch, rewards, want, most, kept, draws, after):
+    from mlxpt.train import rollouts
+
+    it, fake = _scripted_draws(rewards, per_draw=2)
+    monkeypatch.setattr(rollouts, "sample_scored", fake)
+    r = rollouts.sample_dynamic(_spec(), it, want, most)
+    inputs, targets, mask, adv, _, _ = r.batch
+    assert r.stats["prompt_tokens"] == [[1, 2, 10 + i] for i in kept]
+    assert (r.stats["draws"], r.stats["kept_groups"], r.stats["after"]) == (draws, len(kept), [0, after])
+    drawn = rewards[: 2 * draws]
+    assert r.stats["groups"] == len(drawn) and r.stats["zero_std"] == sum(a == b for a, b in drawn)
+    assert r.stats["rewards"] == [x for g in drawn for x in g]  # the report counts every sampled completion
+    assert inputs.shape[0] == 2 * len(kept) and mask.sum() > 0
+    expect = np.concatenate([group_advantages(np.array([rewards[i]], float))[0][0] for i in kept])
+    np.testing.assert_allclose(adv, expect)
+
+
+def test_dynamic_sampling_with_no_unequal_group_keeps_the_last_draw_masked(monkeypatch):
+    from mlxpt.train import rollouts
+
+    it, fake = _scripted_draws([[1, 1], [0, 0], [0, 0], [1, 1], [1, 1], [0, 0]], per_draw=2)
+    monkeypatch.setattr(rollouts, "sample_scored", fake)
+    r = rollouts.sample_dynamic(_spec(), it, 2, 1)
+    inputs, _, mask, adv, _, _ = r.batch
+    assert (r.stats["draws"], r.stats["kept_groups"], r.stats["after"]) == (2, 0, [0, 2])
+    assert r.stats["prompt_tokens"] == [[1, 2, 12], [1, 2, 13]] and inputs.shape[0] == 4
+    assert mask.sum() == 0 and not adv.any()  # nothing to learn, and nothing learned
+
+
+@pytest.fixture(scope="module")
+def half_flat_reward(tmp_path_factory):
+    """A reward that is the same for every completion of half the prompts (by their text)."""
+    f = tmp_path_factory.mktemp("rw") / "halfflat.py"
+    f.write_text(
+        "def halfflat(prompt, completion, **row):\n"
+        "    return 0.5 if sum(map(ord, prompt)) % 2 else (sum(map(ord, completion)) % 7) / 7\n"
+    )
+    return f
+
+
+@pytest.mark.parametrize(("mu", "reads", "saved_step"), [(1, 5, 2), (2, 7, 3)])
+def test_dynamic_sampling_runs_and_resumes_exactly(
+    tiny_dir, prompt_dir, tmp_path, half_flat_reward, mu, reads, saved_step
+):
+    """A run with dynamic sampling draws more batches than steps, trains each step on unequal
+    groups only, and a resume (between steps, or between the mu updates of a window, whose end
+    position comes from the checkpoint) equals the uninterrupted run."""
+    from mlxpt.train.grpo import run_grpo
+
+    kw = {"steps": 4, "num_iterations": mu, "batch_size": 2, "dynamic_sampling": 3, "beta": 0.0,
+          "rewards": f"{half_flat_reward}:halfflat"}  # fmt: skip
+    events = []
+    straight, _ = run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", half_flat_reward, **kw), emit=events.append)
+    steps = [e for e in events if e["event"] == "step"]
+    fills = [(e["kept_groups"], e["draws"]) for e in steps[::mu]]
+    # a full batch of unequal groups, or a short one after 1 + 3 draws; some draws were all alike
+    assert all(kept == 2 or draws == 4 for kept, draws in fills), fills
+    assert all(kept >= 1 for kept, _ in fills) and sum(d for _, d in fills) > len(fills), fills
+    assert all(e["zero_std_fraction"] > 0 for e in steps[::mu])
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", half_flat_reward, **kw)
+    part, outcome = run_grpo(cfg, stop=StopAfter(reads))
+    saved = _load_state(part)
+    assert outcome == "interrupted" and saved[1]["loop"]["step"] == saved_step
+    resumed, outcome = run_grpo(cfg, resume_dir=part)
+    assert outcome == "finished"
+    a, b = _load_state(straight), _load_state(resumed)
+    where = [(x[1]["loop"]["epoch"], x[1]["loop"]["batch_index"]) for x in (a, b)]
+    assert where[0] == where[1] > divmod(4 // mu, 4)  # past where 4 // mu single draws (4 a pass) end
+    for group in ("adapters", "optimizer", "rng"):
+        for k in a[0][group]:
+            np.testing.assert_allclose(a[0][group][k], b[0][group][k], rtol=0, atol=1e-6, err_msg=f"{group}/{k}")
+
+
+def test_dynamic_sampling_bad_settings(tiny_dir, prompt_dir, tmp_path, reward_file, monkeypatch, capsys):
+    from mlxpt.cli import main
+    from mlxpt.train import distributed
+    from mlxpt.train.grpo import check_config
+
+    rc = main(["train", "grpo", "--model", str(tiny_dir), "--data", str(prompt_dir), "--runs-dir",
+               str(tmp_path / "runs"), "--dynamic-sampling", "-1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert rc != 0 and "E505" in err and "dynamic_sampling" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+    monkeypatch.setattr(distributed, "size", lambda: 2)
+    with pytest.raises(ConfigError) as e:
+        check_config(cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, dynamic_sampling=2))
+    assert e.value.code == "E553"
+    check_config(cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file))  # off: fine on several ranks

@@ -302,6 +302,7 @@ def validate(cfg, source: str = "config") -> None:
         "epsilon": (lambda v: 0 < v < 1, "in (0, 1)"),
         "epsilon_high": (lambda v: v is None or v > 0, "> 0"),
         "num_iterations": (lambda v: v >= 1, ">= 1"),
+        "dynamic_sampling": (lambda v: v >= 0, ">= 0 (0: off)"),
         "max_reward_failure_rate": (lambda v: 0 <= v <= 1, "in [0, 1]"),
         "reward_timeout": (lambda v: v >= 0, ">= 0"),
         "log_completions_every": (lambda v: v >= 0, ">= 0"),
@@ -444,6 +445,11 @@ class GRPOSection:
         "group", "divide advantages by the reward std of the group, the batch, or not", ("group", "batch", "none")
     )
     skip_zero_std_groups: bool = opt(False, "leave out groups whose rewards are all equal (no learning signal)")
+    dynamic_sampling: int = opt(
+        0,
+        "DAPO's dynamic sampling: draw up to N more batches of prompts until batch_size groups have unequal "
+        "rewards, and train on those (0: off)",
+    )
     mask_truncated_completions: bool = opt(False, "no loss on completions cut at max_completion_length")
     plain_scoring: bool = opt(
         False, "run every completion's prompt through the model again when scoring (default: once per group)"

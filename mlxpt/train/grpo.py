@@ -18,6 +18,13 @@ Deviations and simplifications:
   truncated completions (max length) have none, and `mask_truncated_completions` drops them.
 - `skip_zero_std_groups` drops groups whose rewards are all equal (their advantages are 0, so
   they only dilute the normalisation); if every group is such, the batch keeps them, masked.
+- `dynamic_sampling` N (DAPO's dynamic sampling): a micro-batch keeps drawing the next batch of
+  prompts from the data plan, up to N draws beyond its first, until `batch_size` groups have
+  unequal rewards, and trains on the first `batch_size` of those (extra ones are dropped, as in
+  DAPO). A step then learns from a full batch of prompts when an easy or a hard stretch of data
+  would leave it a few; the data position moves by the batches drawn, so a step consumes a varying
+  number of prompts, and the checkpoint holds where the draws stopped. Each draw samples with the
+  keys of its own data position. One process only for now (E553).
 - Validation is greedy decoding of the held-out prompts scored by the same rewards (val_reward,
   val_accuracy), not a loss: a GRPO "loss" says little about progress.
 - A run started `--from` an earlier run (models/chaining.py) starts with that run's adapter, and
@@ -49,8 +56,8 @@ from mlxpt.errors import ConfigError, MlxptError
 from mlxpt.rewards import RewardGuard, parse_rewards
 from mlxpt.runs.atomic import append_jsonl
 from mlxpt.train import distributed
-from mlxpt.train.loop import MicroBatch, Task, iter_windows
-from mlxpt.train.rollouts import Rollout, RolloutSpec, sample_rollout, score
+from mlxpt.train.loop import MicroBatch, Task, iter_batches, iter_windows
+from mlxpt.train.rollouts import Rollout, RolloutSpec, sample_dynamic, sample_rollout, score
 from mlxpt.train.runner import Method, TaskContext, run_training
 
 SAMPLES_FILE = "samples.jsonl"
@@ -74,6 +81,13 @@ def check_config(cfg: GRPOConfig) -> None:
             "full fine-tuning has no adapter to switch off for the KL reference",
             "beta",
             "use lora/dora or --beta 0",
+        )
+    if g.dynamic_sampling and distributed.size() > 1:
+        raise ConfigError(
+            "E553",
+            "dynamic sampling does not run on several ranks yet (each draw's groups would have to be agreed over ranks)",
+            "dynamic_sampling",
+            "run it as one process, or drop --dynamic-sampling (--skip-zero-std-groups works on several ranks)",
         )
     check_rewards(g)
 
@@ -233,6 +247,9 @@ class GRPOTask:
             vals = [sc[name] for s in w for sc in s["per_fn"] if sc[name] is not None]
             out[f"reward/{name}"] = float(np.mean(vals)) if vals else None
             out[f"reward_std/{name}"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
+        if self.g.dynamic_sampling:  # batches of prompts drawn, groups trained on
+            out["draws"] = sum(s["draws"] for s in w)
+            out["kept_groups"] = sum(s["kept_groups"] for s in w)
         out.update(distributed.rollout_stats(w, self.guard.names))  # every rank's groups
         fails = self.guard.failure_counts()
         if any(fails.values()):
@@ -292,6 +309,9 @@ def iter_rollouts(
     `progress(step, k, n, prompts)` before each micro-batch of this session's first window is sampled."""
     cfg = spec.cfg
     g, t = cfg.grpo, cfg.train
+    if g.dynamic_sampling:
+        yield from iter_dynamic_rollouts(spec, train, state, window, where, progress)
+        return
     mu = max(1, g.num_iterations)
     lengths = [len(e.tokens) + g.max_completion_length for e in train]
     start, repeat = (state.epoch, state.batch_index), state.repeat_index
@@ -314,6 +334,52 @@ def iter_rollouts(
                 position = (*after, 0) if r == mu - 1 else (*start, r + 1)
                 yield MicroBatch(rollout.batch, tokens, k == len(groups) - 1, position)
         start, repeat, first = after, 0, False
+
+
+def iter_dynamic_rollouts(
+    spec: RolloutSpec, train: list, state, window: list[Rollout], where: str = "checkpoint", progress=None
+):
+    """`iter_rollouts` with dynamic sampling: each of a window's `grad_accum` micro-batches draws
+    batches of prompts from the data plan until it holds `batch_size` groups with unequal rewards
+    (`rollouts.sample_dynamic`), so the window ends where its last draw stopped; the rollouts
+    record it, and a run resumed between a window's mu updates reads it from the checkpoint's."""
+    cfg = spec.cfg
+    g, t = cfg.grpo, cfg.train
+    mu = max(1, g.num_iterations)
+    lengths = [len(e.tokens) + g.max_completion_length for e in train]
+    start, repeat = (state.epoch, state.batch_index), state.repeat_index
+    first = True
+    while True:
+        if repeat == 0:
+            window.clear()
+            draws = _draws(train, lengths, cfg.data.batch_size, t.seed, start)
+        elif len(window) != t.grad_accum or any("after" not in r.stats for r in window):
+            raise ConfigError(
+                "E552",
+                "the checkpoint's saved rollouts are not those of a dynamic-sampling window of this run",
+                str(where),
+                "resume with the run's own data and settings",
+            )
+        for r in range(repeat, mu):
+            for k in range(t.grad_accum):
+                if r == 0:
+                    if first and progress is not None:
+                        progress(state.step + 1, k + 1, t.grad_accum, cfg.data.batch_size)
+                    window.append(sample_dynamic(spec, draws, cfg.data.batch_size, g.dynamic_sampling))
+                rollout = window[k]
+                last = k == t.grad_accum - 1
+                position = (*rollout.stats["after"], 0) if r == mu - 1 else (*start, r + 1)
+                yield MicroBatch(rollout.batch, rollout.stats["seq_tokens"], last, position)
+        start, repeat, first = tuple(window[-1].stats["after"]), 0, False
+
+
+def _draws(train: list, lengths: list[int], batch_size: int, seed: int, start: tuple[int, int]):
+    """(prompts, their sampling keys, data position after them) of each batch of the data plan
+    from `start` on: a draw samples as the first micro-batch of a window at its position would."""
+    from mlxpt.decode.sampling import row_key
+
+    for epoch, i, idx in iter_batches(lengths, batch_size, seed, *start):
+        yield [train[j] for j in idx], [row_key(seed, epoch, i, 0, j) for j in idx], (epoch, i + 1)
 
 
 def sample_keys(seed: int, start: tuple[int, int], k: int, idx: list[int]) -> list[int]:

@@ -11,7 +11,7 @@ whichever rank samples it and whatever prompts share its batch. What a window ke
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -111,37 +111,89 @@ def sample_scored(spec: RolloutSpec, examples: list[PromptExample], G: int, keys
 
 def sample_rollout(spec: RolloutSpec, examples: list[PromptExample], keys: list[int] | None = None) -> Rollout:
     """Sample, score and batch one micro-batch of prompts (`keys`: one sampling key per prompt)."""
-    g, G = spec.cfg.grpo, spec.cfg.grpo.num_generations
+    G = spec.cfg.grpo.num_generations
     seqs, totals, per_fn, samples, gs, t_gen = sample_scored(spec, examples, G, keys)
     rewards = np.array(totals, dtype=np.float64).reshape(len(examples), G)  # a float32 cast could overflow
+    batch, seq_tokens, zero = _batch(spec, examples, seqs, rewards, spec.cfg.grpo.skip_zero_std_groups)
+    stats = _stats(seqs, totals, per_fn, samples[:G], gs.generated_tokens, t_gen, int(zero.sum()), len(examples))
+    return Rollout(batch, {**stats, "seq_tokens": seq_tokens, "prompt_tokens": [list(e.tokens) for e in examples]})
+
+
+def sample_dynamic(spec: RolloutSpec, draws: Iterator[tuple], want: int, most: int) -> Rollout:
+    """DAPO's dynamic sampling: sample the next draw of prompts (`draws` yields (examples, keys,
+    data position after them)) until `want` groups have unequal rewards or `most` draws beyond
+    the first are spent; train on the first `want` such groups, in data order. If no group had
+    any, the last draw's groups are kept with a zero loss weight (as `skip_zero_std_groups` does).
+    The step report counts every drawn group; `draws` and `after` (the data position once done)
+    are in the stats."""
+    G = spec.cfg.grpo.num_generations
+    kept: list[tuple] = []  # (example, its G seqs, its rewards)
+    seqs_all, totals_all, fn_all, samples_all = [], [], [], []
+    gen_tokens = n_zero = n_groups = 0
+    seconds = 0.0
+    for n, (examples, keys, end) in enumerate(draws, 1):
+        after = end  # where the data stands once this draw is taken
+        seqs, totals, per_fn, samples, gs, t_gen = sample_scored(spec, examples, G, keys)
+        rewards = np.array(totals, dtype=np.float64).reshape(len(examples), G)
+        zero = group_advantages(rewards)[1]
+        seqs_all += seqs
+        totals_all += totals
+        fn_all += per_fn
+        samples_all += samples
+        gen_tokens, seconds = gen_tokens + gs.generated_tokens, seconds + t_gen
+        n_zero, n_groups = n_zero + int(zero.sum()), n_groups + len(examples)
+        for j in np.flatnonzero(~zero)[: max(0, want - len(kept))]:
+            kept.append((examples[j], seqs[j * G : (j + 1) * G], rewards[j]))
+        if len(kept) >= want or n > most:
+            break
+    if kept:
+        examples = [e for e, _, _ in kept]
+        seqs = [s for _, group, _ in kept for s in group]
+        rewards = np.stack([r for _, _, r in kept])
+    batch, seq_tokens, _ = _batch(spec, examples, seqs, rewards, skip=True)
+    stats = _stats(seqs_all, totals_all, fn_all, samples_all[:G], gen_tokens, seconds, n_zero, n_groups)
+    return Rollout(batch, {
+        **stats, "seq_tokens": seq_tokens, "prompt_tokens": [list(e.tokens) for e in examples],
+        "draws": n, "kept_groups": len(kept), "after": list(after),
+    })  # fmt: skip
+
+
+def _stats(seqs, totals, per_fn, samples, gen_tokens: int, seconds: float, zero: int, groups: int) -> dict:
+    """The step report's numbers of every sampled completion (grpo.py's `report`)."""
+    return {
+        "rewards": totals,
+        "per_fn": per_fn,
+        "zero_std": zero,
+        "groups": groups,
+        "lengths": [len(ids) for _, ids, _ in seqs],
+        "truncated": sum(t for _, _, t in seqs),
+        "gen_s": seconds,
+        "gen_tokens": gen_tokens,
+        "samples": samples,  # the first prompt's group
+    }
+
+
+def _batch(spec: RolloutSpec, examples, seqs, rewards: np.ndarray, skip: bool) -> tuple[tuple, int, np.ndarray]:
+    """(the objective's arrays, trained sequence tokens, zero-std flag per group) of scored
+    groups: group-relative advantages; with `skip`, groups whose rewards are all equal are left
+    out (all of them kept with a zero loss weight when every group is such)."""
+    g, G = spec.cfg.grpo, spec.cfg.grpo.num_generations
     adv, zero = group_advantages(rewards, g.scale_rewards)
     keep = np.ones(len(seqs), bool)
-    if g.skip_zero_std_groups and zero.any() and not zero.all():
+    if skip and zero.any() and not zero.all():
         keep = ~np.repeat(zero, G)
     rows = []
     for i, (e, ids, truncated) in enumerate(seqs):
         if not keep[i]:
             continue
-        train = not (truncated and g.mask_truncated_completions) and not (zero.all() and g.skip_zero_std_groups)
+        train = not (truncated and g.mask_truncated_completions) and not (zero.all() and skip)
         rows.append(Example(list(e.tokens) + ids, [0] * len(e.tokens) + [int(train)] * len(ids), e.row.where))
     arrays, mask = _arrays(spec, examples, seqs, rows, keep)
     empty = np.zeros((0,), np.float32)
     old = spec.backend.token_logps(*arrays).astype(np.float32) if g.num_iterations > 1 else empty
     ref = spec.backend.token_logps(*arrays, reference=True).astype(np.float32) if g.beta > 0 else empty
-    stats = {
-        "rewards": totals,
-        "per_fn": per_fn,
-        "zero_std": int(zero.sum()),
-        "groups": len(examples),
-        "lengths": [len(ids) for _, ids, _ in seqs],
-        "truncated": sum(t for _, _, t in seqs),
-        "gen_s": t_gen,
-        "gen_tokens": gs.generated_tokens,
-        "seq_tokens": int(sum(len(r.tokens) for r in rows)),
-        "samples": samples[:G],
-        "prompt_tokens": [list(e.tokens) for e in examples],
-    }
-    return Rollout((*arrays, mask, adv.reshape(-1)[keep], old, ref), stats)
+    seq_tokens = int(sum(len(r.tokens) for r in rows))
+    return (*arrays, mask, adv.reshape(-1)[keep], old, ref), seq_tokens, zero
 
 
 def _arrays(spec: RolloutSpec, examples, seqs, rows, keep) -> tuple[tuple, np.ndarray]:
