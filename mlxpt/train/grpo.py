@@ -376,10 +376,8 @@ def iter_dynamic_rollouts(
 def _draws(train: list, lengths: list[int], batch_size: int, seed: int, start: tuple[int, int]):
     """(prompts, their sampling keys, data position after them) of each batch of the data plan
     from `start` on: a draw samples as the first micro-batch of a window at its position would."""
-    from mlxpt.decode.sampling import row_key
-
     for epoch, i, idx in iter_batches(lengths, batch_size, seed, *start):
-        yield [train[j] for j in idx], [row_key(seed, epoch, i, 0, j) for j in idx], (epoch, i + 1)
+        yield [train[j] for j in idx], sample_keys(seed, (epoch, i), 0, idx), (epoch, i + 1)
 
 
 def sample_keys(seed: int, start: tuple[int, int], k: int, idx: list[int]) -> list[int]:
