@@ -683,3 +683,19 @@ def test_dynamic_sampling_bad_settings(tiny_dir, prompt_dir, tmp_path, reward_fi
         check_config(cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, dynamic_sampling=2))
     assert e.value.code == "E553"
     check_config(cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file))  # off: fine on several ranks
+
+
+def test_dynamic_sampling_resume_refuses_a_plain_window(tiny_dir, prompt_dir, tmp_path, reward_file):
+    """Rollouts saved half way through a plain window hold no end position for dynamic sampling:
+    resuming them with --dynamic-sampling is refused (E552) and leaves the checkpoint usable."""
+    from mlxpt.train.grpo import run_grpo
+
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, steps=4, num_iterations=2)
+    part, outcome = run_grpo(cfg, stop=StopAfter(7))  # keeps step 3, the first update of window 2
+    assert outcome == "interrupted" and "task" in _load_state(part)[0]
+    dynamic = cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, steps=4, num_iterations=2, dynamic_sampling=2)
+    with pytest.raises(ConfigError) as e:
+        run_grpo(dynamic, resume_dir=part)
+    assert e.value.code == "E552" and "dynamic-sampling" in e.value.line()
+    resumed, outcome = run_grpo(cfg, resume_dir=part)
+    assert outcome == "finished"
