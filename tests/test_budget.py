@@ -19,6 +19,7 @@ from mlxpt.decode.budget import (
     agreement,
     build_table,
     builtin_choice,
+    check_not_test_set,
     choose,
     expected_tokens,
     load_table,
@@ -26,6 +27,7 @@ from mlxpt.decode.budget import (
 )
 from mlxpt.decode.strategies import STRATEGIES, run_strategy
 from mlxpt.errors import ConfigError
+from mlxpt.runs.atomic import sha256_file
 
 ROW = {"messages": [{"role": "user", "content": "Q?"}], "answer": "8"}
 
@@ -304,6 +306,89 @@ def test_build_table_buckets_prompts_and_averages_cells(tmp_path):
         build_table(_details([(["8"], {"greedy@1": (True, 6)})]), 2, who, {}, {})
 
 
+def _pool_sets():
+    """Two calibration sets' records (the second has a bucket the first lacks)."""
+    a = _details(
+        [
+            (["8", "8", "8", "8"], {"greedy@1": (True, 6), "self-consistency@4": (True, 40)}),
+            (["7", "8", "8", "8"], {"greedy@1": (False, 8), "self-consistency@4": (True, 44)}),
+            (["7", "7", "9", "7"], {"greedy@1": (False, 10), "self-consistency@4": (False, 40)}),
+        ]
+    )
+    b = _details(
+        [
+            (["8", "8", "7", "8"], {"greedy@1": (True, 5), "self-consistency@4": (True, 36)}),
+            ([None, None, "8", "8"], {"greedy@1": (True, 12), "self-consistency@4": (True, 48)}),
+        ]
+    )
+    b[1]["pool"]["tokens"] = [30, 2, 10, 10]
+    return a, b
+
+
+def _saved(path, table):
+    path.write_text(json.dumps(table.to_json()))
+    return path
+
+
+def test_pooled_tables_equal_one_calibration_over_the_union(tmp_path):
+    a, b = _pool_sets()
+    who = {"model": "m", "adapter": None, "adapter_sha256": None}
+    settings = {"temperature": 0.7, "max_tokens": 9}
+    ta = build_table(a, 2, who, {"path": "a.jsonl", "sha256": "aa", "rows": 3}, settings)
+    tb = build_table(b, 2, who, {"path": "b.jsonl", "sha256": "bb", "rows": 2}, settings)
+    union = build_table(a + b, 2, who, {}, settings)
+    pa, pb = _saved(tmp_path / "a.json", ta), _saved(tmp_path / "b.json", tb)
+    pooled = load_table([str(pa), str(pb)], model="m")
+    assert set(pooled.buckets) == set(union.buckets) == {"0/2", "1/2", "2/2", "all"}
+    for name, want in union.buckets.items():
+        got = pooled.buckets[name]
+        assert got.prompts == want.prompts and got.probe_tokens == pytest.approx(want.probe_tokens)
+        assert set(got.cells) == set(want.cells)
+        for key, c in want.cells.items():
+            assert got.cells[key].accuracy == pytest.approx(c.accuracy), (name, key)
+            assert got.cells[key].tokens == pytest.approx(c.tokens), (name, key)
+    assert pooled.data["rows"] == 5 and [p["sha256"] for p in pooled.data["parts"]] == ["aa", "bb"]
+    assert choose(pooled, "1/2", 20, 100).key == choose(union, "1/2", 20, 100).key
+    # a pooled table is refused on the data of any of its parts
+    for part, text in (("a", "A"), ("b", "B")):
+        (tmp_path / f"{part}.jsonl").write_text(text)
+    pooled.data["parts"][1]["sha256"] = sha256_file(tmp_path / "b.jsonl")
+    check_not_test_set(pooled, "pooled", [tmp_path / "a.jsonl"])
+    with pytest.raises(ConfigError, match="E656"):
+        check_not_test_set(pooled, "pooled", [tmp_path / "a.jsonl", tmp_path / "b.jsonl"])
+    # pooling three: a pooled table's parts are checked as well
+    tc = build_table(b[:1], 2, who, {"path": "c.jsonl", "sha256": "cc", "rows": 1}, settings)
+    three = load_table([str(pa), str(pb), str(_saved(tmp_path / "c.json", tc))])
+    assert three.buckets["all"].prompts == 6 and three.data["rows"] == 6
+
+
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda t: setattr(t, "probe", 4), "probe 4"),
+        (lambda t: t.settings.update(temperature=1.0), "temperature 1.0"),
+        (lambda t: setattr(t, "adapter_sha256", "other"), "another model or adapter"),
+        (lambda t: setattr(t, "model", "other"), "another model or adapter"),
+        (lambda t: t.buckets["all"].cells.pop("greedy@1"), "greedy@1"),
+        (lambda t: t.data.update(sha256="aa"), "same calibration set (a.jsonl)"),
+    ],
+)
+def test_tables_that_cannot_be_pooled_are_refused_with_one_line(tmp_path, edit, says):
+    a, b = _pool_sets()
+    who = {"model": "m", "adapter": "/r", "adapter_sha256": "s"}
+    settings = {"temperature": 0.7}
+    ta = build_table(a, 2, who, {"path": "a.jsonl", "sha256": "aa", "rows": 3}, dict(settings))
+    tb = build_table(b, 2, who, {"path": "b.jsonl", "sha256": "bb", "rows": 2}, dict(settings))
+    edit(tb)
+    pa, pb = _saved(tmp_path / "a.json", ta), _saved(tmp_path / "b.json", tb)
+    with pytest.raises(ConfigError) as e:
+        load_table([str(pa), str(pb)])
+    line = e.value.line()
+    assert e.value.code == "E659" and says in line and str(pb) in line and "\n" not in line, line
+    with pytest.raises(ConfigError, match="given twice"):
+        load_table([str(pa), str(tmp_path / "." / "a.json")])
+
+
 GOOD = {
     "kind": "mlxpt-calibration", "version": 1, "probe": 2, "model": "m", "adapter": None,
     "buckets": {"all": {"prompts": 3, "probe_tokens": 20.0,
@@ -437,6 +522,45 @@ def test_eval_auto_with_a_mean_budget_prints_and_follows_its_plan(base, calibrat
             assert c["rule"] == "table-mean" and c["chose"] == chosen[c["bucket"]].key
         else:  # a bucket the calibration prompts never reached: chosen for per prompt
             assert c["rule"] == "table"
+
+
+def test_eval_and_chat_pool_several_tables(base, calibrated, tmp_path, monkeypatch, capsys):
+    d, valid, test, cal = calibrated
+    more = _write(tmp_path / "more.jsonl", [{"prompt": "5?", "answer": "5"}, {"prompt": "6+1?", "answer": "7"}])
+    cal2 = tmp_path / "cal2.json"
+    argv = ["eval", "--model", str(base), "--data", str(more), "--strategies", "greedy,self-consistency",
+            "--n", "1,2,4", "--max-tokens", "4", "--out", str(tmp_path / "more-res.json"), "--calibrate", str(cal2)]  # fmt: skip
+    assert main(argv) == 0
+    pooled = load_table([str(cal), str(cal2)], model=str(base))
+    assert pooled.buckets["all"].prompts == 5 and pooled.data["rows"] == 5
+    out = tmp_path / "auto.json"
+    argv = ["eval", "--model", str(base), "--data", str(test), "--strategies", "auto", "--budget", "40",
+            "--budget-mode", "mean", "--calibration", str(cal), str(cal2), "--max-tokens", "4", "--out", str(out)]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    capsys.readouterr()
+    doc = json.loads(out.read_text())
+    assert doc["config"]["calibration"] == [str(cal), str(cal2)]
+    chosen = plan(pooled, 40)
+    for c in doc["auto_choices"]["base"]:
+        if c["bucket"] in chosen:
+            assert c["chose"] == chosen[c["bucket"]].key
+    # evaluating either table's calibration set is refused, and an output may not be a table
+    for data, o, code in ((more, tmp_path / "leak.json", "E656"), (test, cal2, "E")):
+        bad = [*argv]
+        bad[bad.index(str(test))], bad[bad.index(str(out))] = str(data), str(o)
+        before = cal2.read_bytes()
+        assert main(bad) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and code in err[0], err
+        assert not (tmp_path / "leak.json").exists() and cal2.read_bytes() == before
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello\n"))
+    argv = ["chat", "--model", str(base), "--strategy", "auto", "--budget", "30", "--calibration", str(cal),
+            str(cal2), "--max-tokens", "4"]  # fmt: skip
+    assert main(argv) == 0
+    assert "auto (table):" in capsys.readouterr().err
+    assert main([*argv[:-2], str(cal), "--max-tokens", "4"]) == 1
+    assert "E659" in capsys.readouterr().err
 
 
 def test_tokens_series_and_chart():

@@ -81,8 +81,9 @@ def register(subparsers) -> None:
     g = p.add_argument_group("compute-optimal scaling (docs/compute-optimal.md)")
     g.add_argument("--budget", default=None, help="auto: generated tokens per prompt, comma list (e.g. 200,400,800)")
     g.add_argument(
-        "--calibration", default=None, help="auto: calibration table from --calibrate (default: built-in rule)"
-    )
+        "--calibration", nargs="+", metavar="TABLE", default=None,
+        help="auto: calibration table(s) from --calibrate; several are pooled (default: built-in rule)",
+    )  # fmt: skip
     g.add_argument(
         "--calibrate", metavar="OUT.json", default=None, help="write a calibration table for auto from this evaluation"
     )
@@ -255,6 +256,7 @@ def run(args) -> int:
         model_ref,
         progress_printer,
     )
+    from mlxpt.decode.budget import table_paths
     from mlxpt.decode.evaluate import check_config, evaluate, read_rows
     from mlxpt.decode.plot import TOKENS_AXIS, terminal_chart, token_ticks, write_png
     from mlxpt.runs.atomic import atomic_write_json
@@ -276,8 +278,8 @@ def run(args) -> int:
     for path, flag in zip(outputs, ("--out", "--plot", "--plot", "--calibrate"), strict=False):
         check_writable(path, flag)  # before the evaluation: a result is never lost to a bad path
     inputs = {f"eval data {p}": p for p in data_paths(args)}
-    if cfg.calibration:
-        inputs["calibration table"] = Path(cfg.calibration)
+    for table_path in table_paths(cfg.calibration):
+        inputs[f"calibration table {table_path}"] = Path(table_path)
     for path in outputs:  # never one of its own inputs
         check_output(path, inputs, "eval", existing=False)
     if calibrate is not None:
@@ -310,9 +312,15 @@ def run(args) -> int:
         from mlxpt.decode.budget import check_identity, check_not_test_set, load_table
 
         cal = load_table(cfg.calibration)
+        where = ", ".join(table_paths(cfg.calibration))
         for _, adapter in runs:
-            check_identity(cal, cfg.calibration, model_ref(args.model, adapter), adapter)
-        check_not_test_set(cal, cfg.calibration, paths)
+            check_identity(cal, where, model_ref(args.model, adapter), adapter)
+        check_not_test_set(cal, where, paths)
+        if len(table_paths(cfg.calibration)) > 1:
+            print(
+                f"calibration: {len(table_paths(cfg.calibration))} tables pooled, "
+                f"{cal.buckets['all'].prompts} prompts", file=sys.stderr,
+            )  # fmt: skip
         if cfg.budget_mode == "mean":
             for b in cfg.budgets:
                 print(plan_text(cal, b))
@@ -402,7 +410,13 @@ def _write_calibration(path: Path, args, cfg, details: list, data: str, rows: in
     from mlxpt.runs.atomic import atomic_write_json, sha256_file
 
     who = identity(model_ref(args.model, args.adapter), args.adapter)
+    from dataclasses import asdict
+
+    from mlxpt.decode.options import STEP_STRATEGIES
+
     settings = {k: getattr(cfg, k) for k in ("max_tokens", "temperature", "top_p", "scorer", "extract", "weighting")}
+    if any(s in STEP_STRATEGIES for s in cfg.strategies):  # what a step-beam or tree cell means
+        settings["search"] = asdict(cfg.search)
     table = build_table(
         details, cfg.probe, who, {"path": str(data), "sha256": sha256_file(data), "rows": rows}, settings
     )

@@ -158,7 +158,10 @@ def add_strategy_args(p) -> None:
     add_search_args(p)
     g = p.add_argument_group("compute-optimal scaling (--strategy auto; docs/compute-optimal.md)")
     g.add_argument("--budget", default=None, help="auto: generated tokens per answer")
-    g.add_argument("--calibration", default=None, help="auto: table from `mlxpt eval --calibrate` (default: built-in)")
+    g.add_argument(
+        "--calibration", nargs="+", metavar="TABLE", default=None,
+        help="auto: table(s) from `mlxpt eval --calibrate`; several are pooled (default: built-in)",
+    )  # fmt: skip
 
 
 def add_search_args(p) -> None:

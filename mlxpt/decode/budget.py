@@ -12,7 +12,9 @@ The choice reads a calibration table that `mlxpt eval --calibrate OUT.json` writ
 calibration set (never the test set): per bucket and cell (`strategy@N`), the accuracy and mean
 generated tokens measured there, and the probe's mean tokens. The chooser takes the most accurate
 cell whose expected tokens fit the budget, the cheaper on equal accuracy; when nothing fits, the
-probe's own vote (no more tokens). A bucket's accuracies are shrunk toward the same cell's in
+probe's own vote (no more tokens). Several tables of one model, adapter, probe and settings,
+measured on separate calibration sets, pool into one (`--calibration A.json B.json`,
+`merge_tables`), as if calibrated on the union of their sets. A bucket's accuracies are shrunk toward the same cell's in
 the `all` row, as if the bucket had `SHRINK_PROMPTS` more prompts scoring the overall rate
 (empirical Bayes): a bucket of 3 calibration prompts, where most cells tie, then ranks its cells
 mostly by how they did overall instead of taking the cheapest of the tie. A budget below the
@@ -360,9 +362,97 @@ def _number(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0
 
 
+def table_paths(calibration) -> list[str]:
+    """The table paths of a `--calibration` value: one path, or a list of them (pooled)."""
+    if calibration is None:
+        return []
+    if isinstance(calibration, (list, tuple)):
+        return [str(c) for c in calibration]
+    return [str(calibration)]
+
+
 def load_table(path, model: str | None = None, adapter: str | None = None) -> CalibrationTable:
     """Read and check a calibration table; with `model` (and `adapter`), refuse a table measured on
-    another model or adapter (E653). E652 for a missing, unreadable or malformed file."""
+    another model or adapter (E653). E652 for a missing, unreadable or malformed file. A list of
+    paths reads each and pools them (`merge_tables`)."""
+    paths = table_paths(path)
+    if len(paths) != 1:
+        if not paths:
+            raise ConfigError("E652", "no calibration table given", "--calibration", "give one or more table paths")
+        seen = [Path(q).resolve() for q in paths]
+        for i, q in enumerate(seen):
+            if q in seen[:i]:
+                raise ConfigError(
+                    "E659", "calibration tables cannot be pooled: this table is given twice", paths[i],
+                    "give each table once",
+                )  # fmt: skip
+        tables = [load_table(q) for q in paths]
+        table = merge_tables(tables, paths)
+        if model is not None:
+            check_identity(table, ", ".join(paths), model, adapter)
+        return table
+    return _load_one(paths[0], model, adapter)
+
+
+def merge_tables(tables: list[CalibrationTable], paths: list[str]) -> CalibrationTable:
+    """One table from several measured on separate calibration sets with the same model, adapter,
+    probe, settings and cells: each bucket's prompts add up and its cells' accuracies and tokens
+    (and the probe's tokens) are the means over all of them, exactly what one calibration over the
+    union of the sets writes. E659 when the tables cannot be pooled (the field is named)."""
+
+    def refuse(i: int, what: str, fix: str) -> ConfigError:
+        return ConfigError("E659", f"calibration tables cannot be pooled: {what}", paths[i], fix)
+
+    first = tables[0]
+    same_run = "calibrate each set with the same model, adapter, --probe, sampling flags and --strategies/--n"
+    shas = {}
+    for i, t in enumerate(tables):
+        if t.probe != first.probe:
+            raise refuse(i, f"probe {t.probe}, not {first.probe} as in {paths[0]}", same_run)
+        if t.model != first.model or (t.adapter_sha256 or t.adapter) != (first.adapter_sha256 or first.adapter):
+            raise refuse(i, f"measured on another model or adapter than {paths[0]}", same_run)
+        for key in sorted(set(t.settings) & set(first.settings)):
+            if t.settings[key] != first.settings[key]:
+                raise refuse(
+                    i, f"{key} {t.settings[key]!r}, not {first.settings[key]!r} as in {paths[0]}", same_run
+                )  # fmt: skip
+        if set(t.buckets["all"].cells) != set(first.buckets["all"].cells):
+            odd = sorted(set(t.buckets["all"].cells) ^ set(first.buckets["all"].cells))
+            raise refuse(i, f"cells {', '.join(odd)} are not in both it and {paths[0]}", same_run)
+        for part in t.data.get("parts", [t.data]):
+            sha = part.get("sha256")
+            if sha and sha in shas:
+                raise refuse(
+                    i, f"measured on the same calibration set ({shas[sha][1]}) as {shas[sha][0]}",
+                    "pool tables of separate calibration sets, each once",
+                )  # fmt: skip
+            if sha:
+                shas[sha] = (paths[i], part.get("path"))
+    buckets: dict[str, Bucket] = {}
+    names = list(dict.fromkeys(name for t in tables for name in t.buckets))
+    for name in sorted(names, key=lambda n: (n == "all", n)):
+        rows = [t.buckets[name] for t in tables if name in t.buckets]
+        total = sum(b.prompts for b in rows)
+        w = [b.prompts / total if total else 1 / len(rows) for b in rows]
+        cells = {}
+        for key, c in rows[0].cells.items():
+            got = [b.cells[key] for b in rows if key in b.cells]
+            ws = [wi for wi, b in zip(w, rows, strict=True) if key in b.cells]
+            norm = sum(ws) or 1.0
+            acc = sum(wi * g.accuracy for wi, g in zip(ws, got, strict=True)) / norm
+            tok = sum(wi * g.tokens for wi, g in zip(ws, got, strict=True)) / norm
+            cells[key] = Cell(c.strategy, c.n, acc, tok)
+        probe_tokens = sum(wi * b.probe_tokens for wi, b in zip(w, rows, strict=True))
+        buckets[name] = Bucket(total, probe_tokens, cells)
+    parts = [p for t in tables for p in t.data.get("parts", [t.data])]
+    data = {"parts": parts, "rows": sum(p.get("rows") or 0 for p in parts)}
+    settings = {k: v for t in reversed(tables) for k, v in t.settings.items()}
+    return CalibrationTable(
+        first.probe, buckets, first.model, first.adapter, first.adapter_sha256, data, settings
+    )  # fmt: skip
+
+
+def _load_one(path, model: str | None = None, adapter: str | None = None) -> CalibrationTable:
     p = Path(path)
     try:
         obj = json.loads(p.read_text(encoding="utf-8"))
@@ -448,9 +538,9 @@ def check_not_test_set(table: CalibrationTable, path, data_paths: list) -> None:
     """E656 when the table was measured on one of the data sets being evaluated."""
     from mlxpt.runs.atomic import sha256_file
 
-    sha = table.data.get("sha256")
+    shas = {part.get("sha256") for part in table.data.get("parts", [table.data])} - {None}
     for d in data_paths:
-        if sha and Path(d).is_file() and sha256_file(d) == sha:
+        if shas and Path(d).is_file() and sha256_file(d) in shas:
             raise ConfigError(
                 "E656", f"the calibration table was measured on the evaluated data {d}", str(path),
                 "calibrate on a separate set (e.g. the validation split), never the test set",

@@ -58,7 +58,7 @@ class EvalConfig:
     independent: bool = False  # run each (strategy, N) on its own instead of sharing a pool
     greedy_batch: int = 16  # greedy alone: prompts decoded together (1: one by one, streamed)
     budgets: tuple[int, ...] = ()  # auto: generated-token budgets per prompt, one cell each
-    calibration: object = None  # auto: calibration table path or budget.CalibrationTable (None: built-in rule)
+    calibration: object = None  # auto: table path(s; several are pooled) or a budget.CalibrationTable
     probe: int = 2  # --calibrate: probe samples that bucket a prompt's difficulty (budget.py)
     budget_mode: str = "prompt"  # auto: --budget bounds each prompt's expected tokens, or (mean) their mean
     search: SearchConfig = field(default_factory=SearchConfig)  # step-beam / tree (N: the beam width)

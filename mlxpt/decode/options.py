@@ -75,7 +75,7 @@ class DecodeConfig:
     stop_strings: tuple[str, ...] = ()  # batched samples end at the first of these
     search: SearchConfig = field(default_factory=SearchConfig)  # step-beam, tree: step-level search
     budget: int | None = None  # auto: generated tokens per prompt (budget.py)
-    calibration: object = None  # auto: a calibration table path or budget.CalibrationTable (None: built-in rule)
+    calibration: object = None  # auto: table path(s; several are pooled) or a budget.CalibrationTable
     budget_mode: str = "prompt"  # auto: the budget bounds each prompt's expected tokens, or (mean) their mean
 
     @property
