@@ -256,6 +256,37 @@ def test_grpo_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
     assert_same(runs[1], run)
 
 
+def test_grpo_two_ranks_resume_between_the_updates_of_a_window(tiny_dir, tmp_path):
+    """mu = 2: step 3 is saved between the two updates of the window of steps 3-4, whose sampled
+    completions both ranks reuse. The checkpoint holds every rank's share, so a resume there on 2
+    ranks equals 1 rank's straight run; on another number of ranks it is refused (E554) and
+    stays usable."""
+    import tiny
+
+    (tmp_path / "prompts").mkdir()
+    prompts = tiny.write_prompt_dir(tmp_path / "prompts", train=(8, 1), test=(4, 2))
+    (tmp_path / "rules.py").write_text(REWARD)
+    kw = {"rewards": f"{tmp_path / 'rules.py'}:even", "num_generations": 4, "max_completion_length": 8,
+          "eval_batches": 0, "learning_rate": 1e-3, "num_iterations": 2}  # fmt: skip
+    runs = {}
+    for n in (1, 2):
+        p = train(["grpo", *flags(tiny_dir, prompts, tmp_path / f"r{n}", **kw)], n)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[n] = the_run(tmp_path / f"r{n}")
+    assert_same(runs[1], runs[2])
+    for n, other in ((2, 1), (1, 2)):  # a window sampled on n ranks, resumed on the other number
+        run = cut_back(runs[n], tmp_path / f"cut{n}", 3)
+        before = state(run)
+        p = train(["--resume", str(run), "--events", "json"], other)
+        assert p.returncode == 1, p.stderr[-2000:]
+        assert "E554" in p.stderr and f"resume it on {n} rank(s)" in p.stderr, p.stderr[-2000:]
+        assert state(run)["step"] == 3 and all(np.array_equal(before[k], v) for k, v in state(run).items())
+    run = tmp_path / "cut2"
+    p = train(["--resume", str(run), "--events", "json"], 2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert_same(runs[1], run)
+
+
 def test_rft_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
     """A round's chunks (2 prompts each: 3 chunks) are sampled in waves over the ranks and
     gathered; rank 0 alone writes the round files. Every sample accepted, one kept a prompt, 5 of

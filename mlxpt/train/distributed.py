@@ -107,6 +107,10 @@ def size() -> int:
     return WORLD.size
 
 
+def rank() -> int:
+    return WORLD.rank
+
+
 def shard(indices: list[int]) -> list[int]:
     """This rank's contiguous part of one micro-batch of the global plan (all of it on one rank)."""
     n, r, w = len(indices), WORLD.rank, WORLD.size
@@ -239,6 +243,26 @@ def gather_texts(text: str) -> list[str]:
     buf[: raw.size] = raw
     every = np.array(_all_gather(mx.array(buf))).reshape(WORLD.size, -1)
     return [bytes(every[r, : int(sizes[r])]).decode() for r in range(WORLD.size)]
+
+
+def gather_parts(arrays: tuple, meta: dict) -> list[tuple[tuple, dict]]:
+    """Every rank's (numpy arrays, JSON-able dict), in rank order (`[(arrays, meta)]` on one
+    rank): what each rank holds of a job that rank 0 alone saves (GRPO's sampled window)."""
+    if WORLD.size == 1:
+        return [(tuple(arrays), meta)]
+    import base64
+
+    import numpy as np
+
+    def pack(a) -> dict:
+        a = np.ascontiguousarray(a)
+        return {"dtype": a.dtype.str, "shape": list(a.shape), "data": base64.b64encode(a.tobytes()).decode()}
+
+    def unpack(d: dict):
+        return np.frombuffer(base64.b64decode(d["data"]), np.dtype(d["dtype"])).reshape(d["shape"]).copy()
+
+    texts = gather_texts(json.dumps({"arrays": [pack(a) for a in arrays], "meta": meta}))
+    return [(tuple(unpack(a) for a in obj["arrays"]), obj["meta"]) for obj in map(json.loads, texts)]
 
 
 def check_same(cfg_dict: dict, train: list, valid: list) -> None:

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -191,20 +192,44 @@ class GRPOTask:
     def state(self, loop) -> tuple[dict[str, np.ndarray], dict]:
         """Between the mu updates of one window, the window's rollouts (arrays, stats, in
         micro-batch order): resume then reuses them instead of sampling again from a policy
-        that has moved, and equals the uninterrupted run."""
+        that has moved, and equals the uninterrupted run. On several ranks, every rank's
+        (gathered when sampled: `_kept`), so each rank resumes with its own."""
         if loop.repeat_index == 0 or not self.window:
             return {}, {}
         arrays, meta = {}, []
         for i, r in enumerate(self.window):
-            arrays.update({f"b{i}_{j}": np.asarray(a) for j, a in enumerate(r.batch)})
-            meta.append({"n": len(r.batch), "stats": r.stats})
-        return arrays, {"rollouts": meta}
+            parts = r.ranks if r.ranks is not None else [(r.batch, r.stats)]
+            for rank, (batch, _) in enumerate(parts):
+                tag = f"b{i}" if rank == 0 else f"b{i}r{rank}"
+                arrays.update({f"{tag}_{j}": np.asarray(a) for j, a in enumerate(batch)})
+            entry = {"n": len(r.batch), "stats": parts[0][1]}
+            if len(parts) > 1:
+                entry["ranks"] = [{"n": len(b), "stats": st} for b, st in parts[1:]]
+            meta.append(entry)
+        return arrays, {"rollouts": meta, "world": distributed.size()}
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
-        self.window[:] = [
-            Rollout(tuple(arrays[f"b{i}_{j}"] for j in range(m["n"])), m["stats"])
-            for i, m in enumerate(meta.get("rollouts", []))
-        ]
+        saved = meta.get("rollouts", [])
+        world, here = meta.get("world"), distributed.size()
+        if saved and world is not None and world != here:  # (no "world": saved before ranks were kept)
+            mu = self.g.num_iterations
+            raise ConfigError(
+                "E554",
+                f"this checkpoint is between the {mu} updates of a window sampled on {world} rank(s), and "
+                f"{here} would split its prompts otherwise",
+                str(self.run_dir),
+                f"resume it on {world} rank(s) ({'one process' if world == 1 else f'--ranks {world}'}); "
+                "a checkpoint at the end of a window resumes on any number",
+            )  # fmt: skip
+        rank = distributed.rank()
+        window = []
+        for i, m in enumerate(saved):
+            if rank > 0 and "ranks" in m:
+                m, tag = m["ranks"][rank - 1], f"b{i}r{rank}"
+            else:
+                tag = f"b{i}"
+            window.append(Rollout(tuple(arrays[f"{tag}_{j}"] for j in range(m["n"])), m["stats"]))
+        self.window[:] = window
 
     # -- reporting -------------------------------------------------------------------------
     def progress(self, step: int, k: int, n: int, prompts: int) -> None:
@@ -328,7 +353,7 @@ def iter_rollouts(
                 if r == 0:
                     if first and progress is not None:
                         progress(state.step + 1, k + 1, len(groups), len(examples))
-                    window.append(sample_rollout(spec, examples, keys[k]))
+                    window.append(_kept(sample_rollout(spec, examples, keys[k]), mu))
                 rollout = window[k]
                 tokens = rollout.stats["seq_tokens"] // max(1, len(examples)) * len(examples)
                 position = (*after, 0) if r == mu - 1 else (*start, r + 1)
@@ -365,12 +390,20 @@ def iter_dynamic_rollouts(
                 if r == 0:
                     if first and progress is not None:
                         progress(state.step + 1, k + 1, t.grad_accum, cfg.data.batch_size)
-                    window.append(sample_dynamic(spec, draws, cfg.data.batch_size, g.dynamic_sampling))
+                    window.append(_kept(sample_dynamic(spec, draws, cfg.data.batch_size, g.dynamic_sampling), mu))
                 rollout = window[k]
                 last = k == t.grad_accum - 1
                 position = (*rollout.stats["after"], 0) if r == mu - 1 else (*start, r + 1)
                 yield MicroBatch(rollout.batch, rollout.stats["seq_tokens"], last, position)
         start, repeat, first = tuple(window[-1].stats["after"]), 0, False
+
+
+def _kept(rollout: Rollout, mu: int) -> Rollout:
+    """`rollout`, with every rank's on several ranks when a window is reused (mu > 1): rank 0's
+    checkpoint between the window's updates then holds what each rank resumes with."""
+    if mu <= 1 or distributed.size() == 1:
+        return rollout
+    return replace(rollout, ranks=distributed.gather_parts(rollout.batch, rollout.stats))
 
 
 def _draws(train: list, lengths: list[int], batch_size: int, seed: int, start: tuple[int, int]):

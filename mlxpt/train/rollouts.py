@@ -47,6 +47,7 @@ class Rollout:
 
     batch: tuple
     stats: dict
+    ranks: list | None = None  # several ranks, mu > 1: every rank's (batch, stats), for checkpoints
 
 
 @dataclass(frozen=True)
