@@ -287,6 +287,37 @@ def test_grpo_two_ranks_resume_between_the_updates_of_a_window(tiny_dir, tmp_pat
     assert_same(runs[1], run)
 
 
+def test_grpo_dynamic_sampling_two_ranks_equal_one(tiny_dir, tmp_path):
+    """--dynamic-sampling on 2 ranks: each draw is split over them and their equal-reward flags
+    gathered, so they train on the groups one rank trains on; with mu = 2, a resume between a
+    window's updates on 2 ranks equals 1 rank's straight run."""
+    import tiny
+
+    (tmp_path / "prompts").mkdir()
+    prompts = tiny.write_prompt_dir(tmp_path / "prompts", train=(8, 1), test=(4, 2))
+    (tmp_path / "rules.py").write_text(
+        "def halfflat(prompt, completion, **row):\n"
+        "    return 0.5 if sum(map(ord, prompt)) % 2 else (sum(map(ord, completion)) % 7) / 7\n"
+    )
+    kw = {"rewards": f"{tmp_path / 'rules.py'}:halfflat", "num_generations": 4, "max_completion_length": 8,
+          "eval_batches": 0, "learning_rate": 1e-3, "num_iterations": 2, "dynamic_sampling": 3, "beta": 0.0}  # fmt: skip
+    runs, steps = {}, {}
+    for n in (1, 2):
+        p = train(["grpo", *flags(tiny_dir, prompts, tmp_path / f"r{n}", **kw)], n)
+        assert p.returncode == 0, p.stderr[-2000:]
+        runs[n] = the_run(tmp_path / f"r{n}")
+        steps[n] = [e for e in events(p.stdout) if e["event"] == "step"]
+    assert_same(runs[1], runs[2])
+    fills = [
+        (a["draws"], a["kept_groups"], b["draws"], b["kept_groups"]) for a, b in zip(steps[1], steps[2], strict=True)
+    ]
+    assert all(x[:2] == x[2:] for x in fills) and any(x[0] > 1 for x in fills), fills
+    run = cut_back(runs[2], tmp_path / "cut", 3)
+    p = train(["--resume", str(run), "--events", "json"], 2)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert_same(runs[1], run)
+
+
 def test_rft_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
     """A round's chunks (2 prompts each: 3 chunks) are sampled in waves over the ranks and
     gathered; rank 0 alone writes the round files. Every sample accepted, one kept a prompt, 5 of

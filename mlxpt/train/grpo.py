@@ -24,7 +24,9 @@ Deviations and simplifications:
   DAPO). A step then learns from a full batch of prompts when an easy or a hard stretch of data
   would leave it a few; the data position moves by the batches drawn, so a step consumes a varying
   number of prompts, and the checkpoint holds where the draws stopped. Each draw samples with the
-  keys of its own data position. One process only for now (E553).
+  keys of its own data position. On several ranks each draw is split over them, their
+  equal-reward flags are gathered, and every rank chooses the groups one process would; each
+  trains on its own (a rank left with none adds a zero-weight batch), so 2 ranks equal 1.
 - Validation is greedy decoding of the held-out prompts scored by the same rewards (val_reward,
   val_accuracy), not a loss: a GRPO "loss" says little about progress.
 - A run started `--from` an earlier run (models/chaining.py) starts with that run's adapter, and
@@ -41,6 +43,7 @@ Deviations and simplifications:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import replace
@@ -82,13 +85,6 @@ def check_config(cfg: GRPOConfig) -> None:
             "full fine-tuning has no adapter to switch off for the KL reference",
             "beta",
             "use lora/dora or --beta 0",
-        )
-    if g.dynamic_sampling and distributed.size() > 1:
-        raise ConfigError(
-            "E553",
-            "dynamic sampling does not run on several ranks yet (each draw's groups would have to be agreed over ranks)",
-            "dynamic_sampling",
-            "run it as one process, or drop --dynamic-sampling (--skip-zero-std-groups works on several ranks)",
         )
     check_rewards(g)
 
@@ -272,9 +268,9 @@ class GRPOTask:
             vals = [sc[name] for s in w for sc in s["per_fn"] if sc[name] is not None]
             out[f"reward/{name}"] = float(np.mean(vals)) if vals else None
             out[f"reward_std/{name}"] = float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0
-        if self.g.dynamic_sampling:  # batches of prompts drawn, groups trained on
+        if self.g.dynamic_sampling:  # batches of prompts drawn, groups trained on (every rank's)
             out["draws"] = sum(s["draws"] for s in w)
-            out["kept_groups"] = sum(s["kept_groups"] for s in w)
+            out["kept_groups"] = int(distributed.sum_floats([sum(s["kept_groups"] for s in w)])[0])
         out.update(distributed.rollout_stats(w, self.guard.names))  # every rank's groups
         fails = self.guard.failure_counts()
         if any(fails.values()):
@@ -390,7 +386,8 @@ def iter_dynamic_rollouts(
                 if r == 0:
                     if first and progress is not None:
                         progress(state.step + 1, k + 1, t.grad_accum, cfg.data.batch_size)
-                    window.append(_kept(sample_dynamic(spec, draws, cfg.data.batch_size, g.dynamic_sampling), mu))
+                    rollout = sample_dynamic(spec, draws, cfg.data.batch_size, g.dynamic_sampling, _agree)
+                    window.append(_kept(rollout, mu))
                 rollout = window[k]
                 last = k == t.grad_accum - 1
                 position = (*rollout.stats["after"], 0) if r == mu - 1 else (*start, r + 1)
@@ -410,7 +407,18 @@ def _draws(train: list, lengths: list[int], batch_size: int, seed: int, start: t
     """(prompts, their sampling keys, data position after them) of each batch of the data plan
     from `start` on: a draw samples as the first micro-batch of a window at its position would."""
     for epoch, i, idx in iter_batches(lengths, batch_size, seed, *start):
-        yield [train[j] for j in idx], sample_keys(seed, (epoch, i), 0, idx), (epoch, i + 1)
+        mine = distributed.shard(idx)  # several ranks: this rank's part of the batch
+        yield [train[j] for j in mine], sample_keys(seed, (epoch, i), 0, mine), (epoch, i + 1)
+
+
+def _agree(zero: np.ndarray) -> tuple[np.ndarray, int]:
+    """Every rank's equal-reward flags of one draw, in data order (the ranks' parts are
+    contiguous, in rank order), and this rank's offset in them (`rollouts.sample_dynamic`)."""
+    if distributed.size() == 1:
+        return zero, 0
+    parts = [json.loads(t) for t in distributed.gather_texts(json.dumps([bool(z) for z in zero]))]
+    offset = sum(len(p) for p in parts[: distributed.rank()])
+    return np.array([z for p in parts for z in p], dtype=bool), offset
 
 
 def sample_keys(seed: int, start: tuple[int, int], k: int, idx: list[int]) -> list[int]:

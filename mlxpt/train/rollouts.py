@@ -120,17 +120,29 @@ def sample_rollout(spec: RolloutSpec, examples: list[PromptExample], keys: list[
     return Rollout(batch, {**stats, "seq_tokens": seq_tokens, "prompt_tokens": [list(e.tokens) for e in examples]})
 
 
-def sample_dynamic(spec: RolloutSpec, draws: Iterator[tuple], want: int, most: int) -> Rollout:
+def sample_dynamic(
+    spec: RolloutSpec,
+    draws: Iterator[tuple],
+    want: int,
+    most: int,
+    agree: Callable[[np.ndarray], tuple[np.ndarray, int]] | None = None,
+) -> Rollout:
     """DAPO's dynamic sampling: sample the next draw of prompts (`draws` yields (examples, keys,
     data position after them)) until `want` groups have unequal rewards or `most` draws beyond
     the first are spent; train on the first `want` such groups, in data order. If no group had
     any, the last draw's groups are kept with a zero loss weight (as `skip_zero_std_groups` does).
     The step report counts every drawn group; `draws` and `after` (the data position once done)
-    are in the stats."""
+    are in the stats.
+
+    Several ranks: each draw holds this rank's part of the batch, and `agree(zero)` turns its
+    equal-reward flags into every rank's (in data order) and this rank's offset in them, so the
+    ranks choose the groups one process would, each training on its own; a rank left with none
+    keeps its last draw's groups with a zero loss weight."""
+    agree = agree or (lambda zero: (zero, 0))
     G = spec.cfg.grpo.num_generations
     kept: list[tuple] = []  # (example, its G seqs, its rewards)
     seqs_all, totals_all, fn_all, samples_all = [], [], [], []
-    gen_tokens = n_zero = n_groups = 0
+    gen_tokens = n_zero = n_groups = taken = 0
     seconds = 0.0
     for n, (examples, keys, end) in enumerate(draws, 1):
         after = end  # where the data stands once this draw is taken
@@ -143,15 +155,20 @@ def sample_dynamic(spec: RolloutSpec, draws: Iterator[tuple], want: int, most: i
         samples_all += samples
         gen_tokens, seconds = gen_tokens + gs.generated_tokens, seconds + t_gen
         n_zero, n_groups = n_zero + int(zero.sum()), n_groups + len(examples)
-        for j in np.flatnonzero(~zero)[: max(0, want - len(kept))]:
-            kept.append((examples[j], seqs[j * G : (j + 1) * G], rewards[j]))
-        if len(kept) >= want or n > most:
+        every, offset = agree(zero)
+        chosen = np.flatnonzero(~every)[: max(0, want - taken)]  # over every rank's groups
+        taken += len(chosen)
+        for j in chosen - offset:
+            if 0 <= j < len(examples):
+                kept.append((examples[j], seqs[j * G : (j + 1) * G], rewards[j]))
+        if taken >= want or n > most:
             break
     if kept:
         examples = [e for e, _, _ in kept]
         seqs = [s for _, group, _ in kept for s in group]
         rewards = np.stack([r for _, _, r in kept])
-    batch, seq_tokens, _ = _batch(spec, examples, seqs, rewards, skip=True)
+    # nothing kept here: the last draw, masked (with other ranks' groups chosen, its own may differ)
+    batch, seq_tokens, _ = _batch(spec, examples, seqs, rewards, skip=True, mute=not kept)
     stats = _stats(seqs_all, totals_all, fn_all, samples_all[:G], gen_tokens, seconds, n_zero, n_groups)
     return Rollout(batch, {
         **stats, "seq_tokens": seq_tokens, "prompt_tokens": [list(e.tokens) for e in examples],
@@ -174,20 +191,23 @@ def _stats(seqs, totals, per_fn, samples, gen_tokens: int, seconds: float, zero:
     }
 
 
-def _batch(spec: RolloutSpec, examples, seqs, rewards: np.ndarray, skip: bool) -> tuple[tuple, int, np.ndarray]:
+def _batch(
+    spec: RolloutSpec, examples, seqs, rewards: np.ndarray, skip: bool, mute: bool = False
+) -> tuple[tuple, int, np.ndarray]:
     """(the objective's arrays, trained sequence tokens, zero-std flag per group) of scored
     groups: group-relative advantages; with `skip`, groups whose rewards are all equal are left
-    out (all of them kept with a zero loss weight when every group is such)."""
+    out (all of them kept with a zero loss weight when every group is such); `mute`: every group
+    kept with a zero loss weight."""
     g, G = spec.cfg.grpo, spec.cfg.grpo.num_generations
     adv, zero = group_advantages(rewards, g.scale_rewards)
     keep = np.ones(len(seqs), bool)
-    if skip and zero.any() and not zero.all():
+    if skip and zero.any() and not zero.all() and not mute:
         keep = ~np.repeat(zero, G)
     rows = []
     for i, (e, ids, truncated) in enumerate(seqs):
         if not keep[i]:
             continue
-        train = not (truncated and g.mask_truncated_completions) and not (zero.all() and skip)
+        train = not (truncated and g.mask_truncated_completions) and not (zero.all() and skip) and not mute
         rows.append(Example(list(e.tokens) + ids, [0] * len(e.tokens) + [int(train)] * len(ids), e.row.where))
     arrays, mask = _arrays(spec, examples, seqs, rows, keep)
     empty = np.zeros((0,), np.float32)
