@@ -31,7 +31,11 @@ LAUNCH = Path(sys.executable).parent / "mlx.launch"
 pytestmark = pytest.mark.skipif(not LAUNCH.exists(), reason="mlx.launch is not installed")
 ENV = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
 TOL = 1e-6
-REWARD = "def even(prompt, completion, **row):\n    return float(len(completion) % 2)\n"
+REWARD = (
+    "def even(prompt, completion, **row):\n    return float(len(completion) % 2)\n\n\n"
+    "def halfflat(prompt, completion, **row):  # the same for every completion of half the prompts\n"
+    "    return 0.5 if sum(map(ord, prompt)) % 2 else (sum(map(ord, completion)) % 7) / 7\n"
+)
 
 
 def _port() -> int:
@@ -225,9 +229,9 @@ def test_dpo_two_ranks_equal_one(tiny_dir, pref_dir, tmp_path):
     assert_same(runs[1], runs[2])
 
 
-def test_grpo_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
-    """Each completion draws from keys of its own (the prompt's index in the data), so the ranks'
-    groups are the groups one rank samples; a resume on 2 ranks is exact."""
+def grpo_on_one_and_two(tiny_dir, tmp_path, reward: str = "even", **kw) -> tuple[dict, dict]:
+    """The same GRPO run on 1 and on 2 ranks (8 training prompts, 4 completions of up to 8
+    tokens, lr 1e-3; `reward`: a function of REWARD): ({ranks: run}, {ranks: its step events})."""
     import tiny
 
     (tmp_path / "prompts").mkdir()
@@ -235,8 +239,8 @@ def test_grpo_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
     (tmp_path / "rules.py").write_text(REWARD)
     # lr 1e-3: at 1e-2 Adam's first steps blow float32 rounding of GRPO's near-zero gradients up
     # to ~2e-6 between the two layouts (the samples and losses still agree)
-    kw = {"rewards": f"{tmp_path / 'rules.py'}:even", "num_generations": 4, "max_completion_length": 8,
-          "eval_batches": 0, "learning_rate": 1e-3}  # fmt: skip
+    kw = {"rewards": f"{tmp_path / 'rules.py'}:{reward}", "num_generations": 4, "max_completion_length": 8,
+          "eval_batches": 0, "learning_rate": 1e-3, **kw}  # fmt: skip
     runs, steps = {}, {}
     for n in (1, 2):
         p = train(["grpo", *flags(tiny_dir, prompts, tmp_path / f"r{n}", **kw)], n)
@@ -244,6 +248,13 @@ def test_grpo_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
         runs[n] = the_run(tmp_path / f"r{n}")
         steps[n] = [e for e in events(p.stdout) if e["event"] == "step"]
     assert_same(runs[1], runs[2])
+    return runs, steps
+
+
+def test_grpo_two_ranks_equal_one_and_resume_exactly(tiny_dir, tmp_path):
+    """Each completion draws from keys of its own (the prompt's index in the data), so the ranks'
+    groups are the groups one rank samples; a resume on 2 ranks is exact."""
+    runs, steps = grpo_on_one_and_two(tiny_dir, tmp_path)
     assert len(steps[2]) == 5 and all(0.0 <= e["reward_mean"] <= 1.0 for e in steps[2])
     # both ranks' groups are in the step report (4 prompts x 4 completions): as on one rank
     for key in ("reward_mean", "reward_std", "completion_len_mean"):
@@ -261,19 +272,7 @@ def test_grpo_two_ranks_resume_between_the_updates_of_a_window(tiny_dir, tmp_pat
     completions both ranks reuse. The checkpoint holds every rank's share, so a resume there on 2
     ranks equals 1 rank's straight run; on another number of ranks it is refused (E554) and
     stays usable."""
-    import tiny
-
-    (tmp_path / "prompts").mkdir()
-    prompts = tiny.write_prompt_dir(tmp_path / "prompts", train=(8, 1), test=(4, 2))
-    (tmp_path / "rules.py").write_text(REWARD)
-    kw = {"rewards": f"{tmp_path / 'rules.py'}:even", "num_generations": 4, "max_completion_length": 8,
-          "eval_batches": 0, "learning_rate": 1e-3, "num_iterations": 2}  # fmt: skip
-    runs = {}
-    for n in (1, 2):
-        p = train(["grpo", *flags(tiny_dir, prompts, tmp_path / f"r{n}", **kw)], n)
-        assert p.returncode == 0, p.stderr[-2000:]
-        runs[n] = the_run(tmp_path / f"r{n}")
-    assert_same(runs[1], runs[2])
+    runs, _ = grpo_on_one_and_two(tiny_dir, tmp_path, num_iterations=2)
     for n, other in ((2, 1), (1, 2)):  # a window sampled on n ranks, resumed on the other number
         run = cut_back(runs[n], tmp_path / f"cut{n}", 3)
         before = state(run)
@@ -291,23 +290,8 @@ def test_grpo_dynamic_sampling_two_ranks_equal_one(tiny_dir, tmp_path):
     """--dynamic-sampling on 2 ranks: each draw is split over them and their equal-reward flags
     gathered, so they train on the groups one rank trains on; with mu = 2, a resume between a
     window's updates on 2 ranks equals 1 rank's straight run."""
-    import tiny
-
-    (tmp_path / "prompts").mkdir()
-    prompts = tiny.write_prompt_dir(tmp_path / "prompts", train=(8, 1), test=(4, 2))
-    (tmp_path / "rules.py").write_text(
-        "def halfflat(prompt, completion, **row):\n"
-        "    return 0.5 if sum(map(ord, prompt)) % 2 else (sum(map(ord, completion)) % 7) / 7\n"
-    )
-    kw = {"rewards": f"{tmp_path / 'rules.py'}:halfflat", "num_generations": 4, "max_completion_length": 8,
-          "eval_batches": 0, "learning_rate": 1e-3, "num_iterations": 2, "dynamic_sampling": 3, "beta": 0.0}  # fmt: skip
-    runs, steps = {}, {}
-    for n in (1, 2):
-        p = train(["grpo", *flags(tiny_dir, prompts, tmp_path / f"r{n}", **kw)], n)
-        assert p.returncode == 0, p.stderr[-2000:]
-        runs[n] = the_run(tmp_path / f"r{n}")
-        steps[n] = [e for e in events(p.stdout) if e["event"] == "step"]
-    assert_same(runs[1], runs[2])
+    kw = {"num_iterations": 2, "dynamic_sampling": 3, "beta": 0.0}
+    runs, steps = grpo_on_one_and_two(tiny_dir, tmp_path, "halfflat", **kw)
     fills = [
         (a["draws"], a["kept_groups"], b["draws"], b["kept_groups"]) for a, b in zip(steps[1], steps[2], strict=True)
     ]
