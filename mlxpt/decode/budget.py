@@ -14,10 +14,11 @@ generated tokens measured there, and the probe's mean tokens. The chooser takes 
 cell whose expected tokens fit the budget, the cheaper on equal accuracy; when nothing fits, the
 probe's own vote (no more tokens). Several tables of one model, adapter, probe and settings,
 measured on separate calibration sets, pool into one (`--calibration A.json B.json`,
-`merge_tables`), as if calibrated on the union of their sets. A bucket's accuracies are shrunk toward the same cell's in
-the `all` row, as if the bucket had `SHRINK_PROMPTS` more prompts scoring the overall rate
-(empirical Bayes): a bucket of 3 calibration prompts, where most cells tie, then ranks its cells
-mostly by how they did overall instead of taking the cheapest of the tie. A budget below the
+`merge_tables`), as if calibrated on the union of their sets. A bucket's accuracies are shrunk
+toward the same cell's in the `all` row, as if the bucket had `SHRINK_PROMPTS` more prompts
+scoring the overall rate (empirical Bayes): a bucket of 3 calibration prompts, where most cells
+tie, then ranks its cells mostly by how they did overall instead of taking the cheapest of the
+tie. A budget below the
 probe's mean cost skips the probe and chooses from the table's `all` row. A table records the
 model and adapter it was measured on and is refused for another.
 
