@@ -18,9 +18,8 @@ measured on separate calibration sets, pool into one (`--calibration A.json B.js
 toward the same cell's in the `all` row, as if the bucket had `SHRINK_PROMPTS` more prompts
 scoring the overall rate (empirical Bayes): a bucket of 3 calibration prompts, where most cells
 tie, then ranks its cells mostly by how they did overall instead of taking the cheapest of the
-tie. A budget below the
-probe's mean cost skips the probe and chooses from the table's `all` row. A table records the
-model and adapter it was measured on and is refused for another.
+tie. A budget below the probe's mean cost skips the probe and chooses from the table's `all`
+row. A table records the model and adapter it was measured on and is refused for another.
 
 Built-in rule (no table): all probe samples agree -> their answer, no more tokens; otherwise
 self-consistency with the largest N whose expected tokens (the probe's mean sample length x N)
