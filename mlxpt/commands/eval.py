@@ -405,15 +405,14 @@ def _check_calibrate(args, cfg) -> None:
 
 
 def _write_calibration(path: Path, args, cfg, details: list, data: str, rows: int) -> None:
+    from dataclasses import asdict
+
     from mlxpt.commands.generate import model_ref
     from mlxpt.decode.budget import build_table, identity, table_text
+    from mlxpt.decode.options import STEP_STRATEGIES
     from mlxpt.runs.atomic import atomic_write_json, sha256_file
 
     who = identity(model_ref(args.model, args.adapter), args.adapter)
-    from dataclasses import asdict
-
-    from mlxpt.decode.options import STEP_STRATEGIES
-
     settings = {k: getattr(cfg, k) for k in ("max_tokens", "temperature", "top_p", "scorer", "extract", "weighting")}
     if any(s in STEP_STRATEGIES for s in cfg.strategies):  # what a step-beam or tree cell means
         settings["search"] = asdict(cfg.search)
