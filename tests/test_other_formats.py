@@ -116,6 +116,53 @@ def test_conversational_prompt_completion_trains_the_completion_only(tmp_path):
     assert "A two" in trained and "A one" not in trained
 
 
+def test_openai_weight_0_turns_are_context_and_bad_weights_are_refused(tmp_path):
+    """OpenAI's fine-tuning files mark assistant turns to skip with "weight": 0; they were once
+    trained like the others."""
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok"))
+    row = {
+        "messages": [
+            msg(U, "Say hi"),
+            {**msg(A, "BAD ANSWER"), "weight": 0},
+            msg(U, "again"),
+            {**msg(A, "good"), "weight": 1},
+        ]
+    }
+    (r,) = read_jsonl(write(tmp_path / "w.jsonl", [row]))
+    for mask in ("assistant", "prompt"):
+        ex = encode(r, tok, mask=mask)
+        trained = tok.decode([t for t, m in zip(ex.tokens, ex.mask, strict=True) if m], skip_special_tokens=False)
+        assert "good" in trained and "BAD ANSWER" not in trained, (mask, trained)
+    bad = [
+        {"messages": [{**msg(U, "x"), "weight": 0}, msg(A, "y")]},  # not an assistant turn
+        {"messages": [msg(U, "x"), {**msg(A, "y"), "weight": 0.5}]},
+        {"messages": [msg(U, "x"), {**msg(A, "y"), "weight": True}]},
+        {"messages": [msg(U, "x"), {**msg(A, "y"), "weight": 0}]},  # nothing left to train
+    ]
+    rows, errors = scan_jsonl(write(tmp_path / "bad.jsonl", bad))
+    assert not rows and [e.code for e in errors] == ["E159"] * 4
+    assert [e.where for e in errors] == [f"{tmp_path / 'bad.jsonl'}:{i}" for i in range(1, 5)]
+
+
+def test_trl_unpaired_preference_rows_and_one_line_json_arrays_are_refused(tmp_path, capsys):
+    """A KTO file (prompt, completion, label) was once read as SFT rows, training the completions
+    labelled false; a JSON array on one line (pandas, datasets' to_json) got a misleading hint."""
+    kto = [
+        {"prompt": "2+2?", "completion": "5, obviously", "label": False},
+        {"prompt": "2+3?", "completion": "5", "label": True},
+    ]
+    path = write(tmp_path / "kto.jsonl", kto)
+    rows, errors = scan_jsonl(path)
+    assert not rows and [e.code for e in errors] == ["E115", "E115"] and "KTO" in errors[0].what
+    out = tmp_path / "o.jsonl"
+    assert main(["data", "convert", path, "--out", str(out)]) == 1 and not out.exists()
+    assert "E115" in capsys.readouterr().err
+    rows, errors = scan_jsonl(write(tmp_path / "a.json", [json.dumps([ALPACA[0]] * 3)]))
+    assert not rows and [e.code for e in errors] == ["E114"] and "jq -c" in errors[0].hint
+    rows, errors = scan_jsonl(write(tmp_path / "b.jsonl", [ALPACA[0], json.dumps([ALPACA[0]])]))
+    assert [e.code for e in errors] == ["E107"]  # an array among rows is a bad row, not a whole-file array
+
+
 def test_trl_conversational_and_implicit_prompt_pairs(tmp_path):
     rows, same, errors = scan_preference(write(tmp_path / "p.jsonl", TRL_PAIRS))
     assert not errors and same == 0
@@ -229,12 +276,28 @@ def test_mlx_lm_config_keys_are_read_as_ours(tmp_path):
     assert (cfg.data.max_seq_len, cfg.data.batch_size, cfg.data.data) == (256, 2, "my_data")
 
 
+def test_mlx_lm_numbers_without_a_dot_are_numbers_as_in_mlx_lm(tmp_path):
+    """PyYAML reads `1e-5` (YAML 1.1, no dot) as a string; mlx-lm's loader reads it as a float.
+    The schedule's arguments were once skipped for it, training at 10x the learning rate."""
+    text = MLX_LM_YAML.format(model="m", data="d").replace("learning_rate: 1.0e-5\n", "")
+    text = text.replace("[1.0e-5, 1000, 1.0e-7]", "[1e-5, 1000, 1e-7]").replace("scale: 10.0", "scale: 1e1")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    assert yaml.safe_load(text)["lr_schedule"]["arguments"][0] == "1e-5"  # the YAML 1.1 trap itself
+    cfg = build_config("sft", {}, str(path))
+    assert cfg.train.learning_rate == pytest.approx(1e-5) and cfg.train.min_lr_ratio == pytest.approx(0.01)
+    assert cfg.adapter.alpha == pytest.approx(40.0)
+
+
 @pytest.mark.parametrize(
     "extra,codes",
     [
         ("hf_dataset: {path: x}\ntrain_mode: dpo\n", ["E580", "E580"]),
         ("steps: 20\n", ["E584"]),
         ("lr_schedule: {name: exponential_decay, arguments: [1.0e-5, 0.9]}\n", ["E583"]),
+        ("lr_schedule: {name: cosine_decay, arguments: [fast, 1000]}\n", ["E583"]),
+        ("lr_schedule: {name: cosine_decay, arguments: [0, 1000]}\n", ["E583"]),
+        ("lr_schedule: {name: cosine_decay, arguments: 1.0e-5}\n", ["E583"]),
         ("lora_parameters: {rank: 4, scale: 2.0, alpha: 8}\n", ["E584"]),
     ],
 )

@@ -178,6 +178,11 @@ BAD = [  # (what the recipe says, error code, a fragment of the one line)
     ("name: bad name\nstages:\n  - method: sft\n", "E802", "recipe.yaml:1"),
     ("name: x\nstages: []\n", "E802", "non-empty list"),
     ("name: x\nstages:\n  - method: sft\n    steps: [\n", "E801", "recipe.yaml:"),
+    # YAML 1.1 reads these keys as a bool, an int, a null: once E001 (a bug) from the digest
+    ("name: x\nstages:\n  - {method: sft, yes: 2}\n", "E801", "recipe.yaml:3"),
+    ("name: x\nstages:\n  - method: sft\n    1: 2\n", "E801", "recipe.yaml:4"),
+    ("name: x\n1: y\nstages:\n  - method: sft\n", "E801", "recipe.yaml:2"),
+    ("name: x\n~: y\nstages:\n  - method: sft\n", "E801", "recipe.yaml:2"),
 ]
 
 
@@ -217,6 +222,23 @@ def test_the_same_recipe_finds_its_folder_an_edited_one_gets_a_new_one(tmp_path)
     other, _, how = find_or_create(load_recipe(recipe), tmp_path)
     assert how == "new" and other != folder
     assert find_or_create(load_recipe(recipe), tmp_path, new=True)[0] not in (folder, other)
+
+
+def test_the_same_recipe_text_in_another_folder_is_another_pipeline(tmp_path):
+    """Relative data paths resolve against the recipe's folder: a copy of the recipe beside other
+    data once found the first project's folder, skipped its training and reported the old run."""
+    from mlxpt.pipeline import find_or_create, load_recipe
+
+    text = "name: x\nstages:\n  - method: sft\n    data: sft\n    steps: 2\n"
+    for project in ("a", "b"):
+        (tmp_path / project).mkdir()
+        (tmp_path / project / "recipe.yaml").write_text(text)
+    runs = tmp_path / "runs"
+    folder, _, how = find_or_create(load_recipe(tmp_path / "a" / "recipe.yaml"), runs)
+    assert how == "new"
+    assert find_or_create(load_recipe(tmp_path / "a" / "recipe.yaml"), runs)[:3:2] == (folder, "continuing")
+    other, _, how = find_or_create(load_recipe(tmp_path / "b" / "recipe.yaml"), runs)
+    assert how == "new" and other != folder
 
 
 def test_demo_recipe_is_valid():

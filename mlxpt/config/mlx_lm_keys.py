@@ -8,6 +8,7 @@ once. Keys mlxpt already knows are left alone; null, false or 0 values are dropp
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
@@ -130,9 +131,9 @@ def _lora(value, key: str, refuse) -> dict:
     if "scale" in value:
         if "alpha" in value:
             refuse("E584", key, "gives both scale and alpha", "keep one: alpha = scale x rank")
-        elif isinstance(value["scale"], (int, float)) and not isinstance(value["scale"], bool):
+        elif _number(value["scale"]) is not None:
             # mlx-lm multiplies the update by scale; mlxpt by alpha / rank
-            out["alpha"] = float(value["scale"]) * float(value.get("rank", 8))
+            out["alpha"] = _number(value["scale"]) * float(value.get("rank", 8))
         else:
             refuse("E583", f"{key}.scale", f"{value['scale']!r} is not a number", "write e.g. scale: 20.0")
     return out
@@ -146,10 +147,32 @@ def _schedule(value, key: str, refuse) -> dict:
     out = {"schedule": SCHEDULES[value["name"]]}
     if "warmup" in value:
         out["warmup_steps"] = value["warmup"]
-    args = value.get("arguments") or []
-    if args and all(isinstance(a, (int, float)) for a in args) and args[0] > 0:
+    raw = value.get("arguments") or []
+    args = [_number(a) for a in raw] if isinstance(raw, list) else [None]
+    if None in args or (args and args[0] <= 0):
+        # skipping them would train at mlxpt's default learning rate without a word
+        refuse("E583", f"{key}.arguments", f"{raw!r} is not a list of numbers with a positive first one",
+               "write e.g. arguments: [1e-5, 1000, 1e-7] (initial lr, steps, end lr)")  # fmt: skip
+        return {}
+    if args:
         # mlx.optimizers: cosine_decay(init, decay_steps, end=0), linear_schedule(init, end, steps)
         end = (args[2] if len(args) > 2 else 0) if value["name"] == "cosine_decay" else args[1] if len(args) > 1 else 0
         out["learning_rate"] = args[0]
         out["min_lr_ratio"] = float(end) / float(args[0])
     return out
+
+
+def _number(value) -> float | None:
+    """A number as mlx-lm reads it: PyYAML (YAML 1.1) leaves `1e-5` (no dot) a string, which
+    mlx-lm's own float resolver reads as a float; so does this. None for anything else."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value) if math.isfinite(value) else None
+    if isinstance(value, str):
+        try:
+            number = float(value.strip())
+        except ValueError:
+            return None
+        return number if math.isfinite(number) else None
+    return None

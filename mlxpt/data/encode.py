@@ -91,8 +91,8 @@ def _encode_chat(row: Row, tok: _Tok, mask: str, messages=None) -> tuple[list[in
     else:
         first = row.data.get("train_from", 0)  # a conversational prompt-completion trains its completion only
         for i, msg in enumerate(msgs):
-            if msg["role"] != "assistant" or i < first:
-                continue
+            if msg["role"] != "assistant" or i < first or msg.get("weight", 1) == 0:
+                continue  # weight 0 (OpenAI's fine-tuning files): a turn kept as context only
             head = tok.render(msgs[:i], tools, True, row.where)
             start = _prefix_len(tok, full_text, full, head, row.where)
             if mask == "prompt":

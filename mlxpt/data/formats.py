@@ -160,6 +160,13 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[DataError]]:
                 "put one JSON object per line",
             )
             continue
+        if isinstance(obj, list) and obj and all(isinstance(x, dict) for x in obj) and nonblank == 1:
+            err(  # what pandas' to_json(orient="records") and datasets' to_json(lines=False) write
+                "E114",
+                f"line is one JSON array of {len(obj)} objects, not JSON Lines",
+                "write one object per line, e.g. jq -c '.[]' data.json > data.jsonl",
+            )
+            continue
         if not isinstance(obj, dict):
             err(
                 "E107",
@@ -196,6 +203,14 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[DataError]]:
                 "E110",
                 f"row mixes format keys of {' and '.join(kinds)}",
                 "keep one format's keys per row (e.g. move 'text' to another name)",
+            )
+            continue
+        if kinds == ["completions"] and isinstance(obj.get("label"), bool):
+            err(  # TRL's unpaired preference (KTO) rows: SFT would learn the label-false completions
+                "E115",
+                "a TRL unpaired-preference row (prompt, completion and a true/false 'label'): mlxpt has no KTO, "
+                "and SFT would train the completions labelled false",
+                "keep the good ones as SFT rows: jq -c 'select(.label) | del(.label)' in.jsonl > sft.jsonl",
             )
             continue
         source = kinds[0]

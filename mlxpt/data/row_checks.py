@@ -96,6 +96,15 @@ def _check_chat(obj: dict, err) -> dict | None:
                 "flatten content parts into one string",
             )
             continue
+        weight = m.get("weight", 1)
+        if "weight" in m and (role != "assistant" or isinstance(weight, bool) or weight not in (0, 1)):
+            # OpenAI's fine-tuning files: weight 0 marks an assistant turn as context, not trained
+            ok = err(
+                "E159",
+                f"{at} ({role}) has weight {weight!r}",
+                "weight is 0 (context, not trained) or 1, on assistant messages only",
+            )
+            continue
         if not content.strip() and role != "tool" and not calls:
             ok = err(
                 "E127",
@@ -117,6 +126,12 @@ def _check_chat(obj: dict, err) -> dict | None:
             "E129",
             "conversation has no assistant turn, so nothing would be trained",
             "add the assistant reply, or use the text format for plain text",
+        )
+    if all(m.get("weight", 1) == 0 for m in msgs if m["role"] == "assistant"):
+        return err(
+            "E159",
+            "every assistant turn has weight 0, so nothing would be trained",
+            "give the turns to learn weight 1 (or drop the key), or drop the row",
         )
     if roles[-1] != "assistant":
         return err(

@@ -60,7 +60,7 @@ class Recipe:
     setting_lines: dict[str, int]
     stages: list[Stage]
     content: dict  # the mapping as written, kept in pipeline.json
-    digest: str  # sha256 of `content`: the same recipe finds its pipeline folder again
+    digest: str  # of `content` and its resolved paths: the same recipe finds its pipeline folder again
 
     def where(self, line: int, stage: Stage | None = None) -> str:
         return f"{self.path}:{line}" + (f", stage {stage.index} ({stage.kind})" if stage else "")
@@ -101,7 +101,13 @@ def _walk(node, at: tuple, lines: dict, path: Path) -> None:
     if isinstance(node, yaml.MappingNode):
         seen = set()
         for key_node, value_node in node.value:
-            key = key_node.value if isinstance(key_node, yaml.ScalarNode) else str(key_node.start_mark.line)
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag != "tag:yaml.org,2002:str":
+                shown = key_node.value if isinstance(key_node, yaml.ScalarNode) else "a mapping or list"
+                raise _err(
+                    "E801", f"key {shown!r} is not read as a name (YAML reads it as {key_node.tag.rsplit(':', 1)[-1]})",
+                    f"{path}:{key_node.start_mark.line + 1}", "quote it, or use the setting's name",
+                )  # fmt: skip
+            key = key_node.value
             if key in seen:
                 raise _err(
                     "E801", f"duplicate key {key!r}", f"{path}:{key_node.start_mark.line + 1}", "give each key once"
@@ -150,7 +156,7 @@ def load_recipe(path: str | Path) -> Recipe:
     setting_lines = _flat_lines(shared, lines, ("settings",))
     recipe = Recipe(
         path, name, str(data.get("description") or ""), _resolve(flatten(shared), base), setting_lines, [],
-        data, recipe_digest(data),
+        data, "",
     )  # fmt: skip
     for i, raw in enumerate(stages_raw):
         line = lines.get(("stages", i), 1)
@@ -172,6 +178,9 @@ def load_recipe(path: str | Path) -> Recipe:
         own = {k: v for k, v in raw.items() if k != "method"}
         key_lines = _flat_lines(own, lines, ("stages", i))
         recipe.stages.append(Stage(i + 1, kind, _resolve(flatten(own), base), line, key_lines))
+    # the same text in another folder reads other data: the paths it resolves to count too
+    resolved = {"settings": recipe.settings, "stages": [s.settings for s in recipe.stages]}
+    recipe.digest = recipe_digest({"recipe": data, "resolved": resolved})
     return recipe
 
 
