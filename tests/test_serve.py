@@ -140,8 +140,12 @@ BAD = [
     ({"model": "base", "max_tokens": -5}, 400, "E906"),
     ({"model": "base", "max_tokens": 10**9}, 400, "E908"),
     ({"model": "base", "temperature": "hot"}, 400, "E906"),
+    ({"model": "base", "temperature": 10**400}, 400, "E906"),  # once an OverflowError in the range check
+    ({"model": "base", "max_tokens": 10**400}, 400, "E908"),
     ({"model": "base", "messages": []}, 400, "E907"),
     ({"model": "base", "mlxpt": {"strategy": "telepathy"}}, 400, "E912"),
+    ({"model": "base", "mlxpt": {"strategy": "greedy"}, "stop": ["$$"]}, 400, "E912"),  # once ignored
+    ({"model": "base@self-consistency", "logprobs": True}, 400, "E912"),
     ({"model": "base", "mlxpt": {"strategy": "best-of-n", "scorer": "verifier:/tmp/x.py:fn"}}, 403, "E913"),
     ({"model": "base", "mlxpt": {"strategy": "best-of-n", "scorer": "rm:../runs/x"}}, 403, "E913"),
 ]

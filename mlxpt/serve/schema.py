@@ -103,17 +103,26 @@ def parse_body(raw: bytes) -> dict:
     return body
 
 
+def _shown(v) -> str:
+    """A request's value in an error, at most 40 characters (a 400-digit number once came back whole)."""
+    text = repr(v)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _int(body: dict, name: str, default: int | None, lo: int, hi: int | None, limit_flag: str = "") -> int | None:
     v = body.get(name, default)
     if v is None:
         return default
     if isinstance(v, bool) or not isinstance(v, int):
-        raise _bad(f"{name} must be a whole number, got {v!r}", name)
+        raise _bad(f"{name} must be a whole number, got {_shown(v)}", name)
     if v < lo:
-        raise _bad(f"{name}={v} is out of range", name, f"use a whole number >= {lo}")
+        raise _bad(f"{name}={_shown(v)} is out of range", name, f"use a whole number >= {lo}")
     if hi is not None and v > hi:
         raise _bad(
-            f"{name}={v} is over this server's limit of {hi}", name, f"ask for at most {hi} {limit_flag}", "E908"
+            f"{name}={_shown(v)} is over this server's limit of {hi}",
+            name,
+            f"ask for at most {hi} {limit_flag}",
+            "E908",
         )
     return v
 
@@ -122,10 +131,10 @@ def _float(body: dict, name: str, default: float, lo: float, hi: float, lo_open:
     v = body.get(name, default)
     if v is None:
         return default
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise _bad(f"{name} must be a finite number, got {v!r}", name)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(min(max(v, -1e300), 1e300)):
+        raise _bad(f"{name} must be a finite number, got {_shown(v)}", name)  # a 400-digit int: no OverflowError
     if v < lo or v > hi or (lo_open and v == lo):
-        raise _bad(f"{name}={v} is out of range", name, f"use a value in {'(' if lo_open else '['}{lo}, {hi}]")
+        raise _bad(f"{name}={_shown(v)} is out of range", name, f"use a value in {'(' if lo_open else '['}{lo}, {hi}]")
     return float(v)
 
 
@@ -254,6 +263,12 @@ def parse_request(kind: str, body: dict, limits: Limits, allowed_scorers: tuple[
     decode = _decode_config(body.get("mlxpt") or {}, suffix or None, common, allowed_scorers)
     if decode is not None and n != 1:
         raise _bad("n > 1 with a strategy: the strategy's samples are mlxpt.n", "n", "set mlxpt.n instead", "E912")
+    for key, given in (("stop", body.get("stop") is not None), ("logprobs", logprobs)):
+        if decode is not None and given:  # once ignored without a word
+            raise _bad(
+                f"{key} with a strategy: a strategy chooses among whole samples, which it does not cut or score per token",
+                key, f"drop {key}, or leave out the strategy", "E912",
+            )  # fmt: skip
     return Request(
         kind, base, messages, prompt, n, max_tokens, temperature, top_p, _stop(body), seed, logprobs, top,
         stream, include_usage, decode,
