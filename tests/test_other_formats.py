@@ -101,6 +101,17 @@ def test_broken_rows_of_other_formats_are_named_by_file_and_line(tmp_path, row, 
     assert e.code == code and fragment in e.what and e.where == f"{path}:2", e.line()
 
 
+def test_alpaca_rows_with_their_rendered_text_are_alpaca_rows(tmp_path):
+    """tatsu-lab/alpaca has instruction, input, output and text (the row in Alpaca's prompt
+    template) on every row: each was once refused as mixing two formats (E110)."""
+    row = {**ALPACA[1], "text": "Below is an instruction...\n### Response:\n5"}
+    rows, errors = scan_jsonl(write(tmp_path / "a.jsonl", [row, {**ALPACA[0], "text": "x"}]))
+    assert not errors and [r.source for r in rows] == ["alpaca"] * 2
+    assert rows[0].data["messages"][-1] == msg(A, "5") and "text" not in rows[0].extra
+    rows, errors = scan_jsonl(write(tmp_path / "b.jsonl", [{"instruction": "x", "text": "y"}]))
+    assert [e.code for e in errors] == ["E110"]  # no output: still two half formats
+
+
 def test_a_text_row_in_an_alpaca_file_is_a_mixed_file(tmp_path):
     rows, errors = scan_jsonl(write(tmp_path / "m.jsonl", [ALPACA[0], {"text": "hi"}]))
     assert errors[0].code == "E109" and "text row in an alpaca file" in errors[0].what
@@ -323,9 +334,14 @@ def test_mlx_lm_reporting_and_output_keys_are_ignored_with_a_note(tmp_path, caps
     cfg = build_config("sft", {}, str(path))
     assert cfg.train.steps == 30 and cfg.train.grad_checkpoint is True
     notes = capsys.readouterr().err.splitlines()
-    assert len(notes) == 3 and all(n.startswith(f"note: {path}: mlx-lm key") for n in notes), notes
+    assert len(notes) == 4 and all(n.startswith(f"note: {path}: mlx-lm key") for n in notes), notes
     text = "\n".join(notes)
     assert "'adapter_path' ignored" in text and "runs_dir" in text and "'steps_per_report' ignored" in text
+    # mlx-lm trains every token without mask_prompt, mlxpt the assistant turns: said, not silent
+    assert "'mask_prompt' not given" in text and cfg.data.mask == "assistant"
+    path.write_text(yaml.safe_dump({**settings, "mask_prompt": False}, sort_keys=False))
+    assert build_config("sft", {}, str(path)).data.mask == "none"
+    assert "mask_prompt" not in capsys.readouterr().err
 
 
 def test_mlx_lm_resume_adapter_file_becomes_from_run(tmp_path, capsys):

@@ -110,6 +110,12 @@ def from_mlx_lm(flat: dict, known: set[str], source: str) -> dict:
         first = problems[0]
         first.errors = problems
         raise first
+    mlx_lm_only = {*RENAMED, *IGNORED, "lora_parameters", "lr_schedule", "optimizer_config", "resume_adapter_file"}
+    if "mask" not in out and "mask" not in flat and any(k in flat for k in mlx_lm_only):
+        note(
+            "mlx-lm key 'mask_prompt' not given: mlx-lm would train every token of each row, mlxpt trains the "
+            "assistant turns (mask: assistant); write mask_prompt: false for mlx-lm's behaviour"
+        )
     return out
 
 

@@ -2,8 +2,9 @@
 
 SFT rows become `{"messages"}` chat rows (completions and text rows stay as they are; a
 conversational prompt-completion row stays one, so only its completion is trained), preference
-rows `{"prompt", "chosen", "rejected"}`, GRPO prompt rows `{"prompt", ...}`. Unknown fields ride
-along. Every row is checked first; one bad row and nothing is converted.
+rows `{"prompt", "chosen", "rejected"}`, GRPO prompt rows `{"prompt", ...}`. Unknown fields of
+SFT and prompt rows ride along; a preference row keeps only its pair (and `system`). Every row
+is checked first; one bad row and nothing is converted.
 """
 
 from __future__ import annotations

@@ -198,6 +198,8 @@ def scan_jsonl(path: str | os.PathLike) -> tuple[list[Row], list[DataError]]:
                 "'instruction'+'output' (alpaca) or 'conversations' (sharegpt)",
             )
             continue
+        if kinds == ["text", "alpaca"] and "instruction" in obj and "output" in obj:
+            kinds = ["alpaca"]  # tatsu-lab/alpaca's rows carry `text`, the same row in Alpaca's prompt template
         if len(kinds) > 1:
             err(
                 "E110",
