@@ -287,6 +287,47 @@ def test_eval_never_writes_over_its_data(tmp_path, capsys, flag):
     assert other.read_bytes() == before
 
 
+@pytest.mark.parametrize("kind", ["verifier", "reward", "prm", "prm+verifier", "rm"])
+def test_eval_never_writes_over_what_its_scorer_reads(tmp_path, capsys, kind):
+    """--out over the scorer's .py file, or into its run folder, once replaced a user's verifier
+    with results JSON (and a PRM run's config.json, so the PRM was refused from then on)."""
+    data = _write(tmp_path / "t.jsonl", [ROW])
+    (tmp_path / "check.py").write_text("def check(prompt, completion, **row):\n    return 1.0\n")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    if kind in ("verifier", "reward"):
+        scorer, target = f"{kind}:{tmp_path / 'check.py'}:check", tmp_path / "check.py"
+    else:
+        scorer, target = f"{kind}:{tmp_path / 'run'}", tmp_path / "run" / "config.json"
+    before = target.read_bytes()
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--strategies", "best-of-n"]
+    assert main([*argv, "--n", "2", "--scorer", scorer, "--out", str(target)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "E617" in err[0] and "scorer" in err[0], err
+    assert target.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == [
+        "check.py",
+        "run",
+        "t.jsonl",
+    ]
+
+
+def test_eval_data_given_twice_and_rows_no_answer_can_match_are_refused_before_loading(tmp_path, capsys):
+    """The same --data twice once crashed (E001) after the whole evaluation, saving nothing; an
+    empty or true/false gold answer was scored wrong for every model; so is a deep JSON row (E001)."""
+    data = _write(tmp_path / "t.jsonl", [ROW])
+    argv = ["eval", "--model", str(tmp_path / "no-model"), "--data", str(data), "--data", f"{tmp_path}/./t.jsonl"]
+    assert main([*argv, "--out", str(tmp_path / "o.json")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error E623") and "twice" in err[0], err
+    bad = [{**ROW, "answer": ""}, {**ROW, "answer": "  "}, {**ROW, "answer": True}, "[" * 100_000]
+    bad.append({"messages": [{"role": "user", "content": "  "}], "answer": "3"})
+    with pytest.raises(DataError) as e:
+        read_rows(_write(tmp_path / "bad.jsonl", [ROW, *bad]))
+    assert [x.code for x in e.value.errors] == ["E624"] * 5
+    assert [x.where.rsplit(":", 1)[1] for x in e.value.errors] == ["2", "3", "4", "5", "6"]
+    assert not (tmp_path / "o.json").exists()
+
+
 def test_progress_in_a_log_file_has_a_line_per_tenth_even_when_batches_jump(capsys):
     """Batched decoding reports several prompts at once; a log file (not a terminal) still gets
     a line each time a tenth is passed, and one at the end."""

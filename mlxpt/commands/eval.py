@@ -233,6 +233,19 @@ def auto_choices(details: dict) -> dict:
     }
 
 
+def scorer_input(spec) -> Path | None:
+    """The file (`verifier:`/`reward:file.py:fn`) or run folder (`rm:`, `prm:`, `prm+verifier:`)
+    a `--scorer` reads; None for the built-in ones."""
+    if not isinstance(spec, str):
+        return None
+    kind, _, rest = spec.partition(":")
+    if kind in ("rm", "prm", "prm+verifier") and rest:
+        return Path(rest).expanduser()
+    if kind in ("reward", "verifier") and ":" in rest:
+        return Path(rest.rsplit(":", 1)[0]).expanduser()
+    return None
+
+
 def model_inputs(model: str | None, adapters: list[str]) -> dict[str, Path]:
     """The folders an evaluation reads weights from: each adapter's folder (and the run around a
     checkpoint), and the model folder or file when it is a local path."""
@@ -280,11 +293,20 @@ def run(args) -> int:
     inputs = {f"eval data {p}": p for p in data_paths(args)}
     for table_path in table_paths(cfg.calibration):
         inputs[f"calibration table {table_path}"] = Path(table_path)
+    if (scorer := scorer_input(cfg.scorer)) is not None:  # its .py file or run folder
+        inputs[f"scorer {cfg.scorer}"] = scorer
     for path in outputs:  # never one of its own inputs
         check_output(path, inputs, "eval", existing=False)
     if calibrate is not None:
         _check_calibrate(args, cfg)
     paths = data_paths(args)
+    seen: dict[Path, str] = {}
+    for p in paths:  # a set given twice once crashed after the whole evaluation, saving nothing
+        if (key := Path(p).expanduser().resolve()) in seen:
+            raise ConfigError(
+                "E623", f"eval data given twice ({seen[key]} and {p})", str(p), "give each --data file once"
+            )
+        seen[key] = p
     sets = dict(
         zip(data_labels(paths), [read_rows(p, cfg.limit) for p in paths], strict=True)
     )  # checked before any weights load

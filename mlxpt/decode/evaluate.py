@@ -87,6 +87,8 @@ def _prompt_messages(obj: dict) -> list[dict] | None:
         msgs.pop()
     if not msgs or msgs[-1].get("role") != "user" or not isinstance(msgs[-1].get("content"), str):
         return None
+    if not msgs[-1]["content"].strip():  # as a blank `prompt` string is
+        return None
     return [{"role": m.get("role"), "content": m.get("content")} for m in msgs]
 
 
@@ -112,11 +114,19 @@ def read_rows(path: str | Path, limit: int | None = None) -> list[Row]:
         except json.JSONDecodeError as e:
             errors.append(DataError("E624", f"not valid JSON ({e.msg})", where, "one JSON object per line"))
             continue
+        except RecursionError:
+            errors.append(DataError("E624", "not valid JSON (nested too deeply)", where, "one JSON object per line"))
+            continue
         if not isinstance(obj, dict):
             errors.append(DataError("E624", "a row must be a JSON object", where))
             continue
-        if obj.get("answer") is None or isinstance(obj.get("answer"), (dict, list)):
+        answer = obj.get("answer")
+        if answer is None or isinstance(answer, (dict, list)):
             errors.append(DataError("E624", "row has no `answer`", where, 'add "answer": "<gold final answer>"'))
+            continue
+        if isinstance(answer, bool) or (isinstance(answer, str) and not answer.strip()):
+            # once scored: an empty gold answer matches nothing, so the row counted wrong for every model
+            errors.append(DataError("E624", f"`answer` is {answer!r}", where, 'give the gold final answer, e.g. "42"'))
             continue
         msgs = _prompt_messages(obj)
         if msgs is None:
