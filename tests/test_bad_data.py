@@ -139,3 +139,26 @@ def test_check_report_lists_rejects_without_raising(tmp_path):
     assert n == 25
     assert "rejected: 25 rows" in text and "... and 5 more" in text
     assert text.count("E151") == 20
+
+
+def test_check_report_does_not_count_a_row_the_template_rejects_as_valid_too(tmp_path):
+    """A tool-call row the chat template cannot render was once counted both valid and rejected."""
+    from tiny import make_tokenizer
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path / "tok"))  # its template needs `content`
+    call = {"type": "function", "function": {"name": "f", "arguments": "{}"}}
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [call]},
+                {"role": "tool", "content": "1"},
+                {"role": "assistant", "content": "ok"},
+            ]
+        },  # fmt: skip
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}]},
+    ]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    text, n = check_report(str(tmp_path / "train.jsonl"), tokenizer=tok)
+    assert n == 1 and "train: 1 valid rows (chat 1)" in text and "E204" in text, text

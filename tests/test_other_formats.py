@@ -184,6 +184,15 @@ def test_trl_conversational_and_implicit_prompt_pairs(tmp_path):
     with pytest.raises(DataError) as e:
         load_preference(write(tmp_path / "bad.jsonl", [TRL_PAIRS[0], bad]))
     assert e.value.code == "E145" and e.value.where.endswith("bad.jsonl:2")
+    early = {  # they part at the first assistant reply, before the last user turn
+        "chosen": [msg(U, "q1"), msg(A, "good1"), msg(U, "q2"), msg(A, "good2")],
+        "rejected": [msg(U, "q1"), msg(A, "bad1"), msg(U, "q2"), msg(A, "bad2")],
+    }
+    systems = {k: [msg("system", k), msg(U, "q"), msg(A, k)] for k in ("chosen", "rejected")}
+    for row, where in ((early, "differ at [1], before their last user turn"), (systems, "differ at [0]")):
+        with pytest.raises(DataError) as e:
+            load_preference(write(tmp_path / "bad.jsonl", [row]))
+        assert e.value.code == "E145" and where in e.value.what, e.value.line()
 
 
 @pytest.mark.parametrize(

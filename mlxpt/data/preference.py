@@ -94,10 +94,17 @@ def _split_implicit(obj: dict, err) -> dict | None:
     if not users:
         return err(
             "E145",
-            "implicit-prompt pair: 'chosen' and 'rejected' share no opening user turn",
+            f"implicit-prompt pair: 'chosen' and 'rejected' share no opening user turn (they differ at [{shared}])",
             "start both conversations with the same prompt, or give it as 'prompt'",
         )
     cut = users[-1] + 1
+    later = [m for m in chosen[cut:] + rejected[cut:] if isinstance(m, dict) and m.get("role") != "assistant"]
+    if later:  # once E187 with an index into the derived responses, not into the file's lists
+        return err(
+            "E145",
+            f"implicit-prompt pair: 'chosen' and 'rejected' differ at [{shared}], before their last user turn",
+            "a pair shares the conversation up to its last assistant reply: make one pair per reply that differs",
+        )
     return {**obj, "prompt": chosen[:cut], "chosen": chosen[cut:], "rejected": rejected[cut:]}
 
 
