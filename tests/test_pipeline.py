@@ -209,6 +209,27 @@ def test_bad_data_in_stage_2_is_refused_before_stage_1_trains(tiny_dir, data_dir
     assert not (tmp_path / "runs").exists()
 
 
+def test_a_from_run_of_another_models_shapes_leaves_no_pipeline_folder(tiny_dir, data_dir, tmp_path, capsys):
+    """E577 (the adapter does not fit) is found when stage 1 starts; the new pipeline folder it
+    left behind, marked failed, is now removed: a bad recipe creates nothing."""
+    from tiny import make_model
+
+    runs = tmp_path / "runs"
+    flags = ["--data", str(data_dir), "--steps", "1", "--batch-size", "2", "--regression-data", "none"]
+    assert main(["train", "sft", "--model", str(tiny_dir), *flags, "--runs-dir", str(runs), "--name", "src"]) == 0
+    src = next(runs.glob("*-src"))
+    other = make_model(tmp_path / "other", hidden_size=48, intermediate_size=96)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        f"name: fo\nsettings: {{model: {other}, regression_data: none}}\n"
+        f"stages:\n  - {{method: sft, data: {data_dir}, steps: 1, from_run: {src}}}\n"
+    )
+    capsys.readouterr()
+    assert main(["pipeline", str(recipe), "--runs-dir", str(runs)]) == 1
+    assert "E577" in capsys.readouterr().err
+    assert sorted(p.name for p in runs.iterdir()) == [src.name]
+
+
 def test_the_same_recipe_finds_its_folder_an_edited_one_gets_a_new_one(tmp_path):
     from mlxpt.pipeline import find_or_create, load_recipe
 

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import json
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
-from mlxpt.errors import EXIT_INTERRUPTED
+from mlxpt.errors import EXIT_INTERRUPTED, ConfigError
 
 
 def register(sub) -> None:
@@ -75,7 +76,7 @@ def run(args) -> int:
 
 def _run(args) -> int:
     from mlxpt.pipeline import find_or_create, load_recipe, plan_recipe, run_pipeline
-    from mlxpt.pipeline.run import other_versions
+    from mlxpt.pipeline.run import PIPELINE_FILE, other_versions
     from mlxpt.runs.guards import check_writable
 
     recipe = plan_recipe(load_recipe(args.recipe))  # every stage checked: nothing is created before
@@ -94,7 +95,15 @@ def _run(args) -> int:
         print(f"pipeline {recipe.name}: every stage of {folder} is finished; writing the report again")
     else:
         print(f"pipeline {recipe.name}: continuing {folder} ({done} of {n} stages finished)")
-    outcome = run_pipeline(recipe, folder, state, emit=emit)
+    try:
+        outcome = run_pipeline(recipe, folder, state, emit=emit)
+    except ConfigError:
+        # a setting found wrong only when stage 1 starts (a from_run of another model's shapes):
+        # a new folder with no run yet is removed, so a bad recipe leaves nothing behind
+        if how == "new" and not any(s.get("run") for s in state["stages"]):
+            if {p.name for p in folder.iterdir()} <= {PIPELINE_FILE}:
+                shutil.rmtree(folder, ignore_errors=True)
+        raise
     if outcome == "interrupted":
         from mlxpt.runs import latest_checkpoint
 
