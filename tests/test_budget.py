@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import shutil
 
 import pytest
 from test_tts_fakes import FakeLM, byte_tokenizer, scripted
@@ -22,6 +23,7 @@ from mlxpt.decode.budget import (
     check_not_test_set,
     choose,
     expected_tokens,
+    identity,
     load_table,
     plan,
 )
@@ -227,6 +229,41 @@ def test_auto_below_the_probe_cost_skips_the_probe(fake):
     r = _auto(fake, 12, table)
     assert r.auto["chose"] == "greedy@1" and r.auto["bucket"] is None and r.auto["probe_tokens"] == 0
     assert r.generated_tokens == r.auto["spent"] == len(r.text)  # one greedy decode, no probe
+
+
+def test_below_the_probe_cost_auto_never_takes_a_cell_it_skips(fake):
+    """The 'nothing fits' fallback under the probe's cost obeys the same filter as the choice: a
+    `sample@1` cell (mlxpt writes one for --strategies sample) is never run, nor a strategy
+    outside `allowed`."""
+    cells = [("sample", 1, 0.5, 5.0), ("greedy", 1, 0.4, 10.0), ("self-consistency", 4, 0.9, 48.0)]
+    table = _table({"all": cells}, probe_tokens=24.0)
+    assert choose(table, "all", 0, 1).key == "greedy@1"
+    assert choose(table, "all", 0, 1, allowed=("self-consistency",)).key == "self-consistency@4"
+    r = _auto(fake, 1, table)
+    assert r.auto["chose"] == "greedy@1" and r.auto["probe_tokens"] == 0
+    only = _table({"all": [("sample", 1, 0.5, 5.0)]}, probe_tokens=24.0)
+    c = choose(only, "all", 0, 1)  # no cell auto may run: the probe's vote
+    assert c.key == "self-consistency@2" and c.tokens == 24.0
+
+
+def test_auto_counts_the_probe_samples_it_drew(fake):
+    """n_used is every sample drawn for the prompt, the probe's included, whatever auto chose;
+    generate's `[auto: N samples ...]` line says the same, and its votes line counts the voters."""
+    from mlxpt.commands.generate import describe
+
+    def table_of(*cells):
+        return _table({b: list(cells) for b in ("0/2", "1/2", "2/2")}, probe_tokens=24.0)
+
+    one = _auto(fake, 1000, table_of(("self-consistency", 1, 0.9, 6.0)))  # reads 1 of the 2 probe samples
+    assert one.auto["chose"] == "self-consistency@1" and len(one.samples) == 1 and one.n_used == 2
+    lines = describe(one)
+    assert "[auto: 2 samples," in lines[-1] and "of 1 samples gave an answer" in lines[0], lines
+    g = _auto(fake, 1000, table_of(("greedy", 1, 0.95, 6.0)))  # 2 probe samples, then 1 greedy decode
+    assert g.auto["chose"] == "greedy@1" and g.n_used == 3
+    four = _auto(fake, 1000, table_of(("self-consistency", 4, 0.9, 48.0)))  # the probe is the pool's start
+    assert four.auto["chose"] == "self-consistency@4" and four.n_used == 4
+    skipped = _auto(fake, 12, _table({"all": [("greedy", 1, 0.5, 10.0)]}, probe_tokens=24.0))  # no probe
+    assert skipped.auto["probe"] == 0 and skipped.n_used == 1
 
 
 def test_auto_without_a_table_uses_the_builtin_rule(fake):
@@ -437,6 +474,66 @@ def test_malformed_tables_are_refused_with_one_line(tmp_path, edit):
     assert e.value.code == "E652" and "\n" not in e.value.line() and str(path) in e.value.line()
 
 
+def _cell_edit(bucket, key, cell):
+    def edit(t):
+        t["buckets"][bucket]["cells"][key] = cell
+        return t
+
+    return edit
+
+
+def _edit(f):
+    def edit(t):
+        f(t)
+        return t
+
+    return edit
+
+
+CELL = {"strategy": "greedy", "n": 1, "accuracy": 0.5, "tokens": 9.0}
+
+
+@pytest.mark.parametrize(
+    "edit, field",
+    [
+        (_edit(lambda t: t["buckets"]["all"].update(prompts=-4)), "prompts=-4"),
+        (_edit(lambda t: t["buckets"]["all"].update(prompts=True)), "prompts=True"),
+        (_cell_edit("all", "greedy@1", {**CELL, "n": True}), "n=True"),
+        (
+            _cell_edit("all", "self-consistency@1000000000", {**CELL, "strategy": "self-consistency", "n": 10**9}),
+            "n=1000000000",
+        ),  # fmt: skip
+        (_cell_edit("all", "auto@1", {**CELL, "strategy": "auto"}), "strategy='auto'"),
+        (_cell_edit("all", "foo@1", {**CELL, "strategy": "foo"}), "strategy='foo'"),
+        (_cell_edit("all", "greedy@1", {**CELL, "strategy": "beam", "n": 3}), "not its strategy@n (beam@3)"),
+        (_edit(lambda t: t.update(data={"parts": [1]})), "data.parts[0]"),
+        (_edit(lambda t: t.update(data={"parts": "x"})), "`data`"),
+        (_edit(lambda t: t.update(data={"sha256": ["x"]})), "data.sha256"),
+        (_edit(lambda t: t.update(data={"parts": [{"sha256": "a", "rows": -1}]})), "data.parts[0].rows"),
+        (_edit(lambda t: t.update(model_sha256=5)), "model_sha256"),
+        (_edit(lambda t: t["buckets"].update({"5/2": t["buckets"]["all"]})), "bucket '5/2'"),
+        (lambda t: "[" * 200_000, "not JSON (RecursionError)"),  # nested too deep for the JSON reader
+    ],
+)
+def test_hand_edited_tables_are_refused_naming_the_field(tmp_path, edit, field):
+    """Values a hand edit can put in a table that would crash or hang auto later (a division by
+    zero prompts, auto choosing auto, an unknown strategy, a billion samples): one E652 line."""
+    path = tmp_path / "cal.json"
+    obj = edit(json.loads(json.dumps(GOOD)))
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    for given in (path, [str(_saved(tmp_path / "good.json", load_table(_good(tmp_path)))), str(path)]):
+        with pytest.raises(ConfigError) as e:
+            load_table(given)
+        line = e.value.line()
+        assert e.value.code == "E652" and field in line and str(path) in line and "\n" not in line, line
+
+
+def _good(tmp_path):
+    path = tmp_path / "good-src.json"
+    path.write_text(json.dumps({**GOOD, "data": {"path": "g.jsonl", "sha256": "g", "rows": 3}}))
+    return path
+
+
 def test_a_table_for_another_model_is_refused(tmp_path):
     path = tmp_path / "cal.json"
     path.write_text(json.dumps(GOOD))
@@ -465,6 +562,63 @@ def calibrated(base, tmp_path_factory):
             "--n", "1,2,4", "--max-tokens", "4", "--out", str(d / "valid-res.json"), "--calibrate", str(cal)]  # fmt: skip
     assert main(argv) == 0
     return d, valid, test, cal
+
+
+def test_a_table_fits_its_model_by_fingerprint_not_by_the_text(base, tmp_path, monkeypatch):
+    """A table records the model's resolved folder and fingerprint: the same model by another path
+    or in a copy fits, another model (same shapes, other weights) at the same relative path does
+    not; a table made with --adapter RUN --model M fits --adapter RUN alone, and the reverse."""
+    from test_decode import make_adapter_run
+
+    from mlxpt.commands.generate import model_ref
+
+    recs = _details([(["8", "8"], {"greedy@1": (True, 6)})])
+    monkeypatch.chdir(base.parent)
+    table = build_table(recs, 2, identity("./base", None), {}, {})
+    assert table.model == str(base.resolve()) and table.model_sha256
+    path = _saved(tmp_path / "cal.json", table)
+    for spelling in ("./base", "base/", str(base)):
+        assert load_table(path, model=spelling).model_sha256 == table.model_sha256
+    shutil.copytree(base, tmp_path / "copy")
+    load_table(path, model=str(tmp_path / "copy"))
+    make_model(tmp_path / "elsewhere" / "base", seed=3)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="E653") as e:
+        load_table(path, model="./base")  # the same text, another model
+    assert str(tmp_path / "elsewhere" / "base") in e.value.line()
+    # pooling: the same model under two paths pools, another model does not
+    a, b = _pool_sets()
+    ta = build_table(a, 2, identity(str(base), None), {"path": "a", "sha256": "aa", "rows": 3}, {})
+    tb = build_table(b, 2, identity(str(tmp_path / "copy"), None), {"path": "b", "sha256": "bb", "rows": 2}, {})
+    pa, pb = _saved(tmp_path / "a.json", ta), _saved(tmp_path / "b.json", tb)
+    assert load_table([str(pa), str(pb)]).model_sha256 == ta.model_sha256
+    with pytest.raises(ConfigError, match="E653"):  # ./base here: the other model
+        load_table([str(pa), str(pb)], model="./base")
+    tc = build_table(b, 2, identity("./base", None), {"path": "b", "sha256": "bb", "rows": 2}, {})
+    with pytest.raises(ConfigError, match="E659"):
+        load_table([str(pa), str(_saved(tmp_path / "c.json", tc))])
+    # an adapter run: with its base model given (relative here) or read from the run
+    monkeypatch.chdir(base.parent)
+    run = str(make_adapter_run(tmp_path / "run", base))
+    for made_with in ("./base", None):
+        t = build_table(recs, 2, identity(model_ref(made_with, run), run), {}, {})
+        ta = _saved(tmp_path / "cal-run.json", t)
+        for given in ("./base", None):
+            load_table(ta, model=model_ref(given, run) or "", adapter=run)
+        with pytest.raises(ConfigError, match="E653"):
+            load_table(ta, model="./base")  # the base without the adapter
+
+
+def test_an_older_table_without_a_fingerprint_keeps_the_text_rule(base, tmp_path, monkeypatch):
+    """Tables written before the fingerprint match the --model text they were made with, as
+    before; another spelling is refused with a hint that says why."""
+    monkeypatch.chdir(base.parent)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({**GOOD, "model": "./base"}))
+    assert load_table(path, model="./base").model_sha256 is None
+    with pytest.raises(ConfigError, match="E653") as e:
+        load_table(path, model=str(base))
+    assert "older table" in e.value.line() and "\n" not in e.value.line()
 
 
 def test_eval_calibrate_writes_a_table_for_this_model(base, calibrated):
@@ -501,6 +655,41 @@ def test_eval_auto_and_tokens_curve(base, calibrated, capsys):
     argv[argv.index(str(test))] = str(valid)
     argv[argv.index(str(out))] = str(d / "leak.json")
     assert main(argv) == 1 and "E656" in capsys.readouterr().err and not (d / "leak.json").exists()
+
+
+def test_generate_takes_a_table_by_any_path_of_its_model(base, calibrated, monkeypatch, capsys):
+    _, _, _, cal = calibrated  # made with --model <absolute path>
+    monkeypatch.chdir(base.parent)
+    argv = ["generate", "--model", "./base", "--prompt", "hi", "--strategy", "auto", "--budget", "30",
+            "--calibration", str(cal), "--max-tokens", "4"]  # fmt: skip
+    capsys.readouterr()
+    assert main(argv) == 0
+    assert "auto (table):" in capsys.readouterr().err
+
+
+def test_eval_samples_column_counts_the_probe(base, calibrated, capsys):
+    """eval's `samples` (mean_samples) for auto is what was drawn: the probe's samples, plus what
+    the chosen strategy drew beyond them."""
+    d, _, test, cal = calibrated
+    table = load_table(cal)  # greedy or the first probe sample is best: the probe's samples were drawn anyway
+    for i, b in enumerate(table.buckets.values()):
+        b.cells["greedy@1" if i % 2 else "self-consistency@1"].accuracy = 1.0
+    edited = _saved(d / "cal-edited.json", table)
+    out = d / "auto-samples.json"
+    argv = ["eval", "--model", str(base), "--data", str(test), "--strategies", "auto", "--budget", "4,40,400",
+            "--calibration", str(edited), "--max-tokens", "4", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    capsys.readouterr()
+    doc = json.loads(out.read_text())
+    drawn: dict[str, int] = {}
+    for c in doc["auto_choices"]["base"]:
+        s, n = c["chose"].rsplit("@", 1)
+        pooled = s in ("self-consistency", "best-of-n") and c["probe"]
+        got = max(c["probe"], int(n)) if pooled else c["probe"] + (1 if s == "greedy" else int(n))
+        drawn[c["cell"]] = drawn.get(c["cell"], 0) + got
+    assert any(c["probe"] for c in doc["auto_choices"]["base"])
+    for r in doc["results"]:
+        assert r["mean_samples"] * r["total"] == pytest.approx(drawn[f"auto@{r['budget']}"]), r
 
 
 def test_eval_auto_with_a_mean_budget_prints_and_follows_its_plan(base, calibrated, capsys):
@@ -604,6 +793,7 @@ def test_tokens_series_and_chart():
         (["--calibrate", "CAL", "--compare", "RUN"], "E657"),
         (["--strategies", "self-consistency,auto", "--budget", "9", "--calibrate", "CAL"], "E657"),
         (["--calibrate", "OUT"], "E657"),
+        (["--strategies", "auto", "--budget", "100", "--calibration", "BAD", "--compare", "RUN"], "E657"),
     ],
 )
 def test_eval_bad_budget_flags_fail_before_loading(tmp_path, capsys, extra, code):

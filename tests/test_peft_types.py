@@ -209,6 +209,31 @@ def test_fuse_is_refused_with_one_line(tiny_dir, tmp_path):
         assert not (tmp_path / f"{name}-fused").exists()
 
 
+def test_from_a_prefix_run_an_explicit_default_that_contradicts_it_is_refused(tiny_dir, data_dir, tmp_path):
+    """`--from <prefix adapter> --fine-tune-type lora` is refused (E575) like `--from <LoRA> --fine-tune-type
+    prefix`, though lora is the default: a setting the person gave (flag or YAML) is never overridden."""
+    from mlxpt.config import build_config
+    from mlxpt.models import load
+    from mlxpt.models.adapters import apply_adapters, save_adapter
+    from mlxpt.train import chain
+
+    model, _ = load(str(tiny_dir))
+    folder = tmp_path / "prefix-adapter"
+    folder.mkdir()
+    save_adapter(folder, model, apply_adapters(model, _cfg("prefix")))
+    base = {"model": str(tiny_dir), "data": str(data_dir), "runs_dir": str(tmp_path / "runs"), "from_run": str(folder)}
+    cfg = build_config("sft", base)  # nothing given: the source's shape is taken
+    assert chain.prepare(cfg, None).adopted == ["fine_tune_type=prefix", "num_layers=2", "prefix_length=3"]
+    yaml = tmp_path / "lora.yaml"
+    yaml.write_text("fine_tune_type: lora\n")
+    for flags, path in (({"fine_tune_type": "lora"}, None), ({"prefix_length": "16"}, None), ({}, str(yaml))):
+        cfg = build_config("sft", {**base, **flags}, path)
+        with pytest.raises(ConfigError, match="E575: (fine_tune_type=lora|prefix_length=16) does not match") as e:
+            chain.prepare(cfg, None)
+        assert "\n" not in e.value.line()
+    assert not (tmp_path / "runs").exists()
+
+
 @pytest.mark.parametrize(
     ("flags", "match"),
     [

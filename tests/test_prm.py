@@ -511,6 +511,40 @@ def test_label_steps_resumes_after_the_last_complete_row(tmp_path, monkeypatch):
     assert e.value.code == "E533" and out.read_bytes() == before and foreign.read_text() == "{}\n"
 
 
+def test_label_steps_cuts_only_a_tail_it_wrote_itself(tmp_path, monkeypatch):
+    """Rows someone appended to OUT are never cut: more than label-steps' own torn tail (part of a
+    line, or the next prompt's line written before its progress record) is E533 with OUT untouched;
+    "nothing to do" leaves OUT as it is."""
+    from mlxpt.data.prompts import scan_prompts
+    from mlxpt.decode import label_steps as L
+
+    prompts = tiny.write_prompt_dir(tmp_path, train=(6, 5)) / "train.jsonl"
+    rows, _ = scan_prompts(prompts, require=("answer",))
+    s = L.LabelSettings(str(prompts), "policy", rollouts=2)
+    out = tmp_path / "steps.jsonl"
+    _fake_labeller(monkeypatch)
+    L.label_steps(None, None, rows[:4], out, s)
+    prog = L.progress_path(out)
+    done, record = out.read_bytes(), prog.read_bytes()
+    line = (json.dumps({"prompt": "q", "completions": ["a"], "labels": [True], "row": 4}) + "\n").encode()
+    other = (json.dumps({"prompt": "q", "completions": ["a"], "labels": [True], "row": 0}) + "\n").encode()
+    for added in (other, line + other, line + b'{"prompt": "torn', other + line):
+        out.write_bytes(done + added)
+        for limit in (4, 6):  # nothing to do, and something to do
+            with pytest.raises(MlxptError) as e:
+                L.label_steps(None, None, rows[:limit], out, s)
+            assert e.value.code == "E533" and f"grew by {len(added)} bytes" in e.value.line()
+            assert out.read_bytes() == done + added
+    for torn in (b'{"prompt": "to', line):  # a crash mid-append, or before the progress record
+        out.write_bytes(done + torn)
+        assert L.start_point(out, s) == (4, 4) and out.read_bytes() == done + torn
+        assert L.label_steps(None, None, rows[:4], out, s).rows == 4 and out.read_bytes() == done + torn
+        L.label_steps(None, None, rows, out, s)
+        assert [json.loads(x)["row"] for x in out.read_text().splitlines()] == list(range(6))
+        out.write_bytes(done)
+        prog.write_bytes(record)
+
+
 def test_label_steps_cli_refuses_bad_inputs_before_loading(tmp_path, capsys):
     from mlxpt.cli import main
 
@@ -558,6 +592,24 @@ def test_label_steps_cli_end_to_end_on_the_tiny_model(tiny_dir, tmp_path, capsys
         len(r["labels"]) == len(r["completions"]) and all(isinstance(x, bool) for x in r["labels"]) for r in rows
     )
     assert main(argv) == 0 and "nothing to do" in capsys.readouterr().err
+
+
+def test_label_steps_refuses_a_reward_model_as_the_policy(prm_run, tmp_path, capsys):
+    """A PRM's adapter is a scoring backbone: --policy refuses it with --from's and --teacher's E579."""
+    from mlxpt.cli import main
+    from mlxpt.models.chaining import resolve_start
+
+    run_dir, _ = prm_run
+    prompts = tiny.write_prompt_dir(tmp_path, train=(2, 5)) / "train.jsonl"
+    out = tmp_path / "steps.jsonl"
+    argv = ["data", "label-steps", "--policy", str(run_dir), "--data", str(prompts), "--out", str(out)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error E579: this is a reward model; --policy takes a policy's adapter")
+    assert len(err.splitlines()) == 1 and not out.exists()
+    with pytest.raises(MlxptError) as e:
+        resolve_start(str(run_dir))
+    assert e.value.code == "E579" and e.value.hint in err
 
 
 # ---- the bundled data ---------------------------------------------------------------------------------
@@ -644,8 +696,9 @@ def test_prm_plus_verifier_is_checked_like_prm_and_scores_through_the_cli(prm_ru
 
     run_dir = prm_run[0]
     other = tiny.make_model(tmp_path / "other", seed=1, hidden_size=32, intermediate_size=64)
+    # no --step-delimiter: the search cuts steps at the PRM's own (another one is E638)
     cmd = ["generate", "--strategy", "step-beam", "--n", "2", "--temperature", "0.7", "--prompt", "2 + 2 = ?",
-           "--max-tokens", "6", "--step-delimiter", " ", "--max-steps", "3"]  # fmt: skip
+           "--max-tokens", "6", "--max-steps", "3"]  # fmt: skip
     assert main([*cmd, "--scorer", f"prm+verifier:{run_dir}", "--model", str(other)]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error E528") and err.count("\n") == 1

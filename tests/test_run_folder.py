@@ -55,3 +55,33 @@ def test_rank_zero_alone_writes_and_every_status_carries_the_world_size(monkeypa
     assert running == {**running, "status": "running", "step": 2, "steps": 5, "world_size": 3}
     failed = read_status(run)
     assert failed["status"] == "failed" and failed["world_size"] == 3 and failed["error"] == "E999 boom"
+
+
+def test_reward_files_scorer_runs_and_teachers_are_saved_absolute(tmp_path, monkeypatch):
+    """rft's `--rewards f.py:fn` and `--scorer prm:RUN` (rm:, prm+verifier:, reward:f.py:fn) and
+    distill's `--teacher PATH` are saved absolute, so a resume from another folder reads the same
+    files; names that are no path here (built-ins, hub ids, an alias) stay as given."""
+    from mlxpt.models.loader import ALIASES
+    from mlxpt.runs import write_config
+
+    for name in ("rw.py", "runs/prm", "runs/rm", "models/big", next(iter(ALIASES))):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).mkdir() if not name.endswith(".py") else (tmp_path / name).write_text("")
+    monkeypatch.chdir(tmp_path)
+    cases = [
+        ("rft", "rewards", "accuracy, rw.py:one", f"accuracy,{tmp_path}/rw.py:one"),
+        ("rft", "scorer", "prm:runs/prm", f"prm:{tmp_path}/runs/prm"),
+        ("rft", "scorer", "prm+verifier:runs/prm", f"prm+verifier:{tmp_path}/runs/prm"),
+        ("rft", "scorer", "rm:runs/rm", f"rm:{tmp_path}/runs/rm"),
+        ("rft", "scorer", "reward:rw.py:one", f"reward:{tmp_path}/rw.py:one"),
+        ("rft", "scorer", "verifier", "verifier"),
+        ("rft", "scorer", "prm:runs/missing", "prm:runs/missing"),
+        ("distill", "teacher", "models/big", f"{tmp_path}/models/big"),
+        ("distill", "teacher", "owner/hub-model", "owner/hub-model"),
+        ("distill", "teacher", next(iter(ALIASES)), next(iter(ALIASES))),
+    ]
+    for i, (section, key, given, saved) in enumerate(cases):
+        run = tmp_path / "out" / str(i)
+        run.mkdir(parents=True)
+        write_config(run, {"method": section, section: {key: given}})
+        assert json.loads((run / "config.json").read_text())[section][key] == saved, (section, key, given)

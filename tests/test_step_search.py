@@ -364,26 +364,78 @@ def test_a_built_scorer_is_used_per_step(tok, V):
     assert built.text == spec.text == GOOD + GOOD + ANSWER and built.scores == spec.scores
 
 
-def test_a_real_prm_run_guides_step_beam_through_the_cli(tiny, tmp_path, capsys):
-    """`--scorer prm:RUN` loads the process reward model of a (1-step) `mlxpt train prm` run."""
+def test_a_real_prm_run_guides_step_beam_through_the_cli(tiny, tmp_path, capsys, monkeypatch):
+    """`--scorer prm:RUN` loads the process reward model of a (1-step) `mlxpt train prm` run, and
+    the search cuts its steps at the PRM's own delimiter (a space here) unless told otherwise; a
+    different `--step-delimiter` is one line (E638) before anything is generated."""
     import json
 
     from mlxpt.config import PRMConfig
+    from mlxpt.decode import batch
     from mlxpt.train.prm import run_prm
 
     rows = [{"prompt": f"Check {i}.", "completions": ["1 = good", "2 = bad"], "labels": [True, False]}
             for i in range(8)]  # fmt: skip
     for split in ("train", "valid"):
         (tmp_path / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    run_dir, outcome = run_prm(run_config(PRMConfig, tiny, tmp_path, tmp_path, steps=1))
+    run_dir, outcome = run_prm(run_config(PRMConfig, tiny, tmp_path, tmp_path, steps=1, step_delimiter=" "))
     assert outcome == "finished"
+    stops: list = []
+    real = batch.generate_from
+    monkeypatch.setattr(batch, "generate_from", lambda *a, **k: stops.append(a[6]) or real(*a, **k))
     argv = ["generate", "--model", str(tiny), "--prompt", "2 + 2?", "--max-tokens", "10", "--seed", "0",
-            "--strategy", "step-beam", "--beam-width", "2", "--expand", "2", "--step-delimiter", " ",
+            "--strategy", "step-beam", "--beam-width", "2", "--expand", "2",
             "--max-steps", "3", "--scorer", f"prm:{run_dir}"]  # fmt: skip
     assert main(argv) == 0
     err = capsys.readouterr().err
     scores = [float(x) for x in err.split("step scores: ")[1].split("]")[0].split(", ")]
     assert scores and all(0 < x < 1 for x in scores)  # the PRM's sigmoid, one per step
+    assert stops and set(stops) == {(" ",)}  # every expansion stops at the PRM's delimiter
+    assert main([*argv, "--step-delimiter", " "]) == 0  # the same one, given: fine
+    capsys.readouterr()
+    stops.clear()
+    for flag in ("\\n", ";"):
+        assert main([*argv, "--step-delimiter", flag]) == 1
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error E638") and "' '" in lines[0], lines
+    assert stops == []  # refused before any step was generated
+
+
+def test_a_prm_scorer_brings_its_own_step_delimiter(tmp_path, monkeypatch):
+    """The delimiter a step search cuts at: the one given, else the PRM's (read from its run's
+    config before anything loads), else a newline; a given one the PRM was not trained with is
+    E638 from check_decode, step search itself and eval's checks. Best-of-N cuts a completion
+    into steps at the PRM's delimiter too."""
+    import json
+
+    import mlxpt.decode.scorers as scorers
+    from mlxpt.config import PRMConfig
+    from mlxpt.decode.evaluate import EvalConfig, check_config
+    from mlxpt.decode.step_search import make_step_scorer
+
+    run = tmp_path / "prm"
+    run.mkdir()
+    saved = {"method": "prm", **PRMConfig().to_dict()}
+    saved["prm"]["step_delimiter"] = "\\n\\n"  # as `--step-delimiter '\n\n'` saves it
+    (run / "config.json").write_text(json.dumps(saved))
+    spec = f"prm:{run}"
+    assert scorers.search_delimiter(spec, None) == "\n\n" and scorers.search_delimiter(spec, "\n\n") == "\n\n"
+    assert scorers.search_delimiter("verifier", None) == "\n" and scorers.search_delimiter("verifier", ";") == ";"
+    check_decode(DecodeConfig("step-beam", scorer=spec))
+    for cfg in (DecodeConfig("step-beam", scorer=spec, search=SearchConfig(delimiter="\n")),
+                DecodeConfig("tree", scorer=f"prm+verifier:{run}", search=SearchConfig(delimiter=";"))):  # fmt: skip
+        with pytest.raises(ConfigError, match=r"E638: --step-delimiter .* is not the step delimiter '\\n\\n'"):
+            check_decode(cfg)
+    with pytest.raises(ConfigError, match="E638"):
+        check_config(EvalConfig(strategies=["step-beam"], scorer=spec, search=SearchConfig(delimiter="\n")))
+    prm = FakePRM()
+    prm.delimiter = ";"
+    with pytest.raises(ConfigError, match="E638"):
+        make_step_scorer(prm, None, lm_tok[0], delimiter="\n")
+    monkeypatch.setattr(scorers, "load_prm", lambda run, tokenizer=None: prm)
+    texts = ["g 2 + 2 = 4;b 2 + 2 = 5;Answer: 4", "g one\nh two;Answer: 4"]
+    assert scorers.make_scorer(spec)(PROMPT, texts) == [0.1, 0.9]  # steps end at ';', not at newlines
+    assert prm.calls[-1] == [["g 2 + 2 = 4", "b 2 + 2 = 5", "Answer: 4"], ["g one\nh two", "Answer: 4"]]
 
 
 def test_eval_passes_search_flags_and_the_scorer_to_step_search(tiny, tmp_path, monkeypatch):

@@ -299,11 +299,13 @@ def _policy(policy: str) -> tuple[str, str | None]:
     """(model reference, adapter or None) of --policy: a run or adapter folder, else a model."""
     from mlxpt.commands.generate import check_adapter
     from mlxpt.fuse import base_model_of
+    from mlxpt.models.chaining import refuse_reward_model
     from mlxpt.runs.guards import is_run_dir
 
     p = Path(policy)
     if not (p.is_dir() and (is_run_dir(p) or (p / "adapter_config.json").is_file())):
         return policy, None
+    refuse_reward_model(p, "--policy", f"--policy {policy}")  # a reward model's or PRM's backbone
     check_adapter(p)
     base = base_model_of(p)
     if base is None:

@@ -276,6 +276,11 @@ def run(args) -> int:
     from mlxpt.runs.guards import check_output, check_writable
 
     cfg = config_from(args)
+    if args.compare and "auto" in cfg.strategies and cfg.calibration:  # a table fits one model, not two
+        raise ConfigError(
+            "E657", "auto with a calibration table scores one model; --compare scores two", "--compare",
+            "evaluate auto on the base (--model) and on the adapter (--adapter RUN) in two commands, each with its own table",
+        )  # fmt: skip
     check_config(cfg)
     out = Path(args.out)
     plot = Path(args.plot) if args.plot else out.with_suffix(".png")

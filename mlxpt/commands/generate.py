@@ -172,7 +172,10 @@ def add_search_args(p) -> None:
     g = p.add_argument_group("step-level search (--strategy step-beam | tree)")
     g.add_argument("--beam-width", default=None, help="partial solutions kept per step; dvts: subtrees (default: --n)")
     g.add_argument("--expand", default=str(d.expand), help="sampled next steps per expanded partial solution")
-    g.add_argument("--step-delimiter", default="\\n", help="a step ends at this string (default: \\n, a newline)")
+    g.add_argument(
+        "--step-delimiter", default=None,
+        help="a step ends at this string (default: a prm:RUN scorer's own, else \\n, a newline)",
+    )  # fmt: skip
     g.add_argument("--step-aggregate", default=d.aggregate, help="step scores -> value: min, last, product")
     g.add_argument("--max-steps", default=str(d.max_steps), help="most steps in one solution")
     g.add_argument("--dvts", action="store_true", help="step-beam: independent subtrees (diverse verifier tree search)")
@@ -195,12 +198,12 @@ def _number(value, flag: str, kind=int):
 
 
 def search_config(args):
-    """The SearchConfig of the step-search flags (escapes such as \\n in --step-delimiter decoded)."""
+    """The SearchConfig of the step-search flags (escapes such as \\n in --step-delimiter decoded;
+    without the flag, None: a PRM scorer's own delimiter, else a newline)."""
+    from mlxpt.data.stepwise import step_delimiter
     from mlxpt.decode.options import SearchConfig
 
-    delimiter = args.step_delimiter
-    for esc, ch in (("\\n", "\n"), ("\\t", "\t")):
-        delimiter = delimiter.replace(esc, ch)
+    delimiter = None if args.step_delimiter is None else step_delimiter(args.step_delimiter)
     return SearchConfig(
         beam_width=_number(args.beam_width, "--beam-width"), expand=_number(args.expand, "--expand"),
         delimiter=delimiter, aggregate=args.step_aggregate, max_steps=_number(args.max_steps, "--max-steps"),
@@ -222,7 +225,7 @@ def check_strategy_args(args) -> None:
     """Validate the strategy flags (E620+) before any weights load."""
     from mlxpt.decode.beam import check_beam
     from mlxpt.decode.options import STEP_STRATEGIES, check_search, check_strategy, reads_scorer
-    from mlxpt.decode.scorers import check_base_model, check_spec
+    from mlxpt.decode.scorers import check_base_model, check_spec, search_delimiter
     from mlxpt.rewards.extract import check_method
 
     if args.strategy is None:
@@ -245,6 +248,8 @@ def check_strategy_args(args) -> None:
         check_spec(args.scorer)
         if reads_scorer(args.strategy, args.weighting):
             check_base_model(args.scorer, model_ref(args.model, args.adapter) or DEFAULT_MODEL)
+        if args.strategy in STEP_STRATEGIES:
+            search_delimiter(args.scorer, search_config(args).delimiter)  # E638: not the PRM's
     if args.strategy in ("best-of-n", "self-consistency", "sample") and args.n > 1 and args.temperature == 0:
         raise ConfigError(
             "E626",
@@ -380,7 +385,8 @@ def describe(result) -> list[str]:
         total = sum(result.votes.values())
         ranked = sorted(result.votes.items(), key=lambda kv: -kv[1])
         shown = ", ".join(f"{a}: {c}" for a, c in ranked[:8])
-        lines.append(f"[votes ({total} of {result.n_used} samples gave an answer): {shown} -> {result.answer}]")
+        voters = len(result.samples)  # auto: the chosen vote's samples, not every probe sample (n_used)
+        lines.append(f"[votes ({total} of {voters} samples gave an answer): {shown} -> {result.answer}]")
         if result.weights:
             lines.append("[weights: " + ", ".join(f"{a}: {w:.3f}" for a, w in result.weights.items()) + "]")
     if result.scores is not None and result.strategy in ("best-of-n", "beam"):

@@ -13,6 +13,7 @@ from mlxpt.config.prm import PRMConfig
 from mlxpt.config.rft import RFTConfig
 from mlxpt.config.sections import (
     PREF_METHODS,
+    AdapterConfig,
     DPOConfig,
     GRPOConfig,
     RMConfig,
@@ -108,12 +109,42 @@ def build_config(
     cfg = cls()
     if method != "sft":
         apply_flat(cfg, PREF_METHODS.get(method, {}), source=method)
+    given = set(flags)
     if yaml_path:  # mlx-lm's key names (iters, lora_parameters, ...) are read as ours
+        run_config = saved_method(yaml_path) is not None
         settings, yaml_path = yaml_settings(yaml_path, method)
         flat = from_mlx_lm(settings, set(all_fields(cfg)), yaml_path)
         apply_flat(cfg, flat, source=yaml_path)
+        given |= _given_in(flat, run_config)
     apply_flat(cfg, flags, source="command line")
+    if isinstance(getattr(cfg, "adapter", None), AdapterConfig):  # what --from may not override
+        cfg.adapter._given = frozenset(k.replace("-", "_") for k in given)
+    _anchor_fingerprinted(cfg)
     return cfg
+
+
+# settings a run fingerprints its saved work by (RFT's rounds, distill's teacher cache) that name
+# files or runs: made absolute now, as config.json saves them, so a resume (which reads them back
+# from config.json) computes the same fingerprints
+FINGERPRINTED_PATHS = (("rft", "rewards"), ("rft", "scorer"), ("distill", "teacher"))
+
+
+def _anchor_fingerprinted(cfg) -> None:
+    for section, key in FINGERPRINTED_PATHS:
+        obj = getattr(cfg, section, None)
+        if obj is not None and isinstance(getattr(obj, key, None), str):
+            from mlxpt.runs.folder import anchor_setting
+
+            setattr(obj, key, anchor_setting(key, getattr(obj, key), Path.cwd()))
+
+
+def _given_in(flat: dict, run_config: bool) -> set[str]:
+    """The settings a --config file sets: a YAML file's keys; of a run's saved config.json (which
+    lists every setting), all but the adapter settings at their defaults."""
+    if not run_config:
+        return set(flat)
+    default = AdapterConfig()
+    return {k for k, v in flat.items() if not hasattr(default, k) or getattr(default, k) != v}
 
 
 def run_config_path(path: str) -> str:

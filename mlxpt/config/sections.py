@@ -77,6 +77,13 @@ class AdapterConfig:
     from_run: str | None = opt(None, "start from this run's (or mlx-lm adapter folder's) adapter weights")
 
 
+def given_adapter_settings(adapter: AdapterConfig) -> frozenset[str] | None:
+    """The adapter settings the person set for this run (a flag or a YAML key), as `build_config`
+    notes them; None for a config made otherwise (a value other than the default then counts as
+    set). `--from` (models/chaining.py) takes the source adapter's value only for the others."""
+    return getattr(adapter, "_given", None)
+
+
 # The adapter settings that belong to one fine-tune type; the others (fine_tune_type, num_layers,
 # from_run) serve every type. A new type in fine_tune_type's choices gets a line here.
 TYPE_SETTINGS = {

@@ -55,6 +55,7 @@ def check_report(
         lines.append(f"{split}: {len(rows)} valid rows ({fmt}) {' '.join(files)}".rstrip())
         if tokenizer is None or not rows:
             continue
+        at, before = len(lines) - 1, len(errors)
         tok = _Tok(tokenizer)
         lengths, trained, over = [], 0, 0
         for row in rows:
@@ -78,6 +79,12 @@ def check_report(
                 continue
             trained += sum(ex.mask)
             preview = preview or (row, ex)
+        if len(errors) > before:  # rows the tokenizer refused are rejected, not also valid
+            bad = {e.where for e in errors[before:]}
+            kept = [r for r in rows if r.where not in bad]
+            kinds = Counter(r.source or r.kind for r in kept)
+            fmt = ", ".join(f"{k} {n}" for k, n in sorted(kinds.items())) or "no valid rows"
+            lines[at] = f"{split}: {len(kept)} valid rows ({fmt}) {' '.join(files)}".rstrip()
         if lengths:
             total = sum(lengths)
             lines.append(
@@ -135,7 +142,7 @@ def detect_data_kind(path: str, valid: str | None = None) -> str:
 
     try:
         train, _ = resolve_splits(path, valid)
-        with open(train, encoding="utf-8", errors="replace") as f:
+        with open(train, encoding="utf-8-sig", errors="replace") as f:
             for line in f:
                 if line.strip():
                     obj = json.loads(line)

@@ -19,7 +19,8 @@ toward the same cell's in the `all` row, as if the bucket had `SHRINK_PROMPTS` m
 scoring the overall rate (empirical Bayes): a bucket of 3 calibration prompts, where most cells
 tie, then ranks its cells mostly by how they did overall instead of taking the cheapest of the
 tie. A budget below the probe's mean cost skips the probe and chooses from the table's `all`
-row. A table records the model and adapter it was measured on and is refused for another.
+row. A table records the model (its resolved folder and a fingerprint of its files) and adapter
+it was measured on and is refused for another.
 
 Built-in rule (no table): all probe samples agree -> their answer, no more tokens; otherwise
 self-consistency with the largest N whose expected tokens (the probe's mean sample length x N)
@@ -40,6 +41,7 @@ than it; Snell et al. bin difficulty by verifier scores, not by sample agreement
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -58,6 +60,8 @@ SKIPPED = ("auto", "adaptive", "sample")  # never chosen: auto itself, and cells
 BUILTIN_MAX_N = 64
 SHRINK_PROMPTS = 4  # pseudo-prompts of the `all` row's rate added to each bucket's (see the module doc)
 BUDGET_MODES = ("prompt", "mean")  # what --budget bounds: each prompt's expected tokens, or their mean
+MAX_N = 1024  # a cell's largest N: the largest `mlxpt eval --n` (evaluate.parse_ns)
+WEIGHT_SAMPLES, WEIGHT_CHUNK = 64, 1 << 16  # a model's fingerprint reads 64 x 64 KiB of each weight file
 
 
 @dataclass
@@ -88,6 +92,7 @@ class CalibrationTable:
     adapter_sha256: str | None = None
     data: dict = field(default_factory=dict)  # path, sha256, rows of the calibration set
     settings: dict = field(default_factory=dict)  # max_tokens, temperature, scorer, extract
+    model_sha256: str | None = None  # the model's fingerprint (`model_fingerprint`); None: an older table
 
     def to_json(self) -> dict:
         return {"kind": KIND, "version": VERSION, **asdict(self)}
@@ -150,10 +155,9 @@ def choose(
         bucket = "all"
     row = table.buckets[bucket]
     fallback = Choice("self-consistency", table.probe, math.nan, spent, "table")
+    cells = [c for c in row.cells.values() if c.strategy not in SKIPPED and (allowed is None or c.strategy in allowed)]
     best: Choice | None = None
-    for cell in row.cells.values():
-        if cell.strategy in SKIPPED or (allowed is not None and cell.strategy not in allowed):
-            continue
+    for cell in cells:
         cost = expected_tokens(cell, table.probe, spent, row.probe_tokens) if probed else cell.tokens
         if cost > budget:
             continue
@@ -164,9 +168,11 @@ def choose(
         if best is None or (round(c.accuracy, 9), -c.tokens) > (round(best.accuracy, 9), -best.tokens):
             best = c
     if best is None:
-        if not probed:  # under the probe's cost and nothing fits: the cheapest cell
-            cheapest = min(row.cells.values(), key=lambda c: c.tokens)
+        if not probed and cells:  # under the probe's cost and nothing fits: the cheapest cell
+            cheapest = min(cells, key=lambda c: c.tokens)
             return Choice(cheapest.strategy, cheapest.n, cheapest.accuracy, cheapest.tokens, "table")
+        if not probed:  # no cell auto may run: the probe's vote, drawn now
+            return replace(fallback, tokens=row.probe_tokens)
         return fallback
     return best
 
@@ -253,22 +259,26 @@ def run_auto(model, tokenizer, prompt_tokens, cfg, ctx, strategies: dict, drawer
         else:
             choice = builtin_choice(bucket, spent, probe, cfg.budget)
     run_cfg = replace(cfg, strategy=choice.strategy, n=choice.n)
+    served = 0  # probe samples the chosen strategy read as its own (counted once)
     if choice.strategy in POOLED and pool:
         # the probe is the pool's start; later samples continue its random stream (no reseed)
         run_cfg = replace(run_cfg, sampling=replace(probe_cfg.sampling_settings(), seed=None))
-        served = sum(len(c.tokens) for c in pool[: choice.n])
-        r = strategies[choice.strategy](model, tokenizer, prompt_tokens, run_cfg, replace(ctx, pool=list(pool)))
-        total = spent + r.generated_tokens - served
+        unread = list(pool)  # the drawer serves from this list and removes what it serves
+        r = strategies[choice.strategy](model, tokenizer, prompt_tokens, run_cfg, replace(ctx, pool=unread))
+        served = len(pool) - len(unread)
     else:
         r = strategies[choice.strategy](model, tokenizer, prompt_tokens, run_cfg, ctx)
-        total = spent + r.generated_tokens
+    total = spent + r.generated_tokens - sum(len(c.tokens) for c in pool[:served])
+    drawn = len(pool) + r.n_used - served  # every sample drawn for the prompt, the probe's included
     info = {
         "chose": choice.key, "strategy": choice.strategy, "n": choice.n, "rule": choice.rule,
         "bucket": bucket, "difficulty": difficulty, "probe": probe if pool else 0, "probe_tokens": spent,
         "budget": cfg.budget, "budget_mode": cfg.budget_mode, "expected_tokens": round(choice.tokens, 1),
         "expected_accuracy": None if math.isnan(choice.accuracy) else round(choice.accuracy, 4), "spent": total,
     }  # fmt: skip
-    return replace(r, strategy="auto", generated_tokens=total, seconds=time.perf_counter() - t0, auto=info)
+    return replace(
+        r, strategy="auto", n_used=drawn, generated_tokens=total, seconds=time.perf_counter() - t0, auto=info
+    )
 
 
 def describe(info: dict) -> str:
@@ -409,7 +419,10 @@ def merge_tables(tables: list[CalibrationTable], paths: list[str]) -> Calibratio
     for i, t in enumerate(tables):
         if t.probe != first.probe:
             raise refuse(i, f"probe {t.probe}, not {first.probe} as in {paths[0]}", same_run)
-        if t.model != first.model or (t.adapter_sha256 or t.adapter) != (first.adapter_sha256 or first.adapter):
+        same_model = (
+            t.model_sha256 == first.model_sha256 if t.model_sha256 and first.model_sha256 else t.model == first.model
+        )
+        if not same_model or (t.adapter_sha256 or t.adapter) != (first.adapter_sha256 or first.adapter):
             raise refuse(i, f"measured on another model or adapter than {paths[0]}", same_run)
         for key in sorted(set(t.settings) & set(first.settings)):
             if t.settings[key] != first.settings[key]:
@@ -447,8 +460,9 @@ def merge_tables(tables: list[CalibrationTable], paths: list[str]) -> Calibratio
     parts = [p for t in tables for p in t.data.get("parts", [t.data])]
     data = {"parts": parts, "rows": sum(p.get("rows") or 0 for p in parts)}
     settings = {k: v for t in reversed(tables) for k, v in t.settings.items()}
+    fingerprint = first.model_sha256 if all(t.model_sha256 for t in tables) else None  # else: compared as typed
     return CalibrationTable(
-        first.probe, buckets, first.model, first.adapter, first.adapter_sha256, data, settings
+        first.probe, buckets, first.model, first.adapter, first.adapter_sha256, data, settings, fingerprint
     )  # fmt: skip
 
 
@@ -460,53 +474,95 @@ def _load_one(path, model: str | None = None, adapter: str | None = None) -> Cal
         raise ConfigError(
             "E652", "calibration table not found", str(path), "write one with `mlxpt eval --calibrate OUT.json`"
         ) from None
-    except (OSError, UnicodeDecodeError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:  # RecursionError: nested too deep
         raise _malformed(path, f"not JSON ({type(e).__name__})") from None
     if not isinstance(obj, dict) or obj.get("kind") != KIND:
         raise _malformed(path, f"not a {KIND} file")
     if obj.get("version") != VERSION:
         raise _malformed(path, f"version {obj.get('version')!r}, expected {VERSION}")
     probe = obj.get("probe")
-    if isinstance(probe, bool) or not isinstance(probe, int) or not 1 <= probe <= MAX_PROBE:
+    if not _whole(probe) or not 1 <= probe <= MAX_PROBE:
         raise _malformed(path, f"probe={probe!r}")
     if not isinstance(obj.get("model"), str) or not isinstance(obj.get("buckets"), dict):
         raise _malformed(path, "no `model` or `buckets`")
-    buckets: dict[str, Bucket] = {}
-    for name, b in obj["buckets"].items():
-        if not isinstance(b, dict) or not isinstance(b.get("cells"), dict) or not b["cells"]:
-            raise _malformed(path, f"bucket {name!r} has no cells")
-        if not _number(b.get("probe_tokens")) or not isinstance(b.get("prompts"), int):
-            raise _malformed(path, f"bucket {name!r} has no probe_tokens or prompts")
-        cells = {}
-        for key, c in b["cells"].items():
-            ok = isinstance(c, dict) and isinstance(c.get("strategy"), str) and isinstance(c.get("n"), int)
-            if (
-                not ok
-                or c["n"] < 1
-                or not _number(c.get("tokens"))
-                or not _number(c.get("accuracy"))
-                or c["accuracy"] > 1
-            ):
-                raise _malformed(path, f"cell {name}/{key} needs strategy, n >= 1, accuracy in [0, 1], tokens >= 0")
-            cells[key] = Cell(c["strategy"], c["n"], float(c["accuracy"]), float(c["tokens"]))
-        buckets[name] = Bucket(b["prompts"], float(b["probe_tokens"]), cells)
+    for key in ("model_sha256", "adapter", "adapter_sha256"):
+        if obj.get(key) is not None and not isinstance(obj[key], str):
+            raise _malformed(path, f"`{key}` is not a string")
+    buckets = {name: _bucket(path, name, b) for name, b in obj["buckets"].items()}
     if "all" not in buckets:
         raise _malformed(path, "no `all` bucket")
+    data = obj.get("data")
+    if data is None:
+        data = {}
+    _check_data(path, data)
     table = CalibrationTable(
-        probe, buckets, obj["model"], obj.get("adapter"), obj.get("adapter_sha256"),
-        obj.get("data") if isinstance(obj.get("data"), dict) else {},
-        obj.get("settings") if isinstance(obj.get("settings"), dict) else {},
+        probe, buckets, obj["model"], obj.get("adapter"), obj.get("adapter_sha256"), data,
+        obj.get("settings") if isinstance(obj.get("settings"), dict) else {}, obj.get("model_sha256"),
     )  # fmt: skip
     if model is not None:
         check_identity(table, path, model, adapter)
     return table
 
 
-def identity(model: str | None, adapter: str | None) -> dict:
-    """What a table is measured on: the model reference, the adapter folder and its weights' sha256."""
+def _whole(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _bucket(path, name: str, b) -> Bucket:
+    """One bucket of a table file, every field checked (E652 names the first bad one)."""
+    from mlxpt.decode.options import STRATEGY_NAMES
+
+    m, _, k = name.partition("/")
+    if name != "all" and not (m.isdigit() and k.isdigit() and int(m) <= int(k)):
+        raise _malformed(path, f"bucket {name!r} is not `all` or m/k (m of k probe samples agreeing)")
+    if not isinstance(b, dict) or not isinstance(b.get("cells"), dict) or not b["cells"]:
+        raise _malformed(path, f"bucket {name!r} has no cells")
+    if not _number(b.get("probe_tokens")):
+        raise _malformed(path, f"bucket {name!r}: probe_tokens={b.get('probe_tokens')!r}, not a number >= 0")
+    if not _whole(b.get("prompts")) or b["prompts"] < 0:
+        raise _malformed(path, f"bucket {name!r}: prompts={b.get('prompts')!r}, not a whole number >= 0")
+    cells = {}
+    for key, c in b["cells"].items():
+        where = f"cell {name}/{key}"
+        if not isinstance(c, dict):
+            raise _malformed(path, f"{where} is not an object")
+        if c.get("strategy") not in STRATEGY_NAMES or c["strategy"] == "auto":  # a table never holds auto
+            raise _malformed(path, f"{where}: strategy={c.get('strategy')!r}, not one auto can run")
+        if not _whole(c.get("n")) or not 1 <= c["n"] <= MAX_N:
+            raise _malformed(path, f"{where}: n={c.get('n')!r}, not a whole number from 1 to {MAX_N}")
+        if key != f"{c['strategy']}@{c['n']}":
+            raise _malformed(path, f"{where}: the key is not its strategy@n ({c['strategy']}@{c['n']})")
+        if not _number(c.get("accuracy")) or c["accuracy"] > 1:
+            raise _malformed(path, f"{where}: accuracy={c.get('accuracy')!r}, not in [0, 1]")
+        if not _number(c.get("tokens")):
+            raise _malformed(path, f"{where}: tokens={c.get('tokens')!r}, not a number >= 0")
+        cells[key] = Cell(c["strategy"], c["n"], float(c["accuracy"]), float(c["tokens"]))
+    return Bucket(b["prompts"], float(b["probe_tokens"]), cells)
+
+
+def _check_data(path, data) -> None:
+    """E652 unless `data` is {path, sha256, rows} of one calibration set, or {parts: [those], rows}."""
+    if not isinstance(data, dict) or not isinstance(data.get("parts", []), list):
+        raise _malformed(path, "`data` is not an object with a list of `parts`")
+    for where, part in [("data", data), *((f"data.parts[{i}]", q) for i, q in enumerate(data.get("parts", [])))]:
+        if not isinstance(part, dict):
+            raise _malformed(path, f"{where} is not an object")
+        for key in ("path", "sha256"):
+            if part.get(key) is not None and not isinstance(part[key], str):
+                raise _malformed(path, f"{where}.{key} is not a string")
+        if part.get("rows") is not None and (not _whole(part["rows"]) or part["rows"] < 0):
+            raise _malformed(path, f"{where}.rows is not a whole number >= 0")
+
+
+def identity(model: str | None, adapter: str | None, resolve: bool = True) -> dict:
+    """What a table is measured on: the model's resolved folder and fingerprint (`model_fingerprint`),
+    the adapter folder and its weights' sha256. `resolve=False`: the model reference as typed, as
+    tables written before the fingerprint recorded it."""
     from mlxpt.config import DEFAULT_MODEL
 
-    out: dict = {"model": str(model or DEFAULT_MODEL), "adapter": None, "adapter_sha256": None}
+    ref = str(model or DEFAULT_MODEL)
+    folder, fingerprint = model_fingerprint(ref) if resolve else (ref, None)
+    out: dict = {"model": folder, "model_sha256": fingerprint, "adapter": None, "adapter_sha256": None}
     if adapter:
         from mlxpt.models.adapters import ADAPTER_FILE, find_adapter
         from mlxpt.runs.atomic import sha256_file
@@ -517,21 +573,53 @@ def identity(model: str | None, adapter: str | None) -> dict:
     return out
 
 
+def model_fingerprint(ref: str) -> tuple[str, str]:
+    """(resolved folder, fingerprint) of a model reference: `prm.model_identity`'s (the folder an
+    alias, hub id, path or run resolves to; config.json and the weight files' names and sizes),
+    hashed with WEIGHT_SAMPLES evenly spaced chunks of each weight file (all of a small one), so
+    a model with other weights of the same shapes (another seed, a full fine-tune) is another
+    model, and a copy of the same model in another folder the same one."""
+    from mlxpt.decode.prm import model_identity
+
+    folder, shapes = model_identity(ref)
+    h = hashlib.sha256(shapes.encode())
+    for w in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            size = w.stat().st_size
+            with w.open("rb") as f:
+                if size <= WEIGHT_SAMPLES * WEIGHT_CHUNK:
+                    h.update(f.read())
+                    continue
+                for i in range(WEIGHT_SAMPLES):
+                    f.seek(i * (size - WEIGHT_CHUNK) // (WEIGHT_SAMPLES - 1))
+                    h.update(f.read(WEIGHT_CHUNK))
+        except OSError:  # unreadable weights: the model's load says why
+            h.update(w.name.encode())
+    return folder, h.hexdigest()
+
+
 def check_identity(table: CalibrationTable, path, model: str | None, adapter: str | None) -> None:
-    """E653 when `table` was measured on another model or adapter than (model, adapter)."""
-    want = identity(model, adapter)
+    """E653 when `table` was measured on another model or adapter than (model, adapter): the
+    model's fingerprint decides, or for a table written before it was recorded, the model
+    reference as typed."""
+    want = identity(model, adapter, resolve=table.model_sha256 is not None)
+    same_model = (
+        table.model_sha256 == want["model_sha256"] if table.model_sha256 is not None else table.model == want["model"]
+    )
     same_adapter = (
         table.adapter_sha256 == want["adapter_sha256"]
         if table.adapter_sha256 and want["adapter_sha256"]
         else table.adapter == want["adapter"]
     )
-    if table.model != want["model"] or not same_adapter:
+    if not same_model or not same_adapter:
         made = f"{table.model}" + (f" + adapter {table.adapter}" if table.adapter else "")
         now = f"{want['model']}" + (f" + adapter {want['adapter']}" if want["adapter"] else "")
-        raise ConfigError(
-            "E653", f"calibration table was made for {made}, not {now}", str(path),
-            "calibrate this model: mlxpt eval --calibrate OUT.json with the same --model/--adapter",
-        )  # fmt: skip
+        if made == now:
+            now += " (its files have changed since)"
+        fix = "calibrate this model: mlxpt eval --calibrate OUT.json with the same --model/--adapter"
+        if table.model_sha256 is None:
+            fix += " (this older table matches only the --model text it was made with)"
+        raise ConfigError("E653", f"calibration table was made for {made}, not {now}", str(path), fix)
 
 
 def check_not_test_set(table: CalibrationTable, path, data_paths: list) -> None:
@@ -584,7 +672,9 @@ def build_table(
             s, n = key.rsplit("@", 1)
             cells[key] = Cell(s, int(n), sum(ok for ok, _ in got) / len(got), sum(t for _, t in got) / len(got))
         buckets[name] = Bucket(len(rows), sum(r["probe_tokens"] for r in rows) / len(rows), cells)
-    return CalibrationTable(probe, buckets, who["model"], who["adapter"], who["adapter_sha256"], data, settings)
+    return CalibrationTable(
+        probe, buckets, who["model"], who["adapter"], who["adapter_sha256"], data, settings, who.get("model_sha256")
+    )
 
 
 def table_text(table: CalibrationTable) -> str:

@@ -185,6 +185,10 @@ def check_config(cfg: EvalConfig) -> None:
             check_search(cfg.search, s, cfg.temperature)
     if reads_scorer(cfg.strategies, cfg.weighting):
         check_spec(cfg.scorer)
+    if any(s in STEP_STRATEGIES for s in cfg.strategies):
+        from mlxpt.decode.scorers import search_delimiter
+
+        search_delimiter(cfg.scorer, cfg.search.delimiter)  # E638: not the PRM's (its config read, nothing loads)
     from mlxpt.decode.budget import check_budget, check_budget_mode, check_probe, resolve_table
 
     if ("auto" in cfg.strategies) != bool(cfg.budgets):

@@ -12,7 +12,8 @@ Resumable: each row is appended whole and made durable, then `OUT.progress.json`
 the run stands (its settings, the next prompt, the bytes of OUT that are complete). A rerun with
 the same OUT and settings cuts OUT back to its last complete row and goes on with the next prompt;
 each prompt samples from a seed of its own (`seed + index`), so an interrupted row comes out the
-same when redone. Other settings for an OUT in progress are refused (E533).
+same when redone. Only a tail label-steps itself can leave is cut (part of a line, or the line of
+the next prompt); other settings, or an OUT changed in any other way, are refused (E533).
 """
 
 from __future__ import annotations
@@ -142,9 +143,14 @@ def progress_path(out: Path) -> Path:
 
 
 def start_point(out: Path, s: LabelSettings) -> tuple[int, int]:
-    """(next prompt index, rows already written) for OUT, after cutting it back to its last
-    complete row; refuses (E533) an OUT that is not this job's work in progress. Touches nothing
-    when there is nothing to resume."""
+    """(next prompt index, rows already written) for OUT; refuses (E533) an OUT that is not this
+    job's work in progress. Reads only: the torn tail, if any, is cut when labelling goes on."""
+    done, rows, _ = _resume_state(out, s)
+    return done, rows
+
+
+def _resume_state(out: Path, s: LabelSettings) -> tuple[int, int, int]:
+    """(next prompt index, rows written, complete bytes of OUT), every check of start_point made."""
     prog = progress_path(out)
     size = out.stat().st_size if out.is_file() else 0
     if not prog.is_file():
@@ -153,7 +159,7 @@ def start_point(out: Path, s: LabelSettings) -> tuple[int, int]:
                 "E533", f"the output exists and is not a label-steps output in progress (no {prog.name})", str(out),
                 "choose a new --out, or move the file away",
             )  # fmt: skip
-        return 0, 0
+        return 0, 0, 0
     try:
         saved = json.loads(prog.read_text(encoding="utf-8"))
         before, done, rows, complete = saved["settings"], int(saved["next"]), int(saved["rows"]), int(saved["bytes"])
@@ -174,9 +180,30 @@ def start_point(out: Path, s: LabelSettings) -> tuple[int, int]:
             "E533", f"the output is shorter ({size} bytes) than its {complete} complete bytes: it was changed",
             str(out), "choose a new --out, or delete both files to start over",
         )  # fmt: skip
-    if size > complete:  # a row torn by a crash, or written before its progress record
-        os.truncate(out, complete)
-    return done, rows
+    if size > complete and not _torn_tail(out, complete, done):
+        raise ConfigError(
+            "E533", f"the output grew by {size - complete} bytes since label-steps last wrote it", str(out),
+            f"move the added lines (after byte {complete}) to another file, or choose a new --out",
+        )  # fmt: skip
+    return done, rows, complete
+
+
+def _torn_tail(out: Path, complete: int, done: int) -> bool:
+    """Whether the bytes of OUT after `complete` are what label-steps itself leaves when stopped
+    between two records: part of one line, or the whole line of prompt `done` (the row is made
+    durable before its progress record)."""
+    with out.open("rb") as f:
+        f.seek(complete)
+        tail = f.read()
+    if b"\n" not in tail:
+        return True
+    if tail.index(b"\n") != len(tail) - 1:
+        return False
+    try:
+        row = json.loads(tail)
+    except ValueError:
+        return False
+    return isinstance(row, dict) and type(row.get("row")) is int and row["row"] == done
 
 
 def append_row(out: Path, row: dict) -> int:
@@ -203,9 +230,12 @@ def label_steps(
 ) -> LabelCounts:
     """Label every prompt of `rows` from where OUT stands (see the module doc); the counts of this session."""
     out = Path(out)
-    start, written = start_point(out, s)
+    start, written, size = _resume_state(out, s)
     counts = LabelCounts(prompts=start, rows=written)
-    size = out.stat().st_size if out.is_file() else 0
+    if start >= len(rows):
+        return counts  # nothing to do: OUT is left as it is
+    if out.is_file() and out.stat().st_size > size:  # a row torn by a crash, or written before its progress record
+        os.truncate(out, size)
     t0 = time.perf_counter()
     if start == 0 and not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)

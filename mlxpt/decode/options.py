@@ -48,7 +48,7 @@ class SearchConfig:
 
     beam_width: int | None = None  # partial solutions kept per step (dvts: subtrees; None: the config's n)
     expand: int = 4  # sampled next steps per expanded partial solution
-    delimiter: str = "\n"  # a step ends at this string (kept in the step)
+    delimiter: str | None = None  # a step ends at this string (kept in the step); None: the PRM scorer's, else "\n"
     aggregate: str = "min"  # step scores -> a partial solution's value: min | last | product
     max_steps: int = 16  # most steps in one solution
     dvts: bool = False  # step-beam: beam_width independent subtrees, each keeping its best child
@@ -150,6 +150,10 @@ def check_decode(cfg: DecodeConfig) -> None:
     )
     if uses_scorer and (cfg.scorer is None or isinstance(cfg.scorer, str)):
         check_spec(cfg.scorer)
+    if cfg.strategy in STEP_STRATEGIES:
+        from mlxpt.decode.scorers import search_delimiter
+
+        search_delimiter(cfg.scorer, cfg.search.delimiter)  # E638: not the PRM's (its config read, nothing loads)
 
 
 def _whole(value, low: int) -> bool:
@@ -163,7 +167,7 @@ def check_search(search: SearchConfig, strategy: str = "step-beam", temperature:
         (s.beam_width is None or _whole(s.beam_width, 1), "E631", f"beam width {s.beam_width!r} is out of range", "--beam-width",
          "use a whole number >= 1"),
         (_whole(s.expand, 1), "E631", f"expand={s.expand!r} is out of range", "--expand", "use a whole number >= 1"),
-        (isinstance(s.delimiter, str) and s.delimiter != "", "E632", "the step delimiter is empty",
+        (s.delimiter is None or (isinstance(s.delimiter, str) and s.delimiter != ""), "E632", "the step delimiter is empty",
          "--step-delimiter", "use e.g. '\\n' (the default) or '. '"),
         (s.aggregate in STEP_AGGREGATES, "E633", f"unknown step aggregate {s.aggregate!r}", "--step-aggregate",
          f"use {', '.join(STEP_AGGREGATES)}"),

@@ -285,6 +285,23 @@ def check_base(run_dir: str | Path, expect_model: str | Path | None) -> bool:
     return True
 
 
+def saved_delimiter(run_dir: str | Path) -> str | None:
+    """The step delimiter a PRM run was trained with, from its config alone (nothing loads); None
+    where the folder is no readable prm run (loading it then says why)."""
+    if not Path(run_dir, "config.json").is_file():
+        return None
+    from mlxpt.runs import read_config
+
+    try:
+        saved = read_config(run_dir)
+        if saved.get("method") != "prm":
+            return None
+        section = saved.get("prm") if isinstance(saved.get("prm"), dict) else {}
+        return check_delimiter(section.get("step_delimiter", PRMConfig().prm.step_delimiter))
+    except MlxptError:
+        return None
+
+
 def load_process_reward_model(
     run_dir: str | Path, expect_model: str | Path | None = None, tokenizer=None, batch_size: int = 32
 ) -> ProcessRewardModel:

@@ -9,8 +9,9 @@ Specs (the `--scorer` flag):
   (`mlxpt.rewards`), called through its guard (errors and None score -inf, never crash);
   `reward:accuracy` needs the row's gold `answer` (an oracle: useful in `mlxpt eval`, not in chat);
 - `rm:RUN`: a trained reward-model run (`mlxpt train rm`), scored in batches;
-- `prm:RUN`: a process reward model run (`mlxpt train prm`, decode/prm.py): a completion's lines
-  are its steps, and its score is the lowest step score (step-beam and tree read every step);
+- `prm:RUN`: a process reward model run (`mlxpt train prm`, decode/prm.py): a completion's steps
+  are cut at the PRM's step delimiter (a newline by default), and its score is the lowest step
+  score (step-beam and tree read every step, and cut their steps at the same delimiter);
 - `prm+verifier:RUN`: the same, each step's PRM score times the arithmetic verifier's check of
   that step (`step_checks`): the verifier rules out a slip, the PRM judges the rest (a wrong
   operation or a missing number, which no arithmetic check sees).
@@ -34,6 +35,7 @@ _HINT = (
     "use logprob, verifier, verifier:file.py:fn, reward:NAME, reward:file.py:fn, rm:RUN, prm:RUN or prm+verifier:RUN"
 )
 PRM_KINDS = ("prm", "prm+verifier")
+DEFAULT_DELIMITER = "\n"  # a step search's steps end here unless a PRM scorer or --step-delimiter says otherwise
 
 # "12 * 3 = 36", "36 - 4 = 32", "7 + 5 + 2 = 14"; x and × for multiplication, ÷ for division.
 _NUM = r"-?\d+(?:\.\d+)?"
@@ -98,6 +100,36 @@ def prm_run(spec) -> str | None:
         return None
     kind, _, rest = spec.partition(":")
     return rest if kind in PRM_KINDS and rest else None
+
+
+def prm_delimiter(scorer) -> str | None:
+    """The step delimiter of a PRM scorer: a `prm:RUN` spec's (from the run's config; nothing
+    loads), a built scorer's or a PRM object's; None for any other scorer."""
+    run = prm_run(scorer)
+    if run is not None:
+        try:
+            from mlxpt.decode.prm import saved_delimiter
+        except ImportError:  # no PRMs in this install: make_scorer says so (E628)
+            return None
+        return saved_delimiter(Path(run).expanduser())
+    prm = getattr(scorer, "prm", None) or (scorer if hasattr(scorer, "score_many") else None)
+    delimiter = getattr(prm, "delimiter", None)
+    return delimiter if isinstance(delimiter, str) and delimiter else None
+
+
+def search_delimiter(scorer, delimiter: str | None) -> str:
+    """The text a step search cuts steps at: `delimiter` where given (None: not given), else the
+    PRM scorer's, else a newline. A PRM scores steps as it was trained, each followed by its own
+    delimiter, so a given one that differs from the PRM's is refused (E638)."""
+    theirs = prm_delimiter(scorer)
+    if delimiter is None:
+        return theirs or DEFAULT_DELIMITER
+    if theirs is not None and delimiter != theirs:
+        raise ConfigError(
+            "E638", f"--step-delimiter {delimiter!r} is not the step delimiter {theirs!r} the PRM was trained with",
+            "--step-delimiter", f"give --step-delimiter {theirs!r} (the PRM's), or use a PRM trained with {delimiter!r}",
+        )  # fmt: skip
+    return delimiter
 
 
 def step_checks(steps: Sequence[str], finished: bool, extract_how: str = "auto") -> list[float]:
@@ -246,9 +278,10 @@ def make_scorer(spec: str | None, model=None, tokenizer=None) -> Scorer:
     if kind in PRM_KINDS:
         prm = load_prm(rest, tokenizer)
         verify = kind == "prm+verifier"
+        delimiter = getattr(prm, "delimiter", None) or DEFAULT_DELIMITER
 
-        def by_prm(prompt, completions, row):
-            steps = [[x for x in _text(c).split("\n") if x.strip()] or [""] for c in completions]
+        def by_prm(prompt, completions, row):  # steps cut where the PRM's own steps end
+            steps = [[x for x in _text(c).split(delimiter) if x.strip()] or [""] for c in completions]
             got = prm.score_many(prompt, steps)
             if verify:
                 got = [

@@ -2,11 +2,12 @@
 tree search) and `tree` (Tree-of-Thoughts, tree.py), scored by a process reward model, the
 arithmetic verifier, the steps' log-probs or an outcome reward model.
 
-A step is the text up to and including `SearchConfig.delimiter` (default a newline), or up to
-the end of turn. A node is a partial solution: its parent, its step's tokens, the scores of every
-step of its path and, while it may still be expanded, its KV cache. Its value aggregates the step
-scores (min, last or product). A node is finished at end of turn, at a final-answer line, at
-`max_tokens` path tokens or at `max_steps` steps.
+A step is the text up to and including `SearchConfig.delimiter` (by default a PRM scorer's own
+delimiter, else a newline; a PRM scores steps cut at another one wrongly, so that is refused,
+E638), or up to the end of turn. A node is a partial solution: its parent, its step's tokens,
+the scores of every step of its path and, while it may still be expanded, its KV cache. Its
+value aggregates the step scores (min, last or product). A node is finished at end of turn, at
+a final-answer line, at `max_tokens` path tokens or at `max_steps` steps.
 
 KV reuse. A node that will be expanded holds its own cache of prompt + path and the logits of its
 next token. Expanding a set of nodes copies their caches (copy.deepcopy: a parent's cache stays
@@ -45,6 +46,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from mlxpt.decode.options import DecodeConfig
+from mlxpt.decode.scorers import search_delimiter
 from mlxpt.errors import ConfigError
 
 
@@ -111,9 +113,10 @@ def _final_methods(how: str) -> tuple[str, ...]:
     return ("tag", "boxed", "hash", "answer") if how in ("auto", "last_number") else (how,)
 
 
-def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimiter: str = "\n") -> Callable:
+def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimiter: str | None = None) -> Callable:
     """`score(prompt, nodes, row) -> list[list[float]]`: every step score of each node's path (see
-    the module doc for the specs; `spec` may also be a PRM-like object or a scorers.Scorer)."""
+    the module doc for the specs; `spec` may also be a PRM-like object or a scorers.Scorer). Steps
+    end at `delimiter` (None: a PRM's own, else a newline; one a PRM was not trained with is E638)."""
     from mlxpt.decode.scorers import Scorer, load_prm, make_scorer, prm_run, step_checks
 
     def steps_of(node: Node) -> list[str]:
@@ -130,6 +133,7 @@ def make_step_scorer(spec, model, tokenizer, extract_how: str = "auto", delimite
     if prm_run(spec) is not None:
         verify = spec.startswith("prm+verifier:")
         spec = load_prm(prm_run(spec), tokenizer)
+    delimiter = search_delimiter(spec, delimiter)
     if hasattr(spec, "score_many"):
         prm = spec
 
@@ -202,7 +206,8 @@ class Search:
         self.prompt = list(prompt_tokens)
         s = cfg.sampling_settings()
         self.sampler, self.processors = sampler_from(s), processors_from(s)
-        self.score = make_step_scorer(cfg.scorer, model, self.tok, cfg.extract, self.s.delimiter)
+        self.delimiter = search_delimiter(cfg.scorer, self.s.delimiter)  # a PRM scorer's own by default
+        self.score = make_step_scorer(cfg.scorer, model, self.tok, cfg.extract, self.delimiter)
         self.width = self.s.beam_width or cfg.n
         self.stats = GroupStats()
         self.prefilled, self.nodes, self.pruned, self.backtracks = len(self.prompt), 0, 0, 0
@@ -258,7 +263,7 @@ class Search:
             limits = [min(m, share) for m in limits]
         states = [(copy.deepcopy(p.state[0]), p.state[1], self.prompt + p.path_tokens()) for p in parents]
         groups = generate_from(
-            self.model, self.tok, states, k, limits, self.sampler, (self.s.delimiter,), self.processors, self.stats
+            self.model, self.tok, states, k, limits, self.sampler, (self.delimiter,), self.processors, self.stats
         )
         children = []
         finals = _final_methods(self.cfg.extract)

@@ -3,10 +3,11 @@
 `resolve_start` finds and checks the source before any weights are read: a run folder (its final
 adapter, `adapters.safetensors` at the run root), one of its checkpoints, or any adapter folder in
 mlx-lm's format (mlx-lm and mlx-lm-lora write the same two files). `adopt_settings` makes the new
-run's adapter the source's shape: settings left at their defaults are taken from the source, a
-setting that contradicts it is refused, naming both values. The adapter bytes are read once, so
-the weights loaded, the copy kept in the new run (START_FILE, read again on resume) and the
-sha256 in its lineage are the same bytes even while the source run is still writing.
+run's adapter the source's shape: settings the person did not set are taken from the source, a
+setting set (by flag or YAML, even to its default) that contradicts it is refused, naming both
+values. The adapter bytes are read once, so the weights loaded, the copy kept in the new run
+(START_FILE, read again on resume) and the sha256 in its lineage are the same bytes even while
+the source run is still writing.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from mlxpt.config import AdapterConfig
+from mlxpt.config.sections import given_adapter_settings
 from mlxpt.errors import ConfigError
 from mlxpt.models.adapters import ADAPTER_FILE, _check_checkpoint, find_adapter, read_adapter_config
 from mlxpt.runs import read_config, read_status
@@ -60,11 +62,7 @@ def resolve_start(from_run: str, runs_dir: str | Path | None = None, run_dir: st
             "E572", f"this run has not saved an adapter yet ({state})", str(from_run),
             "wait for its first checkpoint (or finish it with `mlxpt train --resume`), or pick another run",
         )  # fmt: skip
-    if (folder / REWARD_HEAD_FILE).is_file():
-        raise ConfigError(
-            "E579", "this is a reward model; --from takes a policy's adapter (sft, dpo, grpo, ...)", str(from_run),
-            "score completions with it instead (mlxpt generate --reward-model), or pick a policy run",
-        )  # fmt: skip
+    refuse_reward_model(folder, "--from", str(from_run))
     folder = find_adapter(folder)  # E221 without adapter files, E703 for pickles
     _check_checkpoint(folder)  # a checkpoint is used only if it matches its manifest
     adapter_config = read_adapter_config(folder)
@@ -75,6 +73,15 @@ def resolve_start(from_run: str, runs_dir: str | Path | None = None, run_dir: st
         )  # fmt: skip
     data = (folder / ADAPTER_FILE).read_bytes()
     return Start(folder, adapter_config, data, _lineage(folder, adapter_config, data), _warnings(folder, status))
+
+
+def refuse_reward_model(folder: Path, flag: str, where: str) -> None:
+    """E579 for a reward model's or PRM's run: its adapter is a scoring backbone, not a policy."""
+    if (Path(folder) / REWARD_HEAD_FILE).is_file():
+        raise ConfigError(
+            "E579", f"this is a reward model; {flag} takes a policy's adapter (sft, dpo, grpo, ...)", where,
+            "score completions with it instead (mlxpt generate --reward-model), or pick a policy run",
+        )  # fmt: skip
 
 
 def _check_not_an_output(folder: Path, runs_dir, run_dir, given: str) -> None:
@@ -149,15 +156,18 @@ def source_settings(adapter_config: dict) -> dict:
 
 
 def adopt_settings(cfg: AdapterConfig, adapter_config: dict, where: str) -> list[str]:
-    """Give `cfg` the source adapter's shape: a setting left at its default takes the source's
-    value; one set otherwise must agree with it (E575 names both values). Returns what it took.
-    `dropout` stays the new run's: it is a training setting, not part of the adapter's shape."""
+    """Give `cfg` the source adapter's shape: a setting the person did not set (flag or YAML, as
+    `build_config` noted; without that note, one left at its default) takes the source's value;
+    one set must agree with it, even when it equals the default (E575 names both values). Returns
+    what it took. `dropout` stays the new run's: it is a training setting, not part of the shape."""
     src, taken = source_settings(adapter_config), []
+    given = given_adapter_settings(cfg)
     for name, value in src.items():
         mine = getattr(cfg, name)
         if _same(name, mine, value):
             continue
-        if mine == DEFAULTS[name]:
+        unset = name not in given if given is not None else mine == DEFAULTS[name]
+        if unset:
             setattr(cfg, name, value)
             taken.append(f"{name}={value}")
             continue
