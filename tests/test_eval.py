@@ -203,6 +203,9 @@ def test_generate_strategy_errors_are_one_line(base, capsys):
         (["--strategy", "best-of-n", "--n", "0"], "E621"),
         (["--strategy", "best-of-n", "--scorer", "rm:/nope"], "E622"),
         (["--strategy", "best-of-n", "--temperature", "0"], "E626"),
+        (["--budget", "100"], "E651"),  # auto's settings without auto: once ignored
+        (["--strategy", "greedy", "--calibration", "t.json"], "E651"),
+        (["--raw", "--system", "be brief"], "E608"),
     ]:
         assert main(["generate", "--model", "/no/model", "--prompt", "hi", *extra]) == 1
         err = capsys.readouterr().err.strip().splitlines()

@@ -610,6 +610,18 @@ def test_label_steps_refuses_a_reward_model_as_the_policy(prm_run, tmp_path, cap
     with pytest.raises(MlxptError) as e:
         resolve_start(str(run_dir))
     assert e.value.code == "E579" and e.value.hint in err
+    # generate, chat and eval (--adapter, --compare) once sampled from the PRM's backbone as a policy
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text(json.dumps({"prompt": "2+2?", "answer": "4"}) + "\n")
+    for argv, flag in (
+        (["generate", "--adapter", str(run_dir), "--prompt", "hi"], "--adapter"),
+        (["eval", "--adapter", str(run_dir), "--data", str(eval_data), "--out", str(tmp_path / "e.json")], "--adapter"),
+        (["eval", "--compare", str(run_dir), "--data", str(eval_data), "--out", str(tmp_path / "e.json")], "--compare"),
+    ):
+        assert main(argv) == 1
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error E579: this is a reward model; {flag} takes") and len(err.splitlines()) == 1
+    assert not (tmp_path / "e.json").exists()
 
 
 # ---- the bundled data ---------------------------------------------------------------------------------

@@ -324,7 +324,7 @@ def run(args) -> int:
             raise ConfigError(
                 "E621", "--compare and --adapter together", "--compare", "give the tuned run to --compare only"
             )
-        check_adapter(args.compare)
+        check_adapter(args.compare, "--compare")
         args.model = model_ref(args.model, args.compare)  # the base is the run's own base model by default
         runs.append(("adapter", args.compare))
     for path in outputs:  # nor the adapter's run or the model (checked before any weights load)

@@ -31,12 +31,17 @@ def add_model_args(p) -> None:
     add_load_args(p)
 
 
-def check_adapter(adapter: str | Path) -> None:
+def check_adapter(adapter: str | Path, flag: str = "--adapter") -> None:
     """A run or adapter folder (--adapter, --compare, --policy) with adapter files and a config
-    that can be loaded (E221, E703, ...), checked before any weights load."""
+    that can be loaded (E221, E703, ...), and not a reward model's or PRM's backbone (E579: it
+    once generated as if it were a policy), checked before any weights load."""
     from mlxpt.models.adapters import find_adapter, read_adapter_config
+    from mlxpt.models.chaining import refuse_reward_model
 
-    read_adapter_config(find_adapter(adapter))
+    folder = find_adapter(adapter)
+    for f in {Path(adapter), folder}:
+        refuse_reward_model(f, flag, f"{flag} {adapter}")
+    read_adapter_config(folder)
 
 
 def add_extract_arg(p, default: str = "auto") -> None:
@@ -447,6 +452,14 @@ def run(args) -> int:
     text = _read_prompt(args)
     check_common(args)
     check_strategy_args(args)
+    for flag, value in (("--budget", args.budget), ("--calibration", args.calibration)):
+        if value is not None and args.strategy != "auto":  # once ignored without a word (chat keeps
+            raise ConfigError(  # them for a later /strategy auto)
+                "E651", f"{flag} is a setting of --strategy auto", flag, f"add --strategy auto, or drop {flag}"
+            )
+    if args.raw and args.system is not None:
+        raise ConfigError("E608", "--system with --raw: a raw prompt has no chat template to hold it", "--system",
+                          "drop one of them")  # fmt: skip
     check_auto_args(args)
     decode_config(args)  # every strategy setting checked before the weights load
     model, tokenizer = load_for(args)
