@@ -204,6 +204,8 @@ def test_generate_strategy_errors_are_one_line(base, capsys):
         (["--strategy", "best-of-n", "--scorer", "rm:/nope"], "E622"),
         (["--strategy", "best-of-n", "--temperature", "0"], "E626"),
         (["--budget", "100"], "E651"),  # auto's settings without auto: once ignored
+        (["--strategy", "beam", "--temperature", "0.9"], "E626"),  # beam is deterministic: once ignored
+        (["--strategy", "best-of-n", "--adaptive"], "E626"),
         (["--strategy", "greedy", "--calibration", "t.json"], "E651"),
         (["--raw", "--system", "be brief"], "E608"),
     ]:

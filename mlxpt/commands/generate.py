@@ -235,13 +235,18 @@ def check_strategy_args(args) -> None:
 
     if args.strategy is None:
         return
-    if args.strategy == "greedy" and args.temperature:
+    if args.strategy in ("greedy", "beam") and args.temperature:  # beam's was once ignored without a word
         raise ConfigError(
             "E626",
-            "--strategy greedy with a temperature",
+            f"--strategy {args.strategy} with a temperature",
             "--temperature",
-            "drop --temperature, or use --strategy sample",
+            "drop --temperature, or use --strategy sample" + ("" if args.strategy == "greedy" else " or best-of-n"),
         )
+    if args.adaptive and args.strategy not in ("self-consistency", "auto"):
+        raise ConfigError(
+            "E626", f"--adaptive with --strategy {args.strategy}: adaptive stopping ends a vote", "--adaptive",
+            "use --strategy self-consistency, or drop --adaptive",
+        )  # fmt: skip
     confidence = None if args.confidence >= 1 else args.confidence
     check_strategy(args.strategy, args.n, args.weighting, args.batch, confidence)
     check_method(args.extract)
