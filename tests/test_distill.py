@@ -186,6 +186,34 @@ def test_on_policy_ratio_one_samples_every_batch(tiny_dir, data_dir, teacher_dir
     assert 0 < steps_of(events)[-1]["teacher_tokens"] <= 4 * 4 * 9
 
 
+@pytest.mark.parametrize(
+    ("kw", "reads"),
+    [
+        ({"on_policy_ratio": 1.0, "grad_accum": 1}, 3),
+        ({"on_policy_ratio": 0.5, "grad_accum": 2, "teacher_cache": "top-k"}, 5),
+    ],
+)
+def test_resume_counts_teacher_tokens_and_on_policy_batches_like_the_straight_run(
+    tiny_dir, data_dir, teacher_dir, tmp_path, kw, reads
+):
+    """The counters grow as micro-batches are built: a window abandoned by a stop (3 reads: step
+    2's only micro-batch; 5 reads: both of step 2's) is built again on resume, so the checkpoint
+    (step 1) and every later step report hold the straight run's counts, not the window's twice."""
+    kw = {"steps": 3, "save_every": 100, **kw}
+    events = []
+    run_distill(cfg_for(tiny_dir, data_dir, tmp_path / "a", teacher_dir, **kw), emit=events.append)
+    straight = [(s["step"], s["teacher_tokens"], s["on_policy_batches"]) for s in steps_of(events)]
+    cfg = cfg_for(tiny_dir, data_dir, tmp_path / "b", teacher_dir, **kw)
+    part, outcome = run_distill(cfg, stop=tiny.StopAfter(reads))
+    meta = load_checkpoint(sorted((part / "checkpoints").iterdir())[-1])[1]
+    assert outcome == "interrupted" and meta["loop"]["step"] == 1
+    assert (meta["task"]["teacher_tokens"], meta["task"]["on_policy"]) == straight[0][1:]
+    events = []
+    run_distill(cfg, resume_dir=part, emit=events.append)
+    assert [(s["step"], s["teacher_tokens"], s["on_policy_batches"]) for s in steps_of(events)] == straight[1:]
+    assert straight[-1][2] > straight[0][2]  # on-policy batches in the redone windows
+
+
 def _state(run_dir):
     return load_checkpoint(sorted((run_dir / "checkpoints").iterdir())[-1])[0]
 
@@ -211,6 +239,41 @@ def test_sequence_mode_caches_answers_and_resume_equals_straight(tiny_dir, data_
     saved = json.loads(answers.read_text())
     kept = json.loads((resumed / "config.json").read_text())["data_report"]["train"]["kept"]
     assert len(saved["answers"]) == kept and all(len(x["tokens"]) <= 8 for x in saved["answers"])
+
+
+def test_a_relative_teacher_resumes_from_another_folder(tiny_dir, data_dir, teacher_dir, tmp_path, monkeypatch):
+    """`--teacher teacher` (a folder given relative) is saved absolute and used so from the start:
+    a resume from another folder, where `teacher` names another model, reads the cached answers
+    back and ends where the straight run does. A hub id is kept as given."""
+    from mlxpt.config import build_config
+    from mlxpt.runs import read_config
+
+    kw = {"mode": "sequence", "steps": 4, "save_every": 1}
+    straight, _ = run_distill(cfg_for(tiny_dir, data_dir, tmp_path / "a", teacher_dir, **kw))
+    work, elsewhere = tmp_path / "work", tmp_path / "elsewhere"
+    shutil.copytree(teacher_dir, work / "teacher")
+    tiny.make_model(elsewhere / "teacher", seed=2)
+    monkeypatch.chdir(work)
+    flat = {"model": str(tiny_dir), "data": str(data_dir), "runs_dir": str(tmp_path / "b" / "runs"), "batch_size": 4,
+            "max_seq_len": 256, "eval_every": 0, "eval_batches": 2, "learning_rate": 1e-2, "warmup_steps": 0,
+            "num_layers": -1, "regression_data": "none", "backend": "mlx", "teacher": "teacher",
+            "max_completion_length": 8, **kw}  # fmt: skip
+    cfg = build_config("distill", flat)
+    assert cfg.distill.teacher == str(work / "teacher")
+    assert build_config("distill", {**flat, "teacher": "owner/model"}).distill.teacher == "owner/model"
+    part, outcome = run_distill(cfg, stop=tiny.StopAfter(5))
+    assert outcome == "interrupted" and read_config(part)["distill"]["teacher"] == str(work / "teacher")
+    monkeypatch.chdir(elsewhere)
+    events = []
+    resumed, outcome = run_distill(
+        build_config(None, resume=str(part), resume_config=read_config(part)), resume_dir=part, emit=events.append
+    )
+    assert outcome == "finished"
+    assert not [e for e in events if e["event"] == "progress" and e.get("stage") == "teacher"]  # answers read back
+    a, b = _state(straight), _state(resumed)
+    for group in ("adapters", "optimizer"):
+        for k in a[group]:
+            np.testing.assert_allclose(a[group][k], b[group][k], rtol=0, atol=1e-6, err_msg=f"{group}/{k}")
 
 
 def test_topk_cache_against_full_logits(tiny_dir, data_dir, teacher_dir, tmp_path):

@@ -14,7 +14,7 @@ import tiny
 from test_train import StopAfter, _load_state
 
 from mlxpt.config import GRPOConfig
-from mlxpt.errors import ConfigError, DataError
+from mlxpt.errors import ConfigError, DataError, MlxptError
 from mlxpt.objectives import GRADS, grpo_grad, grpo_objective
 from mlxpt.train.rollouts import group_advantages
 
@@ -485,6 +485,65 @@ def test_resume_mid_window_refuses_changed_prompts(tiny_dir, prompt_dir, tmp_pat
     a, b = _load_state(straight)[0]["adapters"], _load_state(resumed)[0]["adapters"]
     for k in a:
         np.testing.assert_allclose(a[k], b[k], rtol=0, atol=1e-6, err_msg=k)
+
+
+# fails on about a third of the completions, greedy validation's included
+FLAKY = """def flaky(prompt, completion, answer=0, **row):
+    if (sum(completion.encode()) + int(float(answer))) % 3 == 0:
+        raise ValueError('boom')
+    return 0.5
+"""
+
+
+@pytest.mark.parametrize(("reads", "saved_step"), [(5, 2), (1, 0)])
+def test_resume_keeps_the_reward_failure_counts_and_log(tiny_dir, prompt_dir, tmp_path, reads, saved_step):
+    """A reward that fails on a third of the completions (abstained): the resumed run reports the
+    straight run's failure counts at every step, and reward_failures.jsonl and metrics.jsonl hold
+    the same lines, none of the abandoned window (5 reads: step 3's) nor step 0's validation twice
+    (1 read: a stop while step 1 samples saves step 0, whose validation a resume does again)."""
+    from mlxpt.train.grpo import FAILURES_FILE, run_grpo
+
+    f = tmp_path / "flaky.py"
+    f.write_text(FLAKY)
+    kw = {"steps": 4, "rewards": f"{f}:flaky,accuracy", "max_reward_failure_rate": 1.0, "eval_every": 1}
+    straight, _ = run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", f, **kw))
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", f, **kw)
+    part, outcome = run_grpo(cfg, stop=StopAfter(reads))
+    assert outcome == "interrupted" and _load_state(part)[1]["loop"]["step"] == saved_step
+    resumed, _ = run_grpo(cfg, resume_dir=part)
+
+    def lines(run, name, keys=None):
+        rows = [json.loads(x) for x in (run / name).read_text().splitlines()]
+        return [{k: v for k, v in r.items() if k != "time" and (keys is None or k in keys)} for r in rows]
+
+    def metrics(run):
+        return lines(run, "metrics.jsonl", ("event", "step", "reward_failures"))
+
+    failures = [m.get("reward_failures") for m in metrics(straight) if m["event"] == "step"]
+    assert all(failures) and failures[-1]["flaky"] > failures[0]["flaky"]  # the test sees failures
+    assert metrics(resumed) == metrics(straight)
+    assert lines(resumed, FAILURES_FILE) == lines(straight, FAILURES_FILE)
+    assert {x["step"] for x in lines(straight, FAILURES_FILE)} == {0, 1, 2, 3, 4}  # step 0: validation
+
+
+def test_resume_stops_at_the_reward_failure_rate_where_the_straight_run_does(tiny_dir, prompt_dir, tmp_path):
+    """The failure rate counts over the whole run: a run resumed after step 1 stops (E549) with the
+    straight run's counts at the same step (once a resume started counting from 0 and went on)."""
+    from mlxpt.train.grpo import run_grpo
+
+    f = tmp_path / "flaky.py"
+    f.write_text(FLAKY)
+    kw = {"steps": 6, "rewards": f"{f}:flaky,accuracy", "max_reward_failure_rate": 0.2}
+    with pytest.raises(MlxptError) as straight:
+        run_grpo(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", f, **kw))
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", f, **kw)
+    part, outcome = run_grpo(cfg, stop=StopAfter(3))  # keeps step 1
+    assert outcome == "interrupted" and _load_state(part)[1]["loop"]["step"] == 1
+    with pytest.raises(MlxptError) as resumed:
+        run_grpo(cfg, resume_dir=part)
+    assert straight.value.code == resumed.value.code == "E549"
+    assert resumed.value.saved_step == straight.value.saved_step == 2
+    assert resumed.value.what == straight.value.what  # "failed on 5 of 16 calls"
 
 
 def test_cli_grpo_with_a_user_reward_file_and_bad_settings(tiny_dir, prompt_dir, tmp_path, reward_file, capsys):

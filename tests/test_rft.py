@@ -36,6 +36,8 @@ REWARD = (
     "def late(prompt, completion, **row):  # nothing for the first 32 calls (one round), then everything\n"
     "    calls[0] += 1\n"
     "    return float(calls[0] > 32)\n"
+    "def broken(prompt, completion, **row):  # fails on every call\n"
+    "    raise ValueError('boom')\n"
 )
 
 
@@ -242,6 +244,82 @@ def test_resume_at_and_inside_a_round_equals_uninterrupted(
     assert outcome == "finished"
     assert not [e for e in events if e["event"] == "progress"]  # nothing sampled again
     assert_same_state(straight, resumed)
+
+
+@pytest.mark.parametrize(("reads", "saved_step"), [(1, 0), (5, 2)])
+def test_resume_keeps_the_reward_failure_counts_and_log(tiny_dir, prompt_dir, tmp_path, reward_file, reads, saved_step):
+    """A reward that fails on every call (abstained), validation at every step. Stopped in round 1's
+    first step (step 0 saved: its validation is done again) or in round 2's (step 2 saved, round 2
+    sampled): the resumed run reads the round back without calling the rewards, and ends with the
+    straight run's counts, failure lines and metrics (step 0's validation once)."""
+    from mlxpt.train.grpo import FAILURES_FILE
+
+    kw = {"rewards": f"{reward_file}:even,{reward_file}:broken", "max_reward_failure_rate": 1.0, "eval_every": 1}
+    straight, _ = run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file, **kw))
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, **kw)
+    part, outcome = run_rft(cfg, stop=tiny.StopAfter(reads))
+    assert outcome == "interrupted" and _load_state(part)[1]["loop"]["step"] == saved_step
+    resumed, _ = run_rft(cfg, resume_dir=part)
+    counts = [_load_state(run)[1]["task"]["reward_counts"] for run in (straight, resumed)]
+    assert counts[0] == counts[1] and counts[0][0]["failures"]["broken"] == 2 * 32 + 5 * 4  # rounds, validations
+
+    def lines(run, name, keys):
+        rows = [json.loads(x) for x in (run / name).read_text().splitlines()]
+        return sorted(json.dumps({k: r.get(k) for k in keys}, sort_keys=True) for r in rows)
+
+    keys = ("step", "round", "reward", "prompt", "completion")  # a step-0 resume writes step 0's lines after round 1's
+    assert lines(resumed, FAILURES_FILE, keys) == lines(straight, FAILURES_FILE, keys)
+
+    def metrics(run):
+        return [(m["event"], m["step"]) for m in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+    assert metrics(resumed) == metrics(straight)
+
+
+def test_resume_stops_at_the_reward_failure_rate_where_the_straight_run_does(
+    tiny_dir, prompt_dir, tmp_path, reward_file
+):
+    """A reward that fails on every call, 8 calls a round, the rate checked from the 16th call on:
+    the straight run stops (E549) in round 2. Resumed inside round 1 (read back, no calls), the run
+    must stop in round 2 too (it once counted from 0 again and stopped only in round 3)."""
+    kw = {"steps": 6, "rounds": 3, "prompts_per_round": 2, "rewards": f"{reward_file}:even,{reward_file}:broken",
+          "max_reward_failure_rate": 0.5}  # fmt: skip
+    with pytest.raises(MlxptError) as straight:
+        run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file, **kw))
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, **kw)
+    part, outcome = run_rft(cfg, stop=tiny.StopAfter(3))  # keeps step 1, inside round 1
+    assert outcome == "interrupted" and _load_state(part)[1]["loop"]["step"] == 1
+    with pytest.raises(MlxptError) as resumed:
+        run_rft(cfg, resume_dir=part)
+    assert straight.value.code == resumed.value.code == "E549"
+    assert resumed.value.saved_step == straight.value.saved_step == 2
+    assert resumed.value.what == straight.value.what  # "failed on 16 of 16 calls"
+
+
+def test_a_relative_reward_file_resumes_from_another_folder(tiny_dir, prompt_dir, tmp_path, reward_file, monkeypatch):
+    """`--rewards rules.py:even` given relative is saved absolute (and used so from the start), so a
+    resume inside round 2 from another folder, which holds another rules.py, calls the same
+    function, reads round 2 back and ends where the straight run does."""
+    from mlxpt.runs import read_config
+
+    straight, _ = run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file))
+    base = {"model": str(tiny_dir), "data": str(prompt_dir), "runs_dir": str(tmp_path / "b" / "runs"),
+            "eval_every": 0, "learning_rate": 1e-2, "warmup_steps": 0, "num_layers": -1, "max_seq_len": 256,
+            "regression_data": "none"}  # fmt: skip
+    monkeypatch.chdir(reward_file.parent)
+    cfg = build_config("rft", {**base, **flags(reward_file, rewards="rules.py:even")})
+    assert cfg.rft.rewards == f"{reward_file}:even"
+    part, outcome = run_rft(cfg, stop=tiny.StopAfter(7))
+    assert outcome == "interrupted" and read_config(part)["rft"]["rewards"] == f"{reward_file}:even"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "rules.py").write_text("def even(prompt, completion, **row):\n    return 0.0\n")
+    monkeypatch.chdir(elsewhere)
+    events = []
+    resumed = build_config(None, resume=str(part), resume_config=read_config(part))
+    _, outcome = run_rft(resumed, resume_dir=part, emit=events.append)
+    assert outcome == "finished" and not [e for e in events if e["event"] == "progress"]  # round 2 read back
+    assert_same_state(straight, part)
 
 
 def test_step_search_resume_inside_a_round_equals_uninterrupted(tiny_dir, prompt_dir, tmp_path, reward_file):

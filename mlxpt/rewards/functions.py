@@ -292,6 +292,9 @@ class RewardGuard:
         self.log_path = log_path
         self.calls = {n: 0 for n, _, _ in rewards}
         self.failures = {n: 0 for n, _, _ in rewards}
+        # fields each logged failure carries (GRPO: the step whose completions are scored, so a
+        # resume can drop the lines of work it redoes)
+        self.log_fields: dict = {}
         self._kwargs = {n: _accepted_kwargs(f) for n, f, _ in rewards}
 
     @property
@@ -325,6 +328,7 @@ class RewardGuard:
         if self.log_path is not None:
             line = {
                 "time": time.time(),
+                **self.log_fields,
                 "reward": name,
                 "reason": reason,
                 "prompt": prompt,
@@ -380,3 +384,15 @@ class RewardGuard:
 
     def failure_counts(self) -> dict[str, int]:
         return dict(self.failures)
+
+    def counts(self) -> dict[str, dict[str, int]]:
+        """The calls and failures so far, per function: what a checkpoint holds (the rate check
+        counts over the whole run, so a resumed run needs them back)."""
+        return {"calls": dict(self.calls), "failures": dict(self.failures)}
+
+    def restore(self, counts: dict) -> None:
+        """Counts as `counts()` gave them; a function they do not name starts at 0."""
+        for key, into in (("calls", self.calls), ("failures", self.failures)):
+            saved = counts.get(key) or {}
+            for name in into:
+                into[name] = int(saved.get(name, 0))

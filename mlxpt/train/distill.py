@@ -110,22 +110,31 @@ class DistillTask:
         self.cache: dict | None = None  # top-k: {"offsets", "ids", "logp"} over the training rows
         self.teacher_tokens = 0  # trained positions scored by the teacher (token) or answer tokens (sequence)
         self.on_policy = 0
+        self.settled = (0, 0)  # both as the open window began: an abandoned window's are given back
 
     def task(self) -> Task:
         state = lambda loop: ({}, {"teacher_tokens": self.teacher_tokens, "on_policy": self.on_policy})  # noqa: E731
+        hooks = {"report": self.report, "state": state, "load_state": self.load,
+                 "begin_window": self.begin_window, "abandon_window": self.abandon_window}  # fmt: skip
         if self.d.mode == "sequence":
             plain = rows_task(partial(collate, pad_id=self.pad), lambda e: len(e.tokens), lambda e: len(e.tokens) - 1)
-            return replace(plain, batches=self.answer_batches, report=self.report, state=state, load_state=self.load)
+            return replace(plain, batches=self.answer_batches, **hooks)
         return Task(
             batches=self.token_batches,
             evaluate=lambda b, ex, bs, mb: validate(b, ex, bs, self.arrays, lambda e: len(e.tokens), mb),
-            report=self.report,
-            state=state,
-            load_state=self.load,
+            **hooks,
         )
 
     def load(self, arrays: dict, meta: dict) -> None:
         self.teacher_tokens, self.on_policy = meta.get("teacher_tokens", 0), meta.get("on_policy", 0)
+
+    def begin_window(self, loop: LoopState) -> None:
+        self.settled = (self.teacher_tokens, self.on_policy)
+
+    def abandon_window(self) -> None:
+        """The counters are added to as micro-batches are built: a window given up (and built
+        again on resume) must not count in the checkpoint."""
+        self.teacher_tokens, self.on_policy = self.settled
 
     def report(self, step: int) -> dict:
         return {"teacher_tokens": self.teacher_tokens, "on_policy_batches": self.on_policy}

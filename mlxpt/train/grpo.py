@@ -159,6 +159,57 @@ def make_spec(ctx: TaskContext, g) -> RolloutSpec:
     return RolloutSpec(ctx.cfg, ctx.tokenizer, ctx.backend, guard, sampler, pad, ctx.layout == "grouped", g)
 
 
+class RewardCounts:
+    """The reward guard's calls and failures on every rank, as a checkpoint holds them (the failure
+    rate check counts over the whole run). Rank 0 writes checkpoints, so the other ranks' counts
+    reach it where every rank sends them (`gather`: GRPO after each update, RFT after each round's
+    sampling); they change nowhere else (only rank 0 validates)."""
+
+    def __init__(self, guard: RewardGuard):
+        self.guard = guard
+        self.ranks: list[dict] = [guard.counts()] * distributed.size()
+        self.step0: dict | None = None  # what step 0's validation counted: a resume at step 0 validates again
+
+    def gather(self) -> None:
+        if distributed.size() > 1:
+            self.ranks = [json.loads(t) for t in distributed.gather_texts(json.dumps(self.guard.counts()))]
+
+    def validate(self, step: int, evaluate: Callable[[], dict]) -> dict:
+        """`evaluate()` (validation, scored by the guard) after step `step`: its failure lines carry
+        the step, and step 0's counts are kept aside."""
+        self.guard.log_fields = {"step": step}
+        before = self.guard.counts()
+        out = evaluate()
+        if step == 0:
+            after = self.guard.counts()
+            self.step0 = {k: {n: v - before[k][n] for n, v in per_fn.items()} for k, per_fn in after.items()}
+        return out
+
+    def state(self, step: int) -> list[dict]:
+        """Every rank's counts at a checkpoint of step `step`, in rank order: this rank's (rank 0's)
+        now, less step 0's validation at step 0 (a resume does it again), the others' as gathered."""
+        mine = self.guard.counts()
+        if step == 0 and self.step0 is not None:
+            mine = {k: {n: v - self.step0[k][n] for n, v in per_fn.items()} for k, per_fn in mine.items()}
+        return [mine, *self.ranks[1:]]
+
+    def load(self, saved: list[dict] | None) -> None:
+        """This rank's counts from a checkpoint's `state()`. Resumed on another number of ranks,
+        rank 0 takes the run's totals (what one process would have counted), the others 0; a
+        checkpoint from before the counts were kept leaves every rank at 0."""
+        if not saved:
+            return
+        if len(saved) != distributed.size():
+            total: dict = {"calls": {}, "failures": {}}
+            for counts in saved:
+                for key, per_fn in total.items():
+                    for name, n in (counts.get(key) or {}).items():
+                        per_fn[name] = per_fn.get(name, 0) + int(n)
+            saved = [total] + [{}] * (distributed.size() - 1)
+        self.guard.restore(saved[distributed.rank()])
+        self.ranks = list(saved)
+
+
 class GRPOTask:
     """The loop's view of GRPO: a window's rollouts (sampled once, reused for its mu updates and
     kept in checkpoints between them), the step report and greedy validation."""
@@ -168,6 +219,9 @@ class GRPOTask:
         self.run_dir, self.emit = Path(ctx.run_dir), ctx.emit
         self.spec = make_spec(ctx, self.g)
         self.guard = self.spec.guard
+        self.counts = RewardCounts(self.guard)
+        self.settled = self.guard.counts()  # the counts as the open window began
+        self.step = 0  # the last step reported: the one a validation follows
         # the current window's rollouts, in micro-batch order: reused for its mu updates, saved
         # in checkpoints between them, read by the step report
         self.window: list[Rollout] = []
@@ -182,16 +236,29 @@ class GRPOTask:
             report=self.report,
             state=self.state,
             load_state=self.load_state,
+            begin_window=self.begin_window,
+            abandon_window=self.abandon_window,
         )
 
     # -- checkpoint state --------------------------------------------------------------------
+    def begin_window(self, loop) -> None:
+        self.settled = self.guard.counts()
+        self.guard.log_fields = {"step": loop.step + 1}
+
+    def abandon_window(self) -> None:
+        """A window given up (a stop, a reward error) is sampled again on resume: its reward calls
+        are not counted twice (its failure lines carry its step: the resume drops them)."""
+        self.guard.restore(self.settled)
+
     def state(self, loop) -> tuple[dict[str, np.ndarray], dict]:
-        """Between the mu updates of one window, the window's rollouts (arrays, stats, in
-        micro-batch order): resume then reuses them instead of sampling again from a policy
-        that has moved, and equals the uninterrupted run. On several ranks, every rank's
-        (gathered when sampled: `_kept`), so each rank resumes with its own."""
+        """The reward guard's counts (every rank's) and, between the mu updates of one window, the
+        window's rollouts (arrays, stats, in micro-batch order): resume then reuses them instead
+        of sampling again from a policy that has moved, and equals the uninterrupted run. On
+        several ranks, every rank's (gathered when sampled: `_kept`), so each rank resumes with
+        its own."""
+        counts = {"reward_counts": self.counts.state(loop.step)}
         if loop.repeat_index == 0 or not self.window:
-            return {}, {}
+            return {}, counts
         arrays, meta = {}, []
         for i, r in enumerate(self.window):
             parts = r.ranks if r.ranks is not None else [(r.batch, r.stats)]
@@ -202,9 +269,10 @@ class GRPOTask:
             if len(parts) > 1:
                 entry["ranks"] = [{"n": len(b), "stats": st} for b, st in parts[1:]]
             meta.append(entry)
-        return arrays, {"rollouts": meta, "world": distributed.size()}
+        return arrays, {"rollouts": meta, "world": distributed.size(), **counts}
 
     def load_state(self, arrays: dict[str, np.ndarray], meta: dict) -> None:
+        self.counts.load(meta.get("reward_counts"))
         saved = meta.get("rollouts", [])
         world, here = meta.get("world"), distributed.size()
         if saved and world is not None and world != here:  # (no "world": saved before ranks were kept)
@@ -248,6 +316,8 @@ class GRPOTask:
 
     def report(self, step: int) -> dict:
         """Step-event fields from the rollouts of this step's window (TRL's metric names)."""
+        self.step = step
+        self.counts.gather()  # every rank reports each update: the other ranks' counts for checkpoints
         w = [r.stats for r in self.window]
         if not w:
             return {}
@@ -285,7 +355,9 @@ class GRPOTask:
 
     # -- validation ------------------------------------------------------------------------
     def evaluate(self, backend, examples: list[PromptExample], batch_size: int, max_batches: int) -> dict:
-        return evaluate_greedy(self.spec, backend, examples, batch_size, max_batches)
+        return self.counts.validate(
+            self.step, lambda: evaluate_greedy(self.spec, backend, examples, batch_size, max_batches)
+        )
 
 
 def evaluate_greedy(

@@ -74,6 +74,11 @@ class Task:
     # window's remaining updates reuse)
     state: Callable[[LoopState], tuple[dict, dict]] | None = None
     load_state: Callable[[dict, dict], None] | None = None
+    # (loop state) as a window opens, and () when it is abandoned: a task that counts while it
+    # builds a window (GRPO's reward calls, distill's teacher tokens) puts its counters back, so a
+    # checkpoint holds them as of the last completed step, like the data position
+    begin_window: Callable[[LoopState], None] | None = None
+    abandon_window: Callable[[], None] | None = None
 
 
 @dataclass
@@ -177,19 +182,28 @@ def rows_task(collate: Callable, length: Callable, tokens: Callable) -> Task:
     return Task(batches=batches, evaluate=lambda b, ex, bs, mb: validate(b, ex, bs, collate, length, mb))
 
 
-def _accumulate(backend, batches: Iterator[MicroBatch], state: LoopState, checkpoint, stop) -> tuple | None:
+def _abandon(backend, task: Task) -> None:
+    """Drop the open window: its gradients, the RNG draws and the task's counts it made."""
+    backend.discard(rewind=True)
+    if task.abandon_window is not None:
+        task.abandon_window()
+
+
+def _accumulate(backend, task: Task, batches: Iterator[MicroBatch], state: LoopState, checkpoint, stop) -> tuple | None:
     """Gradients of one window's micro-batches: (input tokens, data position after it), or None
     once a stop is requested. A user error while a batch is made (GRPO: a reward function above
     its failure rate) abandons the window and saves the last completed step."""
     tokens = 0
     backend.begin_window()  # an abandoned window rewinds the RNG to here (sampling included)
+    if task.begin_window is not None:
+        task.begin_window(state)
     while True:
         try:
             mb = next(batches)
         except Stopped:  # a stop request while the window was prepared (RFT's sampling): as below
             return None
         except MlxptError as e:
-            backend.discard(rewind=True)
+            _abandon(backend, task)
             checkpoint(state)
             e.saved_step = state.step  # the runner adds the resume command to the hint
             raise
@@ -303,9 +317,9 @@ def train_loop(
     while state.step < cfg.steps:
         t0 = time.perf_counter()
         distributed.sync_rng()  # several ranks: rank 0's RNG, the one its checkpoints hold
-        window = _accumulate(backend, batches, state, checkpoint, stop)
+        window = _accumulate(backend, task, batches, state, checkpoint, stop)
         if window is None:  # interrupted; the data position moves only when a window is done
-            backend.discard(rewind=True)
+            _abandon(backend, task)
             break
         tokens, (state.epoch, state.batch_index, state.repeat_index) = window
         tokens = int(distributed.sum_floats([tokens])[0])  # every rank's input tokens

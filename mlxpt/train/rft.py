@@ -197,18 +197,27 @@ class RFTTask:
         self.kept: list[Example] | None = None
         self.stats: dict = {}
         self.scorer = None  # a step search's scorer, built at the first search (a prm:RUN loads a model)
+        # the reward guard's counts, in checkpoints as they stand: a round's samples are never redone
+        self.counts = grpo.RewardCounts(self.spec.guard)
+        self.step = 0  # the last step reported: the one a validation follows
 
     def task(self) -> Task:
         return Task(
             batches=self.batches,
-            evaluate=lambda backend, ex, bs, mb: grpo.evaluate_greedy(self.spec, backend, ex, bs, mb),
+            evaluate=lambda backend, ex, bs, mb: self.counts.validate(
+                self.step, lambda: grpo.evaluate_greedy(self.spec, backend, ex, bs, mb)
+            ),
             report=self.report,
-            state=lambda loop: ({}, {"round": self.round, "round_start": self.round_start}),
+            state=self.state,
             load_state=self.load_state,
         )
 
+    def state(self, loop: LoopState) -> tuple[dict, dict]:
+        return {}, {"round": self.round, "round_start": self.round_start, "reward_counts": self.counts.state(loop.step)}
+
     def load_state(self, arrays: dict, meta: dict) -> None:
         self.round, self.round_start = meta.get("round", -1), meta.get("round_start", 0)
+        self.counts.load(meta.get("reward_counts"))
 
     # -- micro-batches ---------------------------------------------------------------------
     def batches(self, train: list, state: LoopState, cfg: RFTConfig) -> Iterator[MicroBatch]:
@@ -256,6 +265,7 @@ class RFTTask:
         r, empty = self.round + 1, 0
         while True:
             saved = self._read_round(train, r, step) or self._sample_round(train, r, step)
+            self.counts.gather()  # every rank's, for rank 0's checkpoints
             s = saved["stats"]
             self.emit({"event": "round", "round": r + 1, "step": step, **s})
             if s["kept"]:
@@ -341,8 +351,10 @@ class RFTTask:
             part.parent.mkdir(exist_ok=True)  # not the run folder: a deleted run stays deleted
         t0, ranks = time.perf_counter(), distributed.size()
         each = f"{N} completions" if self.r.strategy == "sample" else f"a {self.r.strategy} search of width {N}"
+        self.spec.guard.log_fields = {"round": r + 1}  # no step: a resume reads the finished chunks back
         for first in range(len(done), len(chunks), ranks):
             if self.signal.requested:  # the finished chunks are in the part file: a resume reads them back
+                self.counts.gather()  # their reward calls too
                 self.emit({"event": "progress", "stage": "sampling", "round": r + 1, "step": step + 1,
                            "done": first, "total": len(chunks),
                            "message": f"round {r + 1}: sampling stopped after {first}/{len(chunks)} chunks "
@@ -500,6 +512,7 @@ class RFTTask:
     # -- reporting -------------------------------------------------------------------------
     def report(self, step: int) -> dict:
         """The current round's numbers on every step (the TUI charts them as steps)."""
+        self.step = step
         s = self.stats
         if not s:
             return {}

@@ -161,14 +161,23 @@ class RunFolder:
             append_jsonl(self.path / "metrics.jsonl", {**event, "time": time.time()})
 
     def trim_logs(self, step: int) -> None:
-        """Drop metric and sample lines written after the checkpoint we resume from (they will be
-        redone), and any line a crash tore."""
+        """Drop the metric, sample and reward-failure lines of work the resumed run redoes: those
+        of steps after the checkpoint's, and step 0's evaluation when it is step 0's (a run
+        resumed at 0 evaluates again); also any line a crash tore. A line without a step (RFT's
+        sampling: a round is never redone) stays."""
         if not self.writes:
             return
-        for name in ("metrics.jsonl", "samples.jsonl"):
+
+        def kept(r) -> bool:
+            if not isinstance(r, dict):
+                return False
+            at = r.get("step")
+            return at is None or at < step or 0 < at == step
+
+        for name in ("metrics.jsonl", "samples.jsonl", "reward_failures.jsonl"):
             path = self.path / name
             if path.exists():
-                rows = [r for r in read_jsonl(path) if isinstance(r, dict) and r.get("step", 0) <= step]
+                rows = [r for r in read_jsonl(path) if kept(r)]
                 atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
 
     def checkpoint(self, st: LoopState, backend, task: Task, cfg) -> Path | None:
@@ -342,7 +351,8 @@ def _load_backend(method: Method, cfg, examples: list, emit, chain=None) -> tupl
 
 def _restore(folder: RunFolder, ck: Path | None, backend, task: Task) -> LoopState:
     """Checkpoint `ck` (check_resumable's) into the backend and the task (a fresh state if none)."""
-    if ck is None:
+    if ck is None:  # nothing was trained: a run stopped before its first checkpoint starts over
+        folder.trim_logs(0)
         return LoopState()
     arrays, saved = load_checkpoint(ck)
     _check_shapes(ck, arrays.get("adapters", {}), backend.get_state()["adapters"])

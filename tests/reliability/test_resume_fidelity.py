@@ -6,11 +6,13 @@ the order in which micro-batches were trained."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import pytest
 from tiny import StopAfter
 
+from reliability.conftest import write_split
 from reliability.harness import assert_arrays_close, checkpoint_arrays
 from reliability.test_numerics import make_cfg
 
@@ -116,3 +118,30 @@ def test_interrupted_and_resumed_equals_straight(
     assert checks["data_order"], "micro-batches trained in a different order"
     assert checks["metrics"], (metrics(ref_dir), metrics(resumed_dir))
     assert checks["state"], "adapters/optimiser/RNG differ from the straight run"
+
+
+@pytest.mark.parametrize("checkpoint", [True, False], ids=["step-0 checkpoint", "no checkpoint"])
+def test_a_resume_before_step_1_logs_step_0s_validation_once(checkpoint, tiny_model, tmp_path):
+    """A stop inside step 1's window saves step 0 (a Ctrl-C while GRPO samples step 1), and a run
+    killed before its first checkpoint resumes at 0 too: the resumed run validates at step 0 again,
+    so its metrics.jsonl must not keep the first one (once it held step 0's eval line twice)."""
+    from mlxpt.train.sft import run_sft
+
+    data = write_split(tmp_path / "data", 10, n_valid=4)
+    kw = {"grad_accum": 2, "steps": 3, "eval_every": 1, "save_every": 100, "regression_data": "none"}
+    ref_dir, _ = run_sft(make_cfg(tiny_model, data, tmp_path / "a", **kw))
+    cfg = make_cfg(tiny_model, data, tmp_path / "b", **kw)
+    part_dir, outcome = run_sft(cfg, stop=StopAfter(1))
+    assert outcome == "interrupted" and (part_dir / "checkpoints/step-00000000").is_dir()
+    if not checkpoint:
+        shutil.rmtree(part_dir / "checkpoints")
+    resumed_dir, outcome = run_sft(cfg, resume_dir=part_dir)
+    assert outcome == "finished"
+    events = [(m["event"], m["step"]) for m in metrics_rows(resumed_dir)]
+    assert events == [(m["event"], m["step"]) for m in metrics_rows(ref_dir)]
+    assert events[:2] == [("eval", 0), ("step", 1)]
+    assert metrics_match(metrics(ref_dir), metrics(resumed_dir))
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
