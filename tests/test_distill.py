@@ -301,6 +301,8 @@ def test_topk_cache_against_full_logits(tiny_dir, data_dir, teacher_dir, tmp_pat
         (["--backend", "numpy", "--mode", "sequence"], "E745: this distillation samples answers"),
         ([], "E740: distillation needs a teacher"),
         (["--teacher", "no/such/folder/x"], "E212"),
+        (["--mode", "sequence", "--mask", "none"], "E746: --mode sequence answers each row's prompt"),
+        (["--on-policy-ratio", "0.5", "--mask", "none"], "E746: --on-policy-ratio answers"),
     ],
 )
 def test_bad_flags_are_one_line_errors(args, fragment, tiny_dir, data_dir, tmp_path, capsys):
@@ -308,6 +310,19 @@ def test_bad_flags_are_one_line_errors(args, fragment, tiny_dir, data_dir, tmp_p
     rc = main(["train", "distill", "--model", str(tiny_dir), "--data", str(data_dir), "--runs-dir", str(tmp_path / "r"), *teacher, *args])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert rc == 1 and len(err.splitlines()) == 1 and fragment in err, err
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("mode", [["--mode", "sequence"], ["--on-policy-ratio", "1"]])
+def test_text_rows_have_no_prompt_to_answer(mode, tiny_dir, tmp_path, capsys):
+    """Sequence mode (and on-policy samples) answer each row's prompt; text rows have none, and
+    every row once got the teacher's answer to the same empty context, with no word said."""
+    data = tmp_path / "text.jsonl"
+    data.write_text("".join(json.dumps({"text": f"hello world {i}"}) + "\n" for i in range(4)))
+    rc = main(["train", "distill", "--model", str(tiny_dir), "--teacher", str(tiny_dir), "--data", str(data),
+               "--runs-dir", str(tmp_path / "r"), *mode])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert rc == 1 and len(err.splitlines()) == 1 and err.startswith("error E746") and f"{data}:1" in err, err
     assert not (tmp_path / "r").exists()
 
 

@@ -45,7 +45,7 @@ from mlxpt.config.distill import DistillConfig, check_settings
 from mlxpt.data.batching import collate, trained_positions
 from mlxpt.data.encode import Example, pad_id_of
 from mlxpt.data.formats import raise_if_errors, scan_splits
-from mlxpt.errors import ConfigError, MlxptError
+from mlxpt.errors import ConfigError, DataError, MlxptError
 from mlxpt.models.loader import resolve
 from mlxpt.objectives import distill_objective, sft_objective
 from mlxpt.runs import atomic_write_json
@@ -67,6 +67,11 @@ def check_config(cfg: DistillConfig, resume_dir=None) -> None:
     spec = resolve_teacher(cfg)
     d, t = cfg.distill, cfg.train
     samples = d.mode == "sequence" or d.on_policy_ratio > 0
+    if samples and cfg.data.mask == "none":  # every token trained: no prompt left to answer
+        raise ConfigError(
+            "E746", f"{_sampling(d)} answers each row's prompt, and --mask none trains the whole row, leaving none",
+            "--mask", "use --mask assistant (the default) or --mask prompt",
+        )  # fmt: skip
     if t.backend != "mlx" and (samples or not same_base(cfg, spec)):
         what = "samples answers" if samples else "loads a teacher that is not this run's base"
         raise ConfigError(
@@ -74,10 +79,24 @@ def check_config(cfg: DistillConfig, resume_dir=None) -> None:
         )
 
 
+def _sampling(d) -> str:
+    return "--mode sequence" if d.mode == "sequence" else "--on-policy-ratio"
+
+
 def read_rows(cfg: DistillConfig):
-    """(train rows, valid rows): SFT's rows, every one validated before any weights are read."""
+    """(train rows, valid rows): SFT's rows, every one validated before any weights are read.
+    Where answers are sampled (sequence mode, on-policy), text rows are refused (E746): they have
+    no prompt, so every row once got the teacher's answer to the same empty context."""
     train, valid, errors = scan_splits(cfg.data.data, cfg.data.valid)
     raise_if_errors(errors, Path(cfg.data.data).name)
+    d = cfg.distill
+    if d.mode == "sequence" or d.on_policy_ratio > 0:
+        text = next((r for r in [*train, *valid] if r.kind == "text"), None)
+        if text is not None:
+            raise DataError(
+                "E746", f"{_sampling(d)} answers each row's prompt, and a text row has none", text.where,
+                "give prompt/completion or chat rows, or use --mode token without --on-policy-ratio",
+            )  # fmt: skip
     return train, valid
 
 
