@@ -127,7 +127,6 @@ def test_round_plan_and_bad_settings_are_refused(tiny_dir, prompt_dir, tmp_path,
         # a step search's settings, checked before anything is read
         ({"strategy": "step-beam", "scorer": "nosuch"}, "E622"),
         ({"strategy": "tree", "expand": 0}, "E631"),
-        ({"strategy": "step-beam", "step_delimiter": ""}, "E632"),
         ({"strategy": "step-beam", "max_steps": 0}, "E634"),
         ({"strategy": "step-beam", "scorer": f"prm:{tmp_path / 'no-run'}"}, "E628"),
     ):
@@ -244,6 +243,24 @@ def test_resume_at_and_inside_a_round_equals_uninterrupted(
     assert outcome == "finished"
     assert not [e for e in events if e["event"] == "progress"]  # nothing sampled again
     assert_same_state(straight, resumed)
+
+
+def test_more_steps_at_resume_add_rounds_of_the_same_length(tiny_dir, prompt_dir, tmp_path, reward_file, capsys):
+    """`--resume RUN --steps 8` of a 4-step, 2-round run once stretched round 2 over steps 3-6
+    and added a round 3 beyond --rounds; now rounds keep their 2 steps: rounds 3 and 4 follow."""
+    from mlxpt.cli import main
+
+    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path, reward_file, save_every=2)
+    run, outcome = run_rft(cfg)
+    assert outcome == "finished"
+    assert main(["train", "--resume", str(run), "--steps", "8"]) == 0
+    capsys.readouterr()
+    steps = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    rounds = {m["step"]: m["rft_round"] for m in steps if m.get("event", "step") == "step" and "rft_round" in m}
+    assert rounds == {1: 1, 2: 1, 3: 2, 4: 2, 5: 3, 6: 3, 7: 4, 8: 4}, rounds
+    saved = json.loads((run / "config.json").read_text())
+    assert saved["train"]["steps"] == 8 and saved["rft"]["steps_per_round"] == 2
+    assert sorted(p.name for p in (run / ROUNDS_DIR).glob("round-*.json")) == [f"round-00{i}.json" for i in range(1, 5)]
 
 
 @pytest.mark.parametrize(("reads", "saved_step"), [(1, 0), (5, 2)])

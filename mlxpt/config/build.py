@@ -61,6 +61,18 @@ def flatten(d: dict) -> dict:
     return out
 
 
+def _keep_round_length(cfg, steps: int) -> None:
+    """An RFT run resumed with another --steps keeps its rounds' length and gains or loses rounds;
+    recomputed from the new --steps and --rounds, the current round was once stretched and rounds
+    added beyond --rounds without a word."""
+    from dataclasses import replace
+
+    from mlxpt.config.rft import round_plan
+
+    _, per_round = round_plan(replace(cfg, train=replace(cfg.train, steps=steps)))
+    cfg.rft.steps_per_round, cfg.rft.rounds = per_round, 0
+
+
 def resolve_method(method: str | None, resume: str | None = None, resume_config: dict | None = None) -> str:
     """The method asked for, or the resumed run's (naming another one is E510); `sft` by default."""
     if resume:
@@ -102,7 +114,10 @@ def build_config(
                 resume,
                 f"only {', '.join(sorted(RESUME_MUTABLE))} may change; start a new run for the rest",
             )
+        steps = cfg.train.steps
         apply_flat(cfg, flags, source="command line")
+        if method == "rft" and cfg.train.steps != steps:
+            _keep_round_length(cfg, steps)
         return cfg
     if method not in METHODS:
         raise ConfigError("E503", f"method={method!r} is not one of {', '.join(METHODS)}", "method")

@@ -60,7 +60,9 @@ class RFTSection:
         "verifier", "step search: what scores partial solutions: verifier, logprob, prm:RUN, prm+verifier:RUN or rm:RUN"
     )
     expand: int = opt(4, "step search: sampled next steps per expanded partial solution")
-    step_delimiter: str = opt("\\n", "step search: text that ends a step (\\n, \\t and \\\\ are read as escapes)")
+    step_delimiter: str = opt(
+        "", "step search: text that ends a step (\\n, \\t and \\\\ are read as escapes; default: a prm:RUN scorer's own, else \\n)"
+    )
     step_aggregate: str = opt(
         "min", "step search: step scores -> a partial solution's value", ("min", "last", "product")
     )

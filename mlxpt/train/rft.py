@@ -133,7 +133,7 @@ def search_config(r, seed: int, scorer=None):
     from mlxpt.decode.sampling import SamplingConfig
 
     search = SearchConfig(
-        beam_width=r.samples_per_prompt, expand=r.expand, delimiter=step_delimiter(r.step_delimiter),
+        beam_width=r.samples_per_prompt, expand=r.expand, delimiter=step_delimiter(r.step_delimiter) if r.step_delimiter else None,
         aggregate=r.step_aggregate, max_steps=r.max_steps, prune_threshold=r.prune_threshold,
     )  # fmt: skip
     return DecodeConfig(
@@ -307,12 +307,14 @@ class RFTTask:
     def _round_file(self, r: int) -> Path:
         return self.run_dir / ROUNDS_DIR / f"round-{r + 1:03d}.json"
 
-    def _fingerprint(self, train: list, r: int, step: int) -> str:
+    def _fingerprint(self, train: list, r: int, step: int, legacy: bool = False) -> str:
         """What a round's samples depend on besides the weights at its start (which `step` pins)."""
         picks = round_prompts(len(train), self.r.prompts_per_round, self.cfg.train.seed, r)
         settings = dict(vars(self.r))
         if not settings["rationalize"]:  # a run without it fingerprints as before the settings existed
             del settings["rationalize"], settings["hint"]
+        if not legacy:  # how the steps split into rounds does not change a round's samples
+            del settings["rounds"], settings["steps_per_round"]
         what = [r, step, self.cfg.train.seed, settings, [train[i].tokens for i in picks]]
         return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -328,7 +330,10 @@ class RFTTask:
             saved = json.loads(distributed.broadcast_text(text or "null"))
         except ValueError:
             return None
-        if not isinstance(saved, dict) or saved.get("fingerprint") != self._fingerprint(train, r, step):
+        if not isinstance(saved, dict) or saved.get("fingerprint") not in (
+            self._fingerprint(train, r, step),
+            self._fingerprint(train, r, step, legacy=True),  # a round sampled before the split left it
+        ):
             return None
         return saved
 
