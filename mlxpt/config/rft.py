@@ -61,7 +61,8 @@ class RFTSection:
     )
     expand: int = opt(4, "step search: sampled next steps per expanded partial solution")
     step_delimiter: str = opt(
-        "", "step search: text that ends a step (\\n, \\t and \\\\ are read as escapes; default: a prm:RUN scorer's own, else \\n)"
+        "",
+        "step search: text that ends a step (\\n, \\t and \\\\ are read as escapes; default: a prm:RUN scorer's own, else \\n)",
     )
     step_aggregate: str = opt(
         "min", "step search: step scores -> a partial solution's value", ("min", "last", "product")
