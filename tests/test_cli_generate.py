@@ -72,6 +72,7 @@ def _one_line_error(capsys, argv, code, err_code):
     assert main(argv) == code
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and err_code in lines[0], lines
+    return lines[0]
 
 
 def test_bad_inputs_are_one_line_errors(base, tmp_path, capsys):
@@ -112,9 +113,11 @@ def test_chat_keeps_history_and_handles_commands(base, monkeypatch, capsys):
     code, calls, cap = _chat(monkeypatch, capsys, base, script)
     assert code == 0
     assert calls == [
+        (["user"], None),  # the start: --system (none here) checked against the template
         (["user"], None),
         (["user", "assistant", "user"], None),
         (["user"], None),  # after /reset
+        (["user"], "Be brief."),  # /system checked against the template
         (["user"], "Be brief."),  # /system resets too
     ]
     assert "> " not in cap.out  # no prompt marker when stdin is not a terminal
@@ -133,5 +136,51 @@ def test_chat_exits_cleanly_at_eof_and_survives_ctrl_c_in_an_answer(base, monkey
             yield chunk
 
     code, calls, cap = _chat(monkeypatch, capsys, base, "first\nsecond\n", interrupted_once)
-    assert code == 0 and len(calls) == 2  # EOF ends the session; the stopped answer kept it alive
+    assert (
+        code == 0 and len(calls) == 3
+    )  # the start's check, 2 turns: EOF ends the session; the stopped answer kept it alive
     assert "[stopped]" in cap.err
+
+
+def test_a_numbered_checkpoint_file_or_a_peft_folder_is_refused_not_swapped(run, tmp_path, capsys):
+    """mlx-lm writes 0000002_adapters.safetensors beside the final adapters.safetensors: given as
+    --adapter, the final one was once loaded in its place. A PEFT folder gets a message that says
+    what it is."""
+    import shutil
+
+    folder = tmp_path / "ck"
+    shutil.copytree(run, folder, ignore=shutil.ignore_patterns("checkpoints"))
+    shutil.copy(folder / "adapters.safetensors", folder / "0000002_adapters.safetensors")
+    err = _one_line_error(capsys, ["generate", "--prompt", "hi", "--adapter", str(folder / "0000002_adapters.safetensors")], 1, "E221")  # fmt: skip
+    assert "0000002_adapters.safetensors is not the folder's adapters.safetensors" in err
+    assert (
+        _generate(capsys, "--adapter", str(folder / "adapters.safetensors"), "--raw")[:2]
+        == _generate(capsys, "--adapter", str(run), "--raw")[:2]
+    )  # the folder's own file still names the folder
+    peft = tmp_path / "peft"
+    peft.mkdir()
+    (peft / "adapter_model.safetensors").write_bytes(b"")
+    (peft / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
+    err = _one_line_error(capsys, ["generate", "--prompt", "hi", "--adapter", str(peft)], 1, "E221")
+    assert "PEFT" in err
+
+
+def test_chat_keeps_going_when_the_template_refuses_a_system_prompt(tmp_path, monkeypatch, capsys):
+    """A template without a system role (Gemma's) once ended the session at the next line after
+    /system; and a model without a chat template dropped --system and the history without a word."""
+    from tiny import CHATML
+
+    model = make_model(tmp_path / "gemma")
+    refuse = "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    (model / "chat_template.jinja").write_text(refuse + CHATML)
+    code, calls, cap = _chat(monkeypatch, capsys, model, "hello\n/system be nice\nhi again\n/exit\n")
+    assert code == 0 and "System role not supported" in cap.err and "the system prompt is unchanged" in cap.err
+    assert calls[-1] == (["user", "assistant", "user"], None)  # answered, with the history, no system
+    plain = make_model(tmp_path / "plain")
+    (plain / "chat_template.jinja").unlink()
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", str(plain), "--max-tokens", "2"]) == 0
+    assert "no chat template: each message is answered on its own" in capsys.readouterr().err
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
+    assert main(["chat", "--model", str(model), "--system", "be nice", "--max-tokens", "2"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error E603")

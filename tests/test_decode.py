@@ -11,7 +11,7 @@ import pytest
 from tiny import make_model, make_tokenizer
 
 from mlxpt.decode import chat_prompt, generate_text, iter_generate, make_sampler
-from mlxpt.errors import ConfigError
+from mlxpt.errors import ConfigError, ModelError
 from mlxpt.models.loader import load
 
 MSG = [{"role": "user", "content": "hello there"}]
@@ -149,6 +149,9 @@ def test_chat_prompt_without_template_uses_last_user_text(tmp_path):
     tok = TokenizerWrapper(AutoTokenizer.from_pretrained(str(tmp_path / "t")))
     msgs = [*MSG, {"role": "assistant", "content": "hi"}, {"role": "user", "content": "again"}]
     assert tok.decode(chat_prompt(tok, msgs)) == "again"
+    with pytest.raises(ModelError) as e:  # a system prompt has no place: once dropped without a word
+        chat_prompt(tok, msgs, system="Be brief.")
+    assert e.value.code == "E603" and "no chat template" in e.value.what
 
 
 def test_generate_text_joins_chunks_and_rejects_bad_max_tokens(tiny):

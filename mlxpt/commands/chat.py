@@ -111,8 +111,12 @@ def run(args) -> int:
     tty = sys.stdin.isatty()
     marker = "> " if tty else ""
     system, history = args.system, []
+    chat_prompt(tokenizer, [{"role": "user", "content": "hi"}], system)  # E603 for --system now, not at the first line
     if tty:
         print(HELP, file=sys.stderr)
+    if not getattr(tokenizer, "has_chat_template", False):
+        print("[this model has no chat template: each message is answered on its own, without the history]",
+              file=sys.stderr)  # fmt: skip
     while True:
         line = _read(marker)
         if line is None:
@@ -130,6 +134,11 @@ def run(args) -> int:
                 history = []
                 print("[history cleared]", file=sys.stderr)
             elif cmd == "/system":
+                try:  # a template without a system role (or no template): say so, keep chatting
+                    chat_prompt(tokenizer, [{"role": "user", "content": "hi"}], rest.strip() or None)
+                except MlxptError as e:
+                    print(f"[{e.line()}; the system prompt is unchanged]", file=sys.stderr)
+                    continue
                 system, history = rest.strip() or None, []
                 print(
                     f"[system prompt {'set' if system else 'cleared'}; history cleared]",

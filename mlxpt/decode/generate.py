@@ -36,10 +36,16 @@ def _encode(tokenizer, text: str) -> list[int]:
 def chat_prompt(tokenizer, messages: list[dict], system: str | None = None) -> list[int]:
     """Token ids for `messages` rendered by the chat template, ending with the assistant cue.
 
-    Without a chat template, the raw text of the last user message is used."""
+    Without a chat template, the raw text of the last user message is used, and a system prompt
+    (which it has no place for: once dropped without a word) is refused, E603."""
     if system:
         messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
     if not getattr(tokenizer, "has_chat_template", False):
+        if any(m["role"] == "system" for m in messages):
+            raise ModelError(
+                "E603", "the model has no chat template, so a system prompt has no place in the prompt",
+                "chat_template", "drop --system (or the system message), or use a model with a chat template",
+            )  # fmt: skip
         users = [m["content"] for m in messages if m["role"] == "user"]
         if not users:
             raise ConfigError("E602", "no user message to generate from", "prompt", "give a prompt")
@@ -54,7 +60,7 @@ def chat_prompt(tokenizer, messages: list[dict], system: str | None = None) -> l
             "E603",
             f"the chat template failed: {first}",
             "chat_template",
-            "try --raw or drop --system",
+            "drop --system (or /system in chat), or pass --raw to generate",
         ) from None
     if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
         ids = ids["input_ids"]

@@ -96,9 +96,21 @@ def find_adapter(path: str | Path) -> Path:
     if not p.exists():
         raise ModelError("E220", "adapter path not found", str(p), "pass a run folder (runs/<id>) or an adapter folder")
     if not p.is_dir():  # a file, or a device or FIFO given by mistake: look beside it
+        if p.name not in (ADAPTER_FILE, CONFIG_FILE) and (p.parent / ADAPTER_FILE).is_file():
+            # mlx-lm's numbered checkpoints (0000200_adapters.safetensors) sit beside the final
+            # adapters.safetensors, which was once loaded in their place without a word
+            raise ModelError(
+                "E221", f"{p.name} is not the folder's {ADAPTER_FILE}, which is what an adapter folder loads",
+                str(p), f"pass the folder, or copy {p.name} as {ADAPTER_FILE} with {CONFIG_FILE} into a folder of its own",
+            )  # fmt: skip
         p = p.parent
     if (p / ADAPTER_FILE).is_file() and _config_file(p).is_file():
         return p
+    if (p / "adapter_model.safetensors").is_file():
+        raise ModelError(
+            "E221", "a Hugging Face PEFT adapter (adapter_model.safetensors); mlxpt reads mlx-lm's adapter format",
+            str(p), "merge it into its base with PEFT's merge_and_unload() and pass that folder as --model",
+        )  # fmt: skip
     pickles = [q.name for q in p.iterdir() if q.suffix in (".npz", ".bin", ".pt", ".pth", ".pkl", ".ckpt", ".pickle")]
     if pickles:
         raise SecurityError(
