@@ -184,3 +184,18 @@ def test_chat_keeps_going_when_the_template_refuses_a_system_prompt(tmp_path, mo
     monkeypatch.setattr("sys.stdin", io.StringIO("hi\n"))
     assert main(["chat", "--model", str(model), "--system", "be nice", "--max-tokens", "2"]) == 1
     assert capsys.readouterr().err.strip().startswith("error E603")
+
+
+def test_an_mlx_lm_adapter_folder_loads_the_base_its_config_names(base, run, tmp_path, capsys):
+    """mlx-lm's adapter_config.json names its base (`model`); without --model the default model
+    was once loaded under it (E223 at best, a wrong base at worst)."""
+    import json
+    import shutil
+
+    folder = tmp_path / "mlx-lm-adapter"
+    folder.mkdir()
+    shutil.copy(run / "adapters.safetensors", folder / "adapters.safetensors")
+    config = json.loads((run / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "model": str(base)}))
+    got = _generate(capsys, "--adapter", str(folder), "--raw")
+    assert got[0] == 0 and got[1] == _generate(capsys, "--model", str(base), "--adapter", str(run), "--raw")[1]

@@ -270,12 +270,23 @@ def check_strategy_args(args) -> None:
 
 
 def model_ref(model: str | None, adapter: str | None) -> str | None:
-    """The model to load for `adapter`: `model`, else the run's base model (None where neither is
-    known; load_for then loads DEFAULT_MODEL)."""
+    """The model to load for `adapter`: `model`, else the run's base model, else the base an
+    mlx-lm adapter folder names in its adapter_config.json (`model`; the default model was once
+    loaded under it instead); None where none is known (load_for then loads DEFAULT_MODEL)."""
     if model is None and adapter is not None:
+        import json
+
         from mlxpt.fuse import base_model_of
 
-        return (base_model_of(adapter) or {}).get("model")
+        found = (base_model_of(adapter) or {}).get("model")
+        if found is None:
+            folder = Path(adapter) if Path(adapter).is_dir() else Path(adapter).parent
+            try:
+                named = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")).get("model")
+            except (OSError, ValueError, AttributeError):
+                named = None
+            found = named if isinstance(named, str) and named.strip() else None
+        return found
     return model
 
 
