@@ -720,3 +720,21 @@ def test_prm_plus_verifier_is_checked_like_prm_and_scores_through_the_cli(prm_ru
     err = capsys.readouterr().err
     scores = [float(x) for x in err.split("step scores: ")[1].split("]")[0].split(", ")]
     assert scores and all(0 <= x < 1 for x in scores)
+
+
+def test_a_second_label_steps_job_on_the_same_output_is_refused(tiny_dir, tmp_path, capsys):
+    """Two jobs on one OUT once both appended every row (each prompt twice) and both exited 0."""
+    from mlxpt.cli import main
+    from mlxpt.decode.label_steps import OutputLock
+
+    prompts = tiny.write_prompt_dir(tmp_path, train=(3, 5)) / "train.jsonl"
+    out = tmp_path / "steps.jsonl"
+    argv = ["data", "label-steps", "--policy", str(tiny_dir), "--data", str(prompts), "--out", str(out)]
+    with OutputLock(out):  # the first job, still writing
+        assert main([*argv, "--rollouts", "1", "--max-tokens", "4"]) == 1
+        err = capsys.readouterr().err.strip()
+        assert (
+            err.startswith("error E535: another label-steps job is writing this output") and len(err.splitlines()) == 1
+        )
+        assert out.read_bytes() == b"" and not (tmp_path / "steps.jsonl.progress.json").exists()
+    assert main([*argv, "--rollouts", "1", "--max-tokens", "4"]) == 0  # once it is done, the next one runs

@@ -322,9 +322,8 @@ def run_label_steps(args) -> int:
     from mlxpt.data.formats import raise_if_errors
     from mlxpt.data.prompts import scan_prompts
     from mlxpt.data.stepwise import check_delimiter
-    from mlxpt.decode.label_steps import LabelSettings, check_settings, label_steps, progress_path, start_point
-    from mlxpt.errors import EXIT_INTERRUPTED
-    from mlxpt.models.loader import load, resolve
+    from mlxpt.decode.label_steps import LabelSettings, OutputLock, check_settings, progress_path, start_point
+    from mlxpt.models.loader import resolve
     from mlxpt.rewards.extract import check_method
 
     out = Path(args.out)
@@ -350,6 +349,16 @@ def run_label_steps(args) -> int:
     if start >= len(rows):
         print(f"nothing to do: all {len(rows)} prompts of {args.data} are labelled in {out}", file=sys.stderr)
         return 0
+    with OutputLock(out):  # one writer per OUT (E535), held until the job ends
+        start, _ = start_point(out, settings)  # as it stands now that this job holds it
+        return _label_locked(args, out, rows, settings, start, model_ref, adapter)
+
+
+def _label_locked(args, out, rows, settings, start, model_ref, adapter) -> int:
+    from mlxpt.decode.label_steps import label_steps
+    from mlxpt.errors import EXIT_INTERRUPTED
+    from mlxpt.models.loader import load
+
     model, tokenizer = load(
         model_ref, adapter=adapter, quantize=args.quantize, trust_remote_code=args.trust_remote_code
     )

@@ -149,6 +149,35 @@ def start_point(out: Path, s: LabelSettings) -> tuple[int, int]:
     return done, rows
 
 
+class OutputLock:
+    """One label-steps job per OUT: an exclusive flock on OUT itself (created empty when missing),
+    held until the job ends. Two jobs on one OUT once both appended every row, each exiting 0."""
+
+    def __init__(self, out: Path):
+        self.out, self._fd = Path(out), None
+
+    def __enter__(self) -> OutputLock:
+        import fcntl
+
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.out, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ConfigError(
+                "E535", "another label-steps job is writing this output", str(self.out),
+                "wait for it to finish (rerun the command then to continue), or give another --out",
+            ) from None  # fmt: skip
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock
+            self._fd = None
+
+
 def _resume_state(out: Path, s: LabelSettings) -> tuple[int, int, int]:
     """(next prompt index, rows written, complete bytes of OUT), every check of start_point made."""
     prog = progress_path(out)
