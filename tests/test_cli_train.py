@@ -74,6 +74,25 @@ def test_bad_choice_is_a_usage_error(capsys):
     assert e.value.code == 2
 
 
+def test_a_setting_name_shared_by_methods_takes_each_methods_choices(capsys):
+    """DPO's and GRPO's loss_type share a flag: GRPO's choices alone once parsed it, so every
+    `mlxpt train dpo --loss-type ipo` (and the TUI's DPO form) failed as a usage error."""
+    import argparse
+
+    from mlxpt.commands.train import config_from_args, register
+    from mlxpt.errors import ConfigError
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    for method, loss in (("dpo", "ipo"), ("simpo", "simpo"), ("orpo", "orpo"), ("grpo", "dr_grpo")):
+        _, cfg = config_from_args(parser.parse_args(["train", method, "--loss-type", loss]))
+        section = cfg.grpo if method == "grpo" else cfg.pref
+        assert section.loss_type == loss
+    with pytest.raises(ConfigError) as e:  # another method's choice: the method's own one-line error
+        config_from_args(parser.parse_args(["train", "grpo", "--loss-type", "ipo"]))
+    assert e.value.code == "E503" and "grpo, dr_grpo" in e.value.line()
+
+
 def test_yaml_config_and_cli_precedence(tiny_dir, data_dir, tmp_path, capsys):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"model: {tiny_dir}\ndata: {data_dir}\ntrain:\n  steps: 2\n  learning_rate: 0.001\nrank: 4\n")

@@ -36,8 +36,15 @@ def register(sub) -> None:
     # Every method's settings parse (help hidden), so a setting of another method reaches
     # build_config, whose one-line E504 names the method it belongs to.
     classes = (SFTConfig, DPOConfig, RMConfig, GRPOConfig, PRMConfig, RFTConfig, config.config_class("distill"))
-    for name, (_, f) in {k: v for cls in classes for k, v in all_fields(cls()).items()}.items():
-        _add_setting(p, name, f, argparse.SUPPRESS)
+    fields: dict = {}
+    for cls in classes:
+        for name, (_, f) in all_fields(cls()).items():
+            fields.setdefault(name, []).append(f)
+    for name, same in fields.items():
+        # one name in several methods (DPO's and GRPO's loss_type): every method's choices parse,
+        # build_config checks them per method (the last class's alone once refused `dpo --loss-type ipo`)
+        choices = [c for f in same for c in f.metadata.get("choices") or ()]
+        _add_setting(p, name, same[-1], argparse.SUPPRESS, list(dict.fromkeys(choices)) or None)
     p.set_defaults(func=run)
 
 
@@ -64,7 +71,7 @@ def _add_common(p) -> None:
     )
 
 
-def _add_setting(p, name: str, f, help_text: str) -> None:
+def _add_setting(p, name: str, f, help_text: str, choices=None) -> None:
     flags = [f"--{name.replace('_', '-')}"]
     if name == "from_run":
         flags.insert(0, "--from")  # the short name people look for (mlx-lm: --resume-adapter-file)
@@ -72,8 +79,8 @@ def _add_setting(p, name: str, f, help_text: str) -> None:
     if str(f.type).startswith("bool"):  # --name / --no-name (packing is on by default)
         p.add_argument(*flags, action=argparse.BooleanOptionalAction, **kw)
         return
-    if f.metadata.get("choices"):
-        kw["choices"] = f.metadata["choices"]
+    if choices or f.metadata.get("choices"):
+        kw["choices"] = choices or f.metadata["choices"]
     else:
         kind = str(f.type)
         kw["metavar"] = {"from_run": "RUN"}.get(name) or (
