@@ -143,6 +143,32 @@ def temp_dir_error(cause: BaseException | None = None):
     return None
 
 
+def resource_error(e: BaseException):
+    """E301 (exit 3) for a full disk or a file-size limit met where no writer of ours caught it:
+    MLX's own writes (`mx.save_safetensors` raises RuntimeError "[write] Unable to write"), its
+    kernel compiler ("File too large" from the linker), a plain OSError. None for anything else."""
+    import errno
+
+    from mlxpt.errors import ResourceError
+
+    if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EFBIG, getattr(errno, "EDQUOT", -1)):
+        from mlxpt.runs.atomic import disk_full_error
+
+        return disk_full_error(e.filename or "a file", e)
+    text = str(e)
+    if isinstance(e, RuntimeError) and any(
+        s in text for s in ("[write] Unable to write", "File too large", "No space left on device")
+    ):
+        limit = (
+            "file size limit (ulimit -f) reached" if "File too large" in text else "disk full (or a file size limit)"
+        )
+        return ResourceError(
+            "E301", f"{limit} while MLX wrote or compiled ({text.splitlines()[0][:100]})", "disk",
+            "free space or raise the limit (TMPDIR holds MLX's compiled kernels), then run the command again",
+        )  # fmt: skip
+    return None
+
+
 def _computes(args) -> bool:
     """Whether the command runs the model (so needs MLX's temporary folder on a CPU backend)."""
     if args.command in ("doctor", "tui"):
@@ -174,9 +200,9 @@ def run_command(args) -> int:
     except Exception as e:  # noqa: BLE001 - the last line of defence: one line, never a traceback
         if getattr(args, "debug", False):
             raise
-        known = temp_dir_error(e) if isinstance(e, RuntimeError) else None
+        known = (temp_dir_error(e) if isinstance(e, RuntimeError) else None) or resource_error(e)
         print(f"error {known.line()}" if known else _bug_line(e), file=sys.stderr)
-        return 1
+        return known.exit_code if known else 1
 
 
 def entry() -> None:

@@ -153,6 +153,28 @@ def test_eval_cli_compare_writes_table_json_and_png(base, adapter_run, tmp_path,
     ], cap.err
 
 
+def test_charts_that_cannot_be_written_leave_the_results_and_no_stale_charts(base, tmp_path, capsys, monkeypatch):
+    """A full disk at the charts once left the new results beside the previous run's charts
+    (which the results name as theirs), with a hint about a checkpoint."""
+    import mlxpt.decode.plot as plot
+
+    data = _write(tmp_path / "t.jsonl", [ROW])
+    out = tmp_path / "res.json"
+    for old in ("res.json", "res.png", "res-tokens.png"):
+        (tmp_path / old).write_bytes(b"an earlier run's")
+
+    def full(path, *a, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(plot, "write_png", full)
+    argv = ["eval", "--model", str(base), "--data", str(data), "--strategies", "greedy", "--max-tokens", "4"]
+    assert main([*argv, "--out", str(out)]) == 3
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error E312: the results are saved in") and "charts could not be written" in err
+    assert json.loads(out.read_text())["results"] and not (tmp_path / "res.png").exists()
+    assert not (tmp_path / "res-tokens.png").exists()
+
+
 @pytest.mark.parametrize(
     ("extra", "code"),
     [

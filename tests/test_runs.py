@@ -101,7 +101,7 @@ def test_disk_full_keeps_previous_file_and_removes_temp(tmp_path, monkeypatch, f
 
     err = info.value
     assert err.exit_code == 3 and err.code == "E301"
-    assert str(target) in str(err) and "previous checkpoint is intact" in str(err)
+    assert str(target) in str(err) and "(a run's previous checkpoint) is intact" in str(err)
     assert target.read_bytes() == b"previous"
     assert tmp_leftovers(tmp_path) == []
 

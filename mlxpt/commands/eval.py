@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from mlxpt.errors import ConfigError, MlxptError
+from mlxpt.errors import ConfigError, MlxptError, ResourceError
 
 
 def register(subparsers) -> None:
@@ -406,11 +406,21 @@ def run(args) -> int:
     if calibrate is not None:
         _write_calibration(calibrate, args, cfg, details[runs[0][0]], paths[0], n_rows)
     _save_results(out, result, atomic_write_json)
-    write_png(plot, series, title=f"accuracy vs samples, {n_rows} prompts")
-    write_png(
-        tokens_plot_path(plot), tokens_series, f"accuracy vs generated tokens, {n_rows} prompts", TOKENS_AXIS,
-        token_ticks(tokens_series),
-    )  # fmt: skip
+    try:
+        write_png(plot, series, title=f"accuracy vs samples, {n_rows} prompts")
+        write_png(
+            tokens_plot_path(plot), tokens_series, f"accuracy vs generated tokens, {n_rows} prompts", TOKENS_AXIS,
+            token_ticks(tokens_series),
+        )  # fmt: skip
+    except (OSError, MlxptError) as e:
+        # the results are saved; an earlier run's charts beside them would be read as theirs
+        for chart in (plot, tokens_plot_path(plot)):
+            chart.unlink(missing_ok=True)
+        what = e.line() if isinstance(e, MlxptError) else f"{type(e).__name__}: {e}"
+        raise ResourceError(
+            "E312", f"the results are saved in {out}, but the charts could not be written ({what[:120]})", str(plot),
+            "free space or raise the file-size limit, and draw them again from the results",
+        ) from None  # fmt: skip
     print(f"\nresults: {out}  charts: {plot}, {tokens_plot_path(plot)}", file=sys.stderr)
     return 0
 
@@ -457,14 +467,19 @@ def _save_results(out: Path, result: dict, write) -> None:
     in a temporary file and say where: a finished evaluation is never lost."""
     import tempfile
 
-    from mlxpt.errors import ResourceError
-
     try:
         write(out, result)
     except (OSError, MlxptError) as e:
         fd, spare = tempfile.mkstemp(prefix="mlxpt-eval-", suffix=".json")
-        with open(fd, "w", encoding="utf-8") as f:
-            json.dump(result, f)
+        try:
+            with open(fd, "w", encoding="utf-8") as f:
+                json.dump(result, f)
+        except OSError as full:  # the spare's disk is full too: no torn spare left, one line, exit 3
+            Path(spare).unlink(missing_ok=True)
+            raise ResourceError(
+                "E312", f"cannot write the results ({str(e).splitlines()[0][:80]}), nor a spare copy ({full.strerror})",
+                str(out), "free space or raise the file-size limit (ulimit -f), then run the evaluation again",
+            ) from None  # fmt: skip
         raise ResourceError(
             "E312", f"cannot write the results ({str(e).splitlines()[0][:80]}); they are saved in {spare}", str(out),
             "copy them from there, and check the --out path",

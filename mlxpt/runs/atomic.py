@@ -33,7 +33,11 @@ def disk_full_error(path: str | os.PathLike, exc: BaseException | None = None) -
         what, fix = "file size limit (ulimit -f) reached", "raise the limit"
     else:
         what, fix = "disk full", "free space"
-    return ResourceError("E301", f"{what} while writing {path}", hint=f"{fix}; the previous checkpoint is intact")
+    return ResourceError(
+        "E301",
+        f"{what} while writing {path}",
+        hint=f"{fix}; what was there before (a run's previous checkpoint) is intact",
+    )
 
 
 def fsync_dir(path: str | os.PathLike) -> None:

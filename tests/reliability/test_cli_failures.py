@@ -117,3 +117,57 @@ def test_a_finished_evaluation_is_kept_when_its_output_fails(tmp_path, monkeypat
 
     spare = Path(re.search(r"saved in (\S+)", e.value.line()).group(1))
     assert json.loads(spare.read_text()) == {"results": [1, 2]}
+
+
+def test_a_full_disk_for_the_spare_too_leaves_no_torn_spare_and_exits_3(tmp_path, monkeypatch):
+    """The spare copy of a result that cannot be written went to the same full disk: a torn JSON
+    was left in TMPDIR and the error was E001 (a bug), exit 1."""
+    import builtins
+    import tempfile
+
+    from mlxpt.commands import eval as eval_cmd
+    from mlxpt.errors import ResourceError
+
+    def fail(path, obj):
+        raise OSError(27, "File too large")
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    real_open = builtins.open
+
+    def full_open(file, mode="r", *a, **kw):
+        handle = real_open(file, mode, *a, **kw)
+        if "w" in mode and isinstance(file, int):  # the spare's descriptor: writes fail part-way
+            handle.write = lambda text: (_ for _ in ()).throw(OSError(27, "File too large"))
+        return handle
+
+    monkeypatch.setattr(builtins, "open", full_open)
+    with pytest.raises(ResourceError) as e:
+        eval_cmd._save_results(tmp_path / "out.json", {"results": [1, 2]}, fail)
+    monkeypatch.undo()
+    assert e.value.exit_code == 3 and "nor a spare copy" in e.value.line()
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        RuntimeError("[write] Unable to write 35580 bytes to file."),  # mx.save_safetensors (fuse, export)
+        RuntimeError("[Compile::eval_cpu] Failed to compile function ... ld: final link failed: File too large"),
+        OSError(28, "No space left on device", "out.json"),
+    ],
+    ids=["mlx-write", "mlx-compile", "oserror"],
+)
+def test_a_full_disk_outside_our_writers_is_exit_3_not_a_bug(exc, capsys):
+    """MLX's own writes and kernel compiles met a full disk or `ulimit -f` as E001 (a bug), exit 1."""
+    from types import SimpleNamespace
+
+    from mlxpt.cli import run_command
+
+    def fails(args):
+        raise exc
+
+    args = SimpleNamespace(command="data", data_command="check", func=fails, debug=False)
+    assert run_command(args) == 3
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error E301") and "bug" not in err and len(err.splitlines()) == 1, err
