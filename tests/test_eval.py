@@ -179,6 +179,7 @@ def test_charts_that_cannot_be_written_leave_the_results_and_no_stale_charts(bas
     ("extra", "code"),
     [
         (["--strategies", "greedy,vote"], "E620"),
+        (["--strategies", "greedy", "--calibration", "t.json"], "E651"),  # read by nothing: once accepted
         (["--n", "0"], "E621"),
         (["--scorer", "bogus"], "E622"),
         (["--data", "/no/such.jsonl"], "E623"),

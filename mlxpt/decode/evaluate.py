@@ -205,6 +205,11 @@ def check_config(cfg: EvalConfig) -> None:
             "E658", f"--budget-mode {cfg.budget_mode} without auto", "--budget-mode",
             "add --strategies ...,auto --budget TOKENS --calibration TABLE, or drop --budget-mode",
         )  # fmt: skip
+    if cfg.calibration is not None and "auto" not in cfg.strategies:  # once read by nothing, checked by nothing
+        raise ConfigError(
+            "E651", "--calibration without auto: only auto reads a calibration table", "--calibration",
+            "add auto to --strategies (with --budget), or drop --calibration",
+        )  # fmt: skip
     check_probe(cfg.probe)
     resolve_table(cfg.calibration)
     if "auto" in cfg.strategies and cfg.temperature == 0:
