@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import mlx.core as mx
 import numpy as np
 import pytest
@@ -10,13 +13,27 @@ from tiny import make_model
 
 import mlxpt.fuse as fuse_mod
 from mlxpt.cli import main
-from mlxpt.fuse import FLOAT_TOL, fuse, logits_of, probe_tokens
+from mlxpt.fuse import DTYPE_TOL, FLOAT_TOL, fuse, logits_of, probe_tokens
 from mlxpt.models.loader import load
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     return make_model(tmp_path_factory.mktemp("fuse") / "base")
+
+
+@pytest.fixture(scope="module", params=["bfloat16", "float16"])
+def half_base(request, base, tmp_path_factory):
+    """The tiny base stored in a 16-bit float, as `mlx_lm convert --dtype` writes it."""
+    dtype = request.param
+    out = tmp_path_factory.mktemp("fuse") / dtype
+    shutil.copytree(base, out)
+    weights = mx.load(str(base / "model.safetensors"))
+    cast = {k: v.astype(getattr(mx, dtype)) for k, v in weights.items()}
+    mx.save_safetensors(str(out / "model.safetensors"), cast, metadata={"format": "mlx"})
+    cfg = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps({**cfg, "torch_dtype": dtype}))
+    return out, dtype
 
 
 def _reference(base, run, quantize="none"):
@@ -100,3 +117,44 @@ def test_fuse_mismatch_exits_4_and_leaves_nothing(base, tmp_path, capsys, monkey
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "E614" in err[0]
     assert not out.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def _double_adapter_scale(monkeypatch):
+    """A fuse bug: every adapter merged with twice its scale."""
+    real = fuse_mod.fuse_layers
+
+    def broken(model, dequantize=False):
+        for _, m in model.named_modules():
+            if hasattr(m, "fuse"):
+                m.scale = 2 * m.scale
+        return real(model, dequantize)
+
+    monkeypatch.setattr(fuse_mod, "fuse_layers", broken)
+
+
+@pytest.mark.parametrize("kind", ["lora", "dora"])
+def test_fuse_half_precision_base(half_base, tmp_path, kind):
+    # W + ΔW rounded to bfloat16/float16 is what mlx-lm writes too; it was refused by the float32 tolerance
+    base, dtype = half_base
+    run = make_adapter_run(tmp_path / "run", base, fine_tune_type=kind)
+    report = fuse(run, tmp_path / "fused")
+    want, probe = _reference(base, run)
+    scale = max(1.0, float(np.abs(want).max()))
+    assert not report.quantized and report.tolerance == pytest.approx(DTYPE_TOL[dtype] * scale)
+    assert FLOAT_TOL * scale < report.max_abs_diff <= report.tolerance
+    fused, _ = load(str(report.out), quantize="none")
+    assert fused.model.embed_tokens.weight.dtype == getattr(mx, dtype)  # stored in its dtype
+    if kind == "lora":  # a DoRA layer fuses to float32, as in mlx_lm.fuse
+        assert fused.model.layers[0].self_attn.q_proj.weight.dtype == getattr(mx, dtype)
+
+
+def test_wrong_fuse_of_half_precision_base_is_caught(half_base, tmp_path, capsys, monkeypatch):
+    base, _ = half_base
+    run = make_adapter_run(tmp_path / "run", base)
+    _double_adapter_scale(monkeypatch)
+    out = tmp_path / "out"
+    assert main(["fuse", str(run), "--out", str(out)]) == 4
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "E614" in err[0]
+    assert "--dequantize" not in err[0]  # the base is not quantised: that flag would change nothing
+    assert not out.exists()

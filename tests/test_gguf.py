@@ -309,6 +309,96 @@ def test_smollm_pre_tokenizer_splits_digits(src, tmp_path):
     assert conv.decode(conv.encode("abc 2024!")) == "abc 2024!"
 
 
+# Merges that only some pre-tokenizers let BPE reach, and a token ("hi") that no merge builds.
+PRE_MERGES = [("(", "h"), ("1", "2"), ("12", "3"), ("'", "t")]
+# What llama.cpp's split (llama-vocab.cpp) + BPE give with these merges, worked out by hand:
+# Llama 3 attaches one punctuation mark to a word, groups digits by three and takes a word that
+# is a token whole (ignore_merges); Qwen2 splits single digits; llama.cpp's `default` isolates
+# punctuation first and then cuts numbers into threes.
+PRE_CASES = {
+    "gpt2": {"(hi": ["(", "h", "i"], "hi": ["h", "i"], "4123": ["4", "123"], "don't": ["d", "o", "n", "'t"]},
+    "llama-bpe": {"(hi": ["(h", "i"], "hi": ["hi"], "4123": ["4", "12", "3"], "don't": ["d", "o", "n", "'t"]},
+    "qwen2": {"(hi": ["(h", "i"], "hi": ["h", "i"], "4123": ["4", "1", "2", "3"], "don't": ["d", "o", "n", "'t"]},
+    "default": {"(hi": ["(", "h", "i"], "hi": ["h", "i"], "4123": ["4", "12", "3"], "don't": ["d", "o", "n", "'", "t"]},
+    "smollm": {"(hi": ["(", "h", "i"], "hi": ["h", "i"], "4123": ["4", "1", "2", "3"], "don't": ["d", "o", "n", "'t"]},
+}
+# llama.cpp's own regexes for those names (its adapted Llama 3 / Qwen2 forms), to split with `regex`
+_GPT2_CPP = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)"
+_CONTRACTIONS_CPP = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])"
+LLAMA_CPP_REGEXES = {
+    "gpt2": [_GPT2_CPP],
+    "smollm": [r"\p{N}", _GPT2_CPP],
+    "default": [r"[\p{P}\$\+<=>\^~\|]+", _GPT2_CPP, r"\p{N}+", "[0-9][0-9][0-9]"],
+    "llama-bpe": [
+        _CONTRACTIONS_CPP + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
+    "qwen2": [
+        _CONTRACTIONS_CPP + r"|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+    ],
+}
+
+
+@pytest.fixture(scope="module")
+def pre_src(src, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("pre") / "src"
+    shutil.copytree(src, folder)
+    path = folder / "tokenizer.json"
+    tj = json.loads(path.read_text())
+    vocab = tj["model"]["vocab"]
+    for a, b in PRE_MERGES:
+        vocab[a + b] = len(vocab)
+        tj["model"]["merges"].append([a, b])
+    vocab["hi"] = len(vocab)
+    assert len(vocab) <= json.loads((folder / "config.json").read_text())["vocab_size"]
+    path.write_text(json.dumps(tj))
+    return folder
+
+
+def _llama_cpp_split(text: str, regexes: list[str]) -> list[str]:
+    """llama.cpp's unicode_regex_split: each regex splits every piece into its matches and the text between."""
+    import regex
+
+    pieces = [text]
+    for expr in regexes:
+        out = []
+        for piece in pieces:
+            at = 0
+            for m in regex.finditer(expr, piece):
+                out += [piece[at : m.start()]] if m.start() > at else []
+                out += [m.group()] if m.group() else []
+                at = m.end()
+            out += [piece[at:]] if at < len(piece) else []
+        pieces = out
+    return pieces
+
+
+@pytest.mark.parametrize("pre", list(PRE_CASES))
+def test_pre_tokenizer_follows_the_gguf_name(pre_src, tmp_path, pre):
+    out = convert_gguf(write_gguf(pre_src, tmp_path / "tiny.gguf", pre=pre), tmp_path / "conv")
+    tok = load_tokenizer(str(out))
+    for text, want in PRE_CASES[pre].items():
+        assert tok.convert_ids_to_tokens(tok.encode(text, add_special_tokens=False)) == want, text
+    from tokenizers import pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    split = tok.backend_tokenizer.pre_tokenizer
+    for text in [*TEXTS, "(hi) DON'T we'll 3.14159 $100+200=300 ^_^ a|b ~x `c`", "x\r\n\r\n  y\t\t z ١٢٣٤ ½"]:
+        want = [p for w in _llama_cpp_split(text, LLAMA_CPP_REGEXES[pre]) for p, _ in byte_level.pre_tokenize_str(w)]
+        assert [p for p, _ in split.pre_tokenize_str(text)] == want, text
+        assert tok.decode(tok.encode(text)) == text
+
+
+def test_unknown_pre_tokenizer_is_refused(src, tmp_path):
+    # another pre-tokenizer's regex would give other tokens than llama.cpp without a word
+    path = write_gguf(src, tmp_path / "tekken.gguf", pre="tekken")
+    for convert in (lambda: convert_gguf(path, tmp_path / "conv"), lambda: load_tokenizer(str(path))):
+        with pytest.raises(ModelError) as e:
+            convert()
+        _assert_one_line(e.value, "E204")
+        assert "'tekken'" in str(e.value)
+    assert not (tmp_path / "conv").exists() and not list(tmp_path.glob("home/models/*"))
+
+
 def _assert_one_line(err: ModelError, code: str) -> None:
     assert err.code == code and err.exit_code == 1
     assert "\n" not in str(err) and str(err).startswith(code + ": ")

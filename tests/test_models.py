@@ -252,6 +252,9 @@ def test_broken_folders_give_one_line_model_errors(tiny, tmp_path):
     noweights.mkdir()
     shutil.copy(tiny / "config.json", noweights)
     cases.append((str(noweights), "E215"))
+    badgen = shutil.copytree(tiny, tmp_path / "badgen")  # mlx-lm's load_config would crash on it
+    (badgen / "generation_config.json").write_text('[{"eos_token_id": 2}]')
+    cases.append((str(badgen), "E214"))
     arch = shutil.copytree(tiny, tmp_path / "arch")
     cfg = json.loads((arch / "config.json").read_text())
     (arch / "config.json").write_text(json.dumps({**cfg, "model_type": "no_such_arch"}))
@@ -260,6 +263,27 @@ def test_broken_folders_give_one_line_model_errors(tiny, tmp_path):
         with pytest.raises(ModelError) as e:
             load(ref)
         _one_line(e.value, code)
+
+
+def test_generation_config_stop_ids_stop_generation(tmp_path):
+    # Phi-3 and Llama 3.1 list extra stop ids only in generation_config.json; mlx-lm stops on them
+    from mlxpt.decode.generate import iter_generate
+
+    folder = make_model(tmp_path / "m", tie_word_embeddings=False)
+    model, tok = load(str(folder))
+    prompt = list(tok.encode("What is 3+3?"))
+    free = greedy(model, prompt, n=8)  # the unstopped greedy continuation
+    k = next(i for i in range(2, 8) if free[i] not in free[:i])
+    assert not set(free[:k]) & set(tok.eos_token_ids)  # nothing stops before position k
+    (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": [2, free[k]]}))
+
+    model, tok = load(str(folder))
+    assert tok.eos_token_ids == {2, free[k]} and load_tokenizer(str(folder)).eos_token_ids == {2, free[k]}
+    chunks = list(iter_generate(model, tok, prompt, max_tokens=8))
+    assert chunks[-1].finish_reason == "stop" and chunks[-1].generation_tokens == k
+    ref_model, ref_tok = mlx_lm.load(str(folder))
+    want = mlx_lm.generate(ref_model, ref_tok, prompt, max_tokens=8)
+    assert "".join(c.text for c in chunks) == want == tok.decode(free[:k])
 
 
 def test_hub_id_offline_fails_fast_with_a_hint(tmp_path):

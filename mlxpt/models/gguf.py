@@ -33,9 +33,27 @@ _NAMES = {
 _GGUF_OF = {v: k for k, v in _NAMES.items()}
 _GGUF_BLOCK = 32  # the block (group) size of every type mx.load keeps quantised
 # Bumped when the converted folder changes, so that caches made by an older converter are redone.
-FORMAT_VERSION = 2
-# llama.cpp pre-tokenizer names -> (split digits individually?)
-_PRE_DIGITS = {"smollm": True, "default": False, "gpt2": False, "llama-bpe": False}
+FORMAT_VERSION = 3  # 3: the pre-tokenizer follows tokenizer.ggml.pre (Llama 3, Qwen2, default)
+# The regexes llama.cpp splits text with before BPE, by `tokenizer.ggml.pre` name (llama-vocab.cpp;
+# Llama 3 and Qwen2 as in their tokenizer.json, which llama.cpp's comments quote). Each regex in
+# a list splits every piece further, keeping both the matches and the text between them.
+_GPT2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+_LLAMA3 = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+_QWEN2 = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_DEFAULT = [r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"]  # also a file without the key
+# name -> (regexes, ignore_merges: a word that is itself a token skips the merges, as llama.cpp does)
+_PRE = {
+    "default": (_DEFAULT, False),
+    "gpt2": ([_GPT2], False),  # what mlxpt's GGUF export writes (llama.cpp calls it gpt-2)
+    "gpt-2": ([_GPT2], False),
+    "smollm": ([r"\p{N}", _GPT2], False),
+    "llama3": ([_LLAMA3], True),
+    "llama-v3": ([_LLAMA3], True),
+    "llama-bpe": ([_LLAMA3], True),
+    "qwen2": ([_QWEN2], False),
+}
 
 
 def _scalar(meta, key, default=None):
@@ -89,8 +107,22 @@ def _unpermute(w, n_head: int):
     return w.reshape(n_head, rows // n_head // 2, 2, *rest).swapaxes(1, 2).reshape(w.shape)
 
 
+def _pre_tokenizer(regexes: list[str]):
+    """llama.cpp's split by `regexes`, then GPT-2's byte-to-character mapping. The GPT-2 and SmolLM
+    splits are written as their own tokenizer.json layouts (ByteLevel's built-in GPT-2 regex)."""
+    from tokenizers import Regex, pre_tokenizers
+
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if regexes == [_GPT2]:
+        return byte_level
+    if regexes == [r"\p{N}", _GPT2]:
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    splits = [pre_tokenizers.Split(Regex(r), behavior="isolated") for r in regexes]
+    return pre_tokenizers.Sequence([*splits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+
+
 def _tokenizer_files(meta, out: Path) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer, decoders, models
 
     model = _scalar(meta, "tokenizer.ggml.model")
     if model != "gpt2":
@@ -103,18 +135,17 @@ def _tokenizer_files(meta, out: Path) -> None:
     merges = [tuple(m.split(" ", 1)) for m in meta.get("tokenizer.ggml.merges", [])]  # absent when empty
     types = [int(t) for t in meta["tokenizer.ggml.token_type"].tolist()]
     vocab = {t: i for i, t in enumerate(tokens)}
+    pre = _scalar(meta, "tokenizer.ggml.pre", "default")
+    if pre not in _PRE:  # another regex would give other tokens than llama.cpp, silently
+        raise ModelError("E204", f"GGUF pre-tokenizer {pre!r} is not supported", hint=f"supported: {', '.join(_PRE)}")
+    regexes, ignore_merges = _PRE[pre]
     try:
-        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=False))
+        tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=ignore_merges))
     except Exception as e:  # tokenizers raises a bare Exception for merges outside the vocab
         raise ModelError(
             "E204", f"cannot rebuild the GGUF tokenizer: {e}", hint="the file's vocabulary is inconsistent"
         ) from None
-    pre = _scalar(meta, "tokenizer.ggml.pre", "default")
-    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    if _PRE_DIGITS.get(pre, False):
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
-    else:
-        tok.pre_tokenizer = byte_level
+    tok.pre_tokenizer = _pre_tokenizer(regexes)
     tok.decoder = decoders.ByteLevel()
     from tokenizers import AddedToken
 

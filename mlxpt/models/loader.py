@@ -143,6 +143,18 @@ def check_folder(path: Path, trust_remote_code: bool = False) -> dict:
             str(cfg_path),
             "only if you trust it, pass --trust-remote-code",
         )
+    gen_path = path / "generation_config.json"  # mlx-lm's load_config takes its stop ids
+    if gen_path.exists():
+        try:
+            gen = json.loads(gen_path.read_text())
+        except json.JSONDecodeError:
+            gen = {}  # mlx-lm skips a generation_config.json that is not JSON
+        except (OSError, UnicodeDecodeError):  # a folder, unreadable, not text
+            gen = None
+        if not isinstance(gen, dict):
+            raise ModelError(
+                "E214", "generation_config.json is not a JSON object", str(gen_path), "fix or delete the file"
+            )
     tok_path = path / "tokenizer_config.json"
     if not trust_remote_code and tok_path.is_file():
         try:
@@ -175,11 +187,13 @@ def load_tokenizer(ref: str, trust_remote_code: bool = False):
 
     _blas.activate()  # mlx-lm imports mlx: the BLAS must be in place first
     path = resolve(ref)
-    config = check_folder(path, trust_remote_code)
+    check_folder(path, trust_remote_code)
+    from mlx_lm.utils import load_config
     from mlx_lm.utils import load_tokenizer as _lt
 
+    eos = load_config(path).get("eos_token_id")  # generation_config.json's stop ids win, as in mlx-lm
     try:
-        return _lt(path, {"trust_remote_code": trust_remote_code}, eos_token_ids=config.get("eos_token_id"))
+        return _lt(path, {"trust_remote_code": trust_remote_code}, eos_token_ids=eos)
     except Exception as e:  # noqa: BLE001 - transformers raises many types for a broken tokenizer
         raise ModelError(
             "E226", f"the tokenizer cannot be loaded ({type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})",
