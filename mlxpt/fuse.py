@@ -290,7 +290,7 @@ def _export(tmp: Path, out: Path, net, tokenizer, probe, export: ExportConfig, r
         from mlxpt.models.gguf_write import chat_template_of, write_gguf
 
         name = f"{out.name}-{export.gguf_type}.gguf"
-        path = write_gguf(tmp, tmp / name, export.gguf_type)
+        path = write_gguf(tmp, tmp / name, export.gguf_type, name=out.name)  # not the temp folder's name
         report.gguf_diff, report.gguf_tol = verify_gguf(path, net, tokenizer, export.gguf_type, probe)
         report.gguf = out / name
         checks["gguf"] = f"{name} read back vs fused model max |Δlogit| = {report.gguf_diff:.3g}"

@@ -77,8 +77,9 @@ def test_gguf_export_reads_back_like_the_fused_model(run, tmp_path, capsys, gguf
     r = gguf.GGUFReader(str(path))
     f = {k: r.fields[k].contents() for k in r.fields}
     assert f["general.architecture"] == "llama" and f["llama.block_count"] == 2
+    assert f["general.name"] == "fused"  # the --out name, not the temporary folder's (once .tmp-fuse-...)
     assert (f["llama.attention.head_count"], f["llama.attention.head_count_kv"]) == (4, 2)
-    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt2"
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"  # llama.cpp's names
     assert len(f["tokenizer.ggml.tokens"]) == 272 and f["tokenizer.ggml.tokens"][1] == "<|im_start|>"
     assert f["tokenizer.ggml.token_type"][:4] == [3, 3, 3, 1]  # the ChatML specials are CONTROL
     assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"]) == (1, 2)

@@ -58,7 +58,7 @@ def _pre_name(pre: dict | None) -> str | None:
         return None
     byte_level = {"type": "ByteLevel", "use_regex": True}
     if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt2"
+        return "gpt-2"  # llama.cpp's name (it refuses "gpt2" as an unknown pre-tokenizer)
     parts = pre.get("pretokenizers") or []
     if pre.get("type") == "Sequence" and len(parts) == 2:
         if all(parts[0].get(k) == v for k, v in _DIGITS.items()) and all(
@@ -153,8 +153,11 @@ def _float_weights(folder: Path, config: dict) -> dict:
     return {k: np.array(v.astype(mx.float32)) for k, v in weights.items()}
 
 
-def write_gguf(folder: str | os.PathLike, path: str | os.PathLike, gguf_type: str = "f16") -> Path:
-    """Write the Llama folder `folder` (float or MLX-quantised weights) as a GGUF file at `path`."""
+def write_gguf(
+    folder: str | os.PathLike, path: str | os.PathLike, gguf_type: str = "f16", name: str | None = None
+) -> Path:
+    """Write the Llama folder `folder` (float or MLX-quantised weights) as a GGUF file at `path`;
+    `name` (general.name) defaults to the model's own, else the folder's."""
     import numpy as np
 
     from mlxpt.models.gguf import gguf_name, permute
@@ -174,7 +177,7 @@ def write_gguf(folder: str | os.PathLike, path: str | os.PathLike, gguf_type: st
 
     w = gguf.GGUFWriter(str(path), "llama")
     source = config.get("mlxpt_source") or {}
-    w.add_name(str(source.get("name") or folder.name))
+    w.add_name(str(name or source.get("name") or folder.name))
     w.add_context_length(int(config.get("max_position_embeddings", 2048)))
     w.add_embedding_length(D)
     w.add_block_count(int(config["num_hidden_layers"]))
