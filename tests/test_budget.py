@@ -837,3 +837,10 @@ def test_chat_auto_needs_a_budget_and_reports_its_choice(base, calibrated, monke
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "auto (table):" in err and "budget tokens" in err
+
+
+def test_the_cell_strategies_are_every_strategy_but_auto():
+    from mlxpt.decode.budget import CELL_STRATEGIES
+    from mlxpt.decode.options import STRATEGY_NAMES
+
+    assert set(CELL_STRATEGIES) == set(STRATEGY_NAMES) - {"auto"}

@@ -85,3 +85,12 @@ def test_reward_files_scorer_runs_and_teachers_are_saved_absolute(tmp_path, monk
         run.mkdir(parents=True)
         write_config(run, {"method": section, section: {key: given}})
         assert json.loads((run / "config.json").read_text())[section][key] == saved, (section, key, given)
+
+
+def test_the_config_knows_every_model_alias_the_loader_resolves():
+    """config/paths.py keeps an alias (never a path) by the config's MODEL_ALIASES: it may not
+    import the loader (a higher layer), so the two lists are checked against each other here."""
+    from mlxpt.config.sections import MODEL_ALIASES
+    from mlxpt.models.loader import ALIASES
+
+    assert set(MODEL_ALIASES) == set(ALIASES)

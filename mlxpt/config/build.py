@@ -148,7 +148,7 @@ def _anchor_fingerprinted(cfg) -> None:
     for section, key in FINGERPRINTED_PATHS:
         obj = getattr(cfg, section, None)
         if obj is not None and isinstance(getattr(obj, key, None), str):
-            from mlxpt.runs.folder import anchor_setting
+            from mlxpt.config.paths import anchor_setting
 
             setattr(obj, key, anchor_setting(key, getattr(obj, key), Path.cwd()))
 

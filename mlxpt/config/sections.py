@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from mlxpt.errors import ConfigError
 
 DEFAULT_MODEL = "smollm2-135m"
+MODEL_ALIASES = (DEFAULT_MODEL,)  # names models/loader.py resolves (its ALIASES), never paths
 ASSETS = Path(__file__).resolve().parents[2] / "assets"
 
 

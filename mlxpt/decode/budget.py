@@ -508,10 +508,13 @@ def _whole(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+# what a table's cells may hold: options.STRATEGY_NAMES but auto (options imports this module, so
+# the names are spelled here; tests/test_budget.py checks they agree)
+CELL_STRATEGIES = ("greedy", "sample", "best-of-n", "self-consistency", "beam", "step-beam", "tree")
+
+
 def _bucket(path, name: str, b) -> Bucket:
     """One bucket of a table file, every field checked (E652 names the first bad one)."""
-    from mlxpt.decode.options import STRATEGY_NAMES
-
     m, _, k = name.partition("/")
     if name != "all" and not (m.isdigit() and k.isdigit() and int(m) <= int(k)):
         raise _malformed(path, f"bucket {name!r} is not `all` or m/k (m of k probe samples agreeing)")
@@ -526,7 +529,7 @@ def _bucket(path, name: str, b) -> Bucket:
         where = f"cell {name}/{key}"
         if not isinstance(c, dict):
             raise _malformed(path, f"{where} is not an object")
-        if c.get("strategy") not in STRATEGY_NAMES or c["strategy"] == "auto":  # a table never holds auto
+        if c.get("strategy") not in CELL_STRATEGIES:  # a table never holds auto
             raise _malformed(path, f"{where}: strategy={c.get('strategy')!r}, not one auto can run")
         if not _whole(c.get("n")) or not 1 <= c["n"] <= MAX_N:
             raise _malformed(path, f"{where}: n={c.get('n')!r}, not a whole number from 1 to {MAX_N}")
