@@ -434,6 +434,80 @@ def test_signal_to_rank_1_stops_both_with_one_checkpoint(tiny_dir, data_dir, tmp
     assert state(run)["step"] == status["step"] == len(losses(run)) < 200
 
 
+def _left(runs: Path) -> list[int]:
+    """Live processes of the run writing to `runs` (the launcher and the ranks name it)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and str(runs) in (d / "cmdline").read_bytes().decode(errors="ignore"):
+                if (d / "stat").read_text().split()[2] != "Z":
+                    found.append(int(d.name))
+        except OSError:
+            continue
+    return found
+
+
+def _ranks_shortcut(runs: Path, argv: list[str]) -> subprocess.Popen:
+    """`mlxpt train argv --ranks 2`, in a session of its own (as a shell starts a job)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "mlxpt.cli", "train", *argv, "--ranks", "2"], cwd=ROOT, env=ENV,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+
+
+def _end(proc: subprocess.Popen, runs: Path) -> None:
+    proc.kill()
+    for pid in _left(runs):  # a rank or launcher that outlived the test
+        os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize(
+    "sig,to", [("SIGTERM", "pid"), ("SIGHUP", "pid"), ("SIGINT", "pid"), ("SIGINT", "group")], ids=str
+)
+def test_a_signal_to_the_ranks_shortcut_stops_every_rank_at_a_checkpoint(tiny_dir, data_dir, tmp_path, sig, to):
+    """SIGTERM/SIGHUP/SIGINT to `mlxpt train --ranks 2` (`kill PID`, a closed terminal; Ctrl-C is
+    SIGINT to the group): passed on to the ranks once, so they stop at a checkpoint and exit 130,
+    the resume line comes through, and no launcher or rank is left training (a SIGTERM used to
+    orphan both ranks, still training and holding the run's lock)."""
+    runs, signum = tmp_path / "runs", getattr(signal, sig)
+    proc = _ranks_shortcut(runs, flags(tiny_dir, data_dir, runs, steps=10_000, save_every=1000))
+    try:
+        _until_step(proc, 2)
+        os.kill(proc.pid, signum) if to == "pid" else os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=30)
+        left = _left(runs)
+    finally:
+        _end(proc, runs)
+    run = the_run(runs)
+    status = json.loads((run / "status.json").read_text())
+    assert proc.returncode == 130 and f"Resume with: mlxpt train --resume {run}" in err, (proc.returncode, err)
+    assert "Traceback" not in err and not left, (left, err)
+    assert status["status"] == "interrupted" and state(run)["step"] == status["step"] >= 2, status
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+def test_a_second_signal_to_the_ranks_shortcut_exits_within_2s(tiny_dir, data_dir, tmp_path):
+    from mlxpt.runs import latest_checkpoint, list_checkpoints, verify_checkpoint
+
+    runs = tmp_path / "runs"
+    proc = _ranks_shortcut(runs, flags(tiny_dir, data_dir, runs, steps=10_000, save_every=1))
+    try:
+        _until_step(proc, 2)
+        os.kill(proc.pid, signal.SIGTERM)
+        time.sleep(0.2)  # apart: two signals at once are one (the kernel keeps one pending)
+        os.kill(proc.pid, signal.SIGTERM)
+        t0 = time.monotonic()
+        proc.communicate(timeout=30)
+        took = time.monotonic() - t0
+        left = _left(runs)
+    finally:
+        _end(proc, runs)
+    run = the_run(runs)
+    assert proc.returncode == 130 and took < 2.0 and not left, (proc.returncode, took, left)
+    assert latest_checkpoint(run) is not None and all(verify_checkpoint(p) for p in list_checkpoints(run))
+
+
 def test_killed_rank_makes_rank_0_exit_with_one_line_and_resume_works(tiny_dir, data_dir, tmp_path):
     runs = tmp_path / "runs"
     proc = _start(flags(tiny_dir, data_dir, runs, steps=30, save_every=2))
@@ -450,6 +524,8 @@ def test_killed_rank_makes_rank_0_exit_with_one_line_and_resume_works(tiny_dir, 
     assert waited < 30
     run = the_run(runs)
     saved = state(run)["step"]
+    status = json.loads((run / "status.json").read_text())  # not "running" with a dead pid
+    assert status["status"] == "failed" and "E725" in status["error"] and status["step"] == saved, status
     assert saved >= 2
     p = train(["--resume", str(run), "--events", "json"], 1)
     assert p.returncode == 0, p.stderr[-2000:]
@@ -468,9 +544,11 @@ def test_bad_inputs_are_refused_on_every_rank(tiny_dir, data_dir, tmp_path, caps
     # the numpy backend has no collectives
     p = train(flags(tiny_dir, data_dir, tmp_path / "np", backend="numpy"), 2)
     assert p.stderr.count("E720") == 2 and not (tmp_path / "np").exists(), p.stderr
-    # a batch that cannot give each rank a row
+    # a batch that cannot give each rank a row: refused on both, said once (by rank 0), with a
+    # batch size that works
     p = train(flags(tiny_dir, data_dir, tmp_path / "bs", batch_size=1), 2)
-    assert p.stderr.count("E723") == 2 and not (tmp_path / "bs").exists(), p.stderr
+    assert p.returncode == 1 and not (tmp_path / "bs").exists(), p.stderr
+    assert p.stderr.count("E723") == 1 and "use a batch size such as 2 " in p.stderr, p.stderr
     # different settings on the two ranks (started by hand: mlx.launch gives every rank one command)
     argvs = [flags(tiny_dir, data_dir, tmp_path / "mm", learning_rate=lr) for lr in (1e-4, 2e-4)]
     procs = start_ranks(argvs, tmp_path)
@@ -494,6 +572,10 @@ def test_ranks_status_prefers_a_ranks_own_failure_over_the_launchers_kill():
     assert ranks_status({1: 130, 0: 130}, 0) == 130
     assert ranks_status({0: 0, 1: -9}, 0) == 1  # killed from outside
     assert ranks_status({0: 0, 1: 0}, 0) == 0 and ranks_status({}, 0) == 0
+    # a stop signal passed on: the ranks or the launcher ended by it is an interrupt, not 256 - 15
+    assert ranks_status({0: -15, 1: -15}, 0, stopped=True) == 130
+    assert ranks_status({}, -15, stopped=True) == 130 and ranks_status({}, -15) == 1
+    assert ranks_status({0: 3, 1: 130}, 0, stopped=True) == 3
 
 
 def test_watchdog_exits_a_rank_stuck_in_a_collective():
@@ -511,6 +593,21 @@ def test_watchdog_exits_a_rank_stuck_in_a_collective():
     assert (
         line.count("\n") == 0 and "E725" in line and "last checkpoint: step 7" in line and "--resume runs/x" in line
     ), line
+
+
+def test_a_peer_lost_before_the_run_started_names_no_run_nor_step():
+    """Rank 0 refused the run (E521: another process trains it) while rank 1 waited in a
+    collective: rank 1's line must not offer a resume of a literal RUN at step 0."""
+    code = (
+        "from mlxpt.train import distributed as d\n"
+        "d.WORLD.size, d.WORLD.rank = 2, 1\n"
+        "def lost():\n    raise RuntimeError('[ring] connection to a peer was lost')\n"
+        "d._guarded(lost)\n"
+    )
+    p = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=60)
+    line = p.stderr.strip()
+    assert p.returncode == 3 and line.count("\n") == 0 and "E725: rank 1: rank 0 is gone" in line, line
+    assert "before the run started" in line and "RUN" not in line and "step" not in line and "--resume" not in line
 
 
 def test_one_process_is_a_world_of_one(monkeypatch):
@@ -543,6 +640,11 @@ def test_shards_are_disjoint_contiguous_and_cover_the_batch(monkeypatch, world):
         d.check_batches(9, 4)
     assert e.value.code == "E723"
     d.check_batches(8, 4)
+    if world == 2:  # the hint names a batch size that works, or none where none does
+        assert "such as 3 " in e.value.hint  # 9 = 3 x 3
+        with pytest.raises(ConfigError) as e:
+            d.check_batches(1, 2)  # 1 row, 2 ranks
+        assert "such as" not in e.value.hint and "at most 1 rank" in e.value.hint, e.value.hint
 
 
 def test_refusals_without_a_launch(monkeypatch):

@@ -56,3 +56,61 @@ def test_a_failing_rank_is_reported_as_mlx_launch_reports_it(tmp_path):
     code = "import os, sys; sys.exit(3 if os.environ['MLX_RANK'] == '1' else 0)"
     p, _ = _launch([sys.executable, "-m", "mlxpt.launch"], tmp_path, code)
     assert "Node with rank 1 exited with code 3" in p.stderr, p.stderr[-2000:]
+
+
+RANK = """
+import os, signal, sys, time
+got = []
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+    signal.signal(s, lambda n, f: got.append(signal.Signals(n).name))
+print('ready', os.getpid(), flush=True)
+t = time.monotonic()
+while not got and time.monotonic() - t < 20:
+    time.sleep(0.02)
+time.sleep(0.5)  # a second copy of the signal would come meanwhile
+print('rank', os.environ['MLX_RANK'], 'got', *got, flush=True)
+"""
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads /proc")
+@pytest.mark.parametrize("sig,to", [("SIGTERM", "pid"), ("SIGHUP", "pid"), ("SIGINT", "group")])
+def test_a_stop_signal_reaches_every_rank_once_and_their_output_still_comes(tmp_path, sig, to):
+    """mlx.launch dies of SIGTERM/SIGHUP and leaves its ranks running, and Ctrl-C (SIGINT to the
+    process group) kills its I/O loop with a traceback. mlxpt.launch passes each on to every rank
+    once (a rank in the launcher's group would get Ctrl-C twice: stop, then quit at once) and
+    relays the ranks' output until they end."""
+    import signal
+
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlxpt.launch", "-n", "2", "--backend", "ring", "--", sys.executable, "-c", RANK],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=r, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    ranks = []
+    try:
+        while len(ranks) < 2:
+            line = proc.stdout.readline()
+            assert line, proc.stderr.read()[-2000:]
+            if line.startswith("ready"):
+                ranks.append(int(line.split()[1]))
+        signum = getattr(signal, sig)
+        os.kill(proc.pid, signum) if to == "pid" else os.killpg(proc.pid, signum)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        os.close(r)
+        os.close(w)
+        proc.kill()
+        for pid in ranks:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "Traceback" not in err, (proc.returncode, err[-2000:])
+    assert sorted(x for x in out.splitlines() if x.startswith("rank")) == [f"rank 0 got {sig}", f"rank 1 got {sig}"]
+    assert not [pid for pid in ranks if _alive(pid)]

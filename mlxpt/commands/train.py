@@ -276,11 +276,18 @@ def run(args) -> int:
 def _launch(ranks: int) -> int:
     """`--ranks N`: this command line, less --ranks, on N ranks through mlx.launch
     (docs/distributed.md). mlx.launch exits 0 whatever its ranks did, so the exit status is read
-    from its per-rank report lines: rank 0's own failure, else the first other rank's."""
+    from its per-rank report lines: rank 0's own failure, else the first other rank's.
+
+    The launcher runs in a session of its own, so a stop signal reaches it once, from here:
+    SIGINT, SIGTERM and SIGHUP to this process (Ctrl-C, `kill`, a closed terminal) are passed on
+    (mlxpt/launch.py passes them to the ranks); the first stops the ranks at a checkpoint, the
+    second ends them at once."""
+    import os
     import re
     import signal
     import subprocess
 
+    from mlxpt.runs.signals import STOP_SIGNALS
     from mlxpt.train.distributed import launch_command
 
     argv, skip = [], False
@@ -293,28 +300,55 @@ def _launch(ranks: int) -> int:
             argv.append(a)
     cmd = launch_command(ranks, argv)
     sys.stdout.flush()
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1)
-    # Ctrl-C reaches the launcher from the terminal; a SIGTERM to this process is passed on to it
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN), signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    stops: list[int] = []  # every stop signal received
+    early: list[int] = []  # those received before the launcher was started: passed on once it is
+    launcher: list[subprocess.Popen] = []
+
+    def pass_on(signum: int, frame: object) -> None:
+        stops.append(signum)
+        if not launcher:
+            early.append(signum)
+            return
+        try:
+            os.kill(launcher[0].pid, signum)
+        except ProcessLookupError:  # it has ended: nothing left to stop
+            pass
+
+    old = {s: signal.signal(s, pass_on) for s in STOP_SIGNALS}
     codes: dict[int, int] = {}
     try:
+        proc = subprocess.Popen(
+            cmd, stderr=subprocess.PIPE, text=True, errors="replace", bufsize=1, start_new_session=True
+        )
+        launcher.append(proc)  # from here the handler passes signals on itself
+        while early:
+            pass_on(early.pop(0), None)
         for line in proc.stderr:
             sys.stderr.write(line)
             if m := re.search(r"Node with rank (\d+) (?:exited with code (-?\d+)|was killed)", line):
                 codes[int(m.group(1))] = int(m.group(2)) if m.group(2) else 1
         status = proc.wait()
     finally:
-        signal.signal(signal.SIGINT, old[0])
-        signal.signal(signal.SIGTERM, old[1])
-    return ranks_status(codes, status)
+        for s, h in old.items():
+            signal.signal(s, h)
+    if stops and not any(c > 0 for c in codes.values()):  # the ranks died of it, before their handlers
+        name = signal.Signals(stops[0]).name
+        print(f"interrupted ({name}) before training started: nothing new was saved", file=sys.stderr)
+    return ranks_status(codes, status, stopped=bool(stops))
 
 
-def ranks_status(codes: dict[int, int], launcher: int) -> int:
+def ranks_status(codes: dict[int, int], launcher: int, stopped: bool = False) -> int:
     """The exit status of a `--ranks` run from the ranks' statuses: a rank's own failure (a
     positive status: 1, 3, 130), rank 0's first, over a rank the launcher then killed (negative:
-    mlx.launch terminates the others once one fails); 1 if ranks were only killed."""
+    mlx.launch terminates the others once one fails); 130 if a stop signal was passed on and
+    nothing failed on its own (a rank or the launcher ended by that signal); 1 if ranks or the
+    launcher were only killed (a status the exit-code table knows, not 256 minus the signal)."""
     own = [codes[r] for r in sorted(codes, key=lambda r: (r != 0, r)) if codes[r] > 0]
-    return own[0] if own else (1 if any(codes.values()) else launcher)
+    if own:
+        return own[0]
+    if stopped and (launcher != 0 or any(codes.values())):
+        return EXIT_INTERRUPTED
+    return 1 if any(codes.values()) or launcher < 0 else launcher
 
 
 def ignored_settings_line(cfg) -> str | None:

@@ -26,7 +26,7 @@ from collections.abc import Iterator
 from mlxpt.errors import EXIT_INTERRUPTED
 
 # SIGHUP (a closed SSH session or terminal) is a stop like SIGTERM: checkpoint, then exit
-_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, *((signal.SIGHUP,) if hasattr(signal, "SIGHUP") else ()))
 _exit_after_stop = False
 
 
@@ -112,10 +112,10 @@ def graceful_signals(announce: bool = True) -> Iterator[StopFlag]:
         if announce:
             _say(_first_message(signum))
 
-    previous = {s: signal.getsignal(s) for s in _SIGNALS}
+    previous = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     watchdog = _Watchdog()
     try:
-        for s in _SIGNALS:
+        for s in STOP_SIGNALS:
             signal.signal(s, handler)
         watchdog.start()
         yield flag
@@ -169,7 +169,7 @@ class _Watchdog:
             for signum in data:
                 if signum == 0:  # stop() asks us to finish
                     return
-                if signum in _SIGNALS:
+                if signum in STOP_SIGNALS:
                     seen += 1
                     if seen >= 2:
                         _exit_now(signum)

@@ -119,19 +119,40 @@ def shard(indices: list[int]) -> list[int]:
 
 def check_batches(n_rows: int, batch_size: int, what: str = "--batch-size") -> None:
     """Every micro-batch of the plan must give each rank at least one row (E723): the plan's
-    batches hold `batch_size` rows, and the last of an epoch the remainder."""
+    batches hold `batch_size` rows, and the last of an epoch the remainder. Every rank refuses;
+    rank 0 alone prints it (the others' output goes to the same launcher)."""
     w = WORLD.size
     if w == 1:
         return
     last = n_rows % batch_size
     if batch_size < w or 0 < last < w:
         small = batch_size if batch_size < w else last
-        raise ConfigError(
+        near = _fitting_batch(n_rows, batch_size, w)
+        if near is not None:
+            hint = f"use a batch size such as {near} (at least {w}, its remainder on {n_rows} rows 0 or at least {w}), or fewer ranks"
+        else:  # fewer rows than ranks: no batch size gives every rank a row
+            hint = f"no batch size gives each of {w} ranks a row of {n_rows}: use at most {max(1, n_rows)} rank(s), or more data"
+        e = ConfigError(
             "E723",
             f"a micro-batch of {small} rows cannot be split over {w} ranks ({n_rows} training rows, batch size {batch_size})",
             what,
-            f"use a batch size of at least {w} whose remainder on {n_rows} rows is 0 or at least {w}, or fewer ranks",
+            hint,
         )
+        if WORLD.rank != 0:
+            e.errors = []  # refused here too, said once: the CLI prints each of `errors`
+        raise e
+
+
+def _fitting_batch(n_rows: int, batch_size: int, w: int) -> int | None:
+    """The batch size nearest `batch_size` (the smaller of two) whose every micro-batch gives each
+    of `w` ranks a row; None with fewer rows than ranks (n_rows itself fits otherwise)."""
+    if n_rows < w:
+        return None
+    for d in range(abs(n_rows - batch_size) + 1):
+        for b in (batch_size - d, batch_size + d):
+            if w <= b <= n_rows and (n_rows % b == 0 or n_rows % b >= w):
+                return b
+    return n_rows
 
 
 # -- collectives, each under the watchdog --------------------------------------------------------
@@ -140,9 +161,15 @@ def check_batches(n_rows: int, batch_size: int, what: str = "--batch-size") -> N
 def _lost(reason: str) -> str:
     others = [r for r in range(WORLD.size) if r != WORLD.rank]
     who = f"rank {others[0]}" if len(others) == 1 else f"one of ranks {', '.join(map(str, others))}"
-    run = WORLD.run_dir or "RUN"
+    if WORLD.run_dir is None:  # before the run folder was made or reopened: e.g. rank 0 refused the run
+        return (
+            f"error E725: rank {WORLD.rank}: {who} is gone ({reason}) before the run started; nothing was "
+            "trained or saved: its own message, if it printed one, says why"
+        )
+    run = WORLD.run_dir
+    saved = f"last checkpoint: step {WORLD.step}" if WORLD.step else "no checkpoint yet"
     return (
-        f"error E725: rank {WORLD.rank}: {who} is gone ({reason}); last checkpoint: step {WORLD.step}; "
+        f"error E725: rank {WORLD.rank}: {who} is gone ({reason}); {saved}; "
         f"completed checkpoints in {run} are intact; resume on any number of ranks: "
         f"mlx.launch -n N --backend ring -- mlxpt train --resume {run}  (or: mlxpt train --resume {run})"
     )
@@ -172,8 +199,24 @@ def _die(reason: str) -> None:
         sys.stdout.flush()
     except (OSError, ValueError):
         pass
-    os.write(2, (_lost(reason) + "\n").encode())
+    line = _lost(reason)
+    os.write(2, (line + "\n").encode())
+    _mark_failed(line)
     os._exit(EXIT_PEER_LOST)
+
+
+def _mark_failed(line: str) -> None:
+    """Rank 0's status.json says "failed" (with the line) instead of "running" with a dead pid."""
+    if WORLD.rank != 0 or WORLD.run_dir is None:
+        return
+    from mlxpt.runs import read_status, write_status
+
+    try:
+        before = read_status(WORLD.run_dir) or {}
+        keep = {k: v for k, v in before.items() if k not in ("status", "step", "error", "pid", "updated")}
+        write_status(WORLD.run_dir, "failed", **keep, step=WORLD.step, error=line.removeprefix("error "))
+    except Exception:  # noqa: BLE001 - exiting either way; the checkpoints are what matters
+        pass
 
 
 def _collective(name: str, x):
