@@ -100,20 +100,60 @@ def run_eval(
     }
 
 
-def save(result: dict, out: str) -> str:
-    """Write the result JSON and its two PNGs next to it, accuracy vs samples and vs generated
-    tokens (as `mlxpt eval` does)."""
-    from mlxpt.commands.eval import series_of, tokens_plot_path
-    from mlxpt.decode.plot import TOKENS_AXIS, token_ticks, write_png
-    from mlxpt.runs.atomic import atomic_write_json
+def output_paths(out: str) -> tuple[Path, Path, Path]:
+    """The files a save to `out` writes, named as `mlxpt eval --out OUT` names them: the results
+    JSON, the accuracy-vs-samples PNG (OUT with .png) and the accuracy-vs-tokens PNG beside it."""
+    from mlxpt.commands.eval import tokens_plot_path
 
     path = Path(out)
     plot = path.with_suffix(".png")
+    return path, plot, tokens_plot_path(plot)
+
+
+def check_outputs(choice: EvalChoice, out: str) -> tuple[Path, Path, Path]:
+    """Refuse a results name before anything is evaluated or written, with `mlxpt eval`'s rules
+    for its outputs: two of the three files on one path (E657: a name ending in .png), one that
+    cannot be written (E619) or is one of the evaluation's inputs (E617); and the screen's own:
+    only a new name saves, so a file that exists is refused (E611), never overwritten."""
+    from mlxpt.commands.eval import model_inputs
+    from mlxpt.errors import ConfigError
+    from mlxpt.runs.guards import check_output, check_writable
+
+    outputs = output_paths(out)
+    if len({p.resolve() for p in outputs}) < len(outputs):
+        raise ConfigError(
+            "E657",
+            "two outputs share one path",
+            out,
+            "give a results file name ending in .json (NAME.png is its chart)",
+        )
+    for p in outputs:
+        if p.exists() or p.is_symlink():
+            raise ConfigError(
+                "E611", f"{p.name} exists", str(p),
+                f"saving writes {', '.join(q.name for q in outputs)}: give a new name, or clear it to not save",
+            )  # fmt: skip
+        check_writable(p, "results file")
+    inputs = {f"eval data {choice.data}": Path(choice.data)}
+    inputs.update(model_inputs(choice.model, [choice.adapter] if choice.adapter else []))
+    for p in outputs:
+        check_output(p, inputs, "eval", existing=False)
+    return outputs
+
+
+def save(result: dict, out: str) -> str:
+    """Write the result JSON and its two PNGs next to it, accuracy vs samples and vs generated
+    tokens (as `mlxpt eval` does); the caller checked the names first (check_outputs)."""
+    from mlxpt.commands.eval import series_of
+    from mlxpt.decode.plot import TOKENS_AXIS, token_ticks, write_png
+    from mlxpt.runs.atomic import atomic_write_json
+
+    path, plot, tokens_plot = output_paths(out)
     tokens = series_of(result["results"], "tokens")
-    atomic_write_json(path, {**result, "plot": str(plot), "plot_tokens": str(tokens_plot_path(plot))})
+    atomic_write_json(path, {**result, "plot": str(plot), "plot_tokens": str(tokens_plot)})
     write_png(plot, series_of(result["results"]), title=f"accuracy vs samples, {result['prompts']} prompts")
     write_png(
-        tokens_plot_path(plot), tokens, f"accuracy vs generated tokens, {result['prompts']} prompts", TOKENS_AXIS,
+        tokens_plot, tokens, f"accuracy vs generated tokens, {result['prompts']} prompts", TOKENS_AXIS,
         token_ticks(tokens),
     )  # fmt: skip
     return str(plot)

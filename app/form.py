@@ -103,23 +103,46 @@ def changed_flags(method: str, values: dict[str, object]) -> dict[str, object]:
 
 
 def validate(method: str, values: dict[str, object]):
-    """(config, None) or (None, one-line error) for the form's values."""
+    """(config, None) or (None, one-line error) for the form's values: `build_config`'s checks and
+    then the refusals `mlxpt train` makes before it reads anything (check_before_reading)."""
     flags = {k: v for k, v in changed_flags(method, values).items() if v is not None}
     try:
-        return build_config(method, flags), None
+        cfg = build_config(method, flags)
+        check_before_reading(method, cfg)
     except MlxptError as e:
         return None, e.line()
+    return cfg, None
+
+
+def check_before_reading(method: str, cfg) -> None:
+    """What the training runner refuses before any data or weights are read, in its order: the
+    method's own check (distill's teacher, E740; RFT's rewards; ...), the run name and the runs
+    folder. The form shows these beside Start instead of a child that dies at once."""
+    from mlxpt.runs import check_run_name
+    from mlxpt.runs.guards import check_writable
+    from mlxpt.train.methods import METHODS as RUNNERS
+
+    runner = RUNNERS[method]
+    if runner.check is not None:
+        runner.check(cfg, None)
+    check_run_name(cfg.train.name or runner.name)
+    check_writable(cfg.train.runs_dir, "--runs-dir", folder=True)
 
 
 def to_argv(method: str, values: dict[str, object]) -> list[str]:
-    """`train <method> --flag value ...` for the values that differ from the defaults."""
+    """`train <method> --flag value ...` for the values that differ from the defaults: a switch
+    turned off is `--no-flag` (the CLI's BooleanOptionalAction), and a value that starts with '-'
+    is `--flag=-x`, which argparse would otherwise take for an option."""
     argv = ["train", method]
     for name, value in changed_flags(method, values).items():
         flag = f"--{name.replace('_', '-')}"
         if value is True:
             argv.append(flag)
-        elif value is not None and value is not False:
-            argv += [flag, str(value)]
+        elif value is False:
+            argv.append(f"--no-{flag[2:]}")
+        elif value is not None:
+            text = str(value)
+            argv += [f"{flag}={text}"] if text.startswith("-") else [flag, text]
     return [*argv, "--events", "json"]
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shlex
 import signal
 import sys
 from collections import deque
@@ -113,7 +114,7 @@ class MlxptApp(App):
             log = RunLog(key=f"new-{self._counter}")
             self.logs[log.key] = log
         log.status, log.exit_reason, log.live = "starting", None, True
-        log.say("$ mlxpt " + " ".join(args))
+        log.say("$ " + shlex.join(["mlxpt", *args]))
         self._supervise(log, [*self.train_command, *args])
         return log
 

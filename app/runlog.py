@@ -188,6 +188,19 @@ class RunLog:
         return new
 
 
+def resume_refusal(name: str, status: str, live: bool, checkpoints: int) -> str | None:
+    """Why `r` cannot resume this run (None: it can). One rule for the Runs list and the monitor:
+    a run that is not running or finished, with a checkpoint to start from (without one,
+    `mlxpt train --resume` has nothing to continue)."""
+    if live or status in ("running", "starting"):
+        return f"{name} is already running"
+    if status == "finished":
+        return f"{name} is finished; duplicate it (d) to train again"
+    if not checkpoints:
+        return f"{name} has no checkpoint to resume from; duplicate it (d) instead"
+    return None
+
+
 def exit_reason(returncode: int, stderr_tail: list[str]) -> str:
     """`finished`, `interrupted: checkpoint saved`, `killed by SIGABRT`, or the error line."""
     if returncode == 0:

@@ -16,7 +16,16 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, Input, Label, Select, Static
 
-from app.evaluation import TUI_LIMIT, Cancelled, EvalChoice, default_data, eval_config, run_eval, save
+from app.evaluation import (
+    TUI_LIMIT,
+    Cancelled,
+    EvalChoice,
+    check_outputs,
+    default_data,
+    eval_config,
+    run_eval,
+    save,
+)
 from app.messages import EvalProgress
 from app.screens.chat import NO_ADAPTER, adapter_runs
 from app.widgets.metric_chart import MetricChart
@@ -108,6 +117,7 @@ class EvalScreen(Screen):
         self.path = path
         self.adapter = adapter
         self.running = False
+        self.saving = ""  # the results file the running evaluation saves to ("": none)
 
     def compose(self) -> ComposeResult:
         runs = adapter_runs(self.app.runs_dir)
@@ -214,14 +224,18 @@ class EvalScreen(Screen):
             self.notify("an evaluation is running; escape stops it", severity="warning")
             return
         choice = self.choice()
+        out = self.query_one("#eval-path", Input).value.strip()
         try:
             eval_config(choice)  # refuse bad settings now, before a thread or a model
+            if out:
+                check_outputs(choice, out)  # and a results name that would overwrite a file
         except MlxptError as e:
             self._note(e.line(), bad=True)
             return
         self.running = True
         self.query_one("#eval-run", Button).disabled = True
         self._note("reading the data...")
+        self.saving = out
         self._evaluate(choice)
 
     @work(thread=True, exclusive=True, group="eval")
@@ -241,7 +255,7 @@ class EvalScreen(Screen):
             line = getattr(e, "line", None)
             self.app.call_from_thread(self._failed, line() if callable(line) else f"{type(e).__name__}: {e}")
             return
-        self.app.call_from_thread(self._finished, result)
+        self.app.call_from_thread(self._finished, result, choice)
 
     def on_eval_progress(self, message: EvalProgress) -> None:
         if not self.running:
@@ -256,19 +270,21 @@ class EvalScreen(Screen):
         self.query_one("#eval-run", Button).disabled = False
         self._note(line, bad=True)
 
-    def _finished(self, result: dict) -> None:
+    def _finished(self, result: dict, choice: EvalChoice) -> None:
         self.running = False
         self.query_one("#eval-run", Button).disabled = False
         series, lines = results_view(result["results"])
         self.show(series, lines, tokens_view(result["results"]))
         note = f"{result['prompts']} prompts in {result['wall_seconds']:.0f} s"
-        out = self.query_one("#eval-path", Input).value.strip()
-        if out and not Path(out).exists():
+        out = self.saving  # the name checked before the evaluation started
+        if out:
             try:
+                check_outputs(choice, out)  # again: a file may have appeared meanwhile
                 save(result, out)
                 note += f"; saved to {out} (chart: {Path(out).with_suffix('.png').name})"
             except (OSError, MlxptError) as e:
-                note += f"; not saved: {e}"
+                self._note(f"{note}; not saved: {e}", bad=True)
+                return
         self._note(note)
 
     def action_back(self) -> None:

@@ -16,7 +16,7 @@ def keys_of(screen: Screen) -> list[tuple[str, str]]:
     for b in getattr(screen, "BINDINGS", []):
         if isinstance(b, Binding) and b.description:
             keys = b.key_display or b.key.replace(",", " ")
-            out.append((keys, b.description))
+            out.append((keys, b.tooltip or b.description))  # the tooltip: a footer label's long form
         elif isinstance(b, tuple) and len(b) >= 3:
             out.append((b[0], b[2]))
     return out

@@ -12,8 +12,9 @@ from textual.screen import Screen
 from textual.widgets import Button, Footer, Header, RichLog, Static, TabbedContent, TabPane
 
 from app.charts import charts_for
-from app.runlog import RunLog
+from app.runlog import RunLog, resume_refusal
 from app.widgets.metric_chart import MetricChart
+from mlxpt.runs.store import list_checkpoints
 
 REDRAW_S = 0.3
 POLL_S = 1.0
@@ -68,6 +69,7 @@ class MonitorScreen(Screen):
         self._charts: dict[str, MetricChart] = {}
         self._state: tuple = ()
         self._below = 0  # charts below the fold (the hint and `PgDn` show while there are some)
+        self.refusal: str | None = None  # why `r` cannot resume the run (None: it can)
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -133,8 +135,8 @@ class MonitorScreen(Screen):
         reason.set_class(log.status in ("crashed", "failed"), "-bad")
         running = log.live or log.status == "running"
         self.query_one("#stop", Button).disabled = not running
-        resumable = log.status in ("interrupted", "crashed", "failed") and log.run_dir is not None
-        self.query_one("#resume", Button).disabled = running or not resumable
+        self.refusal = self._resume_refusal(running)
+        self.query_one("#resume", Button).disabled = self.refusal is not None
         state = (log.status, running)
         if self._state != state:
             self._state = state
@@ -146,6 +148,14 @@ class MonitorScreen(Screen):
         self._shown_lines = log.said
         if log.samples:
             self.query_one("#mon-samples", Static).update("\n".join(sample_lines(log.samples)))
+
+    def _resume_refusal(self, running: bool) -> str | None:
+        """The Runs list's rule for `r` (app.runlog.resume_refusal): a checkpoint is needed."""
+        log = self.log_
+        if log.run_dir is None:
+            return "nothing to resume: the run has no folder yet"
+        checkpoints = 0 if running else len(list_checkpoints(log.run_dir))
+        return resume_refusal(log.run_dir.name, log.status, running, checkpoints)
 
     def _draw_charts(self) -> None:
         charts = charts_for(self.log_.steps, self.log_.evals)
@@ -217,7 +227,7 @@ class MonitorScreen(Screen):
 
     def action_resume(self) -> None:
         if self.query_one("#resume", Button).disabled:
-            self.notify("nothing to resume: the run is running or finished", severity="warning")
+            self.notify(self.refusal or "nothing to resume", severity="warning")
             return
         self.app.resume_run(self.log_)
         self._drawn = -1

@@ -58,7 +58,10 @@ class NewRunScreen(Screen):
     def __init__(self, method: str = "sft", values: dict | None = None) -> None:
         super().__init__()
         self.method = method if method in form.methods() else "sft"
-        self.initial = dict(values or {})
+        self.initial = dict(values or {})  # a duplicated run's settings, for its own method
+        self.source = self.method  # the method `initial` belongs to
+        self.typed: dict[str, object] = {}  # what the user changed in the form, kept across methods
+        self.shown: dict[str, str] = {}  # what the form put in each field when it was built (as str)
         self.error: str | None = None
         self.preview: DataPreview | None = None
         self.checking = False
@@ -104,37 +107,61 @@ class NewRunScreen(Screen):
 
     async def _build_fields(self, previous: str | None = None) -> None:
         holder = self.query_one("#fields", Vertical)
-        old = {}
         if holder.children and previous is not None:
-            # keep what the user typed; settings left at the old method's default take the new one's
-            defaults = {f.name: f.default for f in form.form_fields(previous)}
-            old = {k: v for k, v in self.values(previous).items() if str(v) != str(defaults.get(k))}
+            self._remember_typed(previous)
         await holder.remove_children()
-        widgets, rows, chosen = [], {}, {}
+        widgets, rows, chosen, self.shown = [], {}, {}, {}
         section = None
+        source = {f.name: f.default for f in form.form_fields(self.source)}
         for f in form.form_fields(self.method):
             if f.section != section:
                 section = f.section
                 widgets.append(Static(section, classes="section"))
-            value = old.get(f.name, self.initial.get(f.name, f.default))
+            value = self._start_value(f, source)
             wid = f"f-{f.name}"
+            blank = f"blank: {f.default}" if f.kind == "text" and f.default not in (None, "") else ""  # the default
             if f.kind == "bool":
                 v = "true" if str(value).lower() in ("true", "1", "yes", "on") else "false"
                 chosen[f.name] = v == "true"  # a switch may show or hide others (rationalize: hint)
                 w = Select([("false", "false"), ("true", "true")], value=v, allow_blank=False, id=wid, compact=True)
+                self.shown[f.name] = str(v == "true")  # as values() reads it back
             elif f.kind == "choice":
-                v = chosen[f.name] = str(value) if str(value) in f.choices else str(f.default)
+                v = chosen[f.name] = self.shown[f.name] = str(value) if str(value) in f.choices else str(f.default)
                 w = Select(
                     [(c, c) for c in f.choices], value=v, allow_blank=False, id=wid, compact=True, tooltip=f.help
                 )
             else:
-                w = Input("" if value is None else str(value), id=wid, compact=True, tooltip=f.help)
-            w.help_text = f"{f.name}: {f.help}"
+                self.shown[f.name] = "" if value is None else str(value)
+                w = Input(self.shown[f.name], placeholder=blank, id=wid, compact=True, tooltip=f.help)
+            w.help_text = f"{f.name}{f' ({blank})' if blank else ''}: {f.help}"
             rows[f.name] = Horizontal(Label(f.name, classes="field-name"), w, classes="field")
             widgets.append(rows[f.name])
         for name in form.hidden_fields(self.method, chosen):  # chosen: the choices, fine_tune_type's among them
             rows[name].display = False
         await holder.mount_all(widgets)
+
+    def _remember_typed(self, previous: str) -> None:
+        """Before the form is rebuilt for another method: note what the user changed in it. A
+        setting put back to the old method's default takes the new one's."""
+        defaults = {f.name: f.default for f in form.form_fields(previous)}
+        for name, value in self.values(previous).items():
+            if str(value) == self.shown.get(name):
+                continue  # as the form put it there
+            if str(value) == str(defaults.get(name)):
+                self.typed.pop(name, None)
+            else:
+                self.typed[name] = value
+
+    def _start_value(self, f: form.FormField, source: dict[str, object]) -> object:
+        """A field's value when the form is built: what the user typed, else the duplicated run's
+        setting, else the method's default. After a switch of method, a run's setting whose
+        default differs between the two methods (data, a preset's beta...) takes the new
+        method's default: an SFT run's data is not DPO's."""
+        if f.name in self.typed:
+            return self.typed[f.name]
+        if f.name in self.initial and (self.method == self.source or str(source.get(f.name)) == str(f.default)):
+            return self.initial[f.name]
+        return f.default
 
     @on(Select.Changed, "#f-fine_tune_type")
     @on(Select.Changed, "#f-strategy")

@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Footer, Header, Static
 
 from app.active_time import TrainingTime, duration
 from app.pipelines import PipelineInfo, list_pipelines
+from app.runlog import resume_refusal
 from mlxpt.runs.listing import RunInfo, list_runs
 
 REFRESH_S = 2.0
@@ -59,9 +60,10 @@ def _stamped(path: Path) -> bool:
 class RunsScreen(Screen):
     BINDINGS = [
         Binding("enter", "open", "Open", show=False),
-        Binding("n", "new", "New run"),
+        # short footer labels, so `? Help` still fits at 80 columns; `?` shows the tooltips
+        Binding("n", "new", "New", tooltip="New run"),
         Binding("r", "resume", "Resume"),
-        Binding("d", "duplicate", "Duplicate"),
+        Binding("d", "duplicate", "Clone", tooltip="Duplicate as a new run"),
         Binding("x,delete", "delete", "Delete", key_display="x"),
         Binding("c", "chat", "Chat"),
         Binding("p", "compare", "Compare"),
@@ -203,14 +205,9 @@ class RunsScreen(Screen):
         if run is None:
             return
         log = self.app.log_for(run.path)
-        if log.live or run.status == "running":
-            self.notify(f"{run.name} is already running", severity="warning")
-            return
-        if not run.checkpoints:
-            self.notify(f"{run.name} has no checkpoint to resume from; duplicate it (d) instead", severity="warning")
-            return
-        if run.status == "finished":
-            self.notify(f"{run.name} is finished; duplicate it (d) to train again", severity="warning")
+        refusal = resume_refusal(run.name, run.status, log.live, run.checkpoints)
+        if refusal is not None:
+            self.notify(refusal, severity="warning")
             return
         from app.screens.monitor import MonitorScreen
 

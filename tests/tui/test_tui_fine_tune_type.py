@@ -66,18 +66,19 @@ def test_rft_step_search_settings_show_only_under_a_search_strategy():
     assert form.hidden_fields("rft", {}) == (*lora, *SEARCH_SETTINGS, "hint")
     assert form.hidden_fields("rft", {"rationalize": True}) == (*lora, *SEARCH_SETTINGS)
     assert form.hidden_fields("rft", {"strategy": "step-beam"}) == (*lora, "rationalize", "hint")
-    values = {"strategy": "step-beam", "scorer": "logprob", "rationalize": True, "hint": "A: {answer}", "steps": "6"}
+    # 30 steps: 3 rounds of 10, each closed by a checkpoint (`mlxpt train rft` refuses 6: E586/E588)
+    values = {"strategy": "step-beam", "scorer": "logprob", "rationalize": True, "hint": "A: {answer}", "steps": "30"}
     assert form.validate("rft", values)[1] is None  # hidden: neither refused (E592) nor sent
     assert "--rationalize" not in form.to_argv("rft", values)
     argv = form.to_argv("rft", {**values, "strategy": "sample"})
     assert argv[argv.index("--rationalize") :][:3] == ["--rationalize", "--hint", "A: {answer}"]
-    values = {"strategy": "sample", "expand": "0", "steps": "6"}  # a bad hidden value neither blocks nor travels
-    assert " ".join(form.to_argv("rft", values)) == "train rft --steps 6 --events json"
+    values = {"strategy": "sample", "expand": "0", "steps": "30"}  # a bad hidden value neither blocks nor travels
+    assert " ".join(form.to_argv("rft", values)) == "train rft --steps 30 --events json"
     assert form.validate("rft", values)[1] is None
     cfg, err = form.validate("rft", {**values, "strategy": "tree", "scorer": "logprob", "expand": "2"})
     assert err is None and (cfg.rft.strategy, cfg.rft.expand) == ("tree", 2)
     argv = " ".join(form.to_argv("rft", {**values, "strategy": "tree", "scorer": "logprob", "expand": "2"}))
-    assert argv == "train rft --strategy tree --expand 2 --steps 6 --scorer logprob --events json"
+    assert argv == "train rft --strategy tree --expand 2 --steps 30 --scorer logprob --events json"
 
 
 @pytest.mark.parametrize("size", [(80, 24), (120, 40)])

@@ -196,6 +196,7 @@ async def test_eval_screen_runs_an_evaluation(tmp_path, fake_eval):
         saved = json.loads(out.read_text())
         assert {r["label"] for r in saved["results"]} == {"base", "adapter"} and saved["prompts"] == 4
         assert out.with_suffix(".png").read_bytes().startswith(b"\x89PNG")
+        assert (tmp_path / "res-tokens.png").read_bytes().startswith(b"\x89PNG")
         # the file it wrote loads back as `mlxpt eval`'s do
         screen.load(str(out))
         assert "strategies from" in str(screen.query_one("#eval-note").render())
@@ -217,6 +218,47 @@ async def test_eval_screen_refuses_bad_settings_before_loading(tmp_path, fake_ev
         await pilot.pause()
         assert "E623" in str(app.screen.query_one("#eval-note").render())
         assert fake_eval == []  # no model was loaded for either
+
+
+@pytest.mark.parametrize(
+    "name,code",
+    [
+        ("mine.json", "E611"),  # mine.png exists: the user's picture
+        ("other.json", "E611"),  # other-tokens.png exists
+        ("plot.png", "E657"),  # the chart would be the results file
+        ("runs/20261125-120000-quick/res.json", "E617"),  # inside the adapter's run
+    ],
+)
+async def test_eval_screen_never_overwrites_a_file(tmp_path, fake_eval, monkeypatch, name, code):
+    """Saving writes NAME, NAME.png and NAME-tokens.png: a name is refused, before any model
+    loads, when one of them exists, when two are one file, or when one lies in an input."""
+    monkeypatch.chdir(tmp_path)
+    root = make_runs(tmp_path / "runs")
+    (root / "20261125-120000-quick" / "adapters.safetensors").write_bytes(b"")
+    (tmp_path / "mine.png").write_text("MY IMAGE")
+    (tmp_path / "other-tokens.png").write_text("MY OTHER IMAGE")
+    data = tmp_path / "eval.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1?", "answer": "2"}) + "\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    app = create_app(root, poll_runs=False)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("e")  # with the top run's adapter chosen
+        await pilot.pause()
+        screen = app.screen
+        screen.query_one("#eval-data").value = str(data)
+        screen.query_one("#eval-path").value = name
+        await pilot.press("ctrl+r")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        note = screen.query_one("#eval-note")
+        assert str(note.render()).startswith(code) and note.has_class("-bad"), str(note.render())
+        assert fake_eval == [] and not screen.running  # refused before anything was evaluated
+        screen.query_one("#eval-path").value = ""  # cleared: evaluated, nothing saved
+        await pilot.press("ctrl+r")
+        await app.workers.wait_for_complete()
+        await pilot.pause()
+        assert "1 prompts" in str(note.render()) and "saved" not in str(note.render())
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 
 
 # ---- monitor: charts below the fold ------------------------------------------------------------
