@@ -310,6 +310,10 @@ def test_bad_scorer_specs_are_refused(tmp_path):
         check_decode(DecodeConfig("step-beam", scorer=f"prm:{tmp_path / 'nope'}"))
     with pytest.raises(ConfigError, match="E627"):  # every expansion the same
         check_decode(DecodeConfig("step-beam", sampling=SamplingConfig(temperature=0.0)))
+    greedy = SamplingConfig(temperature=0.0)
+    with pytest.raises(ConfigError, match="E627: temperature 0 makes the beam's 3 first steps the same"):
+        check_decode(DecodeConfig("step-beam", 3, sampling=greedy, search=SearchConfig(expand=1)))
+    check_decode(DecodeConfig("step-beam", 1, sampling=greedy, search=SearchConfig(expand=1)))  # one path: fine
 
 
 # ---- the CLI on a tiny random model --------------------------------------------------------------

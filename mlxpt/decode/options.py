@@ -141,6 +141,12 @@ def check_decode(cfg: DecodeConfig) -> None:
         check_beam(cfg.n, cfg.length_penalty)
     if cfg.strategy in STEP_STRATEGIES:
         check_search(cfg.search, cfg.strategy, s.temperature)
+        width = cfg.search.beam_width or cfg.n
+        if cfg.strategy == "step-beam" and s.temperature == 0 and width > 1:  # once drawn, counted, never said
+            raise ConfigError(
+                "E627", f"temperature 0 makes the beam's {width} first steps the same", "--temperature",
+                "use a positive temperature such as 0.7, or --beam-width 1",
+            )  # fmt: skip
     if cfg.strategy == "auto":
         from mlxpt.decode.budget import check_auto
 
