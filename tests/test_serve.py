@@ -105,6 +105,25 @@ def test_an_adapter_by_run_name_and_its_checkpoint(served):
     assert tuned.model == RUN
 
 
+def test_a_run_whose_adapter_changed_on_disk_is_served_with_the_new_weights(served, tmp_path):
+    """A run resumed and finished again replaces adapters.safetensors: its name was once served
+    with the old weights (and their cached prefixes) until the server restarted."""
+    import shutil
+
+    server, client, _ = served
+    runs = server.engine.catalog.runs_dir
+    name = "20260103-000000-sft"
+    run = make_adapter_run(runs / name, next(runs.parent.glob("base")), seed=3)
+    (run / "status.json").write_text(json.dumps({"status": "finished", "step": 3}))
+    before = _chat(client, model=name, temperature=0).choices[0].message.content
+    other = make_adapter_run(tmp_path / "other", next(runs.parent.glob("base")), seed=4)
+    shutil.copy(other / "adapters.safetensors", run / "adapters.safetensors.tmp")
+    (run / "adapters.safetensors.tmp").replace(run / "adapters.safetensors")  # as a checkpoint write does
+    after = _chat(client, model=name, temperature=0).choices[0].message.content
+    assert after != before
+    shutil.rmtree(run)
+
+
 def test_a_strategy_via_the_extra_field_and_the_model_suffix(served):
     _, client, _ = served
     r = _chat(client, extra_body={"mlxpt": {"strategy": "self-consistency", "n": 4, "extract": "last_number"}})

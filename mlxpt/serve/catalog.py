@@ -90,9 +90,12 @@ class ModelCache:
         self._lock = threading.Lock()
 
     def get(self, entry: Entry):
-        """(model, tokenizer) of `entry`, loaded on first use (ModelError: E500 answer)."""
+        """(model, tokenizer) of `entry`, loaded on first use, and again when its adapter file
+        changed on disk (a resumed run finished again: its name was once served with the old
+        weights, without a word). ModelError: E500 answer."""
+        stamp = _adapter_stamp(entry)
         with self._lock:
-            if entry.name in self._items:
+            if entry.name in self._items and self._items[entry.name][3] == stamp:
                 self._items.move_to_end(entry.name)
                 return self._items[entry.name][:2]
         from mlxpt.models.loader import load
@@ -102,7 +105,8 @@ class ModelCache:
             trust_remote_code=self.trust_remote_code,
         )  # fmt: skip
         with self._lock:
-            self._items[entry.name] = (model, tok, model_bytes(model))
+            self._items.pop(entry.name, None)
+            self._items[entry.name] = (model, tok, model_bytes(model), stamp)
             while len(self._items) > 1 and sum(v[2] for v in self._items.values()) > self.max_bytes:
                 self._items.popitem(last=False)
         return model, tok
@@ -110,3 +114,19 @@ class ModelCache:
     def names(self) -> list[str]:
         with self._lock:
             return list(self._items)
+
+    def loaded(self) -> list[tuple[str, object]]:
+        """(name, model) of every model held: a name loaded again is another model."""
+        with self._lock:
+            return [(name, v[0]) for name, v in self._items.items()]
+
+
+def _adapter_stamp(entry: Entry) -> tuple | None:
+    """What identifies the adapter file `entry` loads (inode, size, mtime); None for a base."""
+    if entry.adapter is None:
+        return None
+    try:
+        st = (Path(entry.adapter) / "adapters.safetensors").stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from mlxpt.errors import MlxptError
 from mlxpt.serve.catalog import Catalog, Entry, ModelCache
@@ -209,22 +210,28 @@ class Engine:
         except ApiError as e:
             return self._finish(job, e)
         except MlxptError as e:
+            gone = job.entry is not None and job.entry.adapter is not None and not Path(job.entry.adapter).exists()
+            if gone:  # a checkpoint rotated away between the lookup and the load: as if looked up after
+                return self._finish(job, ApiError(404, "E904", f"no model {job.req.model!r} (it was just removed)",
+                                                  "model", "GET /v1/models lists the names"))  # fmt: skip
             return self._finish(job, ApiError(400 if e.exit_code in (1, 5) else 500, "E914", e.line(), "model"))
         job.prompt_tokens = len(tokens)
         if job.cancelled.is_set():
             return self._finish(job)
         if not job.req.batched:
             return self._run_strategy(job, model, tokenizer, tokens)
-        batch = self._batches.get(job.entry.name)
+        key = f"{job.entry.name}#{id(model)}"  # a name loaded again (new weights): another batch and prefix cache
+        batch = self._batches.get(key)
         if batch is None:
             from mlx_lm.models.cache import LRUPromptCache
 
-            batch = self._batches[job.entry.name] = _Batch(model, tokenizer, self.batch_size)
-            for gone in set(self._prefixes) - set(self.cache.names()):  # its model left the cache
+            batch = self._batches[key] = _Batch(model, tokenizer, self.batch_size)
+            live = {f"{name}#{id(m)}" for name, m in self.cache.loaded()}
+            for gone in set(self._prefixes) - live:  # its model left the cache, or was loaded again
                 del self._prefixes[gone]
-            if job.entry.name not in self._prefixes:
-                self._prefixes[job.entry.name] = LRUPromptCache(max_size=64, max_bytes=self.prefix_bytes)
-            batch.prefixes = self._prefixes[job.entry.name]
+            if key not in self._prefixes:
+                self._prefixes[key] = LRUPromptCache(max_size=64, max_bytes=self.prefix_bytes)
+            batch.prefixes = self._prefixes[key]
         n = job.req.n
         uids = batch.insert(list(tokens), n, job.req.max_tokens, [_sampler(job.req, i) for i in range(n)])
         self.reused_tokens += batch.reused
