@@ -214,6 +214,45 @@ def test_resume_counts_teacher_tokens_and_on_policy_batches_like_the_straight_ru
     assert straight[-1][2] > straight[0][2]  # on-policy batches in the redone windows
 
 
+@pytest.mark.parametrize("damage", ["torn meta", "truncated cache", "teacher changed"])
+def test_a_damaged_or_stale_topk_cache_is_computed_again(tiny_dir, data_dir, teacher_dir, tmp_path, damage):
+    """A torn topk-K.json or a truncated cache once stopped the resume with E001 (a bug); a
+    teacher run trained on since matched its old cache. Each is now computed again."""
+    import shutil
+
+    from mlxpt.train.distill import _read_topk, _with_teacher_weights
+
+    kw = {"steps": 3, "save_every": 1, "teacher_cache": "top-k", "top_k": 16}
+    cfg = cfg_for(tiny_dir, data_dir, tmp_path / "b", teacher_dir, **kw)
+    part, outcome = run_distill(cfg, stop=tiny.StopAfter(3))
+    assert outcome == "interrupted"
+    cache, meta = part / CACHE_DIR / "topk-16.safetensors", part / CACHE_DIR / "topk-16.json"
+    if damage == "torn meta":
+        meta.write_text('{"fingerprint": ')
+    elif damage == "truncated cache":
+        with cache.open("r+b") as f:
+            f.truncate(cache.stat().st_size // 2)
+    else:  # the fingerprint of a teacher run: its adapter file changed after the cache was written
+        run = tmp_path / "teacher-run"
+        run.mkdir()
+        (run / "adapters.safetensors").write_bytes(b"one")
+        spec = type("Spec", (), {"adapter": run})()
+        before = _with_teacher_weights("fp", spec)
+        (run / "adapters.safetensors").write_bytes(b"other")
+        assert _with_teacher_weights("fp", spec) != before
+        shutil.rmtree(run)
+        info = json.loads(meta.read_text())
+        meta.write_text(json.dumps({**info, "fingerprint": "another teacher"}))
+    events = []
+    _, outcome = run_distill(cfg, resume_dir=part, emit=events.append)
+    assert outcome == "finished"
+    assert [e for e in events if e["event"] == "progress" and e.get("stage") == "teacher"]  # computed again
+    from mlxpt.backends.numpy_weights import read_safetensors
+
+    offsets = np.array(read_safetensors(cache)["offsets"])
+    assert _read_topk(cache, meta, json.loads(meta.read_text())["fingerprint"], offsets, 16) is not None
+
+
 def _state(run_dir):
     return load_checkpoint(sorted((run_dir / "checkpoints").iterdir())[-1])[0]
 

@@ -112,6 +112,42 @@ def prompt_of(e: Example) -> list[int]:
     return list(e.tokens[: e.mask.index(1)]) if 1 in e.mask else list(e.tokens)
 
 
+def _with_teacher_weights(fp: str, spec) -> str:
+    """`fp` with the teacher adapter's file identity (a teacher run resumed and trained on once
+    matched its old cache, so training and validation used two teachers without a word). A cache
+    written before this reads as changed, and is computed again."""
+    if spec.adapter is None:
+        return fp
+    try:
+        st = (Path(spec.adapter) / "adapters.safetensors").stat()
+    except OSError:
+        return fp
+    return _fingerprint(fp, st.st_size, st.st_mtime_ns)
+
+
+def _read_topk(path: Path, meta: Path, fp: str, offsets: np.ndarray, k: int) -> dict | None:
+    """The saved top-k cache if it is this one and whole; None (compute it again) for anything
+    else: another fingerprint, a torn or hand-edited file (once E001 at the resume)."""
+    from mlxpt.backends.numpy_weights import read_safetensors
+
+    try:
+        info = json.loads(meta.read_text(encoding="utf-8"))
+        if not isinstance(info, dict) or info.get("fingerprint") != fp:
+            return None
+        saved = {name: np.array(v) for name, v in read_safetensors(path).items()}
+    except (OSError, ValueError, KeyError, TypeError, MlxptError):
+        return None
+    n = int(offsets[-1])
+    ok = (
+        {"offsets", "ids", "logp"} <= set(saved)
+        and np.array_equal(saved["offsets"], offsets)
+        and saved["ids"].shape[0] == saved["logp"].shape[0] == n
+        and saved["ids"].shape[1:] == saved["logp"].shape[1:]
+        and (n == 0 or saved["ids"].shape[1] <= k)
+    )
+    return saved if ok else None
+
+
 def _fingerprint(*parts) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -232,15 +268,12 @@ class DistillTask:
         k = self.d.top_k
         path = self.run_dir / CACHE_DIR / f"topk-{k}.safetensors"
         fp = _fingerprint(self.spec.ref, k, [e.tokens for e in train], [e.mask for e in train])
+        fp = _with_teacher_weights(fp, self.spec)
         meta = path.with_suffix(".json")
-        saved = None
-        if meta.is_file() and json.loads(meta.read_text()).get("fingerprint") == fp and path.is_file():
-            from mlxpt.backends.numpy_weights import read_safetensors
-
-            saved = {name: np.array(v) for name, v in read_safetensors(path).items()}
+        offsets = np.cumsum([0] + [int(np.count_nonzero(e.mask[1:])) for e in train]).astype(np.int64)
+        saved = _read_topk(path, meta, fp, offsets, k)
         if not distributed.any_rank(saved is None):  # every rank read it (else all compute it again)
             return saved
-        offsets = np.cumsum([0] + [int(np.count_nonzero(e.mask[1:])) for e in train]).astype(np.int64)
         parts, bs, ranks, me = {}, self.cfg.data.batch_size, distributed.size(), distributed.WORLD.rank
         for b, s in enumerate(range(0, len(train), bs)):
             if b % ranks != me:
@@ -291,6 +324,7 @@ class DistillTask:
         prompts = [prompt_of(e) for e in train]
         fp = _fingerprint(self.spec.ref, d.teacher_greedy, d.temperature, d.max_completion_length,
                           self.cfg.train.seed, prompts)  # fmt: skip
+        fp = _with_teacher_weights(fp, self.spec)
         text = "null"
         if distributed.is_main():
             try:
