@@ -63,7 +63,7 @@ def _mlx_cpu_libs() -> Path | None:
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("MLXPT_HOME", Path.home() / ".cache" / "mlxpt")) / "blas"
+    return Path(os.environ.get("MLXPT_HOME") or Path.home() / ".cache" / "mlxpt") / "blas"  # empty: unset
 
 
 def _gfortran_for_wheel(libs: Path) -> Path | None:

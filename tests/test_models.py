@@ -309,3 +309,15 @@ def test_hub_id_offline_fails_fast_with_a_hint(tmp_path):
     assert line.startswith("E209 1 E209: cannot download 'some-owner/some-model'"), line
     assert "local folder" in line and "\n" not in line
     assert elapsed < 20, elapsed
+
+
+def test_an_empty_mlxpt_home_means_the_default_not_the_working_folder(tmp_path, monkeypatch):
+    """`MLXPT_HOME=` once put the 115 MB converted model and the BLAS shim under the working folder."""
+    from mlxpt import _blas
+    from mlxpt.models.loader import home
+
+    monkeypatch.setenv("HOME", str(tmp_path / "me"))
+    monkeypatch.setenv("MLXPT_HOME", "")
+    monkeypatch.chdir(tmp_path)
+    assert home() == tmp_path / "me" / ".cache" / "mlxpt"
+    assert _blas._cache_dir() == tmp_path / "me" / ".cache" / "mlxpt" / "blas"

