@@ -157,7 +157,7 @@ def write_gguf(
     folder: str | os.PathLike, path: str | os.PathLike, gguf_type: str = "f16", name: str | None = None
 ) -> Path:
     """Write the Llama folder `folder` (float or MLX-quantised weights) as a GGUF file at `path`;
-    `name` (general.name) defaults to the model's own, else the folder's."""
+    general.name is the model's own name, else `name`, else the folder's."""
     import numpy as np
 
     from mlxpt.models.gguf import gguf_name, permute
@@ -177,7 +177,7 @@ def write_gguf(
 
     w = gguf.GGUFWriter(str(path), "llama")
     source = config.get("mlxpt_source") or {}
-    w.add_name(str(name or source.get("name") or folder.name))
+    w.add_name(str(source.get("name") or name or folder.name))
     w.add_context_length(int(config.get("max_position_embeddings", 2048)))
     w.add_embedding_length(D)
     w.add_block_count(int(config["num_hidden_layers"]))
