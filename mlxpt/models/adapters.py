@@ -90,6 +90,18 @@ def save_adapter(folder: str | Path, model, adapter_config: dict) -> None:
     atomic_write_json(folder / CONFIG_FILE, adapter_config)
 
 
+def adapter_stamp(folder: str | Path | None) -> tuple | None:
+    """What identifies the adapter file a folder holds now (inode, size, mtime): it changes when a
+    resumed run saves again. None for no folder or no file."""
+    if folder is None:
+        return None
+    try:
+        st = (Path(folder) / ADAPTER_FILE).stat()
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def find_adapter(path: str | Path) -> Path:
     """The folder holding adapter files for a run folder, a checkpoint or an adapter folder."""
     p = Path(path)

@@ -93,7 +93,9 @@ class ModelCache:
         """(model, tokenizer) of `entry`, loaded on first use, and again when its adapter file
         changed on disk (a resumed run finished again: its name was once served with the old
         weights, without a word). ModelError: E500 answer."""
-        stamp = _adapter_stamp(entry)
+        from mlxpt.models.adapters import adapter_stamp
+
+        stamp = adapter_stamp(entry.adapter)
         with self._lock:
             if entry.name in self._items and self._items[entry.name][3] == stamp:
                 self._items.move_to_end(entry.name)
@@ -119,14 +121,3 @@ class ModelCache:
         """(name, model) of every model held: a name loaded again is another model."""
         with self._lock:
             return [(name, v[0]) for name, v in self._items.items()]
-
-
-def _adapter_stamp(entry: Entry) -> tuple | None:
-    """What identifies the adapter file `entry` loads (inode, size, mtime); None for a base."""
-    if entry.adapter is None:
-        return None
-    try:
-        st = (Path(entry.adapter) / "adapters.safetensors").stat()
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)

@@ -116,13 +116,10 @@ def _with_teacher_weights(fp: str, spec) -> str:
     """`fp` with the teacher adapter's file identity (a teacher run resumed and trained on once
     matched its old cache, so training and validation used two teachers without a word). A cache
     written before this reads as changed, and is computed again."""
-    if spec.adapter is None:
-        return fp
-    try:
-        st = (Path(spec.adapter) / "adapters.safetensors").stat()
-    except OSError:
-        return fp
-    return _fingerprint(fp, st.st_size, st.st_mtime_ns)
+    from mlxpt.models.adapters import adapter_stamp
+
+    stamp = adapter_stamp(spec.adapter)
+    return fp if stamp is None else _fingerprint(fp, *stamp[1:])  # size and mtime: a copied run keeps its cache
 
 
 def _read_topk(path: Path, meta: Path, fp: str, offsets: np.ndarray, k: int) -> dict | None:
