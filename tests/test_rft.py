@@ -301,16 +301,8 @@ def test_resume_stops_at_the_reward_failure_rate_where_the_straight_run_does(
     must stop in round 2 too (it once counted from 0 again and stopped only in round 3)."""
     kw = {"steps": 6, "rounds": 3, "prompts_per_round": 2, "rewards": f"{reward_file}:even,{reward_file}:broken",
           "max_reward_failure_rate": 0.5}  # fmt: skip
-    with pytest.raises(MlxptError) as straight:
-        run_rft(cfg_for(tiny_dir, prompt_dir, tmp_path / "a", reward_file, **kw))
-    cfg = cfg_for(tiny_dir, prompt_dir, tmp_path / "b", reward_file, **kw)
-    part, outcome = run_rft(cfg, stop=tiny.StopAfter(3))  # keeps step 1, inside round 1
-    assert outcome == "interrupted" and _load_state(part)[1]["loop"]["step"] == 1
-    with pytest.raises(MlxptError) as resumed:
-        run_rft(cfg, resume_dir=part)
-    assert straight.value.code == resumed.value.code == "E549"
-    assert resumed.value.saved_step == straight.value.saved_step == 2
-    assert resumed.value.what == straight.value.what  # "failed on 16 of 16 calls"
+    straight, cfg = (cfg_for(tiny_dir, prompt_dir, tmp_path / x, reward_file, **kw) for x in "ab")
+    tiny.assert_resume_stops_where_the_straight_run_does(run_rft, straight, cfg, 3, _load_state)  # step 1, round 1
 
 
 def test_a_relative_reward_file_resumes_from_another_folder(tiny_dir, prompt_dir, tmp_path, reward_file, monkeypatch):

@@ -161,3 +161,21 @@ def write_prompt_dir(d: Path, **splits: tuple[int, int]) -> Path:
             "".join(json.dumps({"prompt": synth.question_of(r), "answer": r["answer"]}) + "\n" for r in rows)
         )
     return d
+
+
+def assert_resume_stops_where_the_straight_run_does(run, straight_cfg, cfg, reads: int, load_state) -> None:
+    """A run stopped (after `reads` stop checks, keeping step 1) and resumed meets the reward
+    guard's E549 at the step, and with the counts, of the straight run: the counts are checkpointed."""
+    import pytest
+
+    from mlxpt.errors import MlxptError
+
+    with pytest.raises(MlxptError) as straight:
+        run(straight_cfg)
+    part, outcome = run(cfg, stop=StopAfter(reads))
+    assert outcome == "interrupted" and load_state(part)[1]["loop"]["step"] == 1
+    with pytest.raises(MlxptError) as resumed:
+        run(cfg, resume_dir=part)
+    assert straight.value.code == resumed.value.code == "E549"
+    assert resumed.value.saved_step == straight.value.saved_step == 2
+    assert resumed.value.what == straight.value.what  # "failed on k of n calls"
